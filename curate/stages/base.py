@@ -1,0 +1,158 @@
+"""The stage contract.
+
+A stage is a small class with a typed config (pydantic), a `name`, the resources it needs, a batch
+size, a lazy `setup()` (models load once per worker process, never in `__init__`) and
+`process(table) -> table`. Stages never delete rows: a rejected row gets `drop_stage`,
+`drop_reason` (a short stable code) and `drop_detail`. Scoring stages only add columns, declared
+in `output_columns` so the runner knows the schema before any data flows. Only the image stage
+rewrites image bytes, and only the pack step writes tars.
+
+Two shapes:
+- `RowStage` (and `Filter`): per-partition work, run on bounded batches inside one Dask task.
+- `GlobalStage`: a decision over the whole intermediate dataset (dedup, percentile thresholds),
+  expressed on a Dask dataframe of small columns; it returns the ids to drop.
+
+A new stage is one class plus `@register` and its test.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from curate.contract import conform
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config. `kind` is the discriminator used in recipes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: str
+    # Error policy (webdataset's handler=): "drop" turns an unexpected per-sample exception into
+    # a `stage_error` drop with the exception in the detail; "raise" fails the task (debugging).
+    on_error: Literal["drop", "raise"] = "drop"
+    # Named Dask worker resources a task running this stage holds, e.g. {"GPU": 1}. CPU stages
+    # leave it empty: every worker runs them, its thread count bounds their concurrency.
+    resources: dict[str, float] = Field(default_factory=dict)
+
+
+class Drop(NamedTuple):
+    """A decision to drop one sample: a stable code and the specifics."""
+
+    reason: str
+    detail: str = ""
+
+
+STAGE_ERROR = "stage_error"
+
+
+class Stage:
+    """Common base: holds the config; subclasses set `name` and `Config`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[StageConfig]]
+    kinds: ClassVar[tuple[str, ...]] = ("pair",)  # record kinds it applies to
+    output_columns: ClassVar[dict[str, pa.DataType]] = {}
+
+    def __init__(self, config: StageConfig):
+        self.config = config
+        self._ready = False
+
+    @property
+    def resources(self) -> dict[str, float]:
+        return dict(self.config.resources)
+
+    def ensure_setup(self) -> None:
+        if not self._ready:
+            self.setup()
+            self._ready = True
+
+    def setup(self) -> None:
+        """Load models or other heavy state. Called once per worker process, lazily."""
+
+
+class RowStage(Stage):
+    """A per-sample stage. Subclasses implement `process_row`, mutating the row dict in place
+    (adding or updating columns) and returning None, or returning a `Drop`.
+
+    Rows already dropped by an earlier stage pass through untouched.
+    """
+
+    def process_row(self, row: dict[str, Any]) -> Drop | None:
+        raise NotImplementedError
+
+    def process(self, table: pa.Table) -> pa.Table:
+        self.ensure_setup()
+        rows = table.to_pylist()
+        for row in rows:
+            if row.get("drop_reason"):
+                continue
+            try:
+                decision = self.process_row(row)
+            except Exception as exc:  # per-sample failure: the error policy decides
+                if self.config.on_error == "raise":
+                    raise
+                tb = traceback.extract_tb(exc.__traceback__)[-1]
+                decision = Drop(STAGE_ERROR, f"{type(exc).__name__}: {exc} ({tb.filename}:{tb.lineno})")
+            if decision is not None:
+                mark_dropped(row, self.name, decision)
+        schema = table.schema
+        for name, dtype in self.output_columns.items():
+            if schema.get_field_index(name) < 0:
+                schema = schema.append(pa.field(name, dtype))
+        return conform(pa.Table.from_pylist(rows, schema=schema), schema)
+
+
+class Filter(RowStage):
+    """Decides keep or drop; never changes a row otherwise (datatrove's filter shape)."""
+
+    def check(self, row: dict[str, Any]) -> Drop | None:
+        raise NotImplementedError
+
+    def process_row(self, row: dict[str, Any]) -> Drop | None:
+        return self.check(row)
+
+
+class GlobalStage(Stage):
+    """A decision over all rows that reach it, computed through Dask, never on the client.
+
+    `decide` receives a dask dataframe of the live (not yet dropped) rows with the columns
+    `["id", "_partition", *self.columns]` and returns a dask dataframe with columns
+    `["id", "_partition", "drop_reason", "drop_detail"]`: the rows to drop. It must be
+    deterministic whatever the partitioning (tie rules on `id`). `summary` may return facts for
+    the manifest (a cutoff, a group count), computed on the cluster.
+    """
+
+    columns: ClassVar[list[str]] = []
+
+    def decide(self, live: Any) -> Any:
+        raise NotImplementedError
+
+
+def mark_dropped(row: dict[str, Any], stage: str, drop: Drop) -> None:
+    row["drop_stage"] = stage
+    row["drop_reason"] = drop.reason
+    row["drop_detail"] = drop.detail
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry: recipe `kind` -> stage class
+# ---------------------------------------------------------------------------------------------
+
+STAGES: dict[str, type[Stage]] = {}
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    kind_field = cls.Config.model_fields["kind"]
+    kind = kind_field.default
+    if not isinstance(kind, str) or kind in STAGES:
+        raise TypeError(f"{cls.__name__}: Config.kind must be a unique Literal default, got {kind!r}")
+    STAGES[kind] = cls
+    return cls
+
+
+def build_stage(config: StageConfig) -> Stage:
+    return STAGES[config.kind](config)
