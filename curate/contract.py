@@ -154,13 +154,17 @@ def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+# Bookkeeping that must not reach KEY.json (attempts vary with the network, not the data).
+_NOT_IN_JSON = set(HEAVY_COLUMNS) | set(DROP_COLUMNS) | {"extra", "attempts"}
+
+
 def _metadata(row: dict[str, Any], key: str, skip: set[str]) -> dict[str, Any]:
     """KEY.json: carried input columns first, then ours (ours win on a name clash)."""
     meta: dict[str, Any] = {}
     if row.get("extra"):
         meta.update(json.loads(row["extra"]))
     for name, value in row.items():
-        if name in skip or name in HEAVY_COLUMNS or name in DROP_COLUMNS or name == "extra":
+        if name in skip or name in _NOT_IN_JSON or name.startswith("_"):
             continue
         if isinstance(value, (bytes, bytearray, list, dict)):
             continue

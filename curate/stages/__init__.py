@@ -1,0 +1,24 @@
+"""Stages: the contract (base) and every registered stage.
+
+Importing a stage module registers its classes under their recipe `kind`; a new stage module adds
+one import line here.
+"""
+
+from curate.stages.base import (
+    STAGES,
+    Drop,
+    Filter,
+    GlobalStage,
+    RowStage,
+    Stage,
+    StageConfig,
+    build_stage,
+    register,
+)
+
+# Imported to register their stages, one module a line.
+from curate.stages import filters  # noqa: F401
+from curate.stages import dedup  # noqa: F401
+from curate.stages import image  # noqa: F401
+
+__all__ = ["STAGES", "Drop", "Filter", "GlobalStage", "RowStage", "Stage", "StageConfig", "build_stage", "register"]

@@ -1,0 +1,163 @@
+"""Packing records into WebDataset tars + parquet sidecars: the only code that writes tars.
+
+A shard is written under an attempt-unique temporary name, hashed while it is written, and then
+published (see `curate.commit`). Tars are deterministic: members in sample order, fixed
+mtime/uid/gid/mode, ustar format, regular files with safe names only. Shard boundaries are
+planned before writing (`plan_shards`), by sample count and bytes, so shard numbers can be
+assigned globally before any shard exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.commit import Storage
+from curate.contract import (
+    encode_sample,
+    is_safe_member,
+    member_footprint,
+    sample_key,
+    sidecar_path,
+    sidecar_row,
+    sidecar_schema,
+    tar_path,
+    KIND_DIRS,
+)
+
+TAR_MTIME = 0  # fixed, so a rerun gives byte-identical tars
+TAR_END = 2 * 512
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+        self.position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self._raw.write(data)
+        self.sha256.update(data)
+        self.position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.position
+
+
+def sample_footprint(sizes: Iterable[int]) -> int:
+    return sum(member_footprint(s) for s in sizes)
+
+
+def plan_shards(footprints: Iterable[int], max_samples: int, max_bytes: int) -> list[int]:
+    """Greedy split of an ordered stream of sample footprints into shards.
+
+    Returns the number of samples per shard. A shard never holds more than `max_samples`
+    samples, nor more than `max_bytes` bytes of members (a single larger sample gets a shard of
+    its own). Pure: the pack step calls it again on the same footprints to find the same cuts.
+    """
+    counts: list[int] = []
+    n = size = 0
+    for fp in footprints:
+        if n and (n >= max_samples or size + fp > max_bytes):
+            counts.append(n)
+            n = size = 0
+        n += 1
+        size += fp
+    if n:
+        counts.append(n)
+    return counts
+
+
+class ShardWriter:
+    """Writes one shard (tar + sidecar) of one kind. Use as a context manager or call close().
+
+    `write(row)` assigns the next key, writes the members and returns the key. `close()`
+    publishes both files and returns the shard's manifest entry.
+    """
+
+    def __init__(self, storage: Storage, out: str | Path, kind: str, shard: int, record_schema: pa.Schema):
+        self.storage = storage
+        self.out = Path(out)
+        self.kind = kind
+        self.shard = shard
+        self.final_tar = tar_path(out, kind, shard)
+        self.final_sidecar = sidecar_path(out, kind, shard)
+        self.tmp_tar = storage.attempt_path(self.final_tar)
+        self._file = storage.open_write(self.tmp_tar)
+        self._hash = _HashingWriter(self._file)
+        self._tar = tarfile.open(fileobj=self._hash, mode="w", format=tarfile.USTAR_FORMAT)
+        self._schema = sidecar_schema(kind, record_schema)
+        self._rows: list[dict[str, Any]] = []
+        self.count = 0
+
+    def write(self, row: dict[str, Any]) -> str:
+        key = sample_key(self.shard, self.count)
+        members = []
+        for name, data in encode_sample(self.kind, row, key):
+            if not is_safe_member(name):
+                raise ValueError(f"unsafe tar member name {name!r}")
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = TAR_MTIME
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.type = tarfile.REGTYPE
+            header_at = self._hash.tell()
+            self._tar.addfile(info, io.BytesIO(data))
+            members.append({"name": name, "offset": header_at + 512, "size": len(data)})
+        self._rows.append(sidecar_row(self.kind, row, key, members))
+        self.count += 1
+        return key
+
+    def close(self) -> dict[str, Any]:
+        self._tar.close()
+        self._file.close()
+        tar_bytes = self._hash.position
+        tar_sha = self._hash.sha256.hexdigest()
+        table = pa.Table.from_pylist(self._rows, schema=self._schema)
+        tmp_sidecar = self.storage.attempt_path(self.final_sidecar)
+        with self.storage.open_write(tmp_sidecar) as f:
+            pq.write_table(table, f, compression="zstd")
+        sidecar_sha = self.storage.sha256(tmp_sidecar)
+        self.storage.publish(self.tmp_tar, self.final_tar)
+        self.storage.publish(tmp_sidecar, self.final_sidecar)
+        rel = self.final_tar.relative_to(self.out).as_posix()
+        return {
+            "name": rel,
+            "sidecar": self.final_sidecar.relative_to(self.out).as_posix(),
+            "kind": self.kind,
+            "shard": self.shard,
+            "count": self.count,
+            "bytes": tar_bytes,
+            "sha256": tar_sha,
+            "sidecar_sha256": sidecar_sha,
+        }
+
+    def abort(self) -> None:
+        self._file.close()
+        self.storage.remove(self.tmp_tar)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def shard_label(kind: str, shard: int) -> str:
+    return f"{KIND_DIRS[kind]}/{shard:05d}.tar"

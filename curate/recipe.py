@@ -1,0 +1,196 @@
+"""Recipes: YAML validated by pydantic. A bad recipe fails at load, naming the file, the key path
+and what was expected, never mid-run.
+
+The recipe hash covers what determines the output (sources, stages and their parameters, the
+output layout, the tokenizer) and not how it is executed (cluster address, worker counts,
+batch size, resource annotations): a run may resume on a bigger cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+import curate.sources  # noqa: F401  (registers the sources)
+import curate.stages  # noqa: F401  (registers the stages)
+from curate.contract import MAX_SAMPLES_PER_SHARD
+from curate.sources.base import SOURCES
+from curate.stages.base import STAGES, GlobalStage
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the file and the key."""
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """`1000`, `"512MB"`, `"1GiB"` -> bytes."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"expected a byte size like 1000, '512MB' or '1GiB', got {value!r}")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OutputConfig(_Strict):
+    path: str
+    shard_max_samples: int = Field(10_000, ge=1, le=MAX_SAMPLES_PER_SHARD)
+    shard_max_bytes: int = Field(1_000_000_000, ge=1024)
+
+    @field_validator("shard_max_bytes", mode="before")
+    @classmethod
+    def _bytes(cls, v: Any) -> int:
+        return parse_bytes(v)
+
+
+class ClusterConfig(_Strict):
+    """Where to run. Execution only: not part of the recipe hash."""
+
+    address: str | None = None  # a running scheduler, e.g. tcp://10.0.0.5:8786
+    n_workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    memory_limit: str = "4GiB"  # per worker, LocalCluster only
+    dashboard: bool = True
+
+
+class ExecutionConfig(_Strict):
+    """How to run. Execution only: not part of the recipe hash."""
+
+    batch_size: int = Field(128, ge=1)  # rows per Arrow batch: bounds a task's memory
+    keep_intermediate: bool = False  # keep per-partition intermediate parquet after success
+    task_retries: int = Field(2, ge=0)  # dask retries of a task whose worker died
+
+
+class TokenizerConfig(_Strict):
+    """The tokenizer used for token counts in the sidecars (a local path or a hub name)."""
+
+    path: str
+    id: str | None = None  # recorded beside each count; defaults to the path
+
+
+def _union(registry: dict[str, type]) -> Any:
+    configs = tuple(cls.Config for cls in registry.values())
+    if len(configs) == 1:
+        return configs[0]
+    return Annotated[Union[configs], Field(discriminator="kind")]  # type: ignore[valid-type]
+
+
+SourceUnion = _union(SOURCES)
+StageUnion = _union(STAGES)
+
+
+class Recipe(_Strict):
+    name: str
+    sources: list[SourceUnion] = Field(min_length=1)  # type: ignore[valid-type]
+    stages: list[StageUnion] = Field(default_factory=list)  # type: ignore[valid-type]
+    tokenizer: TokenizerConfig | None = None
+    output: OutputConfig
+    cluster: ClusterConfig = ClusterConfig()
+    execution: ExecutionConfig = ExecutionConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique, repeated: {dupes}")
+        for n in names:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", n):
+                raise ValueError(f"source name {n!r}: use letters, digits, '_', '-', '.' only")
+        kinds = {SOURCES[s.kind].record_kind for s in self.sources}
+        stage_names = [STAGES[s.kind].name for s in self.stages]
+        if len(set(stage_names)) != len(stage_names):
+            raise ValueError(f"each stage may appear once, got {stage_names}")
+        for i, s in enumerate(self.stages):
+            if not kinds & set(STAGES[s.kind].kinds):
+                raise ValueError(
+                    f"stages.{i} ({s.kind}) applies to {STAGES[s.kind].kinds}, "
+                    f"but the sources produce {sorted(kinds)}"
+                )
+        return self
+
+    def stage_classes(self) -> list[type]:
+        return [STAGES[s.kind] for s in self.stages]
+
+    def has_global_stage(self) -> bool:
+        return any(issubclass(c, GlobalStage) for c in self.stage_classes())
+
+    def determining(self) -> dict[str, Any]:
+        """What determines the output: the part of the recipe the hash covers."""
+        data = self.model_dump(mode="json", exclude={"cluster", "execution"})
+        data["output"].pop("path")
+        for stage in data["stages"]:
+            stage.pop("resources", None)
+        return data
+
+    def hash(self) -> str:
+        blob = json.dumps(self.determining(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = err.get("input")
+        got_txt = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+        lines.append(f"  {loc}: {err['msg']}{got_txt}")
+    return "\n".join(lines)
+
+
+def parse_recipe(data: Any, origin: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: a recipe is a mapping of keys, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{origin}: invalid recipe\n{_format_errors(exc)}") from None
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, origin: Path) -> None:
+    """Set `a.b.0.c` in nested dicts/lists (list items by index)."""
+    node: Any = data
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"{origin}: override {dotted!r}: no list item {part!r}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    if isinstance(node, list):
+        if not leaf.isdigit() or int(leaf) >= len(node):
+            raise RecipeError(f"{origin}: override {dotted!r}: no list item {leaf!r}")
+        node[int(leaf)] = value
+    else:
+        node[leaf] = value
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a YAML recipe (safe_load), apply dotted-key overrides, validate."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(data, dict):
+        for dotted, value in (overrides or {}).items():
+            _set_dotted(data, dotted, value, path)
+    return parse_recipe(data, str(path))

@@ -1,0 +1,122 @@
+"""Recipes: every recipe under recipes/ loads; a bad recipe fails at load naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from curate.recipe import RecipeError, load_recipe, parse_bytes, parse_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "recipes" / "curate").glob("*.yaml"))
+
+
+def _minimal(**changes):
+    recipe = {
+        "name": "t",
+        "sources": [{"kind": "image_folder", "name": "a", "path": "x", "captions": "sidecar"}],
+        "stages": [{"kind": "image"}, {"kind": "exact_dedup"}],
+        "output": {"path": "out"},
+    }
+    recipe.update(changes)
+    return recipe
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.sources and recipe.output.path
+    assert len(recipe.hash()) == 16
+
+
+def test_there_are_recipes():
+    assert RECIPES, "recipes/curate/ holds no recipe"
+
+
+def test_unknown_key_names_its_path(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: t\n"
+        "sources: [{kind: image_folder, name: a, path: x, captions: sidecar}]\n"
+        "stages: [{kind: image, resize_mod: keep_ratio}]\n"
+        "output: {path: out}\n"
+    )
+    with pytest.raises(RecipeError) as err:
+        load_recipe(bad)
+    msg = str(err.value)
+    assert str(bad) in msg
+    assert "stages.0.image.resize_mod" in msg
+    assert "Extra inputs are not permitted" in msg
+
+
+def test_wrong_value_names_key_and_expectation():
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(_minimal(output={"path": "o", "shard_max_samples": "many"}), "r.yaml")
+    assert "output.shard_max_samples" in str(err.value)
+    assert "valid integer" in str(err.value)
+
+
+def test_unknown_stage_kind_is_named():
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(_minimal(stages=[{"kind": "no_such_stage"}]), "r.yaml")
+    assert "stages.0" in str(err.value) and "no_such_stage" in str(err.value)
+
+
+def test_missing_required_key():
+    data = _minimal()
+    del data["output"]
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(data, "r.yaml")
+    assert "output: Field required" in str(err.value)
+
+
+def test_duplicate_source_names_rejected():
+    src = {"kind": "image_folder", "name": "a", "path": "x", "captions": "sidecar"}
+    with pytest.raises(RecipeError, match="source names must be unique"):
+        parse_recipe(_minimal(sources=[src, src]), "r.yaml")
+
+
+def test_not_a_mapping(tmp_path):
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="a recipe is a mapping"):
+        load_recipe(bad)
+
+
+def test_yaml_is_read_safely(tmp_path):
+    bad = tmp_path / "evil.yaml"
+    bad.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_hash_ignores_execution_but_not_output_determining_settings():
+    base = parse_recipe(_minimal())
+    moved = parse_recipe(_minimal(
+        cluster={"address": "tcp://127.0.0.1:8786", "n_workers": 7},
+        execution={"batch_size": 3},
+        output={"path": "elsewhere"},
+    ))
+    assert base.hash() == moved.hash()
+    changed = parse_recipe(_minimal(stages=[{"kind": "image", "image_size": 128}]))
+    assert changed.hash() != base.hash()
+    layout = parse_recipe(_minimal(output={"path": "out", "shard_max_samples": 5}))
+    assert layout.hash() != base.hash()
+
+
+def test_overrides_reach_list_items(tmp_path):
+    path = ROOT / "recipes" / "curate" / "demo.yaml"
+    recipe = load_recipe(path, {"sources.0.path": "/data/x", "output.path": str(tmp_path)})
+    assert recipe.sources[0].path == "/data/x"
+    assert recipe.output.path == str(tmp_path)
+    with pytest.raises(RecipeError, match="no list item"):
+        load_recipe(path, {"sources.9.path": "x"})
+
+
+def test_parse_bytes():
+    assert parse_bytes("4MB") == 4_000_000
+    assert parse_bytes("1GiB") == 2**30
+    assert parse_bytes(512) == 512
+    with pytest.raises(ValueError):
+        parse_bytes("lots")

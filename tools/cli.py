@@ -1,0 +1,113 @@
+"""`mm1`: one entry point, thin subcommands over library functions (which the tests call directly).
+
+Its flags are frozen by tests/tools/test_cli.py: add one only deliberately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _curate(args: argparse.Namespace) -> int:
+    from curate.recipe import load_recipe
+    from curate.runner import run_recipe
+
+    overrides = {}
+    if args.output:
+        overrides["output.path"] = args.output
+    if args.address:
+        overrides["cluster.address"] = args.address
+    if args.workers:
+        overrides["cluster.n_workers"] = args.workers
+    recipe = load_recipe(args.recipe, overrides)
+    manifest = run_recipe(recipe, restart=args.restart, progress=not args.no_progress)
+    c = manifest["counts"]
+    out = Path(recipe.output.path)
+    print(f"curated {c['inputs']} inputs: {c['kept']} kept, {c['dropped']} dropped -> {out}")
+    for kind, info in manifest["kinds"].items():
+        print(f"  {kind}: {info['count']} samples in {len(info['shards'])} shards")
+    print(f"  manifest: {out / 'manifest.json'}\n  ledger:   {out / 'ledger'}")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from tools.stats import compute_stats, format_stats
+
+    stats = compute_stats(args.out)
+    print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from tools.verify import verify
+
+    report = verify(args.out)
+    for err in report.errors:
+        print(f"FAIL {err}")
+    summary = ", ".join(f"{k}={v}" for k, v in report.checked.items())
+    print(f"{'OK' if report.ok else 'FAILED'}: {args.out} ({summary})")
+    return 0 if report.ok else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tools.demo import run_demo
+
+    run_demo(Path(args.dir), restart=args.restart)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mm1", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("curate", help="run a curation recipe (resumes unfinished work)")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--restart", action="store_true", help="discard an earlier run in the output and start over")
+    p.add_argument("--output", help="override output.path")
+    p.add_argument("--address", help="override cluster.address: a running Dask scheduler")
+    p.add_argument("--workers", type=int, help="override cluster.n_workers (LocalCluster)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_curate)
+
+    p = sub.add_parser("stats", help="statistics of a curated output (sidecars + ledger only)")
+    p.add_argument("out")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_stats)
+
+    p = sub.add_parser("verify", help="re-read every shard and check it against manifest and ledger")
+    p.add_argument("out")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("demo", help="build the demo inputs, curate them, print stats and verify")
+    p.add_argument("--dir", default="demo_out", help="where inputs and outputs go")
+    p.add_argument("--restart", action="store_true", help="start the curation over")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("distributed", "tornado", "bokeh"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose else logging.ERROR)
+    from curate.recipe import RecipeError
+    from curate.runner import ResumeError
+
+    try:
+        return args.func(args)
+    except (RecipeError, ResumeError, FileNotFoundError) as exc:
+        print(f"mm1 {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
