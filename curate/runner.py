@@ -192,17 +192,25 @@ def _clear_dropped_payload(table: pa.Table) -> pa.Table:
     return table
 
 
+def iter_row_groups(path: Path, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """Read an intermediate file one row group at a time. Each write of a segment task is one
+    row group of at most `batch_size` rows, so this bounds memory by the batch size
+    (`ParquetFile.iter_batches` reads ahead and grew with the file: see BENCHMARKS.md)."""
+    f = pq.ParquetFile(path)
+    for i in range(f.num_row_groups):
+        yield f.read_row_group(i, columns=columns)
+
+
 def _segment_input(job: Job, seg: int, p: int) -> Iterator[pa.Table]:
-    batch_size = job.recipe.execution.batch_size
     if seg == 0:
+        batch_size = job.recipe.execution.batch_size
         part = job.partitions[p]
         source = build_source(next(s for s in job.recipe.sources if s.name == part.source))
         yield from source.read(part, batch_size)
         return
     decisions = _decisions(job, seg - 1, p)
-    f = pq.ParquetFile(job.seg_data(seg - 1, p))
-    for batch in f.iter_batches(batch_size=batch_size):
-        yield _apply_decisions(pa.Table.from_batches([batch]), decisions)
+    for table in iter_row_groups(job.seg_data(seg - 1, p)):
+        yield _apply_decisions(table, decisions)
 
 
 def run_segment(job: Job, seg: int, p: int) -> dict[str, Any]:
@@ -251,10 +259,9 @@ def run_segment(job: Job, seg: int, p: int) -> dict[str, Any]:
 def _final_rows(job: Job, p: int, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """The rows of partition p after the last segment and the last global decisions."""
     last = len(job.segments) - 1
-    f = pq.ParquetFile(job.seg_data(last, p))
     decisions = _decisions(job, last, p)
-    for batch in f.iter_batches(batch_size=job.recipe.execution.batch_size, columns=columns):
-        for row in batch.to_pylist():
+    for table in iter_row_groups(job.seg_data(last, p), columns):
+        for row in table.to_pylist():
             hit = decisions.get(row["id"])
             if hit and not row.get("drop_reason"):
                 row["drop_stage"], row["drop_reason"], row["drop_detail"] = hit

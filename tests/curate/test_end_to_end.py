@@ -1,0 +1,130 @@
+"""The demo recipe end to end on a real LocalCluster: the ledger invariant, the drop reasons of the
+intentionally bad inputs, and the shards read back by the stock webdataset library and by
+open_clip's own WebDataset training loader."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from curate.contract import read_ledger, read_manifest, read_sidecars, shard_urls
+from curate.recipe import load_recipe
+from curate.runner import run_recipe
+from tools.demo import DEMO_RECIPE, demo_overrides
+from tools.demo_data import build_demo_inputs
+from tools.stats import compute_stats
+from tools.verify import verify
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    summary = build_demo_inputs(root / "inputs")
+    recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))
+    manifest = run_recipe(recipe, progress=False)
+    return {"out": Path(recipe.output.path), "summary": summary, "manifest": manifest}
+
+
+def test_ledger_invariant(demo):
+    out, summary, manifest = demo["out"], demo["summary"], demo["manifest"]
+    ledger = read_ledger(out).to_pylist()
+    ids = [r["id"] for r in ledger]
+    assert len(ids) == len(set(ids)), "an input id appears twice in the ledger"
+    kept = [r for r in ledger if r["outcome"] == "kept"]
+    dropped = [r for r in ledger if r["outcome"] == "dropped"]
+    assert len(ledger) == len(kept) + len(dropped) == summary["expected_inputs"]
+    assert len(kept) == summary["expected_kept"] == manifest["counts"]["kept"]
+    assert manifest["counts"]["inputs"] == summary["expected_inputs"]
+    assert all(r["drop_reason"] and r["stage"] for r in dropped)
+    assert all(r["shard"] and r["key"] and not r["drop_reason"] for r in kept)
+    # every kept sample is in exactly one sidecar, under the shard the ledger names
+    sidecar_keys = read_sidecars(out, "pair", columns=["key", "id"]).to_pylist()
+    assert sorted((r["key"], r["id"]) for r in sidecar_keys) == sorted((r["key"], r["id"]) for r in kept)
+
+
+def test_each_bad_input_is_one_ledger_row_with_its_reason(demo):
+    ledger = read_ledger(demo["out"]).to_pylist()
+    reasons = Counter(r["drop_reason"] for r in ledger if r["outcome"] == "dropped")
+    assert dict(reasons) == demo["summary"]["expected_drops"]
+    by_id = {r["id"]: r for r in ledger}
+    corrupt = by_id["folder:broken.jpg"]
+    assert (corrupt["outcome"], corrupt["stage"], corrupt["drop_reason"]) == ("dropped", "image", "decode_error")
+    malformed = [r for r in ledger if r["drop_reason"] == "malformed_row"]
+    assert len(malformed) == 1 and malformed[0]["source"] == "mapped" and malformed[0]["stage"] == "source"
+    dup = by_id["folder:espresso_cup.jpg"]
+    assert dup["drop_reason"] == "duplicate" and "folder:coffee.jpg" in dup["drop_detail"]
+    assert by_id["folder:coffee.jpg"]["outcome"] == "kept"
+
+
+def test_manifest_and_stats_agree_with_ledger(demo):
+    out = demo["out"]
+    manifest = read_manifest(out)
+    stats = compute_stats(out)
+    assert manifest["counts"]["dropped"] == sum(manifest["drops"].values())
+    assert json.dumps(stats)  # serialisable for the report
+    sizes = json.loads((out / "pairs" / "sizes.json").read_text())
+    assert sum(sizes.values()) == manifest["kinds"]["pair"]["count"]
+    assert verify(out).ok
+
+
+def test_no_intermediate_or_temporary_files_left(demo):
+    out = demo["out"]
+    assert not list(out.rglob("*.tmp"))
+    assert not list((out / "_work").glob("seg*/*.parquet"))
+
+
+def test_stock_webdataset_reads_pairs(demo):
+    import webdataset as wds
+
+    urls = shard_urls(demo["out"], "pair")
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    assert len(samples) == demo["summary"]["expected_kept"]
+    keys = [s["__key__"] for s in samples]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    for s in samples:
+        assert s["jpg"].size[0] >= 32 and s["jpg"].mode == "RGB"
+        assert isinstance(s["txt"], str) and len(s["txt"]) >= 5
+        assert s["json"]["key"] == s["__key__"] and s["json"]["caption"] == s["txt"]
+
+
+def _openclip_args(shards: str, batch_size: int, train: bool):
+    import argparse
+
+    return argparse.Namespace(
+        train_data=shards if train else None,
+        val_data=None if train else shards,
+        train_num_samples=None,
+        val_num_samples=None,
+        dataset_resampled=False,
+        train_data_upsampling_factors=None,
+        seed=0,
+        batch_size=batch_size,
+        workers=0,
+        world_size=1,
+    )
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "val"])
+def test_open_clip_loader_reads_pairs(demo, train):
+    """open_clip_train's own get_wds_dataset, with sizes.json for the train-set length."""
+    import open_clip
+    from open_clip_train.data import get_wds_dataset
+
+    out = demo["out"]
+    n_shards = len(read_manifest(out)["kinds"]["pair"]["shards"])
+    shards = str(out / "pairs" / f"{{00000..{n_shards - 1:05d}}}.tar")
+    preprocess = open_clip.image_transform(64, is_train=False)
+    tokenizer = open_clip.get_tokenizer("RN50")  # the BPE vocabulary ships inside open_clip
+    info = get_wds_dataset(_openclip_args(shards, 4, train), preprocess, is_train=train, tokenizer=tokenizer)
+    expected = demo["summary"]["expected_kept"]
+    if train:
+        assert info.dataloader.num_samples >= expected  # rounded up to whole batches
+    seen = 0
+    for images, texts in info.dataloader:
+        assert images.shape[1:] == (3, 64, 64)
+        assert texts.shape[0] == images.shape[0]
+        seen += images.shape[0]
+    assert seen == expected if not train else seen >= expected - 4
