@@ -1,0 +1,130 @@
+"""The shard writer: deterministic tars, safe members, sidecar offsets that point at the bytes,
+shard cuts by count and bytes, and all three record kinds."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from skimage import data
+
+from curate.commit import Storage
+from curate.contract import image_digest, member_footprint, record_schema, sample_key
+from curate.pack import ShardWriter, plan_shards, sample_footprint
+
+
+def _jpeg(arr) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [_jpeg(data.astronaut()[::4, ::4]), _jpeg(data.coffee()[::4, ::4]), _jpeg(data.chelsea()[::2, ::2])]
+
+
+def _pair(i: int, img: bytes) -> dict:
+    return {
+        "id": f"src:{i}", "source": "src", "url": f"http://127.0.0.1/{i}.jpg",
+        "caption": f"caption number {i}", "image": img, "image_format": "jpg",
+        "image_sha256": image_digest(img), "image_nbytes": len(img), "width": 128, "height": 128,
+        "extra": json.dumps({"license": "cc-by"}), "attempts": 2,
+    }
+
+
+def _write(tmp_path, kind, rows, shard=3):
+    w = ShardWriter(Storage(), tmp_path, kind, shard, record_schema(kind))
+    keys = [w.write(r) for r in rows]
+    return keys, w.close()
+
+
+def test_pairs_tar_is_deterministic_and_indexed(tmp_path, images):
+    rows = [_pair(i, img) for i, img in enumerate(images)]
+    keys, entry = _write(tmp_path / "a", "pair", rows)
+    _, again = _write(tmp_path / "b", "pair", rows)
+    assert entry["sha256"] == again["sha256"] and entry["sidecar_sha256"] == again["sidecar_sha256"]
+    assert keys == [sample_key(3, i) for i in range(3)] == sorted(keys)
+    assert entry["name"] == "pairs/00003.tar" and entry["count"] == 3
+
+    tar_file = tmp_path / "a" / entry["name"]
+    assert tar_file.stat().st_size == entry["bytes"]
+    with tarfile.open(tar_file) as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members][:3] == [f"{keys[0]}.jpg", f"{keys[0]}.json", f"{keys[0]}.txt"]
+    for m in members:
+        assert m.isreg() and m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.mode == 0o644
+
+    sidecar = pq.read_table(tmp_path / "a" / entry["sidecar"]).to_pylist()
+    blob = tar_file.read_bytes()
+    for row, src in zip(sidecar, rows):
+        by_name = {m["name"]: m for m in row["members"]}
+        jpg = by_name[f"{row['key']}.jpg"]
+        assert blob[jpg["offset"]: jpg["offset"] + jpg["size"]] == src["image"]
+        meta = json.loads(blob[by_name[f"{row['key']}.json"]["offset"]:][: by_name[f"{row['key']}.json"]["size"]])
+        assert meta["license"] == "cc-by" and meta["id"] == src["id"] and meta["key"] == row["key"]
+        assert "attempts" not in meta and "image" not in meta and "drop_reason" not in meta
+        assert row["caption_chars"] == len(src["caption"]) and row["n_images"] == 1
+    assert not list((tmp_path / "a").rglob("*.tmp"))
+
+
+def test_doc_and_text_kinds(tmp_path, images):
+    segments = [
+        {"type": "text", "text": "A cup of coffee."},
+        {"type": "image", "image": 0, "url": "http://127.0.0.1/c.jpg", "alt": "coffee"},
+        {"type": "text", "text": "And a cat."},
+        {"type": "image", "image": 1, "url": "http://127.0.0.1/k.jpg", "alt": "cat"},
+    ]
+    doc = {
+        "id": "web:1", "source": "web", "url": "http://127.0.0.1/page",
+        "segments": json.dumps(segments), "images": images[1:], "image_formats": ["jpg", "jpg"],
+        "image_sha256s": [image_digest(i) for i in images[1:]],
+        "image_nbytes_list": [len(i) for i in images[1:]],
+        "segment_drops": json.dumps([{"segment": 5, "reason": "decode_error", "detail": "x"}]),
+    }
+    keys, entry = _write(tmp_path, "doc", [doc], shard=0)
+    with tarfile.open(tmp_path / entry["name"]) as tar:
+        names = tar.getnames()
+        meta = json.loads(tar.extractfile(f"{keys[0]}.json").read())
+        second = tar.extractfile(f"{keys[0]}.1.jpg").read()
+    assert names == [f"{keys[0]}.json", f"{keys[0]}.0.jpg", f"{keys[0]}.1.jpg"]
+    assert meta["segments"] == segments and second == images[2]
+    side = pq.read_table(tmp_path / entry["sidecar"]).to_pylist()[0]
+    assert (side["n_images"], side["n_segments"], side["n_text_segments"], side["segments_dropped"]) == (2, 4, 2, 1)
+
+    text = {"id": "corpus:7", "source": "corpus", "text": "Plain text only."}
+    keys, entry = _write(tmp_path, "text", [text], shard=0)
+    with tarfile.open(tmp_path / entry["name"]) as tar:
+        assert tar.extractfile(f"{keys[0]}.txt").read() == b"Plain text only."
+    assert entry["name"] == "text/00000.tar"
+
+
+def test_unsupported_image_format_is_refused(tmp_path, images):
+    row = _pair(0, images[0]) | {"image_format": "gif"}
+    w = ShardWriter(Storage(), tmp_path, "pair", 0, record_schema("pair"))
+    with pytest.raises(ValueError, match="image format"):
+        w.write(row)
+    w.abort()
+    assert not list(tmp_path.rglob("*.tar*"))
+
+
+def test_plan_shards_caps_count_and_bytes():
+    assert plan_shards([10] * 7, max_samples=3, max_bytes=10**6) == [3, 3, 1]
+    assert plan_shards([400, 400, 400, 400], max_samples=100, max_bytes=1000) == [2, 2]
+    assert plan_shards([5000, 10, 10], max_samples=100, max_bytes=1000) == [1, 2]  # oversize alone
+    assert plan_shards([], 3, 100) == []
+
+
+def test_footprint_matches_the_written_tar(tmp_path, images):
+    rows = [_pair(i, img) for i, img in enumerate(images)]
+    _, entry = _write(tmp_path, "pair", rows, shard=0)
+    with tarfile.open(tmp_path / entry["name"]) as tar:
+        sizes = [m.size for m in tar.getmembers()]
+    # members + the 1024-byte end marker, padded by tarfile to its 10240-byte record
+    assert entry["bytes"] >= sample_footprint(sizes) + 1024
+    assert entry["bytes"] - (sample_footprint(sizes) + 1024) < 10240
+    assert member_footprint(1) == 1024 and member_footprint(512) == 1024 and member_footprint(513) == 1536
