@@ -173,6 +173,22 @@ def _metadata(row: dict[str, Any], key: str, skip: set[str]) -> dict[str, Any]:
     return meta
 
 
+PACK_STAGE = "pack"
+UNSUPPORTED_FORMAT = "unsupported_format"
+
+
+def unpackable(kind: str, row: dict[str, Any]) -> str | None:
+    """Why a live row cannot be written as a sample (it is then dropped at stage "pack" with
+    code `unsupported_format`), or None. A recipe without the image stage can meet a GIF."""
+    if kind == "pair" and row.get("image_format") not in IMAGE_EXTENSIONS:
+        return f"image format {row.get('image_format')!r} is not one of {IMAGE_EXTENSIONS}; add the image stage"
+    if kind == "doc":
+        bad = sorted({f for f in row.get("image_formats") or [] if f not in IMAGE_EXTENSIONS})
+        if bad:
+            return f"image formats {bad} are not among {IMAGE_EXTENSIONS}; add the image stage"
+    return None
+
+
 def encode_sample(kind: str, row: dict[str, Any], key: str) -> list[tuple[str, bytes]]:
     """The tar members of one sample, in a fixed order; names are `KEY.ext`."""
     if kind == "pair":

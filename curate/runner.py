@@ -39,11 +39,14 @@ from curate.contract import (
     LEDGER_DIR,
     LEDGER_SCHEMA,
     MANIFEST,
+    PACK_STAGE,
     SIZES_JSON,
+    UNSUPPORTED_FORMAT,
     conform,
     domain_of,
     record_schema,
     sizes_json,
+    unpackable,
 )
 from curate.pack import ShardWriter, plan_shards, sample_footprint, shard_label
 from curate.recipe import Recipe
@@ -257,14 +260,21 @@ def run_segment(job: Job, seg: int, p: int) -> dict[str, Any]:
 
 
 def _final_rows(job: Job, p: int, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
-    """The rows of partition p after the last segment and the last global decisions."""
+    """The rows of partition p after the last segment and the last global decisions, with rows
+    that cannot be written as samples dropped at stage "pack" (plan and pack both see this)."""
     last = len(job.segments) - 1
+    kind = job.kinds[p]
     decisions = _decisions(job, last, p)
     for table in iter_row_groups(job.seg_data(last, p), columns):
         for row in table.to_pylist():
             hit = decisions.get(row["id"])
             if hit and not row.get("drop_reason"):
                 row["drop_stage"], row["drop_reason"], row["drop_detail"] = hit
+            if not row.get("drop_reason"):
+                problem = unpackable(kind, row)
+                if problem:
+                    row["drop_stage"], row["drop_reason"], row["drop_detail"] = (
+                        PACK_STAGE, UNSUPPORTED_FORMAT, problem)
             yield row
 
 

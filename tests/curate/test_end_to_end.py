@@ -128,3 +128,31 @@ def test_open_clip_loader_reads_pairs(demo, train):
         assert texts.shape[0] == images.shape[0]
         seen += images.shape[0]
     assert seen == expected if not train else seen >= expected - 4
+
+
+def test_unpackable_format_without_image_stage_is_dropped_not_fatal(tmp_path):
+    """A recipe with no image stage meets a GIF: the run finishes, the GIF is one ledger row."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from curate.recipe import parse_recipe
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(skdata.coffee()).save(folder / "coffee.jpg", quality=80)
+    Image.fromarray(skdata.chelsea()).convert("P").save(folder / "cat.gif")
+    for name in ("coffee", "cat"):
+        (folder / f"{name}.txt").write_text(f"a photograph of a {name}")
+    recipe = parse_recipe({
+        "name": "no-image-stage",
+        "sources": [{"kind": "image_folder", "name": "f", "path": str(folder)}],
+        "output": {"path": str(tmp_path / "out")},
+        "cluster": {"n_workers": 1, "dashboard": False},
+    })
+    manifest = run_recipe(recipe, progress=False)
+    ledger = {r["id"]: r for r in read_ledger(tmp_path / "out").to_pylist()}
+    assert ledger["f:coffee.jpg"]["outcome"] == "kept"
+    gif = ledger["f:cat.gif"]
+    assert (gif["stage"], gif["drop_reason"]) == ("pack", "unsupported_format")
+    assert manifest["counts"] == {"partitions": 1, "inputs": 2, "kept": 1, "dropped": 1}
+    assert verify(tmp_path / "out").ok
