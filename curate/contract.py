@@ -128,7 +128,8 @@ def shard_stem(index: int) -> str:
 
 
 def sample_key(shard: int, index: int) -> str:
-    """Keys sort in write order and stay unique across the output (shard-major)."""
+    """Keys sort in write order and are unique within a kind's folder (shard-major); each kind
+    numbers its shards from 00000, so the (kind, key) pair is what is unique across an output."""
     if not 0 <= index < MAX_SAMPLES_PER_SHARD:
         raise ValueError(f"sample index {index} outside a shard's 0..{MAX_SAMPLES_PER_SHARD - 1}")
     return f"{shard:05d}{index:05d}"
@@ -313,11 +314,20 @@ def sidecar_row(kind: str, row: dict[str, Any], key: str, members: list[dict[str
     return out
 
 
+def inside(out: str | Path, relative: str) -> Path:
+    """`out / relative`, refusing names from a manifest that would leave the output folder."""
+    rel = Path(relative)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise ValueError(f"{out}: manifest names {relative!r}, outside the output folder")
+    return Path(out) / rel
+
+
 def read_sidecars(out: str | Path, kind: str, columns: list[str] | None = None) -> pa.Table:
-    """All sidecars of one kind, in shard order (only the shards the manifest names)."""
+    """All sidecars of one kind, in shard order (only the shards the manifest names). Loads them
+    whole: for big outputs iterate `read_manifest(out)["kinds"][kind]["shards"]` instead."""
     manifest = read_manifest(out)
     tables = [
-        pq.read_table(Path(out) / shard["sidecar"], columns=columns)
+        pq.read_table(inside(out, shard["sidecar"]), columns=columns)
         for shard in manifest["kinds"].get(kind, {}).get("shards", [])
     ]
     if not tables:
@@ -361,7 +371,7 @@ def domain_of(url: str | None) -> str | None:
 
 def ledger_files(out: str | Path) -> list[Path]:
     manifest = read_manifest(out)
-    return [Path(out) / name for name in manifest["ledger"]]
+    return [inside(out, name) for name in manifest["ledger"]]
 
 
 def read_ledger(out: str | Path, columns: list[str] | None = None) -> pa.Table:
@@ -395,7 +405,7 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
 def shard_urls(out: str | Path, kind: str) -> list[str]:
     """Local paths of the tars of one kind, in order: what a WebDataset reader is given."""
     manifest = read_manifest(out)
-    return [str(Path(out) / s["name"]) for s in manifest["kinds"].get(kind, {}).get("shards", [])]
+    return [str(inside(out, s["name"])) for s in manifest["kinds"].get(kind, {}).get("shards", [])]
 
 
 def sizes_json(shards: list[dict[str, Any]]) -> dict[str, int]:

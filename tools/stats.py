@@ -1,0 +1,328 @@
+"""`mm1 stats OUT`: exact statistics of a finished curation output, without opening a tar.
+
+Everything comes from the manifest, the parquet sidecars (read one shard at a time, only the
+columns needed) and the ledger (streamed in record batches). Numbers are exact, never sampled:
+distributions keep a value -> count table, so memory grows with the number of *distinct* values
+(image sizes, caption lengths, domains, sources), not with the number of samples.
+
+Percentiles use the nearest-rank definition: pN is the smallest value v such that at least
+ceil(N/100 * n) of the n values are <= v (p0 is the minimum). Every histogram bucket is half-open,
+[lo, hi). The returned dict is JSON-serialisable (plain ints, floats, strings, None) so the
+HTML report can reuse it as is.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate.contract import IMAGE_EXTENSIONS, KINDS, iter_ledger, read_manifest
+
+PERCENTILES = (5, 25, 50, 75, 95)
+TOP_DOMAINS = 20
+
+# Fixed histogram edges: bucket i holds edges[i-1] <= v < edges[i].
+PIXEL_EDGES = (64, 128, 256, 512, 1024, 2048, 4096)
+ASPECT_EDGES = (0.5, 0.75, 1.0, 1.34, 2.0)
+BYTES_EDGES = (10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000)
+CHAR_EDGES = (10, 20, 50, 100, 200, 500, 1000)
+WORD_EDGES = (2, 5, 10, 20, 50, 100)
+TEXT_EDGES = (100, 1_000, 10_000, 100_000)
+COUNT_EDGES = (1, 2, 4, 8, 16, 32)
+ATTEMPT_EDGES = (2, 3, 4, 6)
+
+_DOC_IMAGE = r"^[^.]+\.\d+\.(?P<ext>" + "|".join(IMAGE_EXTENSIONS) + ")$"
+_LEDGER_COLUMNS = ["id", "kind", "source", "domain", "outcome", "stage", "drop_reason", "drop_detail", "attempts"]
+
+
+class Counts:
+    """An exact multiset of numbers: sorted distinct values and their counts."""
+
+    def __init__(self) -> None:
+        self.values = np.empty(0)
+        self.counts = np.empty(0, dtype=np.int64)
+
+    def add(self, values: pa.Array | pa.ChunkedArray | np.ndarray) -> None:
+        if not isinstance(values, np.ndarray):
+            values = values.drop_null().to_numpy()
+        if len(values) == 0:
+            return
+        v, c = np.unique(values, return_counts=True)
+        dtype = np.result_type(self.values.dtype, v.dtype) if len(self.values) else v.dtype
+        merged, inverse = np.unique(np.concatenate([self.values.astype(dtype), v.astype(dtype)]), return_inverse=True)
+        counts = np.zeros(len(merged), dtype=np.int64)
+        np.add.at(counts, inverse, np.concatenate([self.counts, c]))
+        self.values, self.counts = merged, counts
+
+    def summary(self, edges: tuple[float, ...]) -> dict[str, Any]:
+        """count, sum, mean, min, p5..p95, max and a histogram over `edges`."""
+        n = int(self.counts.sum())
+        out: dict[str, Any] = {"count": n}
+        if n == 0:
+            out.update({"sum": 0, "mean": None, "min": None, **{f"p{p}": None for p in PERCENTILES}, "max": None})
+        else:
+            total = (self.values * self.counts).sum()
+            cum = np.cumsum(self.counts)
+            out["sum"] = _py(total)
+            out["mean"] = float(total) / n
+            out["min"] = _py(self.values[0])
+            for p in PERCENTILES:
+                rank = max(1, math.ceil(p * n / 100))
+                out[f"p{p}"] = _py(self.values[int(np.searchsorted(cum, rank))])
+            out["max"] = _py(self.values[-1])
+        bucket = np.searchsorted(np.asarray(edges, dtype=float), self.values.astype(float), side="right")
+        per_bucket = np.bincount(bucket, weights=self.counts, minlength=len(edges) + 1) if n else np.zeros(len(edges) + 1)
+        out["histogram"] = [{"bucket": label, "count": int(c)} for label, c in zip(_labels(edges), per_bucket)]
+        return out
+
+    def value_counts(self) -> dict[str, int]:
+        return {str(_py(v)): int(c) for v, c in zip(self.values, self.counts)}
+
+
+def _py(v: Any) -> int | float:
+    """numpy scalar -> plain int (when integral dtype) or float, for JSON."""
+    return int(v) if np.issubdtype(np.asarray(v).dtype, np.integer) else float(v)
+
+
+def _labels(edges: tuple[float, ...]) -> list[str]:
+    labels = [f"<{edges[0]:g}"]
+    labels += [f"[{lo:g},{hi:g})" for lo, hi in zip(edges, edges[1:])]
+    return labels + [f">={edges[-1]:g}"]
+
+
+def _rate(kept: int, inputs: int) -> float | None:
+    return kept / inputs if inputs else None
+
+
+def _group_count(table: pa.Table, keys: list[str], **first: str) -> list[dict[str, Any]]:
+    """Rows of `keys` + count (+ the first value of other columns, in row order)."""
+    aggs: list[Any] = [([], "count_all")]
+    aggs += [(col, "first", pc.ScalarAggregateOptions(skip_nulls=False)) for col in first.values()]
+    rows = table.group_by(keys, use_threads=False).aggregate(aggs).to_pylist()
+    for row in rows:
+        for name, col in first.items():
+            row[name] = row.pop(f"{col}_first")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Sidecars
+# ---------------------------------------------------------------------------------------------
+
+
+def _image_member_sizes(members: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    """Sizes and extensions of the image members (KEY.N.ext) of doc samples."""
+    flat = pc.list_flatten(members)
+    names = pc.struct_field(flat, "name")
+    ext = pc.struct_field(pc.extract_regex(names, _DOC_IMAGE), "ext")
+    mask = pc.is_valid(ext)
+    return pc.struct_field(flat, "size").filter(mask).to_numpy(), ext.filter(mask).to_pylist()
+
+
+def _kind_stats(out: Path, kind: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    acc: dict[str, Counts] = {}
+    formats: dict[str, int] = {}
+
+    def add(name: str, values: Any) -> None:
+        acc.setdefault(name, Counts()).add(values)
+
+    for shard in shards:
+        path = out / shard["sidecar"]
+        if kind == "pair":
+            t = pq.read_table(path, columns=["width", "height", "image_nbytes", "image_format", "caption", "caption_chars"])
+            add("width", t["width"])
+            add("height", t["height"])
+            valid = pc.and_(pc.is_valid(t["width"]), pc.greater(t["height"], 0))
+            w = pc.cast(t["width"].filter(valid), pa.float64())
+            add("aspect_ratio", pc.divide(w, pc.cast(t["height"].filter(valid), pa.float64())))
+            add("image_bytes", t["image_nbytes"])
+            add("caption_chars", t["caption_chars"])
+            add("caption_words", pc.count_substring_regex(pc.fill_null(t["caption"], ""), r"\S+"))
+            for row in _group_count(t.select(["image_format"]), ["image_format"]):
+                formats[str(row["image_format"])] = formats.get(str(row["image_format"]), 0) + row["count_all"]
+        elif kind == "doc":
+            t = pq.read_table(path, columns=["text_chars", "n_images", "n_segments", "segments_dropped", "members"])
+            for col in ("text_chars", "n_images", "n_segments", "segments_dropped"):
+                add(col, t[col])
+            sizes, exts = _image_member_sizes(t["members"])
+            add("image_bytes", sizes)
+            for ext in exts:
+                formats[ext] = formats.get(ext, 0) + 1
+        else:
+            add("text_chars", pq.read_table(path, columns=["text_chars"])["text_chars"])
+
+    edges = {
+        "width": PIXEL_EDGES, "height": PIXEL_EDGES, "aspect_ratio": ASPECT_EDGES, "image_bytes": BYTES_EDGES,
+        "caption_chars": CHAR_EDGES, "caption_words": WORD_EDGES, "text_chars": TEXT_EDGES,
+        "n_images": COUNT_EDGES, "n_segments": COUNT_EDGES, "segments_dropped": COUNT_EDGES,
+    }
+    names = {
+        "pair": ["width", "height", "aspect_ratio", "image_bytes", "caption_chars", "caption_words"],
+        "doc": ["text_chars", "n_images", "n_segments", "segments_dropped", "image_bytes"],
+        "text": ["text_chars"],
+    }[kind]
+    result: dict[str, Any] = {name: acc.get(name, Counts()).summary(edges[name]) for name in names}
+    if kind != "text":
+        result["image_formats"] = dict(sorted(formats.items(), key=lambda kv: (-kv[1], kv[0])))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Ledger
+# ---------------------------------------------------------------------------------------------
+
+
+def _ledger_stats(out: Path) -> dict[str, Any]:
+    by_source: dict[str, list[int]] = {}
+    by_kind: dict[str, list[int]] = {}
+    by_domain: dict[str | None, list[int]] = {}
+    drops: dict[tuple[str | None, str | None], dict[str, Any]] = {}
+    attempts = Counts()
+    for batch in iter_ledger(out, columns=_LEDGER_COLUMNS):
+        t = pa.Table.from_batches([batch])
+        attempts.add(t["attempts"])
+        for keys, table in (("source", by_source), ("kind", by_kind), ("domain", by_domain)):
+            for row in _group_count(t.select([keys, "outcome"]), [keys, "outcome"]):
+                slot = table.setdefault(row[keys], [0, 0, 0])
+                slot[{"kept": 0, "dropped": 1}.get(row["outcome"], 2)] += row["count_all"]
+        dropped = t.filter(pc.equal(t["outcome"], "dropped"))
+        for row in _group_count(dropped, ["stage", "drop_reason"], example_id="id", example_detail="drop_detail"):
+            seen = drops.setdefault((row["stage"], row["drop_reason"]), {
+                "stage": row["stage"], "reason": row["drop_reason"], "count": 0,
+                "example_id": row["example_id"], "example_detail": row["example_detail"],
+            })
+            seen["count"] += row["count_all"]
+
+    def outcome(kept: int, dropped: int, other: int) -> dict[str, Any]:
+        inputs = kept + dropped + other
+        return {"inputs": inputs, "kept": kept, "dropped": dropped, "keep_rate": _rate(kept, inputs)}
+
+    totals = [sum(v[i] for v in by_kind.values()) for i in range(3)]
+    n_dropped = totals[1]
+    ranked = sorted(drops.values(), key=lambda d: (-d["count"], str(d["stage"]), str(d["reason"])))
+    for d in ranked:
+        d["share_of_dropped"] = d["count"] / n_dropped if n_dropped else None
+    by_stage: dict[str, dict[str, int]] = {}
+    for d in ranked:
+        by_stage.setdefault(str(d["stage"]), {})[str(d["reason"])] = d["count"]
+    domains = [{"domain": k, **outcome(*v)} for k, v in by_domain.items()]
+    return {
+        "outcomes": {
+            **outcome(*totals),
+            "by_kind": {k: outcome(*by_kind[k]) for k in sorted(by_kind)},
+            "by_source": {k: outcome(*by_source[k]) for k in sorted(by_source)},
+        },
+        "drops": {"ranked": ranked, "by_stage": by_stage},
+        "attempts": {**attempts.summary(ATTEMPT_EDGES), "values": attempts.value_counts()},
+        "domains": {
+            "distinct": sum(1 for k in by_domain if k is not None),
+            "without_url": outcome(*by_domain[None]) if None in by_domain else outcome(0, 0, 0),
+            "top_kept": sorted(domains, key=lambda d: (-d["kept"], d["domain"] or ""))[:TOP_DOMAINS],
+            "top_dropped": sorted(domains, key=lambda d: (-d["dropped"], d["domain"] or ""))[:TOP_DOMAINS],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def compute_stats(out: str | Path) -> dict[str, Any]:
+    """Exact statistics of the output at `out` (see the module docstring for definitions).
+
+    Shard counts and tar bytes come from the manifest (verify checks they match the files);
+    sample distributions from the sidecars; outcomes, drops, attempts and domains from the ledger.
+    Null domains (inputs without a URL, e.g. local files) are reported as `domain: None` and
+    under `domains.without_url`.
+    """
+    out = Path(out)
+    manifest = read_manifest(out)
+    kinds: dict[str, Any] = {}
+    for kind in KINDS:
+        entry = manifest["kinds"].get(kind)
+        if entry is None:
+            continue
+        shards = entry.get("shards", [])
+        kinds[kind] = {
+            "shards": len(shards),
+            "samples": sum(int(s["count"]) for s in shards),
+            "tar_bytes": sum(int(s["bytes"]) for s in shards),
+            "per_shard": [{"name": s["name"], "samples": int(s["count"]), "tar_bytes": int(s["bytes"])} for s in shards],
+            **_kind_stats(out, kind, shards),
+        }
+    return {
+        "out": str(out),
+        "name": manifest.get("name"),
+        "recipe_hash": manifest.get("recipe_hash"),
+        "code_version": manifest.get("code_version"),
+        "totals": {
+            "shards": sum(k["shards"] for k in kinds.values()),
+            "samples": sum(k["samples"] for k in kinds.values()),
+            "tar_bytes": sum(k["tar_bytes"] for k in kinds.values()),
+        },
+        "kinds": kinds,
+        **_ledger_stats(out),
+    }
+
+
+def _num(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and not v.is_integer():
+        return f"{v:,.3f}"
+    return f"{int(v):,}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _dist_lines(name: str, d: dict[str, Any]) -> list[str]:
+    cols = ["min", *(f"p{p}" for p in PERCENTILES), "max"]
+    head = f"  {name:<18} n={d['count']:,} mean={_num(d['mean'])}  " + "  ".join(f"{c}={_num(d[c])}" for c in cols)
+    hist = "  ".join(f"{h['bucket']}:{h['count']:,}" for h in d["histogram"] if h["count"])
+    return [head, f"  {'':<18} {hist}"] if hist else [head]
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """A plain-text report of `compute_stats`'s result, for the terminal."""
+    lines = [f"output {stats['out']}  (recipe {stats['name']}, hash {stats['recipe_hash']})", ""]
+    t = stats["totals"]
+    lines.append(f"shards {t['shards']:,}  samples {t['samples']:,}  tar bytes {t['tar_bytes']:,}")
+    for kind, k in stats["kinds"].items():
+        lines.append(f"  {kind:<5} {k['shards']:,} shards  {k['samples']:,} samples  {k['tar_bytes']:,} bytes")
+        for s in k["per_shard"]:
+            lines.append(f"        {s['name']:<20} {s['samples']:>10,} samples {s['tar_bytes']:>15,} bytes")
+    o = stats["outcomes"]
+    lines += ["", f"inputs {o['inputs']:,}  kept {o['kept']:,}  dropped {o['dropped']:,}  keep rate {_pct(o['keep_rate'])}"]
+    for label, group in (("kind", o["by_kind"]), ("source", o["by_source"])):
+        for name, g in group.items():
+            lines.append(f"  {label + ' ' + str(name):<32} inputs {g['inputs']:>10,}  kept {g['kept']:>10,}  "
+                         f"dropped {g['dropped']:>10,}  keep {_pct(g['keep_rate'])}")
+    lines += ["", "drop reasons (ranked)"]
+    for d in stats["drops"]["ranked"]:
+        detail = (d["example_detail"] or "")[:80]
+        lines.append(f"  {d['count']:>10,} {_pct(d['share_of_dropped']):>7}  {d['stage']}/{d['reason']}"
+                     f"  e.g. {d['example_id']}: {detail}")
+    lines += ["", "attempts"] + _dist_lines("attempts", stats["attempts"])
+    for kind, k in stats["kinds"].items():
+        lines += ["", f"{kind} samples"]
+        for name, d in k.items():
+            if isinstance(d, dict) and "histogram" in d:
+                lines += _dist_lines(name, d)
+        if k.get("image_formats"):
+            lines.append("  image formats      " + "  ".join(f"{f}:{n:,}" for f, n in k["image_formats"].items()))
+    dom = stats["domains"]
+    lines += ["", f"domains {dom['distinct']:,} distinct; without url: {dom['without_url']['inputs']:,} inputs"]
+    for title, key in (("top by kept", "top_kept"), ("top by dropped", "top_dropped")):
+        lines.append(f"  {title}")
+        for d in dom[key]:
+            lines.append(f"    {d['domain'] or '(no url)':<32} kept {d['kept']:>10,}  dropped {d['dropped']:>10,}")
+    return "\n".join(lines) + "\n"
