@@ -490,7 +490,10 @@ class _Cluster:
                 threads_per_worker=cfg.threads_per_worker,
                 processes=True,
                 host="127.0.0.1",
-                dashboard_address="127.0.0.1:0" if cfg.dashboard else None,
+                # The scheduler's HTTP server (health, metrics) starts even without the
+                # dashboard: keep it on loopback, on a free port.
+                dashboard_address="127.0.0.1:0",
+                scheduler_kwargs={"dashboard": cfg.dashboard},
                 memory_limit=cfg.memory_limit,
             )
             self.client = Client(self.cluster)
