@@ -57,6 +57,18 @@ class _HashingWriter(io.RawIOBase):
         return self.position
 
 
+def add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: int = TAR_MTIME) -> None:
+    """Append a regular file with fixed metadata, so the same content gives the same bytes."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = mtime
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    tar.addfile(info, io.BytesIO(data))
+
+
 def sample_footprint(sizes: Iterable[int]) -> int:
     return sum(member_footprint(s) for s in sizes)
 
@@ -109,15 +121,8 @@ class ShardWriter:
         for name, data in encode_sample(self.kind, row, key):
             if not is_safe_member(name):
                 raise ValueError(f"unsafe tar member name {name!r}")
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = TAR_MTIME
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            info.type = tarfile.REGTYPE
             header_at = self._hash.tell()
-            self._tar.addfile(info, io.BytesIO(data))
+            add_member(self._tar, name, data)
             members.append({"name": name, "offset": header_at + 512, "size": len(data)})
         self._rows.append(sidecar_row(self.kind, row, key, members))
         self.count += 1

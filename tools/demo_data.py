@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from curate.pack import add_member
+
 JPEG_QUALITY = 90
 WEBP_QUALITY = 85
 MAX_SIDE = 640  # large originals are resized so their long side is at most this
@@ -379,14 +381,7 @@ def _render(images: _Images, item: Item) -> tuple[bytes, Image.Image, tuple[int,
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = TAR_MTIME
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    tar.addfile(info, io.BytesIO(data))
+    add_member(tar, name, data, mtime=TAR_MTIME)
 
 
 def _json_line(obj: dict[str, Any]) -> str:
