@@ -57,6 +57,9 @@ log = logging.getLogger("mm1.curate")
 
 WORK = "_work"
 PARTITION_COLUMN = "_partition"
+# Rows per row group of a ledger file: fixed, so the ledger's bytes do not depend on the
+# execution-only batch size (a run resumed with another batch size stays byte-identical).
+LEDGER_ROWS_PER_GROUP = 1024
 
 
 class ResumeError(RuntimeError):
@@ -371,7 +374,6 @@ def run_pack(job: Job, p: int, first_shard: int, shard_counts: list[int]) -> dic
     buffer: list[dict[str, Any]] = []
     kept = dropped = 0
     drops: Counter[str] = Counter()
-    batch_size = job.recipe.execution.batch_size
     with storage.open_write(ledger_tmp) as fh, pq.ParquetWriter(fh, LEDGER_SCHEMA) as ledger:
         for row in _final_rows(job, p):
             if row.get("drop_reason"):
@@ -387,7 +389,7 @@ def run_pack(job: Job, p: int, first_shard: int, shard_counts: list[int]) -> dic
                 if writer.count == plan[len(shards)]:
                     shards.append(writer.close())
                     writer = None
-            if len(buffer) >= batch_size:
+            if len(buffer) >= LEDGER_ROWS_PER_GROUP:
                 ledger.write_table(pa.Table.from_pylist(buffer, schema=LEDGER_SCHEMA))
                 buffer = []
         if buffer:
