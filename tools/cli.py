@@ -56,7 +56,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from tools.demo import run_demo
 
-    run_demo(Path(args.dir), restart=args.restart)
+    run_demo(Path(args.dir))
     return 0
 
 
@@ -85,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="build the demo inputs, curate them, print stats and verify")
     p.add_argument("--dir", default="demo_out", help="where inputs and outputs go")
-    p.add_argument("--restart", action="store_true", help="start the curation over")
     p.set_defaults(func=_demo)
     return parser
 

@@ -30,12 +30,14 @@ def demo_overrides(root: Path) -> dict[str, str]:
     }
 
 
-def run_demo(root: Path, restart: bool = False) -> dict:
+def run_demo(root: Path) -> dict:
+    """Build the inputs afresh and curate them from scratch (the inputs are rewritten, so an
+    earlier demo output under `root` could not be resumed: it is replaced)."""
     root = Path(root)
     summary = build_demo_inputs(root / "inputs")
     print(f"demo inputs: {root / 'inputs'} ({summary['expected_inputs']} samples)")
     recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))
-    manifest = run_recipe(recipe, restart=restart)
+    manifest = run_recipe(recipe, restart=True)
     out = Path(recipe.output.path)
     stats = compute_stats(out)
     print(format_stats(stats))

@@ -10,7 +10,7 @@ FROZEN = {
     "curate": ["--address", "--no-progress", "--output", "--restart", "--workers", "recipe"],
     "stats": ["--json", "out"],
     "verify": ["out"],
-    "demo": ["--dir", "--restart"],
+    "demo": ["--dir"],
 }
 
 
