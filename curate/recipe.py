@@ -134,8 +134,12 @@ class Recipe(_Strict):
         """What determines the output: the part of the recipe the hash covers."""
         data = self.model_dump(mode="json", exclude={"cluster", "execution"})
         data["output"].pop("path")
-        for stage in data["stages"]:
+        for cfg, stage in zip(self.stages, data["stages"]):
             stage.pop("resources", None)
+            for name, field in type(cfg).model_fields.items():  # e.g. a downloader's threads
+                extra = field.json_schema_extra
+                if isinstance(extra, dict) and extra.get("execution_only"):
+                    stage.pop(name, None)
         return data
 
     def hash(self) -> str:

@@ -20,5 +20,6 @@ from curate.stages.base import (
 from curate.stages import filters  # noqa: F401
 from curate.stages import dedup  # noqa: F401
 from curate.stages import image  # noqa: F401
+from curate.stages import language  # noqa: F401
 
 __all__ = ["STAGES", "Drop", "Filter", "GlobalStage", "RowStage", "Stage", "StageConfig", "build_stage", "register"]
