@@ -19,6 +19,7 @@ from curate.stages.base import (
 # Imported to register their stages, one module a line.
 from curate.stages import filters  # noqa: F401
 from curate.stages import dedup  # noqa: F401
+from curate.stages import download  # noqa: F401
 from curate.stages import image  # noqa: F401
 from curate.stages import language  # noqa: F401
 

@@ -1,6 +1,6 @@
-"""The demo recipe end to end on a real LocalCluster: the ledger invariant, the drop reasons of the
-intentionally bad inputs, and the shards read back by the stock webdataset library and by
-open_clip's own WebDataset training loader."""
+"""The demo recipe end to end on a real LocalCluster, its URL list served by a real HTTP server on
+loopback: the ledger invariant, the drop reasons of the intentionally bad inputs, and the shards
+read back by the stock webdataset library and by open_clip's own WebDataset training loader."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import pytest
 from curate.contract import read_ledger, read_manifest, read_sidecars, shard_urls
 from curate.recipe import load_recipe
 from curate.runner import run_recipe
-from tools.demo import DEMO_RECIPE, demo_overrides
-from tools.demo_data import build_demo_inputs
+from tools.demo import DEMO_RECIPE, demo_inputs, demo_overrides
 from tools.stats import compute_stats
 from tools.verify import verify
 
@@ -22,9 +21,9 @@ from tools.verify import verify
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    summary = build_demo_inputs(root / "inputs")
-    recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))
-    manifest = run_recipe(recipe, progress=False)
+    with demo_inputs(root) as summary:  # the URL list's server runs while the recipe does
+        recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))
+        manifest = run_recipe(recipe, progress=False)
     return {"out": Path(recipe.output.path), "summary": summary, "manifest": manifest}
 
 
@@ -52,11 +51,19 @@ def test_each_bad_input_is_one_ledger_row_with_its_reason(demo):
     by_id = {r["id"]: r for r in ledger}
     corrupt = by_id["folder:broken.jpg"]
     assert (corrupt["outcome"], corrupt["stage"], corrupt["drop_reason"]) == ("dropped", "image", "decode_error")
-    malformed = [r for r in ledger if r["drop_reason"] == "malformed_row"]
-    assert len(malformed) == 1 and malformed[0]["source"] == "mapped" and malformed[0]["stage"] == "source"
+    malformed = sorted((r["source"], r["stage"]) for r in ledger if r["drop_reason"] == "malformed_row")
+    assert malformed == [("mapped", "source"), ("web", "source")]  # a bad JSON line, a broken CSV row
     dup = by_id["folder:espresso_cup.jpg"]
     assert dup["drop_reason"] == "duplicate" and "folder:coffee.jpg" in dup["drop_detail"]
     assert by_id["folder:coffee.jpg"]["outcome"] == "kept"
+    web = {r["drop_reason"]: r for r in ledger if r["source"] == "web" and r["outcome"] == "dropped"}
+    assert web["http_404"]["stage"] == "download" and web["http_404"]["domain"] == "127.0.0.1"
+    assert web["http_500"]["attempts"] >= 1
+    assert web["lang_mismatch"]["stage"] == "language_filter"
+    assert web["bad_url"]["url"].startswith("file://")
+    assert web["dns_error"]["domain"] == "unknown.demo.test"
+    kept_web = [r for r in ledger if r["source"] == "web" and r["outcome"] == "kept"]
+    assert any(r["domain"] == "images.demo.test" for r in kept_web)  # the redirect, via the resolver
 
 
 def test_manifest_and_stats_agree_with_ledger(demo):

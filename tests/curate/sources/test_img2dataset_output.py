@@ -15,6 +15,7 @@ from skimage import data
 from curate.contract import read_ledger
 from curate.recipe import parse_recipe
 from curate.runner import run_recipe
+from tools.demo_server import LoopbackHTTPServer
 from tools.verify import verify
 
 PHOTOS = {"astronaut": data.astronaut, "coffee": data.coffee, "chelsea": data.chelsea, "rocket": data.rocket}
@@ -28,7 +29,7 @@ def server(tmp_path):
         Image.fromarray(load()).save(root / f"{name}.jpg", quality=90)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *a, **k: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd = LoopbackHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"

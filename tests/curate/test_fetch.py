@@ -1,0 +1,545 @@
+"""curate.fetch against real servers on loopback: a threaded HTTP server with routes for every
+behaviour the web has (redirect chains and loops, lying lengths, endless bodies, drips, gzip bombs,
+idle-closed keep-alive connections), a TLS server with a throwaway certificate, and a canary
+listener that proves a blocked address is never dialled.
+
+Nothing leaves the machine: a module-wide guard fails any connect to a non-loopback address and
+any name lookup that is not an IP literal, so even a broken fetcher cannot reach out.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import io
+import ipaddress
+import json
+import shutil
+import socket
+import socketserver
+import ssl
+import subprocess
+import threading
+import time
+import zlib
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from PIL import Image
+from skimage import data
+
+from curate.fetch import (
+    Fetcher,
+    FetchPolicy,
+    ResolveError,
+    Resolver,
+    StaticResolver,
+    address_class,
+)
+from curate.fetch import _Watchdog
+
+LOOPBACK = ("127.0.0.0/8",)
+DRIP_LIMIT_S = 30.0  # a dripping handler gives up on its own after this long
+
+
+# --------------------------------------------------------------------------------------------
+# The network guard
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loopback_only():
+    """Fail loudly on any connection to a non-loopback address and on any real name lookup."""
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            assert ipaddress.ip_address(address[0]).is_loopback, f"test tried to dial {address[0]}"
+        return real_connect(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise AssertionError(f"test tried to resolve {host!r}") from None
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("test tried a name lookup")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", connect)
+        mp.setattr(socket, "getaddrinfo", getaddrinfo)
+        for name in ("gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getfqdn"):
+            mp.setattr(socket, name, refuse)
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# The servers
+# --------------------------------------------------------------------------------------------
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+JPEG = _jpeg()
+BOMB = gzip.compress(b"\0" * 10_000_000, compresslevel=9)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 10  # an idle keep-alive connection's handler thread ends after this
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes = b"", ctype: str = "text/plain", **headers: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _drip(self, data: bytes) -> None:
+        """Write one byte every 0.2 s until the client goes away (or DRIP_LIMIT_S passes)."""
+        end = time.monotonic() + DRIP_LIMIT_S
+        try:
+            for i in range(len(data)):
+                if time.monotonic() > end:
+                    break
+                self.wfile.write(data[i : i + 1])
+                time.sleep(0.2)
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        url = urlsplit(self.path)
+        path, query = url.path, parse_qs(url.query)
+        if path == "/img.jpg":
+            return self._send(200, JPEG, "image/jpeg")
+        if path.startswith("/status/"):
+            code = int(path.rsplit("/", 1)[1])
+            return self._send(code, f"status {code}\n".encode())
+        if path.startswith("/redirect/"):  # /redirect/N: N hops, then the image
+            n = int(path.rsplit("/", 1)[1])
+            return self._send(302, Location="/img.jpg" if n <= 1 else f"/redirect/{n - 1}")
+        if path == "/loop":
+            return self._send(301, Location="/loop")
+        if path == "/redirect-to":
+            return self._send(302, Location=query["url"][0])
+        if path == "/headers":
+            return self._send(200, json.dumps(dict(self.headers.items())).encode(), "application/json")
+        if path == "/big":  # declares 1 GB, sends nothing
+            self.send_response(200)
+            self.send_header("Content-Length", str(10**9))
+            self.end_headers()
+            self.close_connection = True
+            return
+        if path == "/endless":  # chunked, never ends (stops when the client leaves)
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+            try:
+                for _ in range(20_000):  # 1.3 GB at most
+                    self.wfile.write(chunk)
+            except OSError:
+                pass
+            self.close_connection = True
+            return
+        if path == "/drip":  # headers at once, then the body one byte every 0.2 s
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            return self._drip(b"x" * 100_000)
+        if path == "/drip-headers":  # the header block itself one byte every 0.2 s
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            return self._drip(b"X-Pad: " + b"a" * 50_000)
+        if path == "/gzip-bomb":
+            return self._send(200, BOMB, "image/jpeg", Content_Encoding="gzip")
+        if path == "/gzip":
+            return self._send(200, gzip.compress(JPEG), "image/jpeg", Content_Encoding="gzip")
+        if path == "/deflate":
+            return self._send(200, zlib.compress(JPEG), "image/jpeg", Content_Encoding="deflate")
+        if path == "/gzip-garbage":
+            return self._send(200, b"\x1f\x8b not really gzip", "image/jpeg", Content_Encoding="gzip")
+        if path == "/gzip-cut":
+            return self._send(200, gzip.compress(JPEG)[:5000], "image/jpeg", Content_Encoding="gzip")
+        if path == "/brotli":
+            return self._send(200, b"\x0b\x02\x80hello\x03", "image/jpeg", Content_Encoding="br")
+        if path == "/truncated":  # promises 1000 bytes, sends 10, hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"0123456789")
+            self.close_connection = True
+            return
+        if path == "/hang-up":  # a whole response, then a close the headers did not announce
+            self._send(200, JPEG, "image/jpeg")
+            self.close_connection = True
+            return
+        self._send(404, b"not found\n")
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type, tls: ssl.SSLContext | None = None):
+        self.accepted = 0
+        self._lock = threading.Lock()
+        self.tls = tls
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind calls socket.getfqdn (a reverse lookup); skip it
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+        if self.tls is not None:
+            self.socket = self.tls.wrap_socket(self.socket, server_side=True)
+
+    def get_request(self):
+        request = super().get_request()
+        with self._lock:
+            self.accepted += 1
+        return request
+
+
+def _serve(tls: ssl.SSLContext | None = None):
+    server = Server(("127.0.0.1", 0), Handler, tls)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    return server, thread
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv, thread = _serve()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def base(server) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture
+def fetcher():
+    with Fetcher(FetchPolicy(allow_networks=LOOPBACK, deadline_s=10.0)) as f:
+        yield f
+
+
+def _fetch(url: str, **policy) -> object:
+    policy.setdefault("allow_networks", LOOPBACK)
+    resolver = policy.pop("resolver", None)
+    with Fetcher(FetchPolicy(**policy), resolver) as f:
+        return f.fetch(url)
+
+
+# --------------------------------------------------------------------------------------------
+# Success, statuses, redirects
+# --------------------------------------------------------------------------------------------
+
+
+def test_200_returns_the_jpeg(fetcher, base):
+    r = fetcher.fetch(f"{base}/img.jpg")
+    assert r.ok and r.reason is None and r.status == 200
+    assert r.body == JPEG and r.content_type == "image/jpeg"
+    assert r.final_url == f"{base}/img.jpg" and r.dialled == ["127.0.0.1"]
+    assert Image.open(io.BytesIO(r.body)).size == (512, 512)
+
+
+def test_request_headers(fetcher, base):
+    r = fetcher.fetch(f"{base}/headers")
+    sent = {k.lower(): v for k, v in json.loads(r.body).items()}
+    assert sent["accept-encoding"] == "identity" and sent["accept"] == "image/*"
+    assert sent["user-agent"] == FetchPolicy().user_agent
+    assert sent["host"] == base.removeprefix("http://")
+
+
+@pytest.mark.parametrize("code", [404, 500, 429])
+def test_error_status_is_http_code(fetcher, base, code):
+    r = fetcher.fetch(f"{base}/status/{code}")
+    assert not r.ok and r.reason == f"http_{code}" and r.status == code and r.body is None
+    assert r.detail.startswith(f"HTTP {code} ")
+
+
+def test_redirect_chain_of_two(fetcher, base):
+    r = fetcher.fetch(f"{base}/redirect/2")
+    assert r.ok and r.body == JPEG and r.final_url == f"{base}/img.jpg"
+    assert r.dialled == ["127.0.0.1"] * 3
+
+
+def test_redirect_loop(base):
+    r = _fetch(f"{base}/loop", max_redirects=5)
+    assert r.reason == "too_many_redirects" and "more than 5 redirects" in r.detail
+    assert len(r.dialled) == 6
+
+
+def test_redirect_to_a_blocked_address_never_dials_it(base):
+    canary = socket.socket()
+    canary.bind(("127.0.0.2", 0))  # loopback, but outside the allowed 127.0.0.1/32
+    canary.listen(8)
+    try:
+        port = canary.getsockname()[1]
+        r = _fetch(f"{base}/redirect-to?url=http://127.0.0.2:{port}/x.jpg", allow_networks=("127.0.0.1/32",))
+        assert r.reason == "blocked" and r.detail == "127.0.0.2: loopback address"
+        assert r.final_url == f"http://127.0.0.2:{port}/x.jpg" and r.dialled == ["127.0.0.1"]
+        canary.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            canary.accept()  # nothing ever connected
+    finally:
+        canary.close()
+
+
+def test_redirect_to_another_scheme_is_bad_url(fetcher, base):
+    r = fetcher.fetch(f"{base}/redirect-to?url=file:///etc/passwd")
+    assert r.reason == "bad_url" and r.final_url == "file:///etc/passwd"
+
+
+# --------------------------------------------------------------------------------------------
+# Names and addresses
+# --------------------------------------------------------------------------------------------
+
+
+def test_static_resolver_name_dials_the_mapped_ip(server):
+    port = server.server_address[1]
+    r = _fetch(f"http://images.test:{port}/img.jpg", resolver=StaticResolver({"images.test": "127.0.0.1"}))
+    assert r.ok and r.body == JPEG and r.dialled == ["127.0.0.1"]
+
+
+def test_name_mapped_to_private_address_is_blocked_without_connecting(server):
+    # the module guard would fail the test on any connect to 10.0.0.1
+    r = _fetch("http://intranet.test/img.jpg", resolver=StaticResolver({"intranet.test": "10.0.0.1"}))
+    assert r.reason == "blocked" and r.dialled == []
+    assert r.detail == "intranet.test resolves to 10.0.0.1: private address"
+
+
+def test_one_private_address_among_several_blocks_the_host(server):
+    resolver = StaticResolver({"mixed.test": ["127.0.0.1", "192.168.1.1"]})
+    r = _fetch(f"http://mixed.test:{server.server_address[1]}/img.jpg", resolver=resolver)
+    assert r.reason == "blocked" and r.dialled == []
+
+
+def test_loopback_blocked_by_default(base):
+    r = _fetch(f"{base}/img.jpg", allow_networks=())
+    assert r.reason == "blocked" and r.detail == "127.0.0.1: loopback address" and r.dialled == []
+
+
+def test_unknown_host_is_dns_error():
+    r = _fetch("http://nowhere.test/img.jpg", resolver=StaticResolver({}))
+    assert r.reason == "dns_error" and r.detail == "nowhere.test: not in the static host map"
+
+
+def test_resolvers():
+    static = StaticResolver({"A.Test": "127.0.0.1"})
+    assert static.resolve("a.test", 80) == ["127.0.0.1"] and static.resolve("a.test.", 80) == ["127.0.0.1"]
+    assert static.resolve("::1", 80) == ["::1"]
+    with pytest.raises(ResolveError):
+        static.resolve("b.test", 80)
+    assert Resolver().resolve("127.0.0.1", 80) == ["127.0.0.1"]  # a literal asks no one
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["file:///etc/passwd", "ftp://127.0.0.1/x.jpg", "data:image/png;base64,AAAA", "http:///x.jpg",
+     "http://127.0.0.1:99999/", "http://127.0.0.1:abc/", "http://[::1/", "", "img.jpg",
+     "http://bad host/x.jpg", "gopher://127.0.0.1:70/"],
+)
+def test_bad_urls(url):
+    r = _fetch(url)
+    assert r.reason == "bad_url" and r.dialled == []
+
+
+@pytest.mark.parametrize(
+    "ip, kind",
+    [("127.0.0.1", "loopback"), ("10.1.2.3", "private"), ("172.16.0.1", "private"),
+     ("192.168.1.1", "private"), ("100.64.0.1", "cgnat"), ("169.254.169.254", "link_local"),
+     ("224.0.0.1", "multicast"), ("0.0.0.0", "unspecified"), ("::1", "loopback"),
+     ("fe80::1", "link_local"), ("fc00::1", "private"), ("::ffff:10.0.0.1", "private"),
+     ("::ffff:127.0.0.1", "loopback"), ("64:ff9b::a00:1", "private"), ("192.0.2.1", "reserved"),
+     ("240.0.0.1", "reserved"), ("8.8.8.8", None), ("2606:4700:4700::1111", None)],
+)
+def test_address_class(ip, kind):
+    assert address_class(ip) == kind
+
+
+# --------------------------------------------------------------------------------------------
+# Caps, encodings, deadlines, broken connections
+# --------------------------------------------------------------------------------------------
+
+
+def test_declared_length_over_cap_is_too_large(base):
+    r = _fetch(f"{base}/big", max_bytes=1_000_000)
+    assert r.reason == "too_large" and "Content-Length 1000000000" in r.detail and r.status == 200
+
+
+def test_endless_chunked_body_is_too_large(base):
+    r = _fetch(f"{base}/endless", max_bytes=1_000_000)
+    assert r.reason == "too_large" and r.body is None
+
+
+def test_gzip_bomb_is_too_large(base):
+    r = _fetch(f"{base}/gzip-bomb", max_bytes=1_000_000)
+    assert r.reason == "too_large" and "decodes to more than" in r.detail
+
+
+@pytest.mark.parametrize("route", ["gzip", "deflate"])
+def test_compressed_body_is_decoded(fetcher, base, route):
+    r = fetcher.fetch(f"{base}/{route}")
+    assert r.ok and r.body == JPEG
+
+
+def test_unknown_encoding_is_bad_content(fetcher, base):
+    r = fetcher.fetch(f"{base}/brotli")
+    assert r.reason == "bad_content" and "'br'" in r.detail
+
+
+@pytest.mark.parametrize("route", ["gzip-garbage", "gzip-cut"])
+def test_broken_compressed_body_is_bad_content(fetcher, base, route):
+    r = fetcher.fetch(f"{base}/{route}")
+    assert r.reason == "bad_content"
+    assert r.detail.startswith("bad gzip body" if route == "gzip-garbage" else "gzip body ends")
+
+
+def test_watchdog_shuts_a_socket_blocked_without_timeout_at_the_deadline():
+    """The backstop behind the per-recv timeouts: a recv with no timeout at all still returns."""
+    dog = _Watchdog()
+    a, b = socket.socketpair()
+    try:
+        watch = dog.arm(time.monotonic() + 0.3)
+        dog.watch(watch, a)
+        a.settimeout(None)
+        start = time.monotonic()
+        assert a.recv(10) == b""  # woken by the shutdown, not by data
+        assert watch.fired and time.monotonic() - start < 10
+        dog.release(watch)
+    finally:
+        dog.stop()
+        a.close()
+        b.close()
+
+
+def test_slow_drip_body_ends_at_the_total_deadline(base):
+    start = time.monotonic()
+    r = _fetch(f"{base}/drip", deadline_s=1.0)
+    assert r.reason == "timeout" and r.detail == "deadline of 1s passed reading the body"
+    assert time.monotonic() - start < 10
+
+
+def test_slow_drip_headers_end_at_the_total_deadline(base):
+    start = time.monotonic()
+    r = _fetch(f"{base}/drip-headers", deadline_s=1.0)
+    assert r.reason == "timeout" and r.status is None
+    assert time.monotonic() - start < 10
+
+
+def test_connection_closed_mid_body(fetcher, base):
+    r = fetcher.fetch(f"{base}/truncated")
+    assert r.reason == "connection_error" and "body ended after 10 of 1000 bytes" in r.detail
+
+
+def test_connection_refused():
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # nothing listens there now
+    r = _fetch(f"http://127.0.0.1:{port}/img.jpg")
+    assert r.reason == "connection_error" and "ConnectionRefusedError" in r.detail
+    assert r.dialled == ["127.0.0.1"]
+
+
+def test_details_are_deterministic(base):
+    urls = [f"{base}/status/404", f"{base}/truncated", f"{base}/big", "ftp://x/", f"{base}/brotli"]
+    first = [(_fetch(u, max_bytes=1000).detail) for u in urls]
+    again = [(_fetch(u, max_bytes=1000).detail) for u in urls]
+    assert first == again and not any("0x" in d for d in first)
+
+
+# --------------------------------------------------------------------------------------------
+# Connection reuse and threads
+# --------------------------------------------------------------------------------------------
+
+
+def test_keep_alive_reuses_one_connection(server, base):
+    before = server.accepted
+    with Fetcher(FetchPolicy(allow_networks=LOOPBACK)) as f:
+        for path in ("/img.jpg", "/status/404", "/redirect/1", "/img.jpg"):
+            f.fetch(base + path)
+    assert server.accepted - before == 1
+
+
+def test_a_connection_closed_while_pooled_is_retried_on_a_fresh_one(server, base):
+    before = server.accepted
+    with Fetcher(FetchPolicy(allow_networks=LOOPBACK)) as f:
+        assert f.fetch(f"{base}/hang-up").ok  # the server closes after this one
+        time.sleep(0.2)
+        r = f.fetch(f"{base}/img.jpg")
+    assert r.ok and r.body == JPEG and r.dialled == ["127.0.0.1"]
+    assert server.accepted - before == 2
+
+
+def test_eight_threads_share_one_fetcher(base):
+    with Fetcher(FetchPolicy(allow_networks=LOOPBACK)) as f:
+        results: list = []
+        lock = threading.Lock()
+
+        def work(i: int) -> None:
+            for j in range(5):
+                r = f.fetch(f"{base}/img.jpg" if (i + j) % 2 else f"{base}/redirect/1")
+                with lock:
+                    results.append(r)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert len(results) == 40 and all(r.ok and r.body == JPEG for r in results)
+
+
+# --------------------------------------------------------------------------------------------
+# TLS
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=images.test", "-addext", "subjectAltName=DNS:images.test",
+         "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+        check=True, capture_output=True,
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(d / "cert.pem", d / "key.pem")
+    srv, thread = _serve(ctx)
+    yield srv, ssl.create_default_context(cafile=str(d / "cert.pem"))
+    srv.shutdown()
+    srv.server_close()
+    thread.join(5)
+
+
+def test_https_with_sni_and_hostname_check(tls_server):
+    srv, trust = tls_server
+    port = srv.server_address[1]
+    resolver = StaticResolver({"images.test": "127.0.0.1", "other.test": "127.0.0.1"})
+    with Fetcher(FetchPolicy(allow_networks=LOOPBACK), resolver, ssl_context=trust) as f:
+        r = f.fetch(f"https://images.test:{port}/img.jpg")
+        assert r.ok and r.body == JPEG and r.dialled == ["127.0.0.1"]
+        wrong = f.fetch(f"https://other.test:{port}/img.jpg")  # the certificate names images.test
+        assert wrong.reason == "connection_error" and "SSLCertVerificationError" in wrong.detail
+    untrusted = _fetch(f"https://images.test:{port}/img.jpg", resolver=resolver)  # system CAs only
+    assert untrusted.reason == "connection_error" and "certificate verify failed" in untrusted.detail
