@@ -13,9 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -164,3 +171,76 @@ def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Referen
     assert sum(len(m["shards"]) >= 2 for m in packs) >= len(packs) // 2  # partitions cut several shards
     assert not leftover_temporaries(out)
     return Reference(corpus, out, manifest, pairs_digests(out), ledger_digests(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared with test modules that make their own reference runs (pytest's importlib mode means a
+# test module cannot `import conftest`): the output checks above, and an external Dask cluster.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def output_checks() -> SimpleNamespace:
+    """The helpers above, for modules comparing their runs with a reference of their own."""
+    return SimpleNamespace(
+        write_recipe=write_recipe, digests=digests, pairs_digests=pairs_digests,
+        ledger_digests=ledger_digests, leftover_temporaries=leftover_temporaries,
+        check_ledger_invariant=check_ledger_invariant,
+    )
+
+
+def _dask_exe(name: str) -> str:
+    bin_dir = Path(sys.executable).parent
+    return str(bin_dir / name) if (bin_dir / name).exists() else shutil.which(name) or name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_groups(procs: list[subprocess.Popen]) -> None:
+    """Stop what we started: each process group we created, gently, then for good."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@pytest.fixture
+def external_scheduler(tmp_path: Path) -> Iterator[str]:
+    """A `dask scheduler` and two single-threaded `dask worker`s bound to 127.0.0.1; yields the scheduler address once both workers have registered,
+    and always stops all three."""
+    from distributed import Client
+
+    wait = 300
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> None:
+        with open(tmp_path / f"{name}.log", "wb") as log:
+            procs.append(subprocess.Popen(
+                [_dask_exe("dask"), *args], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                start_new_session=True,  # its own process group: teardown reaches its nanny's worker too
+            ))
+
+    try:
+        # --no-dashboard still starts each process's HTTP server: keep it on loopback
+        http = ("--no-dashboard", "--dashboard-address", "127.0.0.1:0")
+        start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", str(port), *http)
+        for i in range(2):
+            start(f"worker{i}", "worker", address, "--nthreads", "1", "--nworkers", "1",
+                  "--host", "127.0.0.1", *http, "--memory-limit", "2GiB")
+        with Client(address, timeout=wait) as client:
+            client.wait_for_workers(2, timeout=wait)
+        yield address
+    finally:
+        _stop_groups(procs[1:])  # workers first, then the scheduler
+        _stop_groups(procs[:1])
