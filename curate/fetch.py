@@ -11,13 +11,26 @@ Contracts (DESIGN.md, "Fetching from the web"):
   gets the time left as its timeout, and one watchdog thread shuts the socket down at the deadline,
   so a server dripping one byte at a time cannot stretch a request.
 - `max_bytes` bounds the body after decompression; memory stays bounded whatever the server sends.
+- Opt-out (`X-Robots-Tag`): a response whose X-Robots-Tag headers carry one of
+  `FetchPolicy.opt_out_directives` (noai, noimageai, noindex by default), for every agent or scoped
+  to `FetchPolicy.robots_agent` ("mm1-pipeline: noimageai"), ends as `opted_out`: its body is never
+  returned (at most a small one is drained so the connection can be reused). `none` is Google's
+  shorthand for "noindex, nofollow", so it counts wherever noindex does. Directives scoped to other
+  agents ("otherbot: noai") are ignored. Checked on the final 2xx response and on every redirect
+  hop (a publisher's opt-out on the URL that redirects to a CDN still holds).
+- `FetchResult.retry_after`: the server's Retry-After (delta-seconds or HTTP-date) in seconds,
+  capped at `RETRY_AFTER_CAP_S`, for the caller's retry policy; the fetcher itself never retries
+  (except once on a pooled keep-alive connection the server had already closed).
 
 Drop codes: bad_url, dns_error, blocked, too_many_redirects, timeout, too_large, bad_content,
-connection_error, and http_<status> for a final status outside 2xx.
+connection_error, opted_out, and http_<status> for a final status outside 2xx. A caller's `gate`
+(robots.txt, see curate/robots.py) may end a fetch with its own code before a hop is requested.
 """
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import heapq
 import http.client
 import io
@@ -29,7 +42,7 @@ import ssl
 import threading
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 from urllib.parse import quote, urljoin, urlsplit
@@ -42,6 +55,9 @@ TIMEOUT = "timeout"
 TOO_LARGE = "too_large"
 BAD_CONTENT = "bad_content"
 CONNECTION_ERROR = "connection_error"
+OPTED_OUT = "opted_out"
+
+RETRY_AFTER_CAP_S = 60.0  # a Retry-After longer than this is reported as this
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _BLOCK = 64 * 1024  # the most one body read asks for
@@ -149,6 +165,10 @@ class FetchPolicy:
     allow_networks: tuple[str, ...] = ()  # CIDRs exempt from blocking, e.g. ("127.0.0.0/8",)
     user_agent: str = "mm1-pipeline/0.1 (+https://github.com/mm1-pipeline)"
     accept: str = "image/*"
+    # X-Robots-Tag directives that opt a resource out (case-insensitive), and the product token
+    # whose scoped directives ("mm1-pipeline: noai") apply to us (robots.txt matches it too)
+    opt_out_directives: tuple[str, ...] = ("noai", "noimageai", "noindex")
+    robots_agent: str = "mm1-pipeline"
 
 
 @dataclass
@@ -161,6 +181,12 @@ class FetchResult:
     final_url: str  # the URL of the last hop tried
     content_type: str | None
     dialled: list[str] = field(default_factory=list)  # the IP each hop connected to, in order
+    retry_after: float | None = None  # seconds, from the last response's Retry-After, if any
+
+
+# A fetch's gate: called with each hop's URL before it is resolved or dialled; a (code, detail)
+# answer ends the fetch as a failure with that code (robots.txt: curate.robots.RobotsCache.gate).
+Gate = Callable[[str], "tuple[str, str] | None"]
 
 
 class _Failure(Exception):
@@ -214,6 +240,66 @@ def _clean(text: object, limit: int = 200) -> str:
     """Untrusted or exception text made fit for a ledger: printable, bounded, no memory addresses."""
     text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(text))
     return "".join(c if c.isprintable() else "?" for c in text)[:limit]
+
+
+# Directives that take a value after a colon: "max-snippet: 20" is a directive, not an agent scope.
+_VALUED_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"})
+_AGENT_TOKEN = re.compile(r"[a-z0-9_.*-]+")
+_NUMBER = re.compile(r"[+-]?[0-9]+")
+_IMPLIED = {"none": ("noindex", "nofollow")}
+
+
+def x_robots_opt_out(values: Iterable[str], agent: str, directives: Iterable[str]) -> str | None:
+    """The first X-Robots-Tag directive among `values` (the headers' values, in order) that opts
+    the resource out for `agent`, described for a ledger (`"noai"`, `"mm1-pipeline: noimageai"`,
+    `"none" (implies noindex)`), or None.
+
+    Each value is a comma-separated list of directives. `agent: directive` scopes that directive,
+    and the ones after it in the same value, to one agent (until the next scope); unscoped
+    directives apply to every agent. Only unscoped ones, ones scoped to `agent` and ones scoped to
+    `*` count; names compare case-insensitively. `none` means "noindex, nofollow", so it opts out
+    wherever `noindex` does."""
+    agent = agent.strip().lower()
+    wanted = [d.strip().lower() for d in directives]
+    for value in values:
+        scope: str | None = None
+        for token in str(value).split(","):
+            token = token.strip()
+            head, colon, rest = token.partition(":")
+            name = head.strip().lower()
+            if (colon and name not in _VALUED_DIRECTIVES and _AGENT_TOKEN.fullmatch(name)
+                    and not _NUMBER.fullmatch(rest.strip())):
+                scope, token = name, rest.strip()  # "otherbot: noai": a new scope
+                name = token.partition(":")[0].strip().lower()
+            if not name or scope not in (None, "*", agent):
+                continue
+            named = (name, *_IMPLIED.get(name, ()))
+            hit = next((d for d in wanted if d in named), None)
+            if hit is not None:
+                said = _clean(f"{scope}: {name}" if scope else name, 80)
+                return f'"{said}"' + (f" (implies {hit})" if hit != name else "")
+    return None
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After in seconds from now: delta-seconds or an HTTP-date (a date in the past is 0),
+    at most RETRY_AFTER_CAP_S; None when absent or unparseable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"[0-9]+", value):
+        seconds = float(int(value[:12]))
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when is None:
+            return None
+        if when.tzinfo is None:  # HTTP-dates are GMT
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
 
 
 class _Clock:
@@ -443,8 +529,13 @@ class _Decoder:
 class _Request:
     """The state of one fetch across its hops."""
 
-    def __init__(self, url: str, clock: _Clock, watch: _Watch):
+    def __init__(
+        self, url: str, clock: _Clock, watch: _Watch, *, accept: str, max_bytes: int, opt_out: bool,
+        gate: Gate | None,
+    ):
         self.url, self.clock, self.watch = url, clock, watch
+        self.accept, self.max_bytes, self.opt_out, self.gate = accept, max_bytes, opt_out, gate
+        self.retry_after: float | None = None
         self.dialled: list[str] = []
         self.phase = "starting"
         self.conn: _Conn | None = None
@@ -478,15 +569,33 @@ class Fetcher:
         self._pool.close()
         self._watchdog.stop()
 
-    def fetch(self, url: str) -> FetchResult:
+    def fetch(
+        self,
+        url: str,
+        *,
+        accept: str | None = None,
+        max_bytes: int | None = None,
+        opt_out: bool = True,
+        gate: Gate | None = None,
+    ) -> FetchResult:
+        """One bounded GET. `accept` and `max_bytes` override the policy's for this request (a
+        robots.txt is text, and has its own cap); `opt_out=False` skips the X-Robots-Tag check
+        (robots.txt itself often carries "noindex"); `gate` is asked about every hop's URL
+        before it is resolved or dialled."""
         clock = _Clock(self.policy.deadline_s)
-        req = _Request(url, clock, self._watchdog.arm(clock.expires))
+        req = _Request(
+            url, clock, self._watchdog.arm(clock.expires),
+            accept=self.policy.accept if accept is None else accept,
+            max_bytes=self.policy.max_bytes if max_bytes is None else max_bytes,
+            opt_out=opt_out, gate=gate,
+        )
         try:
             return self._follow(req)
         except (_Failure, OSError, http.client.HTTPException) as exc:
             failure = self._classify(exc, req)
             return FetchResult(
-                False, req.status, None, failure.reason, failure.detail, req.url, req.content_type, req.dialled
+                False, req.status, None, failure.reason, failure.detail, req.url, req.content_type,
+                req.dialled, req.retry_after,
             )
         finally:
             self._watchdog.release(req.watch)
@@ -504,10 +613,21 @@ class Fetcher:
 
     def _follow(self, req: _Request) -> FetchResult:
         for hop in range(self.policy.max_redirects + 1):
-            req.status = req.content_type = None
+            req.status = req.content_type = req.retry_after = None
             target = _parse_url(req.url)
+            if req.gate is not None and (closed := req.gate(req.url)) is not None:
+                raise _Failure(*closed)
             resp = self._exchange(req, target, self._addresses(target))
             req.status, req.content_type = resp.status, resp.getheader("Content-Type")
+            req.retry_after = parse_retry_after(resp.getheader("Retry-After"))
+            if req.opt_out and 200 <= resp.status < 400:
+                said = x_robots_opt_out(
+                    resp.headers.get_all("X-Robots-Tag") or (), self.policy.robots_agent,
+                    self.policy.opt_out_directives,
+                )
+                if said is not None:
+                    self._finish(req, drain=True)  # the body is never kept: at most a small one drained
+                    raise _Failure(OPTED_OUT, f"X-Robots-Tag {said}")
             location = resp.getheader("Location") if resp.status in _REDIRECTS else None
             if location:
                 self._finish(req, drain=True)
@@ -526,7 +646,8 @@ class Fetcher:
                 raise _Failure(f"http_{resp.status}", line)
             body = self._read_body(req, resp)
             self._finish(req, drain=False)
-            return FetchResult(True, resp.status, body, None, "", req.url, req.content_type, req.dialled)
+            return FetchResult(True, resp.status, body, None, "", req.url, req.content_type, req.dialled,
+                               req.retry_after)
         raise AssertionError("unreachable: the last hop returns or raises")
 
     def _addresses(self, target: _Target) -> list[str]:
@@ -569,7 +690,7 @@ class Fetcher:
                 conn.putrequest("GET", target.path, skip_host=True, skip_accept_encoding=True)
                 conn.putheader("Host", target.host_header)
                 conn.putheader("User-Agent", self.policy.user_agent)
-                conn.putheader("Accept", self.policy.accept)
+                conn.putheader("Accept", req.accept)
                 conn.putheader("Accept-Encoding", "identity")
                 conn.endheaders()
                 req.phase = "waiting for the response headers"
@@ -616,7 +737,7 @@ class Fetcher:
 
     def _read_body(self, req: _Request, resp: http.client.HTTPResponse) -> bytes:
         """The body, decoded, at most `max_bytes`; stops reading the moment the cap is passed."""
-        cap = self.policy.max_bytes
+        cap = req.max_bytes
         if resp.length is not None and resp.length > cap:
             raise _Failure(TOO_LARGE, f"Content-Length {resp.length} exceeds the cap of {cap} bytes")
         decoder = _Decoder(resp.getheader("Content-Encoding"), cap)

@@ -5,7 +5,22 @@ CPU work of decoding and resizing, which the `image` stage does next on the down
 Every request goes through `curate.fetch.Fetcher`: one injectable resolver, a total deadline,
 a byte cap, checked redirects, and non-public addresses refused unless the recipe allows them.
 A failure is a drop with the fetcher's stable code (`http_404`, `timeout`, `too_large`,
-`blocked`, `dns_error`, `connection_error`, `bad_url`, ...) and never stops the task.
+`blocked`, `dns_error`, `connection_error`, `bad_url`, `opted_out`, ...) and never stops the task.
+
+Politeness (DESIGN.md, "Fetching from the web"):
+- Transient failures (`timeout`, `connection_error`, `http_429`, `http_5xx`) are retried up to
+  `retries` more times, inside the row's worker thread (the other rows keep going), after a sleep
+  of full jitter over `backoff_s * 2**(n-1)` capped at `max_backoff_s`, and never less than the
+  server's Retry-After. A Retry-After longer than `max_backoff_s` ends the row at once: we never
+  come back sooner than asked. Everything else is permanent and fetched once. The real number of
+  requests is the row's `attempts`; a row that failed after several has the last failure's
+  detail plus " (after N attempts)". Jitter changes timing only, never a ledger field.
+- `X-Robots-Tag` opt-outs (noai, noimageai, noindex, and `none`; unscoped or scoped to
+  `robots_agent`) end as `opted_out` with no bytes kept (curate/fetch.py).
+- With `respect_robots_txt`, each origin's robots.txt is fetched once per worker process and
+  matched for `robots_agent` before a URL, and every redirect hop, is requested; a disallowed
+  row is `robots_disallowed` with `attempts` 0 when its own URL was disallowed (curate/robots.py
+  says how a missing or unreachable robots.txt is read).
 
 Only rows that have a URL and no image yet are fetched, so rows from local sources pass through.
 """
@@ -13,6 +28,9 @@ Only rows that have a URL and no image yet are fetched, so rows from local sourc
 from __future__ import annotations
 
 import ipaddress
+import random
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -20,7 +38,17 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate.contract import conform, image_digest
-from curate.fetch import Fetcher, FetchPolicy, Resolver, StaticResolver
+from curate.domains import DomainLimiter, LimitedFetcher
+from curate.fetch import (
+    CONNECTION_ERROR,
+    TIMEOUT,
+    Fetcher,
+    FetchPolicy,
+    FetchResult,
+    Resolver,
+    StaticResolver,
+)
+from curate.robots import ROBOTS_DISALLOWED, RobotsCache
 from curate.stages.base import STAGE_ERROR, Drop, RowStage, StageConfig, mark_dropped, register
 
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
@@ -32,6 +60,15 @@ _MAGIC: tuple[tuple[bytes, int, str], ...] = (
     (b"II*\x00", 0, "tiff"),
     (b"MM\x00*", 0, "tiff"),
 )
+
+
+_TRANSIENT = frozenset({TIMEOUT, CONNECTION_ERROR, "http_429"})
+_SERVER_ERROR = re.compile(r"http_5[0-9][0-9]")
+
+
+def is_transient(reason: str | None) -> bool:
+    """Worth another try later: timeouts, connection errors, 429 and any 5xx."""
+    return reason is not None and (reason in _TRANSIENT or _SERVER_ERROR.fullmatch(reason) is not None)
 
 
 def sniff_image_format(data: bytes) -> str:
@@ -60,6 +97,19 @@ class DownloadStage(RowStage):
         # a static name -> IP map; when given, no DNS is asked at all (tests, the demo)
         hosts: dict[str, str] | None = None
         user_agent: str = "mm1-pipeline/0.1"
+        # extra attempts for a transient failure (timeout, connection error, 429, 5xx)
+        retries: int = Field(3, ge=0, le=20)
+        # backoff before retry n: full jitter over backoff_s * 2**(n-1), at most max_backoff_s;
+        # timing only, so execution-only. max_backoff_s is not: a longer Retry-After ends the row.
+        backoff_s: float = Field(0.5, ge=0, json_schema_extra={"execution_only": True})
+        max_backoff_s: float = Field(30.0, ge=0)
+        respect_robots_txt: bool = True
+        # cluster-wide, per host (curate/domains.py: one distributed.Semaphore per host, each
+        # lease held >= max_per_host / max_rate_per_host s); timing only, so execution-only
+        max_per_host: int = Field(8, ge=1, json_schema_extra={"execution_only": True})
+        max_rate_per_host: float | None = Field(None, gt=0, json_schema_extra={"execution_only": True})
+        # the product token matched in robots.txt groups and X-Robots-Tag scopes (RFC 9309)
+        robots_agent: str = Field("mm1-pipeline", pattern=r"^[A-Za-z0-9_-]+$")
 
         @field_validator("max_bytes", mode="before")
         @classmethod
@@ -85,25 +135,73 @@ class DownloadStage(RowStage):
             max_redirects=cfg.max_redirects,
             allow_networks=tuple(cfg.allow_networks),
             user_agent=cfg.user_agent,
+            robots_agent=cfg.robots_agent,
         )
         resolver: Resolver = StaticResolver(cfg.hosts) if cfg.hosts is not None else Resolver()
-        self.fetcher = Fetcher(policy, resolver)
-        self.pool = ThreadPoolExecutor(cfg.threads, thread_name_prefix="mm1-download")
+        fetcher = Fetcher(policy, resolver)
 
-    def _fetch(self, url: str) -> Any:
+        def limiter(namespace: str) -> DomainLimiter:
+            # the limit is in the name: a resume with another limit on a long-lived scheduler
+            # must not meet semaphores created with the old one
+            return DomainLimiter(cfg.max_per_host, cfg.max_rate_per_host,
+                                 namespace=f"{namespace}-c{cfg.max_per_host}")
+
+        self.fetcher = LimitedFetcher(fetcher, limiter("mm1-domain"))
+        # one per stage instance, i.e. per worker process (tasks._stage caches stages). robots.txt
+        # has its own namespace: it is fetched inside an image fetch that holds the host's slot.
+        self.robots = (
+            RobotsCache(LimitedFetcher(fetcher, limiter("mm1-robots")), cfg.robots_agent)
+            if cfg.respect_robots_txt else None
+        )
+        self.pool = ThreadPoolExecutor(cfg.threads, thread_name_prefix="mm1-download")
+        self._jitter = random.Random()  # timing only: never reaches a row
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float | None:
+        """Seconds to sleep before the next attempt, or None when the server asked for a longer
+        wait than max_backoff_s (the row ends rather than coming back early)."""
+        cfg = self.config
+        if retry_after is not None and retry_after > cfg.max_backoff_s:
+            return None
+        ceiling = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** min(attempt - 1, 30))
+        return max(retry_after or 0.0, self._jitter.uniform(0.0, ceiling))
+
+    def _fetch(self, url: str) -> tuple[FetchResult | Drop, int]:
+        """Fetch one row's URL with retries: the outcome and the number of requests made."""
+        attempts = 0
         try:
-            return self.fetcher.fetch(url)
+            if self.robots is not None:
+                allowed, why = self.robots.allowed(url)
+                if not allowed:
+                    return Drop(ROBOTS_DISALLOWED, why), 0
+            gate = self.robots.gate if self.robots is not None else None
+            notes: list[str] = []
+            while True:
+                attempts += 1
+                result = self.fetcher.fetch(url, gate=gate)
+                if result.ok or not is_transient(result.reason) or attempts > self.config.retries:
+                    break
+                wait = self._delay(attempts, result.retry_after)
+                if wait is None:
+                    notes.append(f"Retry-After over max_backoff_s {self.config.max_backoff_s:g}s")
+                    break
+                time.sleep(wait)
+            if not result.ok and attempts > 1:
+                notes.insert(0, f"after {attempts} attempts")
+            if notes:
+                result.detail += f" ({'; '.join(notes)})"
+            return result, attempts
         except Exception as exc:  # the fetcher never raises for what a server does: a bug
             if self.config.on_error == "raise":
                 raise
-            return Drop(STAGE_ERROR, f"{type(exc).__name__}: {exc}")
+            return Drop(STAGE_ERROR, f"{type(exc).__name__}: {exc}"), attempts
 
     def process(self, table: pa.Table) -> pa.Table:
         self.ensure_setup()
         rows = table.to_pylist()
         todo = [r for r in rows if not r.get("drop_reason") and r.get("image") is None]
-        for row, result in zip(todo, self.pool.map(self._fetch, [r.get("url") or "" for r in todo])):
-            row["attempts"] = (row.get("attempts") or 0) + 1
+        outcomes = self.pool.map(self._fetch, [r.get("url") or "" for r in todo])
+        for row, (result, attempts) in zip(todo, outcomes):
+            row["attempts"] = (row.get("attempts") or 0) + attempts
             if isinstance(result, Drop):
                 mark_dropped(row, self.name, result)
             elif not result.ok:

@@ -35,6 +35,7 @@ from curate.fetch import (
     Resolver,
     StaticResolver,
     address_class,
+    parse_retry_after,
 )
 from curate.fetch import _Watchdog
 
@@ -134,6 +135,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self._send(301, Location="/loop")
         if path == "/redirect-to":
             return self._send(302, Location=query["url"][0])
+        if path == "/xrt":  # the image with one X-Robots-Tag header per `v`, the body as large as `n`
+            size = int(query.get("n", ["0"])[0])
+            body = JPEG + b"\0" * max(0, size - len(JPEG))
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            for value in query.get("v", []):
+                self.send_header("X-Robots-Tag", value)
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except OSError:  # the client read the headers and hung up: the opt-out at work
+                pass
+            self.close_connection = self.close_connection or size > 0  # no reading after a hang-up
+            return
+        if path == "/retry-after":  # `code` with Retry-After `ra` (when given)
+            extra = {"Retry_After": query["ra"][0]} if "ra" in query else {}
+            return self._send(int(query["code"][0]), b"later\n", **extra)
         if path == "/headers":
             return self._send(200, json.dumps(dict(self.headers.items())).encode(), "application/json")
         if path == "/big":  # declares 1 GB, sends nothing
@@ -209,6 +228,13 @@ class Server(http.server.ThreadingHTTPServer):
         with self._lock:
             self.accepted += 1
         return request
+
+    def handle_error(self, request, client_address) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return  # a client that hung up on an unread body (a cap, a bad encoding, an opt-out)
+        super().handle_error(request, client_address)
 
 
 def _serve(tls: ssl.SSLContext | None = None):
@@ -463,6 +489,72 @@ def test_details_are_deterministic(base):
     first = [(_fetch(u, max_bytes=1000).detail) for u in urls]
     again = [(_fetch(u, max_bytes=1000).detail) for u in urls]
     assert first == again and not any("0x" in d for d in first)
+
+
+# --------------------------------------------------------------------------------------------
+# X-Robots-Tag opt-outs and Retry-After
+# --------------------------------------------------------------------------------------------
+
+
+def test_x_robots_tag_opt_out_returns_no_body(server, base):
+    before = server.accepted
+    with Fetcher(FetchPolicy(allow_networks=LOOPBACK)) as f:
+        r = f.fetch(f"{base}/xrt?v=nofollow&v=noai")
+        assert (r.ok, r.reason, r.status, r.body) == (False, "opted_out", 200, None)
+        assert r.detail == 'X-Robots-Tag "noai"' and r.content_type == "image/jpeg"
+        assert f.fetch(f"{base}/img.jpg").ok  # a small opted-out body is drained: the connection is kept
+    assert server.accepted - before == 1
+
+
+def test_x_robots_tag_opt_out_of_a_large_body_closes_the_connection(server, base):
+    before = server.accepted
+    with Fetcher(FetchPolicy(allow_networks=LOOPBACK)) as f:
+        r = f.fetch(f"{base}/xrt?v=noimageai&n=3000000")
+        assert (r.reason, r.body) == ("opted_out", None)
+        assert f.fetch(f"{base}/img.jpg").ok
+    assert server.accepted - before == 2  # not read: a new connection for the next request
+
+
+def test_x_robots_tag_scope_and_policy(base):
+    assert _fetch(f"{base}/xrt?v=otherbot:%20noai").ok
+    r = _fetch(f"{base}/xrt?v=mm1-pipeline:%20noimageai")
+    assert (r.reason, r.detail) == ("opted_out", 'X-Robots-Tag "mm1-pipeline: noimageai"')
+    assert _fetch(f"{base}/xrt?v=mybot:%20noai", robots_agent="MyBot").reason == "opted_out"
+    assert _fetch(f"{base}/xrt?v=noindex", opt_out_directives=("noai",)).ok
+    with Fetcher(FetchPolicy(allow_networks=LOOPBACK)) as f:
+        r = f.fetch(f"{base}/xrt?v=noai", opt_out=False)  # e.g. a robots.txt marked noindex
+    assert r.ok and r.body == JPEG
+
+
+def test_per_request_accept_and_cap(fetcher, base):
+    import json as _json
+
+    r = fetcher.fetch(f"{base}/headers", accept="text/plain")
+    assert _json.loads(r.body)["Accept"] == "text/plain"
+    with Fetcher(FetchPolicy(allow_networks=LOOPBACK, max_bytes=1024)) as small:
+        assert small.fetch(f"{base}/big").reason == "too_large"
+        assert small.fetch(f"{base}/big", max_bytes=2 * 10**9).reason != "too_large"  # the override
+        assert small.fetch(f"{base}/img.jpg", max_bytes=len(JPEG)).body == JPEG
+
+
+def test_retry_after_on_the_result(fetcher, base):
+    r = fetcher.fetch(f"{base}/retry-after?code=429&ra=7")
+    assert (r.reason, r.retry_after) == ("http_429", 7.0)
+    assert fetcher.fetch(f"{base}/retry-after?code=503&ra=86400").retry_after == 60.0  # capped
+    assert fetcher.fetch(f"{base}/retry-after?code=503").retry_after is None
+    assert fetcher.fetch(f"{base}/img.jpg").retry_after is None
+
+
+def test_parse_retry_after():
+    now = 1_445_412_480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+    assert parse_retry_after("5", now) == 5.0
+    assert parse_retry_after(" 0 ", now) == 0.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now) == 30.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now) == 0.0  # in the past
+    assert parse_retry_after("Thu, 22 Oct 2015 07:28:00 GMT", now) == 60.0  # capped
+    assert parse_retry_after("99999999999999999999", now) == 60.0
+    for bad in (None, "", "soon", "-5", "1.5", "Wed, 99 Foo 2015"):
+        assert parse_retry_after(bad, now) is None, bad
 
 
 # --------------------------------------------------------------------------------------------
