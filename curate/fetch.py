@@ -116,11 +116,24 @@ def _ips(ips: Sequence[str]) -> list[str]:
     return [str(ipaddress.ip_address(ip)) for ip in ips]  # ValueError names a bad entry
 
 
+# The spellings inet_aton accepts besides dotted decimal: 2130706433, 0177.0.0.1, 0x7f.1, 127.1.
+_LEGACY_V4 = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}$", re.IGNORECASE)
+
+
 def _literal(host: str) -> str | None:
+    """The address an IP-literal host names, or None for a name. Legacy IPv4 spellings are
+    decoded as the C resolver would (so `http://2130706433/` is 127.0.0.1 and is checked as
+    such), without asking any name server."""
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:
-        return None
+        pass
+    if _LEGACY_V4.match(host):
+        try:
+            return socket.inet_ntoa(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
 
 
 def _embedded_v4(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:

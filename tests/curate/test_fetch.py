@@ -635,3 +635,28 @@ def test_https_with_sni_and_hostname_check(tls_server):
         assert wrong.reason == "connection_error" and "SSLCertVerificationError" in wrong.detail
     untrusted = _fetch(f"https://images.test:{port}/img.jpg", resolver=resolver)  # system CAs only
     assert untrusted.reason == "connection_error" and "certificate verify failed" in untrusted.detail
+
+
+@pytest.mark.parametrize("host, ip", [
+    ("2130706433", "127.0.0.1"),  # decimal
+    ("0177.0.0.1", "127.0.0.1"),  # octal
+    ("0x7f.0.0.1", "127.0.0.1"),  # hex
+    ("127.1", "127.0.0.1"),  # short form
+    ("167772161", "10.0.0.1"),
+    ("0xa9.254.169.254", "169.254.169.254"),
+])
+def test_legacy_ipv4_spellings_are_literals_checked_as_such(host, ip):
+    """Pure: the static resolver (no DNS) reads them as the C resolver would, and the address
+    class follows the decoded address, so none slips past the guard as a 'name'."""
+    from curate.fetch import StaticResolver, address_class
+
+    assert StaticResolver({}).resolve(host, 80) == [ip]
+    assert address_class(ip) is not None
+
+
+def test_legacy_spelling_of_a_blocked_address_is_refused_without_connecting():
+    from curate.fetch import Fetcher, FetchPolicy, StaticResolver
+
+    with Fetcher(FetchPolicy(deadline_s=2), StaticResolver({})) as fetcher:
+        result = fetcher.fetch("http://167772161:8080/x.jpg")  # 10.0.0.1
+    assert result.reason == "blocked" and result.dialled == []
