@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import http.server
 import io
-import ipaddress
 import json
 import shutil
 import socket
@@ -48,32 +47,7 @@ DRIP_LIMIT_S = 30.0  # a dripping handler gives up on its own after this long
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def loopback_only():
-    """Fail loudly on any connection to a non-loopback address and on any real name lookup."""
-    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
-
-    def connect(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            assert ipaddress.ip_address(address[0]).is_loopback, f"test tried to dial {address[0]}"
-        return real_connect(self, address)
-
-    def getaddrinfo(host, *args, **kwargs):
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise AssertionError(f"test tried to resolve {host!r}") from None
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("test tried a name lookup")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", connect)
-        mp.setattr(socket, "getaddrinfo", getaddrinfo)
-        for name in ("gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getfqdn"):
-            mp.setattr(socket, name, refuse)
-        yield
+pytestmark = pytest.mark.usefixtures("loopback_only")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------------------------
