@@ -8,30 +8,35 @@ import pytest
 from tools.bench.download_vs_img2dataset import bench, print_table
 
 pytest.importorskip("img2dataset")
+pytestmark = pytest.mark.usefixtures("loopback_only")
 
 RUN_KEYS = {
     "seconds", "inputs", "ok", "failed", "images_per_s", "images_per_s_per_core", "cpu_ms_per_image",
-    "worker_peak_rss_mib", "driver_peak_rss_mib", "tree_peak_rss_mib", "server_cpu_s",
+    "worker_peak_rss_mib", "driver_peak_rss_mib", "tree_peak_rss_mib", "server_cpu_s", "foreign_cpu_share",
+    "runs",
 }
 
 
 @pytest.mark.slow
 def test_both_pipelines_fetch_every_url(capsys: pytest.CaptureFixture[str]) -> None:
     urls = 40
-    report = bench(urls=urls, workers=2, threads=8, unique=20, log=lambda s: None)
+    report = bench(urls=urls, workers=2, threads=8, unique=20,
+                   dask_config={"distributed.worker.profile.enabled": False}, log=lambda s: None)
 
-    expected = {"machine", "settings", "corpus", "server", "ours", "img2dataset", "outputs", "ratio", "goal_met"}
+    expected = {"machine", "settings", "corpus", "server", "ours", "ours_tuned", "img2dataset", "outputs",
+                "ratio", "ratio_tuned", "goal_met"}
     assert expected <= set(report)
     assert report["corpus"]["urls"] == urls and report["corpus"]["large_ge_2800px"] > 0
     assert report["server"]["requests"] == urls
-    for which in ("ours", "img2dataset"):
+    for which in ("ours", "ours_tuned", "img2dataset"):
         run = report[which]
         assert RUN_KEYS <= set(run), which
         assert (run["ok"], run["inputs"], run["failed"]) == (urls, urls, 0), (which, run["failures"])
         assert run["worker_peak_rss_mib"] > 0 and len(run["worker_peak_rss_each_mib"]) == 2, which
     # identical work: the same output size for every URL (smaller side 256)
     assert report["outputs"] == {"compared": urls, "same_size": urls, "within_1px": urls, "min_side_256": urls}
-    assert report["ratio"] > 0
+    assert report["ratio"] > 0 and report["ratio_tuned"] > 0
 
     print_table(report)
-    assert "ratio ours / img2dataset" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ratio ours / img2dataset" in out and "ours, tuned" in out
