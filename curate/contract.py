@@ -402,6 +402,17 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def withdrawn_keys(manifest: dict[str, Any], kind: str) -> dict[str, set[str]]:
+    """Tar name -> keys of samples that are in that tar but no longer in the output: a
+    `--retry-failed` round recovered a sample that makes a shipped one a duplicate, and finished
+    tars are never rewritten (curate/retry.py). The ledger has them as dropped. Readers of the
+    shards (train/, stats, report) skip these keys; stock webdataset readers do not see them."""
+    out: dict[str, set[str]] = {}
+    for w in manifest.get("kinds", {}).get(kind, {}).get("withdrawn", []):
+        out.setdefault(w["shard"], set()).add(w["key"])
+    return out
+
+
 def shard_urls(out: str | Path, kind: str) -> list[str]:
     """Local paths of the tars of one kind, in order: what a WebDataset reader is given."""
     manifest = read_manifest(out)

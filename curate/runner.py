@@ -103,6 +103,21 @@ def prepare_output(job: Job, restart: bool) -> None:
     storage.remove_temporaries(job.out)
 
 
+# Dask settings for the workers of the LocalCluster we start (BENCHMARKS.md, download vs
+# img2dataset, measures each). dask's nanny exports MALLOC_TRIM_THRESHOLD_=65536 to its workers,
+# which turns off glibc's dynamic mmap threshold: every buffer over 128 KiB (each downloaded body,
+# each decoded picture) is then mmap'ed and unmapped again, 20x the page faults and +16% wall on
+# the download + resize path. `None` unsets it (glibc keeps freed memory for reuse instead: a
+# higher but flat RSS). The worker's sampling profiler (a stack sample of every thread each
+# 10 ms) costs CPU on stages with many I/O threads and we do not read its output.
+# External clusters: start `dask worker` with the same (DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED
+# =False, and MALLOC_TRIM_THRESHOLD_ unset in `distributed.nanny.pre-spawn-environ`); README.
+WORKER_CONFIG: dict[str, Any] = {
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    "distributed.worker.profile.enabled": False,
+}
+
+
 class _Cluster:
     """A client on the recipe's scheduler, or on a LocalCluster we start (127.0.0.1 only)."""
 
@@ -114,17 +129,21 @@ class _Cluster:
         if cfg.address:
             self.client = Client(cfg.address, timeout="30s")
         else:
-            self.cluster = LocalCluster(
-                n_workers=cfg.n_workers,
-                threads_per_worker=cfg.threads_per_worker,
-                processes=True,
-                host="127.0.0.1",
-                # The scheduler's HTTP server (health, metrics) starts even without the
-                # dashboard: keep it on loopback, on a free port.
-                dashboard_address="127.0.0.1:0",
-                scheduler_kwargs={"dashboard": cfg.dashboard},
-                memory_limit=cfg.memory_limit,
-            )
+            import dask
+
+            # The nannies copy the config when they start: these settings reach our workers only.
+            with dask.config.set(WORKER_CONFIG):
+                self.cluster = LocalCluster(
+                    n_workers=cfg.n_workers,
+                    threads_per_worker=cfg.threads_per_worker,
+                    processes=True,
+                    host="127.0.0.1",
+                    # The scheduler's HTTP server (health, metrics) starts even without the
+                    # dashboard: keep it on loopback, on a free port.
+                    dashboard_address="127.0.0.1:0",
+                    scheduler_kwargs={"dashboard": cfg.dashboard},
+                    memory_limit=cfg.memory_limit,
+                )
             self.client = Client(self.cluster)
         log.info("dask dashboard: %s", self.client.dashboard_link)
 
@@ -156,7 +175,7 @@ def _map(client: Any, fn: Any, calls: list[tuple], desc: str, progress: bool,
     from tqdm import tqdm
 
     futures = [
-        client.submit(fn, *args, key=f"{fn.__name__}-{'-'.join(map(str, args[1:]))}-{args[0].recipe_hash}",
+        client.submit(fn, *args, key=f"{fn.__name__}-r{args[0].round}-{'-'.join(map(str, args[1:3]))}-{args[0].recipe_hash}",
                       resources=resources or None, retries=retries, pure=False)
         for args in calls
     ]
@@ -182,11 +201,49 @@ def _segment_resources(job: Job, seg: int) -> dict[str, float]:
     return needed
 
 
-def run_global(job: Job, seg: int) -> dict[str, Any]:
-    """A global stage over the intermediate of segment `seg`, as a Dask dataframe pass."""
+def _count_rows(folder: Path) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.rglob("*.parquet")) \
+        if folder.exists() else 0
+
+
+def decide_global(stage: GlobalStage, live: Any, decisions_dir: Path, input_dir: Path) -> int:
+    """Run a global stage over `live` (a dask dataframe of the rows that reach it: `id`,
+    `_partition` and the stage's columns) and publish its drops under `decisions_dir`, one
+    `_partition=<p>` folder per partition, and `live` itself under `input_dir`, in one pass over
+    the input. Returns the number of drops."""
     import dask
+
+    storage = Storage()
+    tmp, tmp_input = storage.attempt_path(decisions_dir), storage.attempt_path(input_dir)
+    # The task-based shuffle, not p2p: it recovers from workers dying mid-shuffle by
+    # recomputing, where p2p was seen to hang under repeated worker deaths (tests/curate/
+    # test_resume.py's chaos run). Only small columns move, so its overhead is affordable.
+    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+        decisions = stage.decide(live)
+        dask.compute(
+            live.to_parquet(str(tmp_input), write_index=False, compute=False),
+            decisions.to_parquet(str(tmp), partition_on=[PARTITION_COLUMN], write_index=False,
+                                 compute=False),
+        )
+    dropped = _count_rows(tmp)
+    for folder, final in ((tmp, decisions_dir), (tmp_input, input_dir)):
+        if folder.exists():
+            storage.publish_dir(folder, final)
+    return dropped
+
+
+def read_live(files: list[str], columns: list[str]) -> Any:
+    """The rows of these intermediate files that no stage dropped, with `columns` (+ id and
+    partition): what a global stage decides over."""
     import dask.dataframe as dd
 
+    ddf = dd.read_parquet(files, columns=["id", PARTITION_COLUMN, "drop_reason", *columns],
+                          split_row_groups=False)
+    return ddf[ddf["drop_reason"].isnull()].drop(columns=["drop_reason"])
+
+
+def run_global(job: Job, seg: int) -> dict[str, Any]:
+    """A global stage over the intermediate of segment `seg`, as a Dask dataframe pass."""
     storage = Storage()
     cfg = job.segments[seg].global_stage
     stage = build_stage(cfg)
@@ -197,33 +254,29 @@ def run_global(job: Job, seg: int) -> dict[str, Any]:
     if done is not None:
         return done
     files = [str(job.seg_data(seg, p)) for p, k in enumerate(job.kinds) if k in stage.kinds]
-    final = job.decisions_dir(seg)
-    tmp = storage.attempt_path(final)
     dropped = 0
     if files:
-        cols = ["id", PARTITION_COLUMN, "drop_reason", *stage.columns]
-        # The task-based shuffle, not p2p: it recovers from workers dying mid-shuffle by
-        # recomputing, where p2p was seen to hang under repeated worker deaths (tests/curate/
-        # test_resume.py's chaos run). Only small columns move, so its overhead is affordable.
-        with dask.config.set({"dataframe.shuffle.method": "tasks"}):
-            ddf = dd.read_parquet(files, columns=cols, split_row_groups=False)
-            live = ddf[ddf["drop_reason"].isnull()].drop(columns=["drop_reason"])
-            decisions = stage.decide(live)
-            decisions.to_parquet(str(tmp), partition_on=[PARTITION_COLUMN], write_index=False)
-        if tmp.exists():
-            for f in tmp.rglob("*.parquet"):
-                dropped += pq.ParquetFile(f).metadata.num_rows
-    if tmp.exists():
-        storage.publish_dir(tmp, final)
+        dropped = decide_global(stage, read_live(files, stage.columns), job.decisions_dir(seg),
+                                job.global_input_dir(seg))
     marker = {
         "step": f"global{seg}",
         "stage": stage.name,
         "recipe_hash": job.recipe_hash,
         "fingerprint": fp,
+        "segment": seg,
         "dropped": dropped,
+        # where its decisions and inputs live, relative to the output: a retry round reads them
+        "state": _global_state(job, seg),
     }
     storage.write_marker(marker_path, marker)
     return marker
+
+
+def _global_state(job: Job, seg: int) -> dict[str, str]:
+    return {
+        "decisions": job.decisions_dir(seg).relative_to(job.out).as_posix(),
+        "input": job.global_input_dir(seg).relative_to(job.out).as_posix(),
+    }
 
 
 def write_manifest(job: Job, packs: list[dict[str, Any]], globals_: list[dict[str, Any]]) -> dict[str, Any]:
@@ -291,9 +344,10 @@ def run_recipe(
             own.close()
     Storage().remove_temporaries(job.out)
     if not recipe.execution.keep_intermediate:
+        # the row data goes; global stages' decisions and inputs (small columns) stay for
+        # `--retry-failed`
         for seg in range(len(job.segments)):
-            Storage().remove(job.work / f"seg{seg}")
-            Storage().remove(job.decisions_dir(seg))
+            Storage().remove(job.seg_data(seg, 0).parent)
     return manifest
 
 
@@ -303,7 +357,11 @@ def _execute(job: Job, client: Any, progress: bool) -> dict[str, Any]:
     storage = Storage()
     globals_: list[dict[str, Any]] = []
     packs = [storage.read_marker(job.marker("pack", p)) for p in range(n)]
-    if all(packs):  # finished earlier: only the manifest is (re)written
+    if all(packs):  # finished earlier: only the manifest is (re)written, unless it exists
+        manifest = storage.read_marker(job.out / MANIFEST)
+        if manifest is not None and manifest.get("recipe_hash") == job.recipe_hash and \
+                manifest.get("input_fingerprint") == job.input_fingerprint():
+            return manifest  # may hold --retry-failed rounds: never rebuilt from round 0's packs
         for seg, s in enumerate(job.segments):
             if s.global_stage is not None:
                 globals_.append(storage.read_marker(job.marker(f"global{seg}")) or {})

@@ -92,19 +92,35 @@ class Job:
     segments: list[Segment]
     partitions: list[Partition] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)  # record kind per partition
+    # 0: the run itself; r > 0: the r-th `--retry-failed` round (curate/retry.py), whose tasks
+    # read only the ids listed in `retry_ids(p)` and keep their files under _work/retry<r>/
+    round: int = 0
 
     @property
     def work(self) -> Path:
         return self.out / WORK
 
+    @property
+    def round_dir(self) -> Path:
+        return self.work / f"retry{self.round}" if self.round else self.work
+
     def seg_data(self, seg: int, p: int) -> Path:
-        return self.work / f"seg{seg}" / f"{p:05d}.parquet"
+        return self.round_dir / f"seg{seg}" / f"{p:05d}.parquet"
 
     def marker(self, step: str, p: int | None = None) -> Path:
-        return self.work / "done" / (f"{step}.json" if p is None else f"{step}-{p:05d}.json")
+        return self.round_dir / "done" / (f"{step}.json" if p is None else f"{step}-{p:05d}.json")
 
     def decisions_dir(self, seg: int) -> Path:
-        return self.work / f"global{seg}"
+        """The drops a global stage decided, one `_partition=<p>` folder per partition."""
+        return self.round_dir / f"global{seg}"
+
+    def global_input_dir(self, seg: int) -> Path:
+        """The small columns of every row that reached a global stage (kept after the run:
+        a `--retry-failed` round decides again over them plus the recovered rows)."""
+        return self.round_dir / f"global{seg}-input"
+
+    def retry_ids(self, p: int) -> Path:
+        return self.round_dir / "ids" / f"{p:05d}.parquet"
 
     def input_fingerprint(self) -> str:
         return fingerprint([[p.source, p.index, p.fingerprint] for p in self.partitions])
@@ -220,7 +236,16 @@ def _segment_input(job: Job, seg: int, p: int) -> Iterator[pa.Table]:
         batch_size = job.recipe.execution.batch_size
         part = job.partitions[p]
         source = build_source(next(s for s in job.recipe.sources if s.name == part.source))
-        yield from source.read(part, batch_size)
+        if not job.round:
+            yield from source.read(part, batch_size)
+            return
+        # a retry round: the source read again, only the listed ids kept (url lists are cheap
+        # to re-read; what costs is the download, and only these rows are fetched again)
+        wanted = pq.read_table(job.retry_ids(p), columns=["id"]).column("id")
+        for table in source.read(part, batch_size):
+            table = table.filter(pc.is_in(table.column("id"), value_set=wanted))
+            if table.num_rows:
+                yield table
         return
     decisions = _decisions(job, seg - 1, p)
     for table in iter_row_groups(job.seg_data(seg - 1, p)):

@@ -14,8 +14,11 @@ from pathlib import Path
 
 def _curate(args: argparse.Namespace) -> int:
     from curate.recipe import load_recipe
+    from curate.retry import RetryError, retry_failed
     from curate.runner import run_recipe
 
+    if args.retry_failed and args.restart:
+        raise RetryError("--retry-failed and --restart exclude each other")
     overrides = {}
     if args.output:
         overrides["output.path"] = args.output
@@ -24,12 +27,21 @@ def _curate(args: argparse.Namespace) -> int:
     if args.workers:
         overrides["cluster.n_workers"] = args.workers
     recipe = load_recipe(args.recipe, overrides)
-    manifest = run_recipe(recipe, restart=args.restart, progress=not args.no_progress)
+    if args.retry_failed:
+        manifest = retry_failed(recipe, progress=not args.no_progress)
+    else:
+        manifest = run_recipe(recipe, restart=args.restart, progress=not args.no_progress)
     c = manifest["counts"]
     out = Path(recipe.output.path)
     print(f"curated {c['inputs']} inputs: {c['kept']} kept, {c['dropped']} dropped -> {out}")
+    for r in manifest.get("retries", [])[-1:] if args.retry_failed else []:
+        print(f"  retry round {r['round']}: {r['retried']} retried, {r['recovered']} recovered, "
+              f"{r['failed_again']} failed again (transient), {r['dropped']} dropped for other reasons, "
+              f"{r['withdrawn']} shipped samples withdrawn")
     for kind, info in manifest["kinds"].items():
-        print(f"  {kind}: {info['count']} samples in {len(info['shards'])} shards")
+        withdrawn = len(info.get("withdrawn", []))
+        print(f"  {kind}: {info['count']} samples in {len(info['shards'])} shards"
+              + (f" ({withdrawn} withdrawn)" if withdrawn else ""))
     print(f"  manifest: {out / 'manifest.json'}\n  ledger:   {out / 'ledger'}")
     return 0
 
@@ -68,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("curate", help="run a curation recipe (resumes unfinished work)")
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--restart", action="store_true", help="discard an earlier run in the output and start over")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="fetch again only what a finished run dropped for a transient reason "
+                        "(timeouts, connection errors, 429, 5xx); recovered samples go into new shards")
     p.add_argument("--output", help="override output.path")
     p.add_argument("--address", help="override cluster.address: a running Dask scheduler")
     p.add_argument("--workers", type=int, help="override cluster.n_workers (LocalCluster)")
@@ -99,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("distributed", "tornado", "bokeh"):
         logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose else logging.ERROR)
     from curate.recipe import RecipeError
+    from curate.retry import RetryError
     from curate.runner import ResumeError
 
     try:
         return args.func(args)
-    except (RecipeError, ResumeError, FileNotFoundError) as exc:
+    except (RecipeError, ResumeError, RetryError, FileNotFoundError) as exc:
         print(f"mm1 {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.contract import IMAGE_EXTENSIONS, KINDS, iter_ledger, read_manifest
+from curate.contract import IMAGE_EXTENSIONS, KINDS, iter_ledger, read_manifest, withdrawn_keys
 
 PERCENTILES = (5, 25, 50, 75, 95)
 TOP_DOMAINS = 20
@@ -125,17 +125,28 @@ def _image_member_sizes(members: pa.ChunkedArray) -> tuple[np.ndarray, list[str]
     return pc.struct_field(flat, "size").filter(mask).to_numpy(), ext.filter(mask).to_pylist()
 
 
-def _kind_stats(out: Path, kind: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
+def _read_sidecar(path: Path, columns: list[str], withdrawn: set[str] | None) -> pa.Table:
+    """A sidecar's columns, without the samples a retry round withdrew (see withdrawn_keys)."""
+    if not withdrawn:
+        return pq.read_table(path, columns=columns)
+    t = pq.read_table(path, columns=[*columns, "key"])
+    return t.filter(pc.invert(pc.is_in(t["key"], pa.array(sorted(withdrawn), pa.string())))).select(columns)
+
+
+def _kind_stats(out: Path, kind: str, shards: list[dict[str, Any]],
+                withdrawn: dict[str, set[str]] | None = None) -> dict[str, Any]:
     acc: dict[str, Counts] = {}
     formats: dict[str, int] = {}
 
     def add(name: str, values: Any) -> None:
         acc.setdefault(name, Counts()).add(values)
 
+    withdrawn = withdrawn or {}
     for shard in shards:
         path = out / shard["sidecar"]
+        gone = withdrawn.get(shard["name"])
         if kind == "pair":
-            t = pq.read_table(path, columns=["width", "height", "image_nbytes", "image_format", "caption", "caption_chars"])
+            t = _read_sidecar(path, ["width", "height", "image_nbytes", "image_format", "caption", "caption_chars"], gone)
             add("width", t["width"])
             add("height", t["height"])
             valid = pc.and_(pc.is_valid(t["width"]), pc.greater(t["height"], 0))
@@ -147,7 +158,7 @@ def _kind_stats(out: Path, kind: str, shards: list[dict[str, Any]]) -> dict[str,
             for row in _group_count(t.select(["image_format"]), ["image_format"]):
                 formats[str(row["image_format"])] = formats.get(str(row["image_format"]), 0) + row["count_all"]
         elif kind == "doc":
-            t = pq.read_table(path, columns=["text_chars", "n_images", "n_segments", "segments_dropped", "members"])
+            t = _read_sidecar(path, ["text_chars", "n_images", "n_segments", "segments_dropped", "members"], gone)
             for col in ("text_chars", "n_images", "n_segments", "segments_dropped"):
                 add(col, t[col])
             sizes, exts = _image_member_sizes(t["members"])
@@ -155,7 +166,7 @@ def _kind_stats(out: Path, kind: str, shards: list[dict[str, Any]]) -> dict[str,
             for ext in exts:
                 formats[ext] = formats.get(ext, 0) + 1
         else:
-            add("text_chars", pq.read_table(path, columns=["text_chars"])["text_chars"])
+            add("text_chars", _read_sidecar(path, ["text_chars"], gone)["text_chars"])
 
     edges = {
         "width": PIXEL_EDGES, "height": PIXEL_EDGES, "aspect_ratio": ASPECT_EDGES, "image_bytes": BYTES_EDGES,
@@ -250,12 +261,16 @@ def compute_stats(out: str | Path) -> dict[str, Any]:
         if entry is None:
             continue
         shards = entry.get("shards", [])
+        withdrawn = withdrawn_keys(manifest, kind)
         kinds[kind] = {
             "shards": len(shards),
-            "samples": sum(int(s["count"]) for s in shards),
+            # samples of the output: the tars' samples less those a retry round withdrew
+            "samples": sum(int(s["count"]) for s in shards) - sum(len(k) for k in withdrawn.values()),
+            "withdrawn": sum(len(k) for k in withdrawn.values()),
             "tar_bytes": sum(int(s["bytes"]) for s in shards),
-            "per_shard": [{"name": s["name"], "samples": int(s["count"]), "tar_bytes": int(s["bytes"])} for s in shards],
-            **_kind_stats(out, kind, shards),
+            "per_shard": [{"name": s["name"], "samples": int(s["count"]) - len(withdrawn.get(s["name"], ())),
+                           "tar_bytes": int(s["bytes"])} for s in shards],
+            **_kind_stats(out, kind, shards, withdrawn),
         }
     return {
         "out": str(out),

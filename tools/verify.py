@@ -14,8 +14,9 @@ What is checked (each failure is one error naming the file, the key and expected
 - keys unique within each kind across all its shards (shard numbers, hence keys, restart per kind:
   the same key may name a pair and a doc; the ledger tells them apart by shard);
 - ledger: no id twice, outcome in {kept, dropped}, dropped rows have a reason, every kept row names
-  a (shard, key) some sidecar holds and every sidecar key is kept exactly once; ledger totals and
-  per stage/reason drop counts equal the manifest's;
+  a (shard, key) some sidecar holds and every sidecar key is kept exactly once or withdrawn by the
+  manifest (a `--retry-failed` round, curate/retry.py), never both; ledger totals and per
+  stage/reason drop counts equal the manifest's;
 - no stray entries in the kind folders or ledger/ that the manifest does not name (pairs/sizes.json
   excepted, and it must equal the manifest's counts), no leftover `*.tmp` anywhere under OUT.
 
@@ -134,6 +135,7 @@ def _malformed(manifest: Any) -> str | None:
 def _manifest_shards(manifest: dict[str, Any], err: _Errors) -> list[tuple[str, dict[str, Any]]]:
     """The shard entries whose names are exactly what the contract says (others are not opened)."""
     shards = []
+    n_withdrawn = 0
     for kind, entry in manifest.get("kinds", {}).items():
         if kind not in KINDS:
             err.add("manifest", f"manifest: unknown kind {kind!r}, expected one of {KINDS}")
@@ -157,12 +159,16 @@ def _manifest_shards(manifest: dict[str, Any], err: _Errors) -> list[tuple[str, 
             if s.get("kind") != kind:
                 err.add("manifest", f"manifest: {s['name']} has kind {s.get('kind')!r}, listed under {kind!r}")
             shards.append((kind, s))
+        withdrawn = _withdrawn(kind, entry, {s["name"] for k, s in shards if k == kind}, err)
+        n_withdrawn += len(withdrawn)
         for what in ("count", "bytes"):
             total = sum(s[what] for k, s in shards if k == kind)
+            total -= len(withdrawn) if what == "count" else 0
             if entry.get(what) != total:
-                err.add("manifest", f"manifest: kinds.{kind}.{what} is {entry.get(what)}, its shards sum to {total}")
+                less = f" less {len(withdrawn)} withdrawn" if withdrawn and what == "count" else ""
+                err.add("manifest", f"manifest: kinds.{kind}.{what} is {entry.get(what)}, its shards sum to {total}{less}")
     counts = manifest.get("counts", {})
-    kept = sum(s["count"] for _, s in shards)
+    kept = sum(s["count"] for _, s in shards) - n_withdrawn
     if counts.get("inputs") != counts.get("kept", 0) + counts.get("dropped", 0):
         err.add("manifest", f"manifest: counts.inputs {counts.get('inputs')} != kept {counts.get('kept')} "
                 f"+ dropped {counts.get('dropped')}")
@@ -172,6 +178,23 @@ def _manifest_shards(manifest: dict[str, Any], err: _Errors) -> list[tuple[str, 
         err.add("manifest", f"manifest: drops sum to {sum(manifest.get('drops', {}).values())}, "
                 f"counts.dropped is {counts.get('dropped')}")
     return shards
+
+
+def _withdrawn(kind: str, entry: dict[str, Any], tars: set[str], err: _Errors) -> list[str]:
+    """The "shard/key" refs a retry round withdrew (samples in a tar, no longer in the output):
+    each must name a listed tar of its kind, once."""
+    refs: list[str] = []
+    for w in entry.get("withdrawn", []):
+        if not isinstance(w, dict) or not all(isinstance(w.get(k), str) for k in ("shard", "key", "id")):
+            err.add("manifest", f"manifest: kinds.{kind}.withdrawn entry {w!r} is not {{shard, key, id}}")
+        elif w["shard"] not in tars:
+            err.add("manifest", f"manifest: withdrawn {w['shard']}/{w['key']} names a tar the manifest lacks")
+        else:
+            refs.append(f"{w['shard']}/{w['key']}")
+    for ref, n in Counter(refs).items():
+        if n > 1:
+            err.add("manifest", f"manifest: withdrawn {ref} listed {n} times")
+    return sorted(set(refs))
 
 
 def _check_file(out: Path, rel: str, size: int | None, sha: str | None, err: _Errors) -> bool:
@@ -475,7 +498,10 @@ def _check_ledger(
     totals: Counter[str] = Counter()
     drops: Counter[str] = Counter()
     id_hashes: list[np.ndarray] = []
-    kept_hashes: list[np.ndarray] = []
+    # a sidecar sample is owned by exactly one kept ledger row, or withdrawn by the manifest
+    withdrawn = [f"{w['shard']}/{w['key']}" for e in manifest.get("kinds", {}).values()
+                 for w in e.get("withdrawn", []) if isinstance(w, dict)]
+    kept_hashes: list[np.ndarray] = [_hash(pa.array(withdrawn, pa.string()))] if withdrawn else []
     try:
         for rel, t in _ledger_batches(out, files):
             checked["ledger_rows"] += t.num_rows
@@ -520,6 +546,10 @@ def _check_ledger(
     dup = np.array(sorted(dup_ids), np.uint64)
     ids: dict[str, list[str]] = {}
     refs: dict[str, list[str]] = {}
+    if withdrawn:
+        w = pa.array(withdrawn, pa.string())
+        for ref in w.filter(pa.array(np.isin(_hash(w), suspects))).to_pylist():
+            refs.setdefault(ref, []).append("(withdrawn in the manifest)")
     for rel, t in _ledger_batches(out, files):
         for i in np.flatnonzero(np.isin(_hash(pc.fill_null(t["id"], "")), dup)).tolist():
             ids.setdefault(t["id"][i].as_py(), []).append(rel)
@@ -536,7 +566,9 @@ def _check_ledger(
         r = _refs(name, keys)
         held.update(r.filter(pa.array(np.isin(_hash(r), suspects))).to_pylist())
     for ref, who in sorted(refs.items()):
-        if ref not in held:
+        if ref not in held and who == ["(withdrawn in the manifest)"]:
+            err.add("ledger", f"manifest: withdrawn {ref} is in no sidecar")
+        elif ref not in held:
             err.add("ledger", f"ledger: kept id {who[0]!r} names {ref}, which no sidecar holds")
         elif len(who) > 1:
             err.add("ledger", f"ledger: {ref} is kept by {len(who)} rows (ids {who[:5]})")

@@ -7,7 +7,7 @@ import argparse
 from tools.cli import build_parser
 
 FROZEN = {
-    "curate": ["--address", "--no-progress", "--output", "--restart", "--workers", "recipe"],
+    "curate": ["--address", "--no-progress", "--output", "--restart", "--retry-failed", "--workers", "recipe"],
     "stats": ["--json", "out"],
     "verify": ["out"],
     "demo": ["--dir"],

@@ -1,0 +1,531 @@
+"""`mm1 curate RECIPE --retry-failed`: fetch again only what an earlier run lost to transient
+failures (timeouts, connection errors, 429, 5xx), and fold what comes back into the finished
+output without rewriting a finished shard.
+
+A round of retries, `r` (1 for the first, then 2, ...), works under `_work/retry<r>/` and runs
+the run's own tasks (`curate.tasks`) on a `Job` whose `round` is r:
+
+    select  per partition: the ledger rows dropped for a transient reason -> ids/<p>.parquet
+    seg*    per partition with ids: the source read again, only those ids, through every row
+            stage of the recipe (the stages before the failing one pass them again: they are
+            deterministic and passed them the first time)
+    global  each global stage at or after the segment where the retried rows were dropped
+            decides again over ALL the rows that reach it: the rows that reached it before
+            (kept from the run: `Job.global_input_dir`) plus the recovered ones. Its new drops
+            apply to the recovered rows, and may change earlier rows' outcomes: a recovered
+            image whose id is smaller than an already shipped duplicate's makes the shipped one
+            a duplicate (exact dedup keeps the smallest id). Such a shipped sample is
+            *withdrawn*: its tar is not rewritten, the manifest lists its (shard, key) under
+            `kinds.<kind>.withdrawn`, its ledger row says dropped with the stage's reason, and
+            readers skip it (`curate.contract.withdrawn_refs`). Global stages before that
+            segment saw the retried rows the first time (they were dropped later) and are not
+            run again.
+    plan, pack per partition touched: the recovered kept rows go into NEW shards, numbered after
+            the kind's last shard; the partition's ledger file is written anew (a new name,
+            `ledger/<p>.r<r>.parquet`) with the retried and the changed rows updated and the
+            attempts of both runs added up.
+    manifest  written last: the commit point of the round (new shards, ledger files, withdrawn
+            samples, counts, the global stages' new results and where their state lives, and a
+            `retries` entry). Files of the round that the manifest does not name yet are ignored
+            by readers, and a killed round resumes from its task markers when run again.
+
+Equal to a run where everything succeeded the first time: the same kept set, the same image
+bytes per sample, and the same ledger outcome (kept, or dropped at the same stage with the same
+reason and detail) per id; shard names, keys and attempts differ. That holds for global stages
+whose drops only grow when rows are added, as dedup's do (keep the smallest id). A stage whose
+decision over more rows would keep a row it dropped before (a percentile threshold) cannot be
+honoured -- that row's bytes were never kept -- and the round stops with RetryError saying so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate.commit import Storage
+from curate.contract import (
+    KIND_DIRS,
+    LEDGER_DIR,
+    LEDGER_SCHEMA,
+    MANIFEST,
+    SIZES_JSON,
+    inside,
+    read_manifest,
+    sizes_json,
+)
+from curate.pack import ShardWriter, shard_label
+from curate.recipe import Recipe
+from curate.stages.base import GlobalStage, build_stage
+from curate.stages.download import is_transient
+from curate.tasks import (
+    LEDGER_ROWS_PER_GROUP,
+    PARTITION_COLUMN,
+    Job,
+    _final_rows,
+    _ledger_row,
+    commit,
+    finished,
+    run_plan,
+    run_segment,
+)
+
+__all__ = ["RetryError", "retry_failed"]
+
+log = logging.getLogger("mm1.curate")
+
+_LEDGER_NAME = re.compile(r"^ledger/(\d{5})(?:\.r(\d+))?\.parquet$")
+
+
+class RetryError(RuntimeError):
+    """The output cannot take a retry round (no finished run, an older format, a stage whose
+    decision cannot be redone)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------------------------
+
+
+def select_retry(job: Job, p: int, ledger: str) -> dict[str, Any]:
+    """Per-partition task: list the ids of partition p that were dropped for a transient reason
+    (with their attempts so far and the stage that dropped them)."""
+    done = finished(job, "select", p)
+    if done is not None:
+        return done
+    table = pq.read_table(inside(job.out, ledger), columns=["id", "outcome", "stage", "drop_reason", "attempts"])
+    reasons = table.column("drop_reason").to_pylist()
+    mask = pa.array([is_transient(r) for r in reasons], pa.bool_())
+    picked = table.filter(pc.and_(mask, pc.equal(table.column("outcome"), "dropped")))
+    stages = sorted(set(picked.column("stage").to_pylist()))
+    if picked.num_rows:
+        storage = Storage()
+        final = job.retry_ids(p)
+        tmp = storage.attempt_path(final)
+        with storage.open_write(tmp) as fh:
+            pq.write_table(picked.select(["id", "stage", "attempts"]), fh)
+        storage.publish(tmp, final)
+    return commit(job, "select", p, count=picked.num_rows, stages=stages)
+
+
+def _changes(job: Job, p: int) -> dict[str, tuple[str, str, str]]:
+    """What this round's global passes decided anew about partition p's earlier rows:
+    id -> (stage, reason, detail), the earliest stage first."""
+    out: dict[str, tuple[str, str, str]] = {}
+    for seg in range(len(job.segments)):
+        d = job.round_dir / f"changes{seg}" / f"{PARTITION_COLUMN}={p}"
+        if not d.exists():
+            continue
+        for r in pq.read_table(d, columns=["id", "drop_stage", "drop_reason", "drop_detail"]).to_pylist():
+            out.setdefault(r["id"], (r["drop_stage"], r["drop_reason"], r["drop_detail"]))
+    return out
+
+
+def _outcome_key(row: dict[str, Any]) -> str | None:
+    return f"{row['stage']}/{row['drop_reason']}" if row["outcome"] == "dropped" else None
+
+
+def run_retry_pack(job: Job, p: int, ledger: str, first_shard: int, shard_counts: list[int],
+                   retried: bool) -> dict[str, Any]:
+    """Per-partition task of a retry round: the recovered rows' new shards, and the partition's
+    ledger written anew (retried and changed rows updated, everything else as it was, in the
+    same order). Returns what changed, as deltas to the manifest's totals."""
+    done = finished(job, "pack", p)
+    if done is not None:
+        return done
+    storage = Storage()
+    kind = job.kinds[p]
+    shards: list[dict[str, Any]] = []
+    new_rows: dict[str, dict[str, Any]] = {}  # ledger rows of the retried ids (no bytes)
+    if retried:
+        record = pq.read_schema(job.seg_data(len(job.segments) - 1, p))
+        plan = list(shard_counts)
+        writer: ShardWriter | None = None
+        for row in _final_rows(job, p):
+            if row.get("drop_reason"):
+                new_rows[row["id"]] = _ledger_row(kind, row, None, None)
+                continue
+            if writer is None:
+                writer = ShardWriter(storage, job.out, kind, first_shard + len(shards), record)
+            key = writer.write(row)
+            new_rows[row["id"]] = _ledger_row(kind, row, shard_label(kind, writer.shard), key)
+            if writer.count == plan[len(shards)]:
+                shards.append(writer.close())
+                writer = None
+        if writer is not None or len(shards) != len(plan):
+            raise RuntimeError(f"partition {p}: packed {len(shards)} shards, planned {len(plan)}")
+    changes = _changes(job, p)
+
+    delta: Counter[str] = Counter()  # "kept", "dropped", and "drop:<stage>/<reason>"
+    withdrawn: list[dict[str, str]] = []
+    counts = Counter()
+    final = job.out / LEDGER_DIR / f"{p:05d}.r{job.round}.parquet"
+    tmp = storage.attempt_path(final)
+    buffer: list[dict[str, Any]] = []
+    with storage.open_write(tmp) as fh, pq.ParquetWriter(fh, LEDGER_SCHEMA) as out:
+        source = pq.ParquetFile(inside(job.out, ledger))
+        for g in range(source.num_row_groups):
+            for old in source.read_row_group(g).to_pylist():
+                row = old
+                if old["id"] in new_rows:
+                    row = new_rows.pop(old["id"])
+                    row["attempts"] = (old["attempts"] or 0) + (row["attempts"] or 0)
+                    counts["retried"] += 1
+                    counts["recovered" if row["outcome"] == "kept" else
+                           "failed_again" if is_transient(row["drop_reason"]) else "dropped"] += 1
+                elif old["id"] in changes:
+                    stage, reason, detail = changes[old["id"]]
+                    row = {**old, "outcome": "dropped", "stage": stage, "drop_reason": reason,
+                           "drop_detail": detail, "shard": None, "key": None}
+                    counts["changed"] += 1
+                    if old["outcome"] == "kept":
+                        withdrawn.append({"id": old["id"], "shard": old["shard"], "key": old["key"]})
+                if row is not old:
+                    for sign, r in ((-1, old), (1, row)):
+                        delta[r["outcome"]] += sign
+                        if (k := _outcome_key(r)) is not None:
+                            delta[f"drop:{k}"] += sign
+                buffer.append(row)
+                if len(buffer) >= LEDGER_ROWS_PER_GROUP:
+                    out.write_table(pa.Table.from_pylist(buffer, schema=LEDGER_SCHEMA))
+                    buffer = []
+        if buffer:
+            out.write_table(pa.Table.from_pylist(buffer, schema=LEDGER_SCHEMA))
+    if new_rows:  # an id the retry read that the ledger lacks: the source changed under us
+        raise RuntimeError(f"partition {p}: retried ids not in its ledger: {sorted(new_rows)[:5]}")
+    storage.publish(tmp, final)
+    return commit(
+        job, "pack", p,
+        kind=kind,
+        shards=shards,
+        ledger=final.relative_to(job.out).as_posix(),
+        withdrawn=withdrawn,
+        delta={k: v for k, v in sorted(delta.items()) if v},
+        **{k: counts[k] for k in ("retried", "recovered", "failed_again", "dropped", "changed")},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+# ---------------------------------------------------------------------------------------------
+
+
+def ledger_by_partition(manifest: dict[str, Any]) -> dict[int, str]:
+    """Partition index -> the ledger file the manifest names for it."""
+    out: dict[int, str] = {}
+    for name in manifest["ledger"]:
+        m = _LEDGER_NAME.match(name)
+        if m is None:
+            raise RetryError(f"manifest names ledger file {name!r}: not ledger/<partition>[.r<round>].parquet")
+        out[int(m.group(1))] = name
+    return out
+
+
+def _global_entries(manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """segment -> the manifest's record of that segment's global stage."""
+    return {g["segment"]: g for g in manifest.get("global", {}).values() if "segment" in g}
+
+
+def _read_dir(path: Path, columns: list[str] | None = None) -> Any:
+    """A parquet folder written by dask as a dask dataframe (`_partition` as int64), or None
+    when it holds no file (a stage that had no rows)."""
+    import dask.dataframe as dd
+
+    if not path.exists() or not any(path.rglob("*.parquet")):
+        return None
+    ddf = dd.read_parquet(str(path), columns=columns)
+    if PARTITION_COLUMN in ddf.columns:
+        ddf[PARTITION_COLUMN] = ddf[PARTITION_COLUMN].astype(str).astype("int64")
+    return ddf
+
+
+def _without(ddf: Any, ids: Any) -> Any:
+    """`ddf` without the rows whose id is in the dataframe `ids` (an anti-join through dask)."""
+    if ids is None:
+        return ddf
+    marked = ddf.merge(ids[["id"]].assign(_gone=True), on="id", how="left")
+    return marked[marked["_gone"].isnull()].drop(columns=["_gone"])
+
+
+def retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) -> dict[str, Any]:
+    """A global stage decided again over the rows that reached it before (minus those this
+    round's earlier global passes dropped) plus the retried rows that reach it now. Publishes
+    the new decisions and input under the round's folder, and this round's changes to earlier
+    rows under `changes<seg>`; returns the stage's new record for the manifest."""
+    import dask
+
+    storage = Storage()
+    marker_path = job.marker(f"global{seg}")
+    done = storage.read_marker(marker_path)
+    if done is not None:
+        return done
+    # the task-based shuffle for every join here too (see curate.runner.decide_global)
+    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+        marker = _retry_global(job, seg, state, parts)
+    storage.write_marker(marker_path, marker)
+    return marker
+
+
+def _retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) -> dict[str, Any]:
+    import dask.dataframe as dd
+
+    from curate.runner import decide_global, read_live
+
+    storage = Storage()
+    stage = build_stage(job.segments[seg].global_stage)
+    assert isinstance(stage, GlobalStage)
+    columns = ["id", PARTITION_COLUMN, *stage.columns]
+    before = _read_dir(inside(job.out, state["input"]), columns)
+    earlier = [job.round_dir / f"changes{s}" for s in range(seg)]
+    for folder in earlier:
+        before = _without(before, _read_dir(folder, ["id"])) if before is not None else None
+    files = [str(job.seg_data(seg, p)) for p in parts if job.kinds[p] in stage.kinds]
+    pieces = [x for x in (before, read_live(files, stage.columns) if files else None) if x is not None]
+    dropped = changed = 0
+    if pieces:
+        live = dd.concat(pieces) if len(pieces) > 1 else pieces[0]
+        # a retried row dropped at a later segment the first time reached this stage then too:
+        # it is in both pieces, with the same values
+        live = live.drop_duplicates(subset=["id"], split_out=max(1, live.npartitions))
+        dropped = decide_global(stage, live, job.decisions_dir(seg), job.global_input_dir(seg))
+        changed = _publish_changes(job, seg, stage, state, parts)
+    else:
+        storage.remove(job.decisions_dir(seg))
+        storage.remove(job.global_input_dir(seg))
+    return {
+        "step": f"global{seg}",
+        "stage": stage.name,
+        "segment": seg,
+        "dropped": dropped,
+        "changed": changed,
+        "state": {
+            "decisions": job.decisions_dir(seg).relative_to(job.out).as_posix(),
+            "input": job.global_input_dir(seg).relative_to(job.out).as_posix(),
+        },
+    }
+
+
+def _publish_changes(job: Job, seg: int, stage: GlobalStage, state: dict[str, str],
+                     parts: list[int]) -> int:
+    """Earlier rows whose decision at this stage changed: dropped now and not before, or dropped
+    with another detail (the id a duplicate is kept for). Written per partition under
+    `changes<seg>`; raises RetryError for a row the stage dropped before and would keep now."""
+    import dask.dataframe as dd
+
+    storage = Storage()
+    cols = ["id", PARTITION_COLUMN, "drop_reason", "drop_detail"]
+    new = _read_dir(job.decisions_dir(seg), cols)
+    old = _read_dir(inside(job.out, state["decisions"]), ["id", "drop_detail"])
+    retried_files = [str(job.retry_ids(p)) for p in parts]
+    retried = dd.read_parquet(retried_files, columns=["id"]) if retried_files else None
+    final = job.round_dir / f"changes{seg}"
+    if old is not None:
+        # dropped before, still reaching the stage, kept now: cannot be undone
+        back = old.merge(new[["id"]].assign(_now=True), on="id", how="left") if new is not None \
+            else old.assign(_now=None)
+        reaching = _read_dir(job.global_input_dir(seg), ["id"])  # what the stage decided over now
+        back = back[back["_now"].isnull()][["id"]].merge(reaching, on="id", how="inner")
+        resurrected = back["id"].head(5, npartitions=-1).tolist()
+        if resurrected:
+            raise RetryError(
+                f"global stage {stage.name!r} would now keep rows it dropped in an earlier run "
+                f"(e.g. {resurrected}); their bytes were not kept, so --retry-failed cannot give "
+                "what a full run would. Rerun the recipe with --restart instead."
+            )
+    if new is None:
+        storage.remove(final)
+        return 0
+    if old is not None:
+        joined = new.merge(old.rename(columns={"drop_detail": "_before"}), on="id", how="left")
+        changes = joined[joined["_before"].isnull() | (joined["_before"] != joined["drop_detail"])]
+        changes = changes.drop(columns=["_before"])
+    else:
+        changes = new
+    changes = _without(changes, retried).assign(drop_stage=stage.name)
+    tmp = storage.attempt_path(final)
+    changes.to_parquet(str(tmp), partition_on=[PARTITION_COLUMN], write_index=False)
+    n = sum(pq.ParquetFile(f).metadata.num_rows for f in tmp.rglob("*.parquet")) if tmp.exists() else 0
+    if tmp.exists():
+        storage.publish_dir(tmp, final)
+    return n
+
+
+def retry_failed(recipe: Recipe, *, progress: bool = True, client: Any = None) -> dict[str, Any]:
+    """Run one retry round over a finished output of `recipe` (see the module docstring) and
+    return the new manifest; with nothing to retry, the manifest as it is."""
+    from curate.runner import _Cluster, _map, _segment_resources, _check_resources, plan_job, prepare_output
+
+    job0 = plan_job(recipe)
+    try:
+        manifest = read_manifest(job0.out)
+    except FileNotFoundError:
+        raise RetryError(
+            f"{job0.out}: no finished run to retry; run `mm1 curate` on the recipe first "
+            "(it resumes unfinished work)"
+        ) from None
+    if manifest.get("recipe_hash") != job0.recipe_hash or manifest.get("input_fingerprint") != job0.input_fingerprint():
+        raise RetryError(
+            f"{job0.out} holds a run of another recipe or input (recipe {manifest.get('recipe_hash')}, "
+            f"now {job0.recipe_hash}): --retry-failed retries the same recipe on the same inputs"
+        )
+    prepare_output(job0, restart=False)
+    ledgers = ledger_by_partition(manifest)
+    if sorted(ledgers) != list(range(len(job0.partitions))):
+        raise RetryError(f"{job0.out}: the manifest's ledger files do not cover the {len(job0.partitions)} partitions")
+    job = dataclasses.replace(job0, round=len(manifest.get("retries", [])) + 1)
+    _cleanup(job, manifest)
+    own = None
+    if client is None:
+        own = _Cluster(recipe)
+        client = own.client
+    try:
+        n = len(job.partitions)
+        retries = recipe.execution.task_retries
+        selected = _map(client, select_retry, [(job, p, ledgers[p]) for p in range(n)], "select", progress,
+                        retries=retries)
+        parts = [p for p in range(n) if selected[p]["count"]]
+        if not parts:
+            log.info("nothing to retry: no transient drop in %s", job.out)
+            Storage().remove(job.round_dir)
+            return manifest
+        first_seg = min(_segment_of(job, stage) for p in parts for stage in selected[p]["stages"])
+        entries = _global_entries(manifest)
+        globals_: list[dict[str, Any]] = []
+        for seg, segment in enumerate(job.segments):
+            resources = _segment_resources(job, seg)
+            _check_resources(client, resources)
+            _map(client, run_segment, [(job, seg, p) for p in parts], f"retry segment {seg}", progress,
+                 resources, retries)
+            if segment.global_stage is None or seg < first_seg:
+                continue
+            entry = entries.get(seg)
+            if entry is None or "state" not in entry:
+                raise RetryError(
+                    f"{job.out}: the manifest keeps no state for global stage {build_stage(segment.global_stage).name!r} "
+                    "(an output written before --retry-failed existed); rerun with --restart"
+                )
+            globals_.append(retry_global(job, seg, entry["state"], parts))
+        touched = sorted(set(parts) | _changed_partitions(job))
+        plans = dict(zip(parts, _map(client, run_plan, [(job, p) for p in parts], "retry plan", progress,
+                                     retries=retries)))
+        next_shard: Counter[str] = Counter({
+            kind: max((s["shard"] for s in entry["shards"]), default=-1) + 1
+            for kind, entry in manifest["kinds"].items()
+        })
+        calls = []
+        for p in touched:
+            counts = plans[p]["shard_counts"] if p in plans else []
+            calls.append((job, p, ledgers[p], next_shard[job.kinds[p]], counts, p in plans))
+            next_shard[job.kinds[p]] += len(counts)
+        packs = _map(client, run_retry_pack, calls, "retry pack", progress, retries=retries)
+    finally:
+        if own is not None:
+            own.close()
+    manifest = _write_manifest(job, manifest, packs, globals_)
+    _cleanup(job, manifest)
+    return manifest
+
+
+def _segment_of(job: Job, stage_name: str) -> int:
+    for seg, segment in enumerate(job.segments):
+        if any(build_stage(cfg).name == stage_name for cfg in segment.row_stages):
+            return seg
+    raise RetryError(f"ledger rows were dropped by stage {stage_name!r}, which the recipe has no row stage for")
+
+
+def _changed_partitions(job: Job) -> set[int]:
+    out: set[int] = set()
+    for seg in range(len(job.segments)):
+        folder = job.round_dir / f"changes{seg}"
+        if folder.exists():
+            out |= {int(d.name.split("=", 1)[1]) for d in folder.iterdir() if d.name.startswith(f"{PARTITION_COLUMN}=")}
+    return out
+
+
+def _write_manifest(job: Job, manifest: dict[str, Any], packs: list[dict[str, Any]],
+                    globals_: list[dict[str, Any]]) -> dict[str, Any]:
+    from curate.runner import code_version
+
+    storage = Storage()
+    m = dict(manifest)
+    kinds = {k: dict(v) for k, v in m["kinds"].items()}
+    new_shards: Counter[str] = Counter()
+    for kind, entry in kinds.items():
+        added = sorted((s for pk in packs if pk["kind"] == kind for s in pk["shards"]), key=lambda s: s["shard"])
+        gone = [w for pk in packs if pk["kind"] == kind for w in pk["withdrawn"]]
+        new_shards[kind] = len(added)
+        entry["shards"] = list(entry["shards"]) + added
+        entry["withdrawn"] = sorted(list(entry.get("withdrawn", [])) + gone, key=lambda w: (w["shard"], w["key"]))
+        entry["count"] = sum(s["count"] for s in entry["shards"]) - len(entry["withdrawn"])
+        entry["bytes"] = sum(s["bytes"] for s in entry["shards"])
+        if kind == "pair" and added:
+            storage.write_json(job.out / KIND_DIRS[kind] / SIZES_JSON, sizes_json(entry["shards"]))
+    m["kinds"] = kinds
+    names = ledger_by_partition(manifest)
+    for pk in packs:
+        names[pk["partition"]] = pk["ledger"]
+    m["ledger"] = sorted(names.values())
+    delta: Counter[str] = Counter()
+    for pk in packs:
+        delta.update(pk["delta"])
+    counts = dict(m["counts"])
+    counts["kept"] += delta["kept"]
+    counts["dropped"] += delta["dropped"]
+    m["counts"] = counts
+    drops = Counter(m["drops"])
+    for k, v in delta.items():
+        if k.startswith("drop:"):
+            drops[k[5:]] += v
+    m["drops"] = {k: v for k, v in sorted(drops.items()) if v}
+    glob = {k: dict(v) for k, v in m.get("global", {}).items()}
+    for g in globals_:
+        glob[g["stage"]] = {k: v for k, v in g.items() if k not in ("step", "changed")}
+    m["global"] = glob
+    totals = Counter()
+    for pk in packs:
+        totals.update({k: pk[k] for k in ("retried", "recovered", "failed_again", "dropped", "changed")})
+    m["retries"] = list(m.get("retries", [])) + [{
+        "round": job.round,
+        "code_version": code_version(),
+        **{k: totals[k] for k in ("retried", "recovered", "failed_again", "dropped", "changed")},
+        "withdrawn": sum(len(pk["withdrawn"]) for pk in packs),
+        "new_shards": dict(sorted((k, v) for k, v in new_shards.items() if v)),
+        "partitions": sorted(pk["partition"] for pk in packs),
+        "global": {g["stage"]: {"dropped": g["dropped"], "changed": g["changed"]} for g in globals_},
+    }]
+    storage.write_json(job.out / MANIFEST, m)
+    return m
+
+
+def _cleanup(job: Job, manifest: dict[str, Any]) -> None:
+    """Remove what the committed manifest no longer names: superseded ledger files, global
+    state of earlier rounds, and the working files of committed rounds. The round in progress
+    (`job.round`, not yet in the manifest) keeps its files, so a killed round resumes."""
+    storage = Storage()
+    named = set(manifest["ledger"])
+    committed = len(manifest.get("retries", []))
+    ledger_dir = job.out / LEDGER_DIR
+    if ledger_dir.exists():
+        for f in ledger_dir.iterdir():
+            rel = f"{LEDGER_DIR}/{f.name}"
+            m = _LEDGER_NAME.match(rel)
+            if m and rel not in named and int(m.group(2) or 0) <= committed:
+                storage.remove(f)
+    keep = {v for g in manifest.get("global", {}).values() for v in g.get("state", {}).values()}
+    for r in range(0, committed + 1):
+        root = job.work / f"retry{r}" if r else job.work
+        if not root.exists():
+            continue
+        for entry in root.iterdir():
+            rel = entry.relative_to(job.out).as_posix()
+            if entry.name.startswith("global") and entry.is_dir() and rel not in keep:
+                storage.remove(entry)
+            elif r and entry.name != "done" and not entry.name.startswith("global"):
+                storage.remove(entry)  # a committed round's ids, rows and changes
