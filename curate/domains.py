@@ -8,25 +8,32 @@ worker process (and the driver, through its client) draws from the same `max_con
 
     limiter = DomainLimiter(max_concurrency=2, max_rate=10.0)
     with limiter.slot("images.example.com"):   # or slot(url): the key is the URL's host
-        fetcher.fetch(url)                     # one request (one fetch) to that host
+        send_one_request()                     # ONE request to that host: one lease each
 
-    fetcher = LimitedFetcher(Fetcher(policy, resolver), limiter)   # the same, for every fetch()
+    fetcher = LimitedFetcher(Fetcher(policy, resolver), limiter)   # a slot for every request
+    fetcher.fetch(url)                         # of every fetch, each redirect hop under its own host
 
-Slots never nest for one host in one namespace: requests made while a slot is held (robots.txt
-asked from a redirect gate) go through a limiter of another namespace (see `LimitedFetcher`).
+Each request is one lease. `LimitedFetcher` hands `limiter.slot` to `Fetcher.fetch`, which takes
+a slot of each hop's own host around that hop's exchange only (curate/fetch.py): a redirect chain
+A -> A -> A is three leases of A, a hop from A to B is limited under B, and a hop refused before
+sending (robots.txt, a blocked address) takes none. A fetch holds one slot at a time (hop N's is
+given back before hop N+1 asks), so slots never nest for one host in one thread; `slot` raises
+RuntimeError rather than wait for a slot its own thread holds.
 
-Concurrency: a request is sent only while its caller holds a lease, and the scheduler grants at
-most `max_concurrency` leases of one host's semaphore at a time, so at most `max_concurrency`
-requests to a host are in flight across the cluster.
+Concurrency: a request is sent only while its caller holds a lease of the request's host, and the
+scheduler grants at most `max_concurrency` leases of one host's semaphore at a time, so at most
+`max_concurrency` requests to a host are in flight across the cluster (per namespace: the download
+stage's robots.txt requests have their own, see `LimitedFetcher`).
 
 Rate (`max_rate` = R requests per second, N = `max_concurrency`): every lease is held for at least
 H = N / R seconds, counted from the moment its holder got it, and is never released early -- not
-when the request fails, not when it raises. The scheduler grants a lease before its holder hears of
-it and frees it only after the holder asked, so on the scheduler each lease is held for at least H
-too. Bound: the lease intervals [grant, release) overlap at most N at a time; intervals that
-overlap at most N deep split into N chains of disjoint intervals (greedy colouring by start time),
-and in one chain consecutive grants are at least H apart, so a window [t, t + W) holds at most
-ceil(W / H) of its grants. Hence, in ANY window of W seconds, at most
+when the request fails, not when it raises. A lease covers one request (one hop), so the request
+starts counted below are all requests, redirect hops included. The scheduler grants a lease
+before its holder hears of it and frees it only after the holder asked, so on the scheduler each
+lease is held for at least H too. Bound: the lease intervals [grant, release) overlap at most N
+at a time; intervals that overlap at most N deep split into N chains of disjoint intervals
+(greedy colouring by start time), and in one chain consecutive grants are at least H apart, so a
+window [t, t + W) holds at most ceil(W / H) of its grants. Hence, in ANY window of W seconds, at most
 
     N * ceil(W * R / N)  <  W * R + N        lease grants (= request starts),
 
@@ -81,7 +88,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +112,17 @@ def host_key(host_or_url: str | None) -> str:
     elif text.count(":") == 1:  # host:port
         text = text.split(":", 1)[0]
     return text.lower().rstrip(".")
+
+
+def interleave_by_host(urls: Sequence[str]) -> list[int]:
+    """The indices of `urls` in the order to fetch them: one URL of each host in turn (round
+    robin), hosts in the order they first appear, each host's URLs in their own order. A pool of
+    threads working down this order spreads over the hosts instead of all blocking on the slots
+    of the first one. Deterministic: depends on the URLs' host keys and positions only."""
+    groups: dict[str, list[int]] = {}
+    for i, url in enumerate(urls):
+        groups.setdefault(host_key(url), []).append(i)
+    return [i for turn in itertools.zip_longest(*groups.values()) for i in turn if i is not None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,26 +373,24 @@ class DomainLimiter:
 
 
 class LimitedFetcher:
-    """A fetcher (anything with `fetch(url, ...)`, e.g. `curate.fetch.Fetcher`) whose every
-    `fetch` call holds `limiter.slot(url)` for its URL's host. The slot is taken BEFORE the
-    wrapped fetch starts its deadline clock, so waiting for a busy host never eats a request's
-    deadline. A fetch is one slot, redirect hops included: hops run one after another, so the
-    concurrency bound holds for the first hop's host, but the rate bound counts fetches (a fetch
-    with k hops sends k requests in one slot), and a hop to another host is not limited here.
-    Per-hop slots need a hook inside `Fetcher._follow` (after the gate, around each exchange).
+    """A fetcher (anything whose `fetch(url, ..., slot=...)` holds `slot(host)` around each
+    request it sends, as `curate.fetch.Fetcher` does) whose every request holds a slot of
+    `limiter` for its own host: one lease per request, every redirect hop included, each hop
+    under the host it goes to. A hop refused without sending (robots.txt, a blocked address, a
+    bad URL) takes no slot. Waiting for a slot does not count against the fetch's deadline, on
+    any hop (curate/fetch.py), so a busy host never turns into a spurious `timeout`.
     Other attributes are the wrapped fetcher's.
 
-    Fetches made while a slot is held (robots.txt asked from a redirect gate) must go through a
-    limiter of ANOTHER namespace: with one namespace they would wait for slots of a host their
-    own callers hold (a deadlock once the robots.txt fetch waits for the last slot; a nested slot
-    of the same host in one thread raises RuntimeError instead)."""
+    A fetch holds at most one slot at a time, and none while its gate runs, so a robots.txt
+    fetch asked from a redirect gate waits for no slot its own thread holds. The download stage
+    still sends robots.txt through a limiter of ANOTHER namespace (its own per-host slots, the
+    same limits), so a robots.txt request never queues behind a host's image requests."""
 
     def __init__(self, fetcher: Any, limiter: DomainLimiter):
         self.fetcher, self.limiter = fetcher, limiter
 
     def fetch(self, url: str, *args: Any, **kwargs: Any) -> Any:
-        with self.limiter.slot(url):
-            return self.fetcher.fetch(url, *args, **kwargs)
+        return self.fetcher.fetch(url, *args, slot=self.limiter.slot, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         if name in ("fetcher", "limiter"):  # not set yet (unpickling): no recursion

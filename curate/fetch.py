@@ -10,6 +10,17 @@ Contracts (DESIGN.md, "Fetching from the web"):
 - `deadline_s` bounds the whole request (connect, TLS, redirects, headers, body). Each socket call
   gets the time left as its timeout, and one watchdog thread shuts the socket down at the deadline,
   so a server dripping one byte at a time cannot stretch a request.
+- Politeness slots (`fetch(url, slot=...)`, curate.domains.LimitedFetcher): every request -- every
+  redirect hop -- is sent inside a slot of ITS OWN host, `slot(host)`, taken after that hop's gate
+  and address checks (a hop refused without sending takes none) and held until the hop's response
+  is done with (body read, or drained and the connection pooled or closed). Hops run one after
+  another and hop N's slot is given back before hop N+1's gate runs, so a fetch holds at most one
+  slot at a time and never nests them. Time spent WAITING for a slot, on any hop, does not count
+  against the deadline (the clock and the watchdog are pushed back by the wait): a busy host never
+  turns into a `timeout` (which a caller would retry, sending more requests), and the deadline
+  still bounds everything the request spends on the network. A fetch's wall time is therefore
+  at most the deadline plus its slot waits, each bounded by the requests ahead of it in that
+  host's queue (each one bounded by its own deadline).
 - `max_bytes` bounds the body after decompression; memory stays bounded whatever the server sends.
 - Opt-out (`X-Robots-Tag`): a response whose X-Robots-Tag headers carry one of
   `FetchPolicy.opt_out_directives` (noai, noimageai, noindex by default), for every agent or scoped
@@ -42,7 +53,8 @@ import ssl
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 from urllib.parse import quote, urljoin, urlsplit
@@ -201,6 +213,13 @@ class FetchResult:
 # answer ends the fetch as a failure with that code (robots.txt: curate.robots.RobotsCache.gate).
 Gate = Callable[[str], "tuple[str, str] | None"]
 
+# A fetch's politeness slot: called with the host of each request about to be sent (the hop's
+# target host: lower case, IDNA-encoded, or a normalised IP literal) and held around that one
+# request; may block until the host is free (curate.domains.DomainLimiter.slot). An OSError it
+# raises (a TimeoutError of a slot with a timeout) ends the fetch as `timeout` or
+# `connection_error` "waiting for a slot for HOST"; anything else propagates to the caller.
+Slot = Callable[[str], AbstractContextManager[object]]
+
 
 class _Failure(Exception):
     def __init__(self, reason: str, detail: str):
@@ -329,6 +348,11 @@ class _Clock:
 
     def expired(self) -> bool:
         return time.monotonic() >= self.expires
+
+    def postpone(self, seconds: float) -> None:
+        """Push the deadline back by `seconds` (time that is not the request's own). A deadline
+        that had passed before those seconds began stays passed."""
+        self.expires += seconds
 
 
 class _Watch:
@@ -544,10 +568,11 @@ class _Request:
 
     def __init__(
         self, url: str, clock: _Clock, watch: _Watch, *, accept: str, max_bytes: int, opt_out: bool,
-        gate: Gate | None,
+        gate: Gate | None, slot: Slot | None,
     ):
         self.url, self.clock, self.watch = url, clock, watch
         self.accept, self.max_bytes, self.opt_out, self.gate = accept, max_bytes, opt_out, gate
+        self.slot = slot
         self.retry_after: float | None = None
         self.dialled: list[str] = []
         self.phase = "starting"
@@ -590,17 +615,20 @@ class Fetcher:
         max_bytes: int | None = None,
         opt_out: bool = True,
         gate: Gate | None = None,
+        slot: Slot | None = None,
     ) -> FetchResult:
         """One bounded GET. `accept` and `max_bytes` override the policy's for this request (a
         robots.txt is text, and has its own cap); `opt_out=False` skips the X-Robots-Tag check
         (robots.txt itself often carries "noindex"); `gate` is asked about every hop's URL
-        before it is resolved or dialled."""
+        before it is resolved or dialled; `slot(host)` is held around every request actually
+        sent, one hop at a time, and waiting for it does not count against the deadline (see
+        the module docstring)."""
         clock = _Clock(self.policy.deadline_s)
         req = _Request(
             url, clock, self._watchdog.arm(clock.expires),
             accept=self.policy.accept if accept is None else accept,
             max_bytes=self.policy.max_bytes if max_bytes is None else max_bytes,
-            opt_out=opt_out, gate=gate,
+            opt_out=opt_out, gate=gate, slot=slot,
         )
         try:
             return self._follow(req)
@@ -612,10 +640,7 @@ class Fetcher:
             )
         finally:
             self._watchdog.release(req.watch)
-            if req.conn is not None:  # a hop failed half way: its connection is in an unknown state
-                if req.resp is not None:
-                    req.resp.close()
-                req.conn.close()
+            _abandon(req)
 
     def _classify(self, exc: Exception, req: _Request) -> _Failure:
         if isinstance(exc, _Failure):
@@ -630,38 +655,67 @@ class Fetcher:
             target = _parse_url(req.url)
             if req.gate is not None and (closed := req.gate(req.url)) is not None:
                 raise _Failure(*closed)
-            resp = self._exchange(req, target, self._addresses(target))
-            req.status, req.content_type = resp.status, resp.getheader("Content-Type")
-            req.retry_after = parse_retry_after(resp.getheader("Retry-After"))
-            if req.opt_out and 200 <= resp.status < 400:
-                said = x_robots_opt_out(
-                    resp.headers.get_all("X-Robots-Tag") or (), self.policy.robots_agent,
-                    self.policy.opt_out_directives,
-                )
-                if said is not None:
-                    self._finish(req, drain=True)  # the body is never kept: at most a small one drained
-                    raise _Failure(OPTED_OUT, f"X-Robots-Tag {said}")
-            location = resp.getheader("Location") if resp.status in _REDIRECTS else None
-            if location:
-                self._finish(req, drain=True)
-                try:
-                    next_url = urljoin(req.url, location.strip())
-                except ValueError:
-                    raise _Failure(BAD_URL, f"unparseable redirect Location {_clean(location)!r}") from None
-                if hop == self.policy.max_redirects:
-                    detail = f"more than {self.policy.max_redirects} redirects, the next to {_clean(next_url)}"
-                    raise _Failure(TOO_MANY_REDIRECTS, detail)
-                req.url = next_url
-                continue
-            if not 200 <= resp.status < 300:
-                line = f"HTTP {resp.status} {_clean(resp.reason, 80)}".rstrip()
-                self._finish(req, drain=True)
-                raise _Failure(f"http_{resp.status}", line)
-            body = self._read_body(req, resp)
-            self._finish(req, drain=False)
-            return FetchResult(True, resp.status, body, None, "", req.url, req.content_type, req.dialled,
-                               req.retry_after)
+            ips = self._addresses(target)
+            with self._held(req, target.host):
+                outcome = self._hop(req, target, ips, last=hop == self.policy.max_redirects)
+            if isinstance(outcome, FetchResult):
+                return outcome
+            req.url = outcome
         raise AssertionError("unreachable: the last hop returns or raises")
+
+    @contextmanager
+    def _held(self, req: _Request, host: str) -> Iterator[None]:
+        """The hop's politeness slot (none without `req.slot`), held until the hop is done with:
+        a hop that fails inside closes its connection before the slot is given back. The time
+        spent waiting for the slot is added to the deadline, the watchdog's included."""
+        if req.slot is None:
+            yield
+            return
+        req.phase = f"waiting for a slot for {host}"
+        asked = time.monotonic()
+        with req.slot(host):
+            req.clock.postpone(time.monotonic() - asked)
+            self._watchdog.release(req.watch)  # its deadline was the old one: arm the new one
+            req.watch = self._watchdog.arm(req.clock.expires)
+            try:
+                yield
+            except BaseException:
+                _abandon(req)
+                raise
+
+    def _hop(self, req: _Request, target: _Target, ips: list[str], last: bool) -> FetchResult | str:
+        """One request: the final result, or the URL a redirect points to (its response already
+        drained and its connection pooled or closed). Raises `_Failure` for a refused answer."""
+        resp = self._exchange(req, target, ips)
+        req.status, req.content_type = resp.status, resp.getheader("Content-Type")
+        req.retry_after = parse_retry_after(resp.getheader("Retry-After"))
+        if req.opt_out and 200 <= resp.status < 400:
+            said = x_robots_opt_out(
+                resp.headers.get_all("X-Robots-Tag") or (), self.policy.robots_agent,
+                self.policy.opt_out_directives,
+            )
+            if said is not None:
+                self._finish(req, drain=True)  # the body is never kept: at most a small one drained
+                raise _Failure(OPTED_OUT, f"X-Robots-Tag {said}")
+        location = resp.getheader("Location") if resp.status in _REDIRECTS else None
+        if location:
+            self._finish(req, drain=True)
+            try:
+                next_url = urljoin(req.url, location.strip())
+            except ValueError:
+                raise _Failure(BAD_URL, f"unparseable redirect Location {_clean(location)!r}") from None
+            if last:
+                detail = f"more than {self.policy.max_redirects} redirects, the next to {_clean(next_url)}"
+                raise _Failure(TOO_MANY_REDIRECTS, detail)
+            return next_url
+        if not 200 <= resp.status < 300:
+            line = f"HTTP {resp.status} {_clean(resp.reason, 80)}".rstrip()
+            self._finish(req, drain=True)
+            raise _Failure(f"http_{resp.status}", line)
+        body = self._read_body(req, resp)
+        self._finish(req, drain=False)
+        return FetchResult(True, resp.status, body, None, "", req.url, req.content_type, req.dialled,
+                           req.retry_after)
 
     def _addresses(self, target: _Target) -> list[str]:
         """The host's addresses, all of them checked: one non-public address outside
@@ -787,6 +841,17 @@ class Fetcher:
             self._pool.put(conn)
         else:
             conn.close()
+
+
+def _abandon(req: _Request) -> None:
+    """Close the connection of a hop that failed half way (its state is unknown); no-op when the
+    hop's response was already done with."""
+    conn, resp = req.conn, req.resp
+    req.conn = req.resp = None
+    if resp is not None:
+        resp.close()
+    if conn is not None:
+        conn.close()
 
 
 def _drain(resp: http.client.HTTPResponse) -> None:

@@ -22,6 +22,12 @@ Politeness (DESIGN.md, "Fetching from the web"):
   row is `robots_disallowed` with `attempts` 0 when its own URL was disallowed (curate/robots.py
   says how a missing or unreachable robots.txt is read).
 
+Per-host limits (`max_per_host`, `max_rate_per_host`; curate/domains.py) hold for every request,
+redirect hops included, each under its own host, across the cluster. The rows of a batch are
+fetched in an order that interleaves their hosts round robin (`interleave_by_host`), so a batch
+with many rows of one slow or rate-limited host does not park every thread on that host's slots
+while the other hosts' rows wait; the output keeps the input's row order, each outcome in its row.
+
 Only rows that have a URL and no image yet are fetched, so rows from local sources pass through.
 """
 
@@ -38,7 +44,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate.contract import conform, image_digest
-from curate.domains import DomainLimiter, LimitedFetcher
+from curate.domains import DomainLimiter, LimitedFetcher, interleave_by_host
 from curate.fetch import (
     CONNECTION_ERROR,
     TIMEOUT,
@@ -148,7 +154,8 @@ class DownloadStage(RowStage):
 
         self.fetcher = LimitedFetcher(fetcher, limiter("mm1-domain"))
         # one per stage instance, i.e. per worker process (tasks._stage caches stages). robots.txt
-        # has its own namespace: it is fetched inside an image fetch that holds the host's slot.
+        # has its own namespace: it never queues behind the host's image requests (the gate runs
+        # between hops, while the image fetch holds no slot).
         self.robots = (
             RobotsCache(LimitedFetcher(fetcher, limiter("mm1-robots")), cfg.robots_agent)
             if cfg.respect_robots_txt else None
@@ -199,8 +206,11 @@ class DownloadStage(RowStage):
         self.ensure_setup()
         rows = table.to_pylist()
         todo = [r for r in rows if not r.get("drop_reason") and r.get("image") is None]
-        outcomes = self.pool.map(self._fetch, [r.get("url") or "" for r in todo])
-        for row, (result, attempts) in zip(todo, outcomes):
+        urls = [r.get("url") or "" for r in todo]
+        order = interleave_by_host(urls)  # the fetch order only: each outcome goes to its own row
+        outcomes = self.pool.map(self._fetch, [urls[i] for i in order])
+        for i, (result, attempts) in zip(order, outcomes):
+            row = todo[i]
             row["attempts"] = (row.get("attempts") or 0) + attempts
             if isinstance(result, Drop):
                 mark_dropped(row, self.name, result)

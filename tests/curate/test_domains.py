@@ -25,14 +25,14 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import cloudpickle
 import pytest
 
 from curate import domains
-from curate.domains import DomainLimiter, LimitedFetcher, close_idle, host_key
+from curate.domains import DomainLimiter, LimitedFetcher, close_idle, host_key, interleave_by_host
 from tools.demo_server import LoopbackHTTPServer
 
 WAIT = 120  # seconds: many times what any step here takes; only a hang reaches it
@@ -353,8 +353,18 @@ def test_host_key_and_settings() -> None:
     assert (clone.max_concurrency, clone.max_rate, clone.namespace) == (3, 5.0, "x")
 
 
+def test_interleave_by_host() -> None:
+    urls = ["http://a.test/1", "http://a.test/2", "http://A.test:80/3", "http://b.test/1", "",
+            "http://c.test/1", "http://b.test/2", "not a url", "http://a.test/4"]
+    # hosts in first-appearance order (a, b, "", c, "not a url"), one of each in turn
+    assert interleave_by_host(urls) == [0, 3, 4, 5, 7, 1, 6, 2, 8]
+    assert interleave_by_host([]) == []
+    assert interleave_by_host(["http://x.test/"] * 3) == [0, 1, 2]  # one host: partition order
+
+
 class FakeFetcher:
-    """Counts concurrent fetches per host; asks its `gate` (robots.txt) first, like curate.fetch."""
+    """Counts concurrent fetches per host; like curate.fetch, asks its `gate` (robots.txt) first,
+    then sends its one request inside `slot(host)` when given one."""
 
     def __init__(self, serve_s: float = 0.05) -> None:
         self.serve_s, self.lock = serve_s, threading.Lock()
@@ -362,22 +372,23 @@ class FakeFetcher:
         self.max_inflight: Counter[str] = Counter()
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
-    def fetch(self, url: str, gate: Any = None, **kwargs: Any) -> str:
+    def fetch(self, url: str, gate: Any = None, slot: Any = None, **kwargs: Any) -> str:
         if gate is not None:
             gate(url)
         host = host_key(url)
-        with self.lock:
-            self.calls.append((url, kwargs))
-            self.inflight[host] += 1
-            self.max_inflight[host] = max(self.max_inflight[host], self.inflight[host])
-        time.sleep(self.serve_s)
-        with self.lock:
-            self.inflight[host] -= 1
+        with slot(host) if slot is not None else nullcontext():
+            with self.lock:
+                self.calls.append((url, kwargs))
+                self.inflight[host] += 1
+                self.max_inflight[host] = max(self.max_inflight[host], self.inflight[host])
+            time.sleep(self.serve_s)
+            with self.lock:
+                self.inflight[host] -= 1
         return "ok"
 
 
 def test_limited_fetcher_with_robots_in_another_namespace_does_not_deadlock() -> None:
-    """The stage's shape: image fetches hold a slot each, and a redirect gate inside one asks
+    """The stage's shape: image requests hold a slot each, and the gate before a request asks
     for the same host's robots.txt through a limiter of another namespace."""
     inner = FakeFetcher()
     robots = LimitedFetcher(inner, DomainLimiter(1, None, namespace="mm1-domain-test-robots"))

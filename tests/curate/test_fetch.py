@@ -21,6 +21,8 @@ import subprocess
 import threading
 import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -571,6 +573,101 @@ def test_eight_threads_share_one_fetcher(base):
         for t in threads:
             t.join(60)
     assert len(results) == 40 and all(r.ok and r.body == JPEG for r in results)
+
+
+# --------------------------------------------------------------------------------------------
+# Politeness slots: one per request actually sent, each under its own host
+# --------------------------------------------------------------------------------------------
+
+
+class SlotLog:
+    """A `slot` for `Fetcher.fetch` (what curate.domains.DomainLimiter.slot is in the stage): records
+    every slot entered and left, in order, and makes each caller wait `wait_s` for its slot (a
+    busy host)."""
+
+    def __init__(self, wait_s: float = 0.0) -> None:
+        self.wait_s = wait_s
+        self.events: list[tuple[str, str]] = []
+        self.held = 0
+
+    @contextmanager
+    def __call__(self, host: str) -> Iterator[None]:
+        time.sleep(self.wait_s)
+        assert self.held == 0, f"slot for {host} taken while another is held"
+        self.held += 1
+        self.events.append(("enter", host))
+        try:
+            yield
+        finally:
+            self.held -= 1
+            self.events.append(("exit", host))
+
+    def hosts(self) -> list[str]:
+        return [host for what, host in self.events if what == "enter"]
+
+
+def _names(*names: str) -> StaticResolver:
+    return StaticResolver({name: "127.0.0.1" for name in names})
+
+
+def test_every_hop_holds_a_slot_of_its_own_host_one_at_a_time(server, base):
+    port = server.server_address[1]
+    slot = SlotLog()
+    with Fetcher(FetchPolicy(allow_networks=LOOPBACK), _names("a.test", "b.test")) as f:
+        r = f.fetch(f"http://A.test:{port}/redirect-to?url=http://b.test:{port}/redirect/2", slot=slot)
+    assert r.ok and r.body == JPEG and r.final_url == f"http://b.test:{port}/img.jpg"
+    expected = [("enter", "a.test"), ("exit", "a.test")] + [("enter", "b.test"), ("exit", "b.test")] * 3
+    assert slot.events == expected  # one slot per request, each under its own host, never two at once
+
+
+def test_a_redirect_chain_on_one_host_reuses_one_connection_across_its_slots(server, base):
+    before = server.accepted
+    slot = SlotLog()
+    with Fetcher(FetchPolicy(allow_networks=LOOPBACK)) as f:
+        r = f.fetch(f"{base}/redirect/3", slot=slot)
+    assert r.ok and slot.hosts() == ["127.0.0.1"] * 4 and slot.held == 0
+    assert server.accepted - before == 1  # each hop's response was done with before the next hop
+
+
+def test_a_hop_refused_without_sending_takes_no_slot(server, base):
+    port = server.server_address[1]
+    slot = SlotLog()
+    with Fetcher(FetchPolicy(allow_networks=("127.0.0.1/32",)), _names("a.test")) as f:
+        blocked = f.fetch(f"{base}/redirect-to?url=http://127.0.0.2:{port}/x.jpg", slot=slot)
+        assert blocked.reason == "blocked" and slot.hosts() == ["127.0.0.1"]  # not 127.0.0.2
+        slot.events.clear()
+        unknown = f.fetch(f"{base}/redirect-to?url=http://nowhere.test/x.jpg", slot=slot)
+        assert unknown.reason == "dns_error" and slot.hosts() == ["127.0.0.1"]
+        slot.events.clear()
+        scheme = f.fetch(f"{base}/redirect-to?url=ftp://a.test/x.jpg", slot=slot)
+        assert scheme.reason == "bad_url" and slot.hosts() == ["127.0.0.1"]
+        slot.events.clear()
+
+        def robots(url: str) -> tuple[str, str] | None:  # disallows the image, not the redirect
+            return ("robots_disallowed", "no images") if url.endswith("/img.jpg") else None
+
+        disallowed = f.fetch(f"http://a.test:{port}/redirect/1", slot=slot, gate=robots)
+        assert disallowed.reason == "robots_disallowed" and slot.hosts() == ["a.test"]
+        slot.events.clear()
+        first = f.fetch(f"http://a.test:{port}/img.jpg", slot=slot, gate=robots)
+        assert first.reason == "robots_disallowed" and slot.events == []
+        for refused in ("http://10.0.0.1/x.jpg", "http://nowhere.test/x.jpg", "gopher://a.test/"):
+            assert not f.fetch(refused, slot=slot).ok and slot.events == []
+    assert slot.held == 0
+
+
+def test_waiting_for_slots_does_not_count_against_the_deadline(base):
+    """Three hops, each waiting 0.6 s for its slot: 1.8 s of waiting under a 1 s deadline."""
+    slot = SlotLog(wait_s=0.6)
+    with Fetcher(FetchPolicy(allow_networks=LOOPBACK, deadline_s=1.0)) as f:
+        r = f.fetch(f"{base}/redirect/2", slot=slot)
+        assert r.ok and r.body == JPEG and len(slot.hosts()) == 3
+        # the deadline still bounds the request itself, and a failed hop gives its slot back
+        start = time.monotonic()
+        drip = f.fetch(f"{base}/drip", slot=slot)
+    assert drip.reason == "timeout" and drip.detail == "deadline of 1s passed reading the body"
+    assert time.monotonic() - start < 10
+    assert slot.held == 0 and slot.events[-1] == ("exit", "127.0.0.1")
 
 
 # --------------------------------------------------------------------------------------------

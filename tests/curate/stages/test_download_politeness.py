@@ -27,6 +27,7 @@ from PIL import Image
 
 from curate.contract import record_schema
 from curate.fetch import x_robots_opt_out
+from curate.stages import download
 from curate.stages.download import DownloadStage, is_transient
 from tools.demo_server import LoopbackHTTPServer
 
@@ -68,18 +69,38 @@ pytestmark = pytest.mark.usefixtures("loopback_only")  # tests/conftest.py
 
 
 class Site:
-    """What the server saw: requests per (host, path) and when each came."""
+    """What the server saw: requests per (host, path), when each came, all arrivals in order, and
+    how many requests per host were in flight at once (robots.txt aside: it has its own limits).
+    A request counts as in flight from its arrival until just before its answer is written, which
+    lies inside the client's slot whatever the thread timing."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.hits: Counter[tuple[str, str]] = Counter()
         self.times: dict[tuple[str, str], list[float]] = defaultdict(list)
+        self.arrivals: list[tuple[float, str, str]] = []  # (time, host, path), in arrival order
+        self.inflight: Counter[str] = Counter()
+        self.max_inflight: Counter[str] = Counter()
 
     def hit(self, host: str, path: str) -> int:
         with self.lock:
             self.hits[host, path] += 1
             self.times[host, path].append(time.monotonic())
+            self.arrivals.append((time.monotonic(), host, path))
+            if path != "/robots.txt":
+                self.inflight[host] += 1
+                self.max_inflight[host] = max(self.max_inflight[host], self.inflight[host])
             return self.hits[host, path]
+
+    def answered(self, host: str, path: str) -> None:
+        if path != "/robots.txt":
+            with self.lock:
+                self.inflight[host] -= 1
+
+    def starts(self, host: str) -> list[float]:
+        """When the requests to `host` (robots.txt aside) arrived, in order."""
+        with self.lock:
+            return [t for t, h, p in self.arrivals if h == host and p != "/robots.txt"]
 
     def count(self, url: str) -> int:
         parts = urlsplit(url)
@@ -97,6 +118,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes = b"", ctype: str = "text/plain",
               headers: list[tuple[str, str]] = ()) -> None:
+        self.site.answered(*self._request)
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -109,6 +131,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
         path = self.path.split("?")[0]
         n = self.site.hit(host, path)
+        self._request = (host, path)
         parts = path.strip("/").split("/")
         if path == "/robots.txt":
             if host == "slowrobots.test":
@@ -132,6 +155,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self._send(302, b"", headers=[("Location", "/img/a.jpg"), ("X-Robots-Tag", "noai")])
         if parts[0] == "redirect":  # /redirect/PATH...: 302 to /PATH...
             return self._send(302, b"", headers=[("Location", "/" + "/".join(parts[1:]))])
+        if parts[0] == "to":  # /to/HOST/PATH...: 302 to http://HOST:port/PATH... (another host)
+            where = f"http://{parts[1]}:{self.server.server_address[1]}/" + "/".join(parts[2:])
+            return self._send(302, b"", headers=[("Location", where)])
+        if parts[0] == "slow":  # /slow/MS/NAME: the image after MS ms, its path appended (per row)
+            time.sleep(int(parts[1]) / 1000)
+            return self._send(200, JPEG + path.encode(), "image/jpeg")
         if parts[0] in ("img", "public", "private", "cgi"):
             return self._send(200, JPEG, "image/jpeg")
         self._send(404, b"not found\n")
@@ -404,6 +433,123 @@ def test_robots_agent_picks_the_group(site):
     out = _run([_url(port, "/private/x.jpg", "rules.test"), _url(port, "/cgi/y.jpg", "rules.test")],
                robots_agent="otherbot")
     assert [r["drop_reason"] for r in out] == [None, "robots_disallowed"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-host limits: every request (every redirect hop) under its own host; hosts interleaved
+# ---------------------------------------------------------------------------------------------
+
+
+RATE = 5.0  # max_rate_per_host in these tests: with max_per_host 1, starts at least 0.2 s apart
+
+
+def max_in_window(times: list[float], window: float = 1.0) -> int:
+    """The most arrivals in any half-open window [t, t + window) (it suffices to start at one)."""
+    times = sorted(times)
+    return max((sum(1 for u in times[i:] if u < t + window) for i, t in enumerate(times)), default=0)
+
+
+def _names(*names: str) -> dict[str, str]:
+    return {name: "127.0.0.1" for name in (*HOSTS, *names)}
+
+
+def _run_bounded(urls: list[str], **cfg) -> list[dict]:
+    """`_run` in a thread: a deadlock fails the test instead of hanging it."""
+    out: list[list[dict]] = []
+    thread = threading.Thread(target=lambda: out.append(_run(urls, **cfg)), daemon=True)
+    thread.start()
+    thread.join(120)
+    assert out, "the stage did not finish in 120 s: a deadlock"
+    return out[0]
+
+
+def test_redirect_hops_are_limited_under_the_host_they_go_to(site):
+    """16 rows on 16 hosts all redirect to one host allowed one request at a time at 5/s. Without
+    per-hop slots the hops to it would be unlimited (8 threads: 8 at once, 16 within ~0.2 s)."""
+    state, port = site
+    sources = [f"a{i}.test" for i in range(16)]
+    urls = [_url(port, f"/to/cdn.test/slow/50/{i}.jpg", host) for i, host in enumerate(sources)]
+    out = _run_bounded(urls, threads=8, max_per_host=1, max_rate_per_host=RATE,
+                       hosts=_names(*sources, "cdn.test"))  # robots.txt on: asked from each hop's gate
+    assert [(r["drop_reason"], r["attempts"]) for r in out] == [(None, 1)] * 16
+    assert [r["image"] for r in out] == [JPEG + f"/slow/50/{i}.jpg".encode() for i in range(16)]
+    starts = state.starts("cdn.test")
+    assert len(starts) == 16
+    assert state.max_inflight["cdn.test"] == 1
+    # R + N = 6 per second in theory (tests/curate/test_domains.py); one more for a loaded machine
+    assert max_in_window(starts) <= RATE + 2, f"{max_in_window(starts)} starts at cdn.test in 1 s"
+    assert starts[-1] - starts[0] >= 15 / RATE - 0.5  # 16 leases of one slot, 0.2 s each at least
+    assert state.count(_url(port, "/robots.txt", "cdn.test")) == 1
+
+
+def test_a_redirect_chain_on_one_host_counts_every_hop(site):
+    """4 rows, each A -> A -> A: 12 requests, 12 leases. One lease per fetch would let the 3 hops
+    of a row through together (12 starts within ~0.7 s)."""
+    state, port = site
+    urls = [_url(port, f"/redirect/redirect/slow/50/{i}.jpg", "chain.test") for i in range(4)]
+    out = _run_bounded(urls, threads=4, max_per_host=1, max_rate_per_host=RATE, hosts=_names("chain.test"))
+    assert [(r["drop_reason"], r["attempts"]) for r in out] == [(None, 1)] * 4  # no nested slot
+    starts = state.starts("chain.test")
+    assert len(starts) == 12
+    assert state.max_inflight["chain.test"] == 1
+    assert max_in_window(starts) <= RATE + 2, f"{max_in_window(starts)} starts at chain.test in 1 s"
+    assert starts[-1] - starts[0] >= 11 / RATE - 0.5
+
+
+def test_redirects_back_and_forth_with_robots_txt_do_not_deadlock(site):
+    """x -> y -> x, y -> x -> y and x -> rules.test (disallowed there), one slot per host, 8 threads,
+    robots.txt asked from the gates of hops on every host: everything finishes, one at a time."""
+    state, port = site
+    urls = []
+    for i in range(8):
+        urls.append(_url(port, f"/to/y.test/to/x.test/slow/20/x{i}.jpg", "x.test"))
+        urls.append(_url(port, f"/to/x.test/to/y.test/slow/20/y{i}.jpg", "y.test"))
+        urls.append(_url(port, f"/to/rules.test/private/{i}.jpg", "x.test"))
+    out = _run_bounded(urls, threads=8, max_per_host=1, max_rate_per_host=50.0,
+                       hosts=_names("x.test", "y.test"))
+    for i in range(8):
+        assert out[3 * i]["image"] == JPEG + f"/slow/20/x{i}.jpg".encode()
+        assert out[3 * i + 1]["image"] == JPEG + f"/slow/20/y{i}.jpg".encode()
+        assert (out[3 * i + 2]["drop_reason"], out[3 * i + 2]["attempts"]) == ("robots_disallowed", 1)
+        assert state.count(_url(port, f"/private/{i}.jpg", "rules.test")) == 0
+    assert state.max_inflight["x.test"] == state.max_inflight["y.test"] == 1
+    assert state.max_inflight["rules.test"] == 0  # its robots.txt only
+
+
+def test_rows_are_fetched_interleaved_by_host_and_kept_in_input_order(site):
+    """30 rows of a slow host (one request at a time, 0.1 s each), then 10 rows of a fast one, 4
+    threads. In partition order the fast rows would wait until every slow row was handed out (at
+    least 27 slow requests before the first fast one); interleaved, the 10th fast row is the 20th
+    handed out, when at most 10 slow rows have been."""
+    state, port = site
+    slow = [_url(port, f"/slow/100/s{i}.jpg", "slow.test") for i in range(30)]
+    fast = [_url(port, f"/slow/0/f{i}.jpg", "fast.test") for i in range(10)]
+    out = _run_bounded(slow + fast, threads=4, max_per_host=1, hosts=_names("slow.test", "fast.test"))
+    assert [r["id"] for r in out] == [f"t:{i}" for i in range(40)]
+    assert [r["url"] for r in out] == slow + fast
+    assert [r["image"] for r in out] == [JPEG + urlsplit(u).path.encode() for u in slow + fast]
+    assert [r["attempts"] for r in out] == [1] * 40
+    with state.lock:
+        arrivals = [(h, p) for _, h, p in state.arrivals if p != "/robots.txt"]
+    slow_before = [sum(1 for h, _ in arrivals[:k] if h == "slow.test")
+                   for k, (host, _) in enumerate(arrivals) if host == "fast.test"]
+    assert len(slow_before) == 10
+    assert max(slow_before) < 20, f"slow requests before each fast one: {slow_before}"
+
+
+def test_interleaved_order_does_not_change_the_output(site, monkeypatch):
+    """The same rows give the same table fetched interleaved as fetched in partition order."""
+    _, port = site
+    urls = [_url(port, path, host) for host, path in [
+        ("img.test", "/img/1.jpg"), ("img.test", "/status/404/a.jpg"), ("rules.test", "/private/x.jpg"),
+        ("img.test", "/xrt/noai"), ("norobots.test", "/img/2.jpg"), ("rules.test", "/public/y.jpg"),
+        ("img.test", "/slow/0/3.jpg"),
+    ]] + ["not a url", ""]
+    interleaved = _run(urls, threads=4, retries=0)
+    monkeypatch.setattr(download, "interleave_by_host", lambda urls: list(range(len(urls))))
+    assert _run(urls, threads=4, retries=0) == interleaved
+    assert [r["drop_reason"] for r in interleaved] == [
+        None, "http_404", "robots_disallowed", "opted_out", None, None, None, "bad_url", "bad_url"]
 
 
 def test_robots_and_retry_fields_are_in_the_recipe_hash_but_backoff_is_not():
