@@ -71,10 +71,17 @@ refreshes its leases every lease-timeout / 5 seconds) and the scheduler frees th
 The converse risk is distributed's documented overbooking: a worker whose event loop is blocked
 longer than the lease timeout (a task holding the GIL for 30 s) loses its leases while their
 requests may still be running, and the scheduler logs "Refreshing an unknown lease ID". Keep the
-lease timeout well above any GIL-holding stretch. Every slot costs two scheduler round trips
-(acquire, release), all served by the scheduler's one event loop: about 1,300 slots per second
-across a 2-process LocalCluster on a 2-core machine. For cluster-wide request rates well beyond
-what the scheduler can spare, partition the work by host instead.
+lease timeout well above any GIL-holding stretch.
+
+Cost: a lease from the scheduler costs two round trips (acquire, release), served by the
+scheduler's one event loop and each process's own: about 1.2 ms of CPU per slot in all on a
+2-process LocalCluster on a 2-core machine, a tenth of what downloading and resizing an image
+costs. So a lease is handed from one request of a process to the next one waiting there for the
+same host, at the moment it would have been released, up to MAX_HANDOFFS times in a row
+(`_pooled`): a busy host then costs about 0.15 ms per request. The bounds above are untouched (a
+hand-off is a release and a grant at the same instant, inside one process), and a process holds
+no lease that none of its threads waits for. For cluster-wide request rates well beyond what
+the scheduler can spare, partition the work by host instead.
 
 All limiters sharing a `namespace` must use the same limits: the scheduler refuses a second
 `max_concurrency` for a registered name (ValueError), and mixed hold times weaken the rate bound.
@@ -267,6 +274,94 @@ def _dask_gate(scheduler: Any, loop: Any, name: str, max_leases: int) -> _Gate:
     return _Gate(acquire, release, lambda: stop(current[0]))
 
 
+# A lease handed from one request of this process to the next, at most this many times in a row
+# before it goes back to the scheduler (where other processes' requests for the host queue).
+MAX_HANDOFFS = 16
+
+
+@dataclass(eq=False)
+class _Lease:
+    token: Any  # the scheduler's lease (the raw gate's token)
+    handoffs: int = 0
+
+
+def _pooled(raw: _Gate, max_leases: int) -> _Gate:
+    """`raw` (a scheduler-backed gate) with leases handed between this process's requests.
+
+    A request that ends gives its lease back at grant + hold (as before); when another thread of
+    this process is waiting for the same host, the lease goes straight to it instead of to the
+    scheduler, at most MAX_HANDOFFS times in a row. A busy host then costs scheduler round
+    trips once per MAX_HANDOFFS requests instead of twice per request (BENCHMARKS.md measures
+    it). The bounds stay as they were: each lease still covers one request at a time
+    (concurrency), and a lease handed on is granted again no sooner than hold after its last
+    grant (the hand-off happens where the release would have), so every chain of grants of one
+    scheduler lease keeps its H spacing (rate). Threads ask the scheduler only while this
+    process holds fewer than `max_leases` leases; a waiting thread is woken by a lease handed
+    to it, or when the process's count drops and it may ask. A lease nobody here waits for goes
+    back to the scheduler at once, so an idle process holds none."""
+    cond = threading.Condition()
+    idle: list[_Lease] = []
+    # leases held here (in use or idle); threads in raw.acquire; threads waiting on `cond`
+    state = {"held": 0, "asking": 0, "waiting": 0}
+
+    def surplus() -> list[_Lease]:
+        """Idle leases no waiter here will take (caller holds cond): to go to the scheduler."""
+        spare = len(idle) - state["waiting"]
+        out = [idle.pop() for _ in range(max(0, spare))]
+        state["held"] -= len(out)
+        return out
+
+    def give_up(leases: list[_Lease]) -> None:
+        for lease in leases:
+            raw.release(lease.token)
+
+    def acquire(timeout: float | None) -> _Lease | None:
+        due = None if timeout is None else time.monotonic() + timeout
+        with cond:
+            state["waiting"] += 1
+            try:
+                while True:
+                    if idle:
+                        lease = idle.pop(0)
+                        lease.handoffs += 1
+                        return lease
+                    if state["held"] + state["asking"] < max_leases:
+                        state["asking"] += 1
+                        break
+                    left = None if due is None else due - time.monotonic()
+                    if left is not None and left <= 0:
+                        return None
+                    cond.wait(left)
+            finally:
+                state["waiting"] -= 1
+                spare = surplus()
+        give_up(spare)
+        token = None
+        try:
+            token = raw.acquire(None if due is None else max(0.0, due - time.monotonic()))
+        finally:
+            with cond:
+                state["asking"] -= 1
+                if token is not None:
+                    state["held"] += 1
+                cond.notify()  # a waiter may ask in this thread's place
+                spare = surplus()
+            give_up(spare)
+        return None if token is None else _Lease(token)
+
+    def release(lease: _Lease) -> None:
+        with cond:
+            if lease.handoffs < MAX_HANDOFFS and state["waiting"] > len(idle):
+                idle.append(lease)  # a thread here waits for this host: hand it over
+                cond.notify()
+                return
+            state["held"] -= 1
+            cond.notify()
+        raw.release(lease.token)
+
+    return _Gate(acquire, release, raw.forget)
+
+
 def _local_gate(max_leases: int) -> _Gate:
     sem = threading.BoundedSemaphore(max_leases)
     return _Gate(lambda timeout: True if sem.acquire(timeout=timeout) else None, lambda _: sem.release())
@@ -314,7 +409,7 @@ class DomainLimiter:
             gate = _GATES.get(key)
             if gate is None:
                 gate = (_local_gate(self.max_concurrency) if cluster is None
-                        else _dask_gate(*cluster, name, self.max_concurrency))
+                        else _pooled(_dask_gate(*cluster, name, self.max_concurrency), self.max_concurrency))
                 _GATES[key] = gate
             else:
                 _GATES.move_to_end(key)

@@ -253,6 +253,82 @@ def test_hosts_do_not_block_each_other_across_processes(cluster_client: Any) -> 
     assert recorder.max_total == 2, "the two hosts never had a request in flight at the same time"
 
 
+def _acquired(name: str, dask_scheduler: Any = None) -> int:
+    return dask_scheduler.extensions["semaphores"].metrics["acquire_total"][name]
+
+
+def test_a_busy_host_hands_leases_on_within_a_process_and_back_to_the_cluster(cluster_client: Any) -> None:
+    """Leases go from one request of a process to the next (domains._pooled): a busy host costs
+    far fewer scheduler round trips than requests, the limit still holds, and after at most
+    MAX_HANDOFFS hand-offs a lease goes back to the scheduler, where the other process's
+    requests for the host wait: they are served while the busy process still has work."""
+    client = cluster_client
+    addrs = workers(client)
+    limiter = DomainLimiter(4, None, namespace="mm1-domain-test-handoff")
+    recorder = Recorder()
+    n_big, n_small = 240, 24
+    with recording_server(recorder, "busy", 0.01) as port:
+        futures = [
+            client.submit(burst, limiter, [("127.0.0.1", port)] * n, 8, tag, key=f"domains-handoff-{tag}",
+                          workers=[addr], pure=False)
+            for n, tag, addr in ((n_big, "big", addrs[0]), (n_small, "small", addrs[1]))
+        ]
+        results = client.gather(futures)
+    assert [r["statuses"] for r in results] == [[200] * n_big, [200] * n_small]
+    assert recorder.max_inflight["busy"] <= 4
+    acquired = client.run_on_scheduler(_acquired, limiter.semaphore_name("127.0.0.1"))
+    assert 0 < acquired <= (n_big + n_small) // 4, f"{acquired} scheduler acquires for {n_big + n_small} requests"
+    first_small = min(t for t, _, path in recorder.arrivals if "/small/" in path)
+    last_big = max(t for t, _, path in recorder.arrivals if "/big/" in path)
+    assert first_small < last_big, "the other process got no lease until the busy one was done"
+
+
+def test_handoffs_keep_the_limit_and_return_every_lease() -> None:
+    """The hand-off layer over a counting gate: never more than N leases out, far fewer raw
+    acquires than slots, nothing kept once nobody waits, and a waiter that times out leaves no
+    lease stranded in the idle list."""
+    raw_sem = threading.BoundedSemaphore(2)
+    counts = Counter()
+    lock = threading.Lock()
+
+    def raw_acquire(timeout: float | None) -> Any:
+        with lock:
+            counts["acquire"] += 1
+        return object() if raw_sem.acquire(timeout=timeout) else None
+
+    def raw_release(token: Any) -> None:
+        with lock:
+            counts["release"] += 1
+        raw_sem.release()
+
+    gate = domains._pooled(domains._Gate(raw_acquire, raw_release), 2)
+    inflight, worst = [0], [0]
+
+    def one(_: int) -> None:
+        lease = gate.acquire(WAIT)
+        assert lease is not None
+        with lock:
+            inflight[0] += 1
+            worst[0] = max(worst[0], inflight[0])
+        time.sleep(0.001)
+        with lock:
+            inflight[0] -= 1
+        gate.release(lease)
+
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(one, range(400)))
+    assert worst[0] == 2
+    assert counts["acquire"] == counts["release"] <= 400 // 4
+    assert all(raw_sem.acquire(blocking=False) for _ in range(2))  # every lease is back
+    raw_sem.release(), raw_sem.release()
+
+    # a waiter that times out while every lease is in use
+    a, b = gate.acquire(1), gate.acquire(1)
+    assert gate.acquire(0.05) is None
+    gate.release(a), gate.release(b)
+    assert all(raw_sem.acquire(blocking=False) for _ in range(2)), "a lease stayed idle with nobody waiting"
+
+
 # ---------------------------------------------------------------------------------------------
 # The process-local fallback (no Dask worker, no client)
 # ---------------------------------------------------------------------------------------------
