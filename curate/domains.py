@@ -464,7 +464,11 @@ class DomainLimiter:
                 finally:
                     self._done(gate)
 
-            _RELEASER.at(start + self.hold_s, release)
+            due = start + self.hold_s
+            if time.monotonic() >= due:
+                release()  # held long enough already (always, without a rate): no thread hop
+            else:
+                _RELEASER.at(due, release)
 
 
 class LimitedFetcher:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import functools
 import heapq
 import http.client
 import io
@@ -132,6 +133,7 @@ def _ips(ips: Sequence[str]) -> list[str]:
 _LEGACY_V4 = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}$", re.IGNORECASE)
 
 
+@functools.lru_cache(maxsize=4096)  # pure; a fetch asks again for each hop and its robots.txt
 def _literal(host: str) -> str | None:
     """The address an IP-literal host names, or None for a name. Legacy IPv4 spellings are
     decoded as the C resolver would (so `http://2130706433/` is 127.0.0.1 and is checked as
@@ -159,6 +161,7 @@ def _embedded_v4(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddre
     return addr.sixtofour
 
 
+@functools.lru_cache(maxsize=4096)  # pure: a host's few addresses are checked on every request
 def address_class(ip: str) -> str | None:
     """Why an address must not be fetched from ("loopback", "private", "link_local", "cgnat",
     "multicast", "reserved", "unspecified"), or None for a public address. An IPv6 address that
@@ -235,8 +238,9 @@ class _Target(NamedTuple):
     host_header: str
 
 
+@functools.lru_cache(maxsize=1024)  # pure: robots.txt's check, the gate and the fetch each parse it
 def _parse_url(url: str) -> _Target:
-    """Check and split an http(s) URL; everything else is `bad_url`."""
+    """Check and split an http(s) URL; everything else is `bad_url` (raised, so never cached)."""
     if not isinstance(url, str) or not url.strip():
         raise _Failure(BAD_URL, "empty URL")
     try:
