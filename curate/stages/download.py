@@ -40,10 +40,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
-from curate.contract import conform, image_digest
+from curate.contract import image_digest
 from curate.domains import DomainLimiter, LimitedFetcher, interleave_by_host
 from curate.fetch import (
     CONNECTION_ERROR,
@@ -55,7 +57,7 @@ from curate.fetch import (
     StaticResolver,
 )
 from curate.robots import ROBOTS_DISALLOWED, RobotsCache
-from curate.stages.base import STAGE_ERROR, Drop, RowStage, StageConfig, mark_dropped, register
+from curate.stages.base import STAGE_ERROR, Drop, RowStage, StageConfig, register
 
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
     (b"\xff\xd8\xff", 0, "jpg"),
@@ -203,25 +205,47 @@ class DownloadStage(RowStage):
             return Drop(STAGE_ERROR, f"{type(exc).__name__}: {exc}"), attempts
 
     def process(self, table: pa.Table) -> pa.Table:
+        """Fetch every live row that has a URL and no image yet. Columnar: only the columns a
+        fetch sets are rebuilt (the rest of the batch, captions and carried columns, is never
+        turned into Python objects)."""
         self.ensure_setup()
-        rows = table.to_pylist()
-        todo = [r for r in rows if not r.get("drop_reason") and r.get("image") is None]
-        urls = [r.get("url") or "" for r in todo]
+        todo_mask = pc.and_(pc.is_null(table.column("drop_reason")), pc.is_null(table.column("image")))
+        todo = pc.indices_nonzero(todo_mask).to_pylist()
+        if not todo:
+            return table
+        url_column = table.column("url").to_pylist()
+        urls = [url_column[i] or "" for i in todo]
         order = interleave_by_host(urls)  # the fetch order only: each outcome goes to its own row
-        outcomes = self.pool.map(self._fetch, [urls[i] for i in order])
-        for i, (result, attempts) in zip(order, outcomes):
-            row = todo[i]
-            row["attempts"] = (row.get("attempts") or 0) + attempts
+        outcomes: list[Any] = [None] * len(todo)
+        for k, outcome in zip(order, self.pool.map(self._fetch, [urls[k] for k in order])):
+            outcomes[k] = outcome
+        names = ("attempts", "drop_stage", "drop_reason", "drop_detail", "image_format", "image_sha256",
+                 "image_nbytes")
+        cols = {name: table.column(name).to_pylist() for name in names}
+        fetched_rows: list[int] = []
+        bodies: list[bytes] = []
+        for i, (result, attempts) in zip(todo, outcomes):
+            cols["attempts"][i] = (cols["attempts"][i] or 0) + attempts
+            if isinstance(result, FetchResult) and not result.ok:
+                result = Drop(result.reason, result.detail)
             if isinstance(result, Drop):
-                mark_dropped(row, self.name, result)
-            elif not result.ok:
-                mark_dropped(row, self.name, Drop(result.reason, result.detail))
-            else:
-                body = result.body
-                row.update(
-                    image=body,
-                    image_format=sniff_image_format(body),
-                    image_sha256=image_digest(body),
-                    image_nbytes=len(body),
-                )
-        return conform(pa.Table.from_pylist(rows, schema=table.schema), table.schema)
+                cols["drop_stage"][i], cols["drop_reason"][i], cols["drop_detail"][i] = (
+                    self.name, result.reason, result.detail)
+                continue
+            body = result.body
+            cols["image_format"][i] = sniff_image_format(body)
+            cols["image_sha256"][i] = image_digest(body)
+            cols["image_nbytes"][i] = len(body)
+            fetched_rows.append(i)
+            bodies.append(body)
+        for name, values in cols.items():
+            i = table.schema.get_field_index(name)
+            table = table.set_column(i, table.schema.field(i), pa.array(values, table.schema.field(i).type))
+        if bodies:
+            i = table.schema.get_field_index("image")
+            mask = np.zeros(table.num_rows, dtype=bool)
+            mask[fetched_rows] = True
+            image = pc.replace_with_mask(table.column(i).combine_chunks(), pa.array(mask),
+                                         pa.array(bodies, table.schema.field(i).type))
+            table = table.set_column(i, table.schema.field(i), image)
+        return table
