@@ -305,6 +305,7 @@ def _retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) -
         "segment": seg,
         "dropped": dropped,
         "changed": changed,
+        **({"summary": stage.summary()} if stage.summary() else {}),
         "state": {
             "decisions": job.decisions_dir(seg).relative_to(job.out).as_posix(),
             "input": job.global_input_dir(seg).relative_to(job.out).as_posix(),

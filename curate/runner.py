@@ -265,6 +265,7 @@ def run_global(job: Job, seg: int) -> dict[str, Any]:
         "fingerprint": fp,
         "segment": seg,
         "dropped": dropped,
+        **({"summary": stage.summary()} if stage.summary() else {}),
         # where its decisions and inputs live, relative to the output: a retry round reads them
         "state": _global_state(job, seg),
     }

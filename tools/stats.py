@@ -36,6 +36,7 @@ WORD_EDGES = (2, 5, 10, 20, 50, 100)
 TEXT_EDGES = (100, 1_000, 10_000, 100_000)
 COUNT_EDGES = (1, 2, 4, 8, 16, 32)
 ATTEMPT_EDGES = (2, 3, 4, 6)
+SCORE_EDGES = (0.0, 0.1, 0.2, 0.25, 0.28, 0.3, 0.35, 0.4, 0.5)  # CLIP/DFN cosine, language confidence
 
 _DOC_IMAGE = r"^[^.]+\.\d+\.(?P<ext>" + "|".join(IMAGE_EXTENSIONS) + ")$"
 _LEDGER_COLUMNS = ["id", "kind", "source", "domain", "outcome", "stage", "drop_reason", "drop_detail", "attempts"]
@@ -142,9 +143,15 @@ def _kind_stats(out: Path, kind: str, shards: list[dict[str, Any]],
         acc.setdefault(name, Counts()).add(values)
 
     withdrawn = withdrawn or {}
+    scores: dict[str, Counts] = {}
     for shard in shards:
         path = out / shard["sidecar"]
         gone = withdrawn.get(shard["name"])
+        floats = [f.name for f in pq.read_schema(path) if pa.types.is_floating(f.type)]
+        if floats:
+            t = _read_sidecar(path, floats, gone)
+            for name in floats:
+                scores.setdefault(name, Counts()).add(t[name])
         if kind == "pair":
             t = _read_sidecar(path, ["width", "height", "image_nbytes", "image_format", "caption", "caption_chars"], gone)
             add("width", t["width"])
@@ -179,6 +186,8 @@ def _kind_stats(out: Path, kind: str, shards: list[dict[str, Any]],
         "text": ["text_chars"],
     }[kind]
     result: dict[str, Any] = {name: acc.get(name, Counts()).summary(edges[name]) for name in names}
+    # every float column a stage added (CLIP/DFN scores, language confidence): its distribution
+    result["scores"] = {name: c.summary(SCORE_EDGES) for name, c in sorted(scores.items())}
     if kind != "text":
         result["image_formats"] = dict(sorted(formats.items(), key=lambda kv: (-kv[1], kv[0])))
     return result
@@ -332,6 +341,8 @@ def format_stats(stats: dict[str, Any]) -> str:
         for name, d in k.items():
             if isinstance(d, dict) and "histogram" in d:
                 lines += _dist_lines(name, d)
+        for name, d in k.get("scores", {}).items():
+            lines += _dist_lines(name, d)
         if k.get("image_formats"):
             lines.append("  image formats      " + "  ".join(f"{f}:{n:,}" for f, n in k["image_formats"].items()))
     dom = stats["domains"]

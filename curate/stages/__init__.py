@@ -17,10 +17,12 @@ from curate.stages.base import (
 )
 
 # Imported to register their stages, one module a line.
+from curate.stages import clip  # noqa: F401
 from curate.stages import filters  # noqa: F401
 from curate.stages import dedup  # noqa: F401
 from curate.stages import download  # noqa: F401
 from curate.stages import image  # noqa: F401
 from curate.stages import language  # noqa: F401
+from curate.stages import scores  # noqa: F401
 
 __all__ = ["STAGES", "Drop", "Filter", "GlobalStage", "RowStage", "Stage", "StageConfig", "build_stage", "register"]

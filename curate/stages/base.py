@@ -131,6 +131,10 @@ class GlobalStage(Stage):
     def decide(self, live: Any) -> Any:
         raise NotImplementedError
 
+    def summary(self) -> dict[str, Any]:
+        """Facts of the last `decide` for the manifest (a cutoff, counts): small, JSON-able."""
+        return {}
+
 
 def mark_dropped(row: dict[str, Any], stage: str, drop: Drop) -> None:
     row["drop_stage"] = stage

@@ -228,7 +228,7 @@ def _orientation(img: Image.Image) -> int:
     return value if value in _TRANSPOSE_FOR_ORIENTATION else 1
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB from any decoded mode: alpha composited on white (as img2dataset does), 16-bit
     scaled down (Pillow's own conversion would clip everything above 255 to white; 32-bit integer
     images are read as 16-bit, which is what PNG and TIFF hold in practice)."""
@@ -316,7 +316,7 @@ def transform_image(data: bytes, config: ImageConfig) -> Encoded | Drop:
         ):
             return Encoded(data, ext, (width, height), (width, height))
         try:
-            pixels = _to_rgb(img)
+            pixels = to_rgb(img)
         except ValueError as exc:  # a mode Pillow cannot convert to RGB (LAB, HSV, multiband TIFF)
             return Drop(UNSUPPORTED_FORMAT, f"{fmt} in mode {img.mode}: {exc}")
         if orientation != 1:

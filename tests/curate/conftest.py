@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -213,10 +214,11 @@ def _stop_groups(procs: list[subprocess.Popen]) -> None:
             proc.wait(timeout=30)
 
 
-@pytest.fixture
-def external_scheduler(tmp_path: Path) -> Iterator[str]:
-    """A `dask scheduler` and two single-threaded `dask worker`s bound to 127.0.0.1; yields the scheduler address once both workers have registered,
-    and always stops all three."""
+@contextmanager
+def dask_processes(tmp_path: Path, worker_args: list[tuple[str, ...]]) -> Iterator[str]:
+    """A `dask scheduler` and one single-threaded `dask worker` per entry of `worker_args` (extra
+    flags, e.g. ("--resources", "FAKEGPU=1")), all bound to 127.0.0.1; yields the scheduler address
+    once every worker has registered, and always stops them all."""
     from distributed import Client
 
     wait = 300
@@ -235,12 +237,27 @@ def external_scheduler(tmp_path: Path) -> Iterator[str]:
         # --no-dashboard still starts each process's HTTP server: keep it on loopback
         http = ("--no-dashboard", "--dashboard-address", "127.0.0.1:0")
         start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", str(port), *http)
-        for i in range(2):
+        for i, extra in enumerate(worker_args):
             start(f"worker{i}", "worker", address, "--nthreads", "1", "--nworkers", "1",
-                  "--host", "127.0.0.1", *http, "--memory-limit", "2GiB")
+                  "--host", "127.0.0.1", *http, "--memory-limit", "2GiB", *extra)
         with Client(address, timeout=wait) as client:
-            client.wait_for_workers(2, timeout=wait)
+            client.wait_for_workers(len(worker_args), timeout=wait)
         yield address
     finally:
         _stop_groups(procs[1:])  # workers first, then the scheduler
         _stop_groups(procs[:1])
+
+
+@pytest.fixture
+def external_scheduler(tmp_path: Path) -> Iterator[str]:
+    """A `dask scheduler` and two single-threaded `dask worker`s bound to 127.0.0.1."""
+    with dask_processes(tmp_path, [(), ()]) as address:
+        yield address
+
+
+@pytest.fixture
+def fake_gpu_cluster(tmp_path: Path) -> Iterator[str]:
+    """Like external_scheduler, but the first worker advertises a made-up resource, FAKEGPU=1
+    (what a GPU worker advertises as GPU=1): placement is tested without a GPU."""
+    with dask_processes(tmp_path, [("--resources", "FAKEGPU=1"), ()]) as address:
+        yield address
