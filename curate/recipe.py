@@ -113,9 +113,9 @@ class Recipe(_Strict):
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", n):
                 raise ValueError(f"source name {n!r}: use letters, digits, '_', '-', '.' only")
         kinds = {SOURCES[s.kind].record_kind for s in self.sources}
-        stage_names = [STAGES[s.kind].name for s in self.stages]
+        stage_names = [s.name or STAGES[s.kind].name for s in self.stages]
         if len(set(stage_names)) != len(stage_names):
-            raise ValueError(f"each stage may appear once, got {stage_names}")
+            raise ValueError(f"each stage may appear once (give a repeated kind a `name`), got {stage_names}")
         for i, s in enumerate(self.stages):
             if not kinds & set(STAGES[s.kind].kinds):
                 raise ValueError(
@@ -136,6 +136,8 @@ class Recipe(_Strict):
         data["output"].pop("path")
         for cfg, stage in zip(self.stages, data["stages"]):
             stage.pop("resources", None)
+            if stage.get("name") is None:  # unnamed: hashes as before the field existed
+                stage.pop("name", None)
             for name, field in type(cfg).model_fields.items():  # e.g. a downloader's threads
                 extra = field.json_schema_extra
                 if isinstance(extra, dict) and extra.get("execution_only"):

@@ -37,6 +37,9 @@ class StageConfig(BaseModel):
     # Named Dask worker resources a task running this stage holds, e.g. {"GPU": 1}. CPU stages
     # leave it empty: every worker runs them, its thread count bounds their concurrency.
     resources: dict[str, float] = Field(default_factory=dict)
+    # The stage's name in the ledger (`stage` of a drop) and the manifest; defaults to the kind's
+    # name. Set it to use one kind twice in a recipe (two CLIP models scoring the same pairs).
+    name: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]*$")
 
 
 class Drop(NamedTuple):
@@ -60,6 +63,8 @@ class Stage:
     def __init__(self, config: StageConfig):
         self.config = config
         self._ready = False
+        if config.name:
+            self.name = config.name  # type: ignore[misc]  # the recipe's name for this instance
 
     @property
     def resources(self) -> dict[str, float]:
