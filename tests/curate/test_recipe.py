@@ -120,3 +120,19 @@ def test_parse_bytes():
     assert parse_bytes(512) == 512
     with pytest.raises(ValueError):
         parse_bytes("lots")
+
+
+def test_a_kind_runs_twice_only_under_distinct_names():
+    two = [{"kind": "image"}, {"kind": "score_filter", "column": "a_score", "min_score": 0.1},
+           {"kind": "score_filter", "column": "b_score", "min_score": 0.2}]
+    with pytest.raises(RecipeError, match="give a repeated kind a `name`"):
+        parse_recipe(_minimal(stages=two))
+    two[2] = {**two[2], "name": "b_filter"}
+    recipe = parse_recipe(_minimal(stages=two))
+    from curate.stages.base import build_stage
+
+    assert [build_stage(c).name for c in recipe.stages] == ["image", "score_filter", "b_filter"]
+    # an unnamed stage hashes as it did before stages could be named
+    assert "name" not in recipe.determining()["stages"][0]
+    with pytest.raises(RecipeError, match=r"stages\.2\.score_filter\.name"):
+        parse_recipe(_minimal(stages=[*two[:2], {**two[2], "name": "Bad Name"}]))
