@@ -1,0 +1,372 @@
+"""Near-duplicate grouping through Dask: candidate pairs by banding, verification, connected
+components, one kept per group. Independent of what the rows are compared on: perceptual hashes
+(`curate.stages.phash`) and embeddings use the same four steps.
+
+    live ──band_pairs──► candidates ──verify_pairs──► edges ──components──► groups ──keep_best──► drops
+    [id, bands...]       [id_a, id_b]                 [id_a, id_b]          [id, group]          decisions
+
+Contracts shared by every step:
+- Ids are strings, compared as strings: "smallest id" is the lexicographically smallest.
+- A pair is unordered and written once, with `id_a < id_b`.
+- Every result is a set that depends only on the rows, never on how they are partitioned or on
+  the worker count, so the decisions are deterministic (the GlobalStage contract).
+- Only small columns (ids, band keys and the columns a verification reads) move through the
+  shuffles; nothing is collected on the client except counts.
+
+Banding. Rows that share a value in the same band column are candidates (a self-join on
+(band, key), after a shuffle on it: never all pairs). A caller chooses band keys so that every
+pair it wants to find shares at least one of them (for Hamming distance, `hamming_band_keys`
+guarantees it). A bucket (rows with one band key) holding more than `max_bucket` rows is
+pathological (a blank image's hash, a degenerate embedding) and would give a quadratic number of
+pairs; such a bucket is sorted by (`order`, id) and each row is paired only with its next
+`window` rows. Rows with equal `order` values are therefore always chained into one component
+(equality is transitive, so a chain of consecutive ids is enough), and unequal ones are found only
+when they sort within `window` of each other: the recall guarantee of the banding holds for
+buckets within the cap.
+
+Components. Iterative min-label propagation with root hooking and pointer jumping (Shiloach-
+Vishkin's idea on dataframes): every node starts labelled with the smallest id among itself and
+its neighbours; each round, a node takes the smallest label among its neighbours, the node its
+label names takes it too (hooking), and every node jumps to its label's label. Labels only
+decrease and are always ids of the same component, so when a round changes nothing, every node
+carries its component's smallest id. Hooking and jumping make a long chain converge in a few
+rounds instead of one round per hop. Each round is a few merges and group-bys on the cluster and
+one count brought back.
+
+Keep rule (`keep_best`): within a group, the row with the highest `score_column` (higher is
+better; null and NaN rank last), ties and unscored groups broken by the smallest id; every other
+member is dropped with code `duplicate` and a detail naming the kept id.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from curate.stages.dedup import DUPLICATE
+
+# A verification: the left and right rows of candidate pairs (the columns a caller asked for,
+# aligned by position) -> a boolean array, True where the pair is a near duplicate. Vectorised:
+# it sees a whole partition of pairs at once. Shipped to workers, so it must pickle.
+Accept = Callable[[pd.DataFrame, pd.DataFrame], np.ndarray]
+
+DEFAULT_MAX_BUCKET = 256  # rows in one bucket before it is windowed: at most ~32k pairs a bucket
+DEFAULT_WINDOW = 16  # pairs per row in a bucket over the cap
+EDGES_PER_PARTITION = 2_000_000  # in the connected-components rounds: small columns, ~100 MB
+
+
+# ---------------------------------------------------------------------------------------------
+# Band keys for binary codes under Hamming distance
+# ---------------------------------------------------------------------------------------------
+
+
+def block_masks(bits: int, blocks: int) -> list[int]:
+    """`bits` split into `blocks` contiguous runs, as even as possible (the longer ones first),
+    each as an integer mask, from the most significant bits down."""
+    if not 0 < blocks <= bits:
+        raise ValueError(f"blocks must be in 1..{bits}, got {blocks}")
+    sizes = [bits // blocks + (1 if i < bits % blocks else 0) for i in range(blocks)]
+    masks, top = [], bits
+    for size in sizes:
+        masks.append(((1 << size) - 1) << (top - size))
+        top -= size
+    return masks
+
+
+def hamming_band_masks(max_distance: int, blocks: int, bits: int = 64) -> list[int]:
+    """The masks of the band keys that find every pair of `bits`-bit codes within
+    `max_distance` of each other: the code is cut into `blocks` blocks and each key is one
+    combination of `blocks - max_distance` of them (C(blocks, max_distance) keys).
+
+    Why it is exact (pigeonhole): codes that differ in at most `max_distance` bits differ in at
+    most `max_distance` blocks, so at least `blocks - max_distance` blocks are equal, and the key
+    made of those blocks is equal. `blocks = max_distance + 1` is classic banding (one block a key,
+    fewest keys, shortest keys); more blocks give longer keys, hence far fewer chance collisions
+    between unrelated codes, for more keys a row (multi-index hashing)."""
+    if not 0 <= max_distance < blocks:
+        raise ValueError(f"need 0 <= max_distance < blocks, got max_distance={max_distance}, blocks={blocks}")
+    masks = block_masks(bits, blocks)
+    return [
+        sum(masks[i] for i in combo)
+        for combo in itertools.combinations(range(blocks), blocks - max_distance)
+    ]
+
+
+def hamming_band_keys(codes: np.ndarray, masks: Sequence[int]) -> np.ndarray:
+    """Band keys of 64-bit codes (int64 or uint64, any sign): an (n, len(masks)) int64 array,
+    column j = code AND masks[j]. Two codes share key j iff they agree on the bits of mask j."""
+    codes = np.asarray(codes).astype(np.int64, copy=False).view(np.uint64)
+    mask_array = np.array(masks, dtype=np.uint64)
+    return (codes[:, None] & mask_array[None, :]).view(np.int64)
+
+
+_POPCOUNT16 = np.array([bin(i).count("1") for i in range(1 << 16)], dtype=np.uint8)
+
+
+def hamming_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bitwise Hamming distance of 64-bit codes (elementwise), as int64."""
+    x = np.bitwise_xor(np.asarray(a).astype(np.int64), np.asarray(b).astype(np.int64)).view(np.uint64)
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(x).astype(np.int64)
+    parts = [(x >> np.uint64(s)) & np.uint64(0xFFFF) for s in (0, 16, 32, 48)]
+    return sum(_POPCOUNT16[p.astype(np.intp)].astype(np.int64) for p in parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates
+# ---------------------------------------------------------------------------------------------
+
+
+def _melt_bands(df: pd.DataFrame, bands: list[str], order: str | None) -> pd.DataFrame:
+    """One row per (row, band) with a non-null key: band (its index), key, order, id."""
+    pieces = []
+    for i, column in enumerate(bands):
+        keys = df[column]
+        present = keys.notna().to_numpy()
+        pieces.append(pd.DataFrame({
+            "band": np.full(int(present.sum()), i, dtype=np.int32),
+            "key": keys[present].astype(np.int64).to_numpy(),
+            "order": (df[order] if order else df["id"])[present].to_numpy(),
+            "id": df["id"][present].to_numpy(),
+        }))
+    return pd.concat(pieces, ignore_index=True)
+
+
+def _ordered(a: pd.Series, b: pd.Series) -> pd.DataFrame:
+    a, b = a.reset_index(drop=True), b.reset_index(drop=True)
+    swap = (b < a).to_numpy()
+    return pd.DataFrame({"id_a": a.where(~swap, b), "id_b": b.where(~swap, a)})
+
+
+def _bucket_pairs(long: pd.DataFrame, max_bucket: int, window: int) -> pd.DataFrame:
+    """The pairs of one shuffled partition (every bucket in it is whole)."""
+    long = long.sort_values(["band", "key", "order", "id"], kind="stable", ignore_index=True)
+    size = long.groupby(["band", "key"], sort=False)["id"].transform("size").to_numpy()
+    pieces = []
+    small = long.loc[(size > 1) & (size <= max_bucket), ["band", "key", "id"]]
+    if len(small):
+        joined = small.merge(small, on=["band", "key"], suffixes=("_a", "_b"))
+        pieces.append(joined.loc[joined["id_a"] < joined["id_b"], ["id_a", "id_b"]])
+    big = long.loc[size > max_bucket].reset_index(drop=True)
+    if len(big):
+        band, key, ids = big["band"].to_numpy(), big["key"].to_numpy(), big["id"]
+        for step in range(1, min(window, len(big) - 1) + 1):
+            same = (band[step:] == band[:-step]) & (key[step:] == key[:-step])
+            pieces.append(_ordered(ids[:-step][same], ids[step:][same]))
+    if not pieces:
+        return pd.DataFrame({"id_a": long["id"].iloc[:0], "id_b": long["id"].iloc[:0]})
+    return pd.concat(pieces, ignore_index=True).drop_duplicates(ignore_index=True)
+
+
+def band_pairs(
+    live: Any,
+    bands: list[str],
+    *,
+    order: str | None = None,
+    max_bucket: int = DEFAULT_MAX_BUCKET,
+    window: int = DEFAULT_WINDOW,
+) -> Any:
+    """Candidate pairs: rows of `live` (a dask dataframe with `id` and the integer `bands`
+    columns) that share a non-null value in the same band column. Returns a dask dataframe
+    `[id_a, id_b]` with `id_a < id_b`, each pair once.
+
+    A bucket of more than `max_bucket` rows is sorted by (`order`, id) (by id alone when `order`
+    is None) and each row is paired with its next `window` rows only (see the module docstring):
+    pairs stay linear in the bucket size, and rows with equal `order` still end in one component.
+    """
+    if not bands:
+        raise ValueError("band_pairs needs at least one band column")
+    if max_bucket < 2 or window < 1:
+        raise ValueError(f"need max_bucket >= 2 and window >= 1, got {max_bucket}, {window}")
+    n = max(1, live.npartitions)
+    columns = list(dict.fromkeys(["id", *bands, *([order] if order else [])]))
+    id_dtype = live.dtypes["id"]
+    meta = pd.DataFrame({
+        "band": pd.Series(dtype=np.int32),
+        "key": pd.Series(dtype=np.int64),
+        "order": pd.Series(dtype=live.dtypes[order] if order else id_dtype),
+        "id": pd.Series(dtype=id_dtype),
+    })
+    long = live[columns].map_partitions(_melt_bands, bands, order, meta=meta)
+    long = long.shuffle(on=["band", "key"], npartitions=n)
+    pair_meta = pd.DataFrame({"id_a": pd.Series(dtype=id_dtype), "id_b": pd.Series(dtype=id_dtype)})
+    pairs = long.map_partitions(_bucket_pairs, max_bucket, window, meta=pair_meta)
+    return pairs.drop_duplicates(split_out=n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------------------------
+
+
+def _accepted(df: pd.DataFrame, columns: list[str], accept: Accept) -> pd.DataFrame:
+    left = df[[f"{c}_a" for c in columns]].set_axis(columns, axis=1).reset_index(drop=True)
+    right = df[[f"{c}_b" for c in columns]].set_axis(columns, axis=1).reset_index(drop=True)
+    keep = np.asarray(accept(left, right), dtype=bool) if len(df) else np.zeros(0, dtype=bool)
+    if keep.shape != (len(df),):
+        raise ValueError(f"accept returned shape {keep.shape} for {len(df)} pairs")
+    return df.loc[keep, ["id_a", "id_b"]]
+
+
+def verify_pairs(live: Any, pairs: Any, columns: list[str], accept: Accept) -> Any:
+    """The candidate `pairs` (`[id_a, id_b]`) that `accept` confirms, judged on `columns` of
+    `live` (joined onto both ends by id; rows missing from `live` drop the pair). Returns
+    `[id_a, id_b]`, a subset of `pairs`."""
+    n = max(1, pairs.npartitions)
+    features = live[["id", *columns]]
+    both = pairs
+    for end in ("a", "b"):
+        renamed = features.rename(columns={"id": f"id_{end}", **{c: f"{c}_{end}" for c in columns}})
+        both = both.merge(renamed, on=f"id_{end}", how="inner", npartitions=n)
+    return both.map_partitions(_accepted, columns, accept, meta=pairs._meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Connected components
+# ---------------------------------------------------------------------------------------------
+
+
+def _min_by(frame: Any, key: str, value: str, name: str, n: int) -> Any:
+    """`[id, name]`: the smallest `value` per `key`."""
+    out = frame.groupby(key)[value].min(split_out=n).reset_index()
+    return out.rename(columns={key: "id", value: name})
+
+
+def _lower(df: pd.DataFrame, base: str, other: str, out: str) -> pd.DataFrame:
+    """`out` = the smaller of `base` and `other` (a missing `other` offers nothing)."""
+    b, o = df[base], df[other]
+    smaller = (o.notna() & (o < b).fillna(False)).to_numpy(dtype=bool)
+    return df.assign(**{out: b.where(~smaller, o)}).drop(columns=[other])
+
+
+def components(edges: Any, *, max_rounds: int = 100, stats: dict[str, int] | None = None) -> Any:
+    """Connected components of the undirected graph of `edges` (`[id_a, id_b]`). Returns
+    `[id, group]` for every id that appears in an edge (ids in no edge are singletons and are
+    left out), `group` being the smallest id of its component; persisted on the cluster.
+
+    Raises RuntimeError if it has not converged after `max_rounds` rounds (not expected: hooking
+    and jumping make the rounds grow like the logarithm of a component's size, and a round that
+    changes nothing ends the loop). When `stats` is a dict, it receives `rounds`."""
+    import dask.dataframe as dd
+
+    directed = dd.concat([
+        edges.rename(columns={"id_a": "src", "id_b": "dst"}),
+        edges.rename(columns={"id_b": "src", "id_a": "dst"}),
+    ])
+    # Few partitions when there are few edges (the usual case: most rows have no near duplicate):
+    # every round is a handful of shuffles, whose task count grows with the partition count.
+    n = min(edges.npartitions, max(1, -(-int(directed.shape[0].compute()) // EDGES_PER_PARTITION)))
+    directed = directed.repartition(npartitions=n).persist()
+    # Start: each node labelled with the smallest of itself and its neighbours.
+    labels = _min_by(directed, "src", "dst", "offered", n)
+    labels = labels.assign(label=labels["id"]).map_partitions(_lower, "label", "offered", "label")
+    labels = labels.persist()
+    for rounds in range(1, max_rounds + 1):
+        # Each step is persisted: the steps reuse each other's results, and dask's expression
+        # optimiser walks a reused expression once per use (seconds a round when chained).
+        # Propagate: a node takes the smallest label among its neighbours.
+        spread = directed.merge(labels.rename(columns={"id": "src"}), on="src", how="inner", npartitions=n)
+        offered = _min_by(spread, "dst", "label", "offered", n)
+        step = labels.merge(offered, on="id", how="left", npartitions=n)
+        step = step.map_partitions(_lower, "label", "offered", "best").persist()
+        # Hook: the node a label names takes the smallest label its followers were offered.
+        hooks = _min_by(step[step["best"] < step["label"]], "label", "best", "offered", n)
+        step = step.merge(hooks, on="id", how="left", npartitions=n)
+        step = step.map_partitions(_lower, "best", "offered", "best").persist()
+        # Jump: every node moves on to its label's label.
+        parents = step[["id", "best"]].rename(columns={"id": "best", "best": "offered"})
+        step = step.merge(parents, on="best", how="left", npartitions=n)
+        step = step.map_partitions(_lower, "best", "offered", "best").persist()
+        changed = int((step["best"] != step["label"]).sum().compute())
+        labels = step[["id", "best"]].rename(columns={"best": "label"}).persist()
+        if changed == 0:
+            if stats is not None:
+                stats["rounds"] = rounds
+            return labels.rename(columns={"label": "group"})
+    raise RuntimeError(f"connected components did not converge in {max_rounds} rounds")
+
+
+# ---------------------------------------------------------------------------------------------
+# Keeping one per group
+# ---------------------------------------------------------------------------------------------
+
+
+def _drop_all_but_best(members: pd.DataFrame, score_column: str | None, detail: str) -> pd.DataFrame:
+    """The decisions of one shuffled partition (every group in it is whole)."""
+    members = members.reset_index(drop=True)
+    if score_column:
+        # NaN ranks with nulls (last): a failed score is no score
+        score = pd.to_numeric(members[score_column], errors="coerce").astype("float64")
+        ranked = members.assign(_score=score).sort_values(
+            ["group", "_score", "id"], ascending=[True, False, True], na_position="last",
+            kind="stable", ignore_index=True)
+    else:
+        ranked = members.sort_values(["group", "id"], kind="stable", ignore_index=True)
+    ids = ranked["id"].to_numpy(dtype=object)
+    first = ~ranked["group"].duplicated().to_numpy()  # the best of each group: its first row
+    kept_id = ids[np.flatnonzero(first)[np.cumsum(first) - 1]]
+    dups = ~first
+    prefix, _, suffix = detail.partition("{kept}")
+    return pd.DataFrame({
+        "id": ids[dups],
+        "_partition": ranked["_partition"].to_numpy()[dups],
+        "drop_reason": DUPLICATE,
+        "drop_detail": [f"{prefix}{k}{suffix}" for k in kept_id[dups]],
+    })
+
+
+def keep_best(live: Any, groups: Any, score_column: str | None, detail: str) -> Any:
+    """The drop decisions of near-dedup groups: in each group of `groups` (`[id, group]`), all
+    but the best row by the keep rule (highest `score_column`, nulls and NaN last, then smallest
+    id), with code `duplicate` and `detail` (where `{kept}` becomes the kept id). `live` supplies
+    `_partition` and the score. Returns the GlobalStage decision columns."""
+    n = max(1, groups.npartitions)
+    wanted = ["id", "_partition", *([score_column] if score_column else [])]
+    members = groups.merge(live[wanted], on="id", how="inner", npartitions=n)
+    members = members.shuffle(on="group", npartitions=n)
+    meta = pd.DataFrame({
+        "id": pd.Series(dtype=live.dtypes["id"]),
+        "_partition": pd.Series(dtype=live.dtypes["_partition"]),
+        "drop_reason": pd.Series(dtype=object),
+        "drop_detail": pd.Series(dtype=object),
+    })
+    return members.map_partitions(_drop_all_but_best, score_column, detail, meta=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# All four steps
+# ---------------------------------------------------------------------------------------------
+
+
+def near_duplicate_decisions(
+    live: Any,
+    *,
+    bands: list[str],
+    columns: list[str],
+    accept: Accept,
+    detail: str,
+    score_column: str | None = None,
+    order: str | None = None,
+    max_bucket: int = DEFAULT_MAX_BUCKET,
+    window: int = DEFAULT_WINDOW,
+    stats: dict[str, int] | None = None,
+) -> Any:
+    """Band, verify, group and keep one: the decisions of a near-dedup GlobalStage over `live`
+    (which holds `id`, `_partition`, the `bands`, the `columns` that `accept` reads and the
+    optional `score_column`). When `stats` is a dict, it receives `candidate_pairs`,
+    `verified_pairs`, `grouped_rows` and `groups`, counted on the cluster."""
+    candidates = band_pairs(live, bands, order=order, max_bucket=max_bucket, window=window).persist()
+    edges = verify_pairs(live, candidates, columns, accept).persist()
+    groups = components(edges)
+    if stats is not None:
+        import dask
+
+        counts = dask.compute(
+            candidates.shape[0], edges.shape[0], groups.shape[0], groups["group"].nunique(),
+        )
+        stats.update(zip(("candidate_pairs", "verified_pairs", "grouped_rows", "groups"), map(int, counts)))
+    return keep_best(live, groups, score_column, detail)
