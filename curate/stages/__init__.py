@@ -23,6 +23,8 @@ from curate.stages import dedup  # noqa: F401
 from curate.stages import download  # noqa: F401
 from curate.stages import image  # noqa: F401
 from curate.stages import language  # noqa: F401
+from curate.stages import phash  # noqa: F401
+from curate.stages import decontaminate  # noqa: F401
 from curate.stages import scores  # noqa: F401
 
 __all__ = ["STAGES", "Drop", "Filter", "GlobalStage", "RowStage", "Stage", "StageConfig", "build_stage", "register"]

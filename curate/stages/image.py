@@ -199,7 +199,7 @@ def plan_geometry(width: int, height: int, mode: str, size: int, only_if_bigger:
 # ---------------------------------------------------------------------------------------------
 
 
-def _describe(exc: BaseException, data: bytes) -> str:
+def describe_decode_error(exc: BaseException, data: bytes) -> str:
     """An exception as a deterministic drop detail (no memory addresses; what the bytes look like
     when Pillow cannot tell, since an HTML error page served as an image is the common case)."""
     if isinstance(exc, UnidentifiedImageError):
@@ -243,6 +243,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def oriented_rgb(img: Image.Image, exif_transpose: bool = True) -> Image.Image:
+    """The pixels of a loaded image as this stage sees them before resizing: 8-bit RGB (alpha on
+    white, 16-bit scaled down), EXIF orientation applied. For stages that look at pixels of
+    images the image stage may not have normalised (perceptual hashes of eval sets). Raises
+    ValueError for a mode Pillow cannot convert to RGB."""
+    pixels = to_rgb(img)
+    orientation = _orientation(img) if exif_transpose else 1
+    if orientation != 1:
+        pixels = pixels.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
+    return pixels
+
+
 def _apply(img: Image.Image, geometry: Geometry) -> Image.Image:
     if geometry.resize is not None:
         upscale = geometry.resize[0] > img.width
@@ -276,7 +288,7 @@ def transform_image(data: bytes, config: ImageConfig) -> Encoded | Drop:
     except Image.DecompressionBombError as exc:
         return Drop(TOO_MANY_PIXELS, str(exc))
     except Exception as exc:  # noqa: BLE001 - any failure to parse untrusted bytes is a decode error
-        return Drop(DECODE_ERROR, _describe(exc, data))
+        return Drop(DECODE_ERROR, describe_decode_error(exc, data))
     with img:
         fmt = (img.format or "").lower()
         fmt = _FORMAT_ALIASES.get(fmt, fmt)
@@ -299,7 +311,7 @@ def transform_image(data: bytes, config: ImageConfig) -> Encoded | Drop:
         except Image.DecompressionBombError as exc:  # a frame or tile bigger than the header said
             return Drop(TOO_MANY_PIXELS, str(exc))
         except Exception as exc:  # noqa: BLE001 - truncated or corrupt data, whatever Pillow raises
-            return Drop(DECODE_ERROR, _describe(exc, data))
+            return Drop(DECODE_ERROR, describe_decode_error(exc, data))
         orientation = _orientation(img) if config.exif_transpose else 1
         if orientation in (5, 6, 7, 8):
             width, height = height, width
