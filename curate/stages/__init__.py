@@ -26,5 +26,6 @@ from curate.stages import language  # noqa: F401
 from curate.stages import phash  # noqa: F401
 from curate.stages import decontaminate  # noqa: F401
 from curate.stages import scores  # noqa: F401
+from curate.stages import semantic  # noqa: F401
 
 __all__ = ["STAGES", "Drop", "Filter", "GlobalStage", "RowStage", "Stage", "StageConfig", "build_stage", "register"]

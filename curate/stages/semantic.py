@@ -1,0 +1,200 @@
+"""Embedding-based stages: semantic image dedup, and eval-set decontamination by embedding.
+
+`semantic_dedup`: images whose embeddings (from `clip_score`) are closer than a cosine threshold
+are one group; one is kept per group. A global stage through Dask (curate/stages/neardup.py's
+four steps), never an all-pairs matrix.
+
+Candidates by random-hyperplane LSH (SimHash): `bands` x `bits_per_band` fixed random
+hyperplanes (drawn from `seed`, so every worker and every run uses the same ones); a row's key
+in band b is the sign pattern of its embedding against that band's planes. Two embeddings at
+angle t agree on one plane with probability 1 - t/pi, so they share a band key with probability
+p = (1 - t/pi) ** bits_per_band and are missed by every band with (1 - p) ** bands. With the
+defaults (16 bands of 8 bits) a pair at cosine 0.95 is found with probability 0.9998, at 0.9
+with 0.996; pairs far apart rarely collide, which keeps the candidates near linear in the rows.
+Each candidate pair is then verified exactly: cosine of the two (normalised) embeddings
+>= `threshold`. Groups are the connected components of the verified pairs.
+
+`embedding_decontaminate` (below) drops pairs whose image embedding is within a cosine threshold
+of an evaluation image embedded by the same model: the semantic counterpart of the perceptual-hash
+`eval_decontaminate` (curate/stages/decontaminate.py), which catches re-encoded and resized
+copies; this one also catches crops, flips and re-photographs, as far as the model sees them.
+
+Keep rule: the highest `score_column` in the group (e.g. the CLIP score: the best-captioned of
+the near-identical images), nulls last, then the smallest id. The others are dropped with
+`duplicate`, the detail naming the kept id and the threshold. Rows without an embedding take no
+part. With random weights (tests, demo) the embeddings mean nothing: the mechanics still hold.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, field_validator
+
+from curate.stages.base import GlobalStage, RowStage, StageConfig, register
+from curate.stages.clip import ClipScoreStage
+from curate.stages.decontaminate import EVAL_OVERLAP, list_eval_images
+from curate.stages.neardup import near_duplicate_decisions
+
+_COLUMN = r"^[a-z][a-z0-9_]*$"
+
+
+def simhash_bands(vectors: np.ndarray, bands: int, bits: int, seed: int) -> np.ndarray:
+    """(n, bands) int64 band keys of the rows of `vectors` (n x dim): for band b, the bits of the
+    signs of the vectors against planes b*bits .. (b+1)*bits-1 of a fixed Gaussian draw."""
+    n, dim = vectors.shape
+    planes = np.random.default_rng(seed).standard_normal((bands * bits, dim)).astype(np.float32)
+    signs = (vectors.astype(np.float32) @ planes.T) >= 0  # (n, bands * bits)
+    weights = (1 << np.arange(bits, dtype=np.int64))
+    return (signs.reshape(n, bands, bits).astype(np.int64) * weights).sum(axis=2)
+
+
+def _stack(column: pd.Series) -> np.ndarray:
+    return np.stack([np.asarray(v, dtype=np.float32) for v in column]) if len(column) else np.empty((0, 0))
+
+
+class _CosineAtLeast:
+    """The verification of a candidate pair: cosine of the embeddings >= threshold (picklable)."""
+
+    def __init__(self, column: str, threshold: float):
+        self.column, self.threshold = column, threshold
+
+    def __call__(self, left: pd.DataFrame, right: pd.DataFrame) -> np.ndarray:
+        if not len(left):
+            return np.zeros(0, dtype=bool)
+        a, b = _stack(left[self.column]), _stack(right[self.column])
+        a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        return (a * b).sum(axis=1) >= self.threshold - 1e-6
+
+
+@register
+class SemanticDedup(GlobalStage):
+    name = "semantic_dedup"
+    kinds = ("pair",)
+
+    class Config(StageConfig):
+        kind: Literal["semantic_dedup"] = "semantic_dedup"
+        embedding_column: str = Field("clip_embedding", pattern=_COLUMN)
+        threshold: float = Field(0.95, gt=0, le=1)  # cosine at or above which two images are one
+        score_column: str | None = Field("clip_score", pattern=_COLUMN)
+        bands: int = Field(16, ge=1, le=64)
+        bits_per_band: int = Field(8, ge=1, le=62)
+        seed: int = 0
+
+    config: Config
+
+    @property
+    def columns(self) -> list[str]:  # type: ignore[override]
+        cfg = self.config
+        return [cfg.embedding_column, *([cfg.score_column] if cfg.score_column else [])]
+
+    def decide(self, live: Any) -> Any:
+        cfg = self.config
+        band_names = [f"_band{b}" for b in range(cfg.bands)]
+        live = live[live[cfg.embedding_column].notnull()]
+
+        def with_bands(part: pd.DataFrame) -> pd.DataFrame:
+            keys = (simhash_bands(_stack(part[cfg.embedding_column]), cfg.bands, cfg.bits_per_band, cfg.seed)
+                    if len(part) else np.empty((0, cfg.bands), dtype=np.int64))
+            return part.assign(**{name: keys[:, b] for b, name in enumerate(band_names)})
+
+        meta = live._meta.assign(**{name: np.int64(0) for name in band_names})
+        banded = live.map_partitions(with_bands, meta=meta)
+        self._stats: dict[str, int] = {}
+        return near_duplicate_decisions(
+            banded,
+            bands=band_names,
+            columns=[cfg.embedding_column],
+            accept=_CosineAtLeast(cfg.embedding_column, cfg.threshold),
+            detail=f"image embedding within cosine {cfg.threshold:g} of {{kept}}",
+            score_column=cfg.score_column,
+            stats=self._stats,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return dict(getattr(self, "_stats", {}))
+
+
+class EmbeddingDecontaminateConfig(StageConfig):
+    kind: Literal["embedding_decontaminate"] = "embedding_decontaminate"
+    # A folder of images, or a .txt/.csv list of image paths (as eval_decontaminate reads it).
+    eval_set: str
+    set_name: str | None = Field(None, min_length=1)
+    threshold: float = Field(0.95, gt=0, le=1)
+    embedding_column: str = Field("clip_embedding", pattern=_COLUMN)
+    # The model that made `embedding_column`: the same fields as that clip_score stage's
+    # (another model's embeddings are not comparable; nothing here can check that).
+    model: str
+    pretrained: str | None
+    model_overrides: dict[str, Any] = Field(default_factory=dict)
+    init_seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra={"execution_only": True})
+
+    @field_validator("eval_set")
+    @classmethod
+    def _set_exists(cls, value: str) -> str:
+        list_eval_images(value)  # fails at recipe load, naming the path
+        return value
+
+
+@register
+class EmbeddingDecontaminate(RowStage):
+    """Drops pairs whose image embedding is within `threshold` (cosine) of an eval image's."""
+
+    name = "embedding_decontaminate"
+    kinds = ("pair",)
+    Config = EmbeddingDecontaminateConfig
+    config: EmbeddingDecontaminateConfig
+
+    def setup(self) -> None:
+        from pathlib import Path
+
+        cfg = self.config
+        clip = ClipScoreStage(ClipScoreStage.Config(
+            model=cfg.model, pretrained=cfg.pretrained, model_overrides=cfg.model_overrides,
+            init_seed=cfg.init_seed, precision=cfg.precision, device=cfg.device, resources=cfg.resources))
+        clip.ensure_setup()
+        names, tensors = [], []
+        for name, path in list_eval_images(cfg.eval_set):
+            prepared = clip._prepare(path.read_bytes())
+            if not hasattr(prepared, "shape"):
+                raise ValueError(f"eval set {cfg.eval_set}: {name} does not decode: {prepared.detail}")
+            names.append(name)
+            tensors.append(prepared)
+        vectors = [clip._images(tensors[i : i + 64]).cpu().numpy() for i in range(0, len(tensors), 64)]
+        self.names, self.eval = names, np.concatenate(vectors).astype(np.float32)
+        self.label = cfg.set_name or Path(cfg.eval_set).stem or cfg.eval_set
+        clip.pool.shutdown(wait=False)
+
+    def process(self, table: pa.Table) -> pa.Table:
+        self.ensure_setup()
+        cfg = self.config
+        live = pc.indices_nonzero(pc.and_(pc.is_null(table.column("drop_reason")),
+                                          pc.is_valid(table.column(cfg.embedding_column)))).to_pylist()
+        if not live:
+            return table
+        column = table.column(cfg.embedding_column)
+        v = np.stack([np.asarray(column[i].as_py(), dtype=np.float32) for i in live])
+        v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        sims = v @ self.eval.T
+        best = sims.argmax(axis=1)
+        cols = {c: table.column(c).to_pylist() for c in ("drop_stage", "drop_reason", "drop_detail")}
+        for k, (row, j) in enumerate(zip(live, best.tolist())):
+            cos = float(sims[k, j])
+            if cos >= cfg.threshold - 1e-6:
+                cols["drop_stage"][row] = self.name
+                cols["drop_reason"][row] = EVAL_OVERLAP
+                cols["drop_detail"][row] = f"{self.label}: {self.names[j]} at cosine {cos:.4f}"
+        for c, values in cols.items():
+            i = table.schema.get_field_index(c)
+            table = table.set_column(i, table.schema.field(i), pa.array(values, pa.string()))
+        return table
+
+
+__all__ = ["EmbeddingDecontaminate", "SemanticDedup", "simhash_bands"]

@@ -1,0 +1,131 @@
+"""Semantic dedup (curate/stages/semantic.py) on synthetic embeddings: the Dask result equals a
+brute-force all-pairs reference (components of pairs at or above the threshold, keep the highest
+score then the smallest id), whatever the partitioning. Mechanics only: no model is involved."""
+
+from __future__ import annotations
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+from curate.stages.base import build_stage
+from curate.stages.semantic import SemanticDedup, simhash_bands
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _corpus(seed: int = 0, dim: int = 32):
+    """60 distinct directions plus planted near copies (cosine ~0.97-0.995) of 12 of them, one
+    copy chained off another copy, some rows without a score."""
+    rng = np.random.default_rng(seed)
+    base = _unit(rng.standard_normal((60, dim)))
+    vectors, ids = list(base), [f"s:{i:03d}" for i in range(60)]
+    for j, i in enumerate(range(0, 60, 5)):
+        noise = _unit(rng.standard_normal(dim))
+        copy = _unit(base[i] + (0.08 + 0.04 * (j % 3)) * noise)
+        vectors.append(copy)
+        ids.append(f"s:{100 + j:03d}")
+    vectors.append(_unit(vectors[-1] + 0.05 * _unit(rng.standard_normal(dim))))  # a copy of a copy
+    ids.append("s:200")
+    scores = rng.uniform(0.1, 0.4, len(ids))
+    scores[::7] = np.nan
+    frame = pd.DataFrame({
+        "id": ids,
+        "_partition": np.arange(len(ids)) % 5,
+        "clip_embedding": [v.astype(np.float16) for v in vectors],
+        "clip_score": scores,
+    })
+    return frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
+def _reference(frame: pd.DataFrame, threshold: float) -> dict[str, str]:
+    """id -> kept id, for every dropped row: all pairs, exact components, the keep rule."""
+    v = np.stack([np.asarray(x, dtype=np.float32) for x in frame["clip_embedding"]])
+    v = _unit(v)
+    close = (v @ v.T) >= threshold - 1e-6
+    np.fill_diagonal(close, False)
+    _, label = connected_components(csr_matrix(close), directed=False)
+    out = {}
+    ranked = frame.assign(_g=label, _s=frame["clip_score"]).sort_values(
+        ["_g", "_s", "id"], ascending=[True, False, True], na_position="last", kind="stable")
+    for _, group in ranked.groupby("_g", sort=False):
+        if len(group) > 1:
+            kept = group["id"].iloc[0]
+            out.update({i: kept for i in group["id"].iloc[1:]})
+    return out
+
+
+@pytest.mark.parametrize("threshold", [0.95, 0.99])
+def test_semantic_dedup_equals_all_pairs_reference(threshold):
+    frame = _corpus()
+    want = _reference(frame, threshold)
+    assert want, "the corpus must plant duplicates at this threshold"
+    stage = build_stage(SemanticDedup.Config(threshold=threshold))
+    # embeddings stay arrays (dask would turn object columns into strings)
+    with dask.config.set({"scheduler": "synchronous", "dataframe.convert-string": False}):
+        for nparts in (1, 3, 8):
+            got = stage.decide(dd.from_pandas(frame, npartitions=nparts)).compute()
+            assert set(got["drop_reason"]) == {"duplicate"}
+            assert dict(zip(got["id"], got["drop_detail"].str.rsplit(" ", n=1).str[-1])) == want
+    assert stage.summary()["verified_pairs"] >= len(want)
+
+
+def test_simhash_bands_find_close_pairs_and_not_far_ones():
+    rng = np.random.default_rng(1)
+    a = _unit(rng.standard_normal((2000, 64)))
+    close = _unit(a + 0.15 * _unit(rng.standard_normal((2000, 64))))  # cosine ~0.99
+    far = _unit(rng.standard_normal((2000, 64)))
+    ka, kc, kf = (simhash_bands(x, 16, 8, seed=0) for x in (a, close, far))
+    assert (ka == kc).any(axis=1).mean() > 0.999
+    assert (ka == kf).any(axis=1).mean() < 0.1
+    assert np.array_equal(simhash_bands(a, 16, 8, seed=0), ka)  # the same planes every time
+
+
+def test_embedding_decontamination_drops_what_matches_the_eval_set(tmp_path):
+    """RANDOM-weight tiny CLIP (mechanics only): eval images embedded by the same model as the
+    rows; rows whose image IS an eval image (cosine 1) drop as eval_overlap naming the file."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+    from skimage import data as skdata
+
+    from curate.contract import record_schema
+    from curate.recipe import RecipeError, parse_recipe
+    from curate.stages.clip import ClipScoreStage
+    from curate.stages.semantic import EmbeddingDecontaminate
+
+    tiny = {"embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket()]
+    blobs = []
+    for p in photos:
+        buf = io.BytesIO()
+        Image.fromarray(p).save(buf, format="JPEG", quality=90)
+        blobs.append(buf.getvalue())
+    evals = tmp_path / "evalset"
+    evals.mkdir()
+    (evals / "cat.jpg").write_bytes(blobs[2])
+    (evals / "rocket.jpg").write_bytes(blobs[3])
+    model = {"model": "ViT-B-32", "pretrained": None, "model_overrides": tiny}
+    rows = [{"id": f"t:{i}", "source": "t", "image": b, "caption": "x"} for i, b in enumerate(blobs)]
+    table = ClipScoreStage(ClipScoreStage.Config(**model)).process(
+        pa.Table.from_pylist(rows, schema=record_schema("pair")))
+    stage = EmbeddingDecontaminate(EmbeddingDecontaminate.Config(eval_set=str(evals), threshold=0.9999, **model))
+    out = stage.process(table).to_pylist()
+    assert [r["drop_reason"] for r in out] == [None, None, "eval_overlap", "eval_overlap"]
+    assert out[2]["drop_detail"].startswith("evalset: cat.jpg at cosine") and "rocket.jpg" in out[3]["drop_detail"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    data = {"name": "x", "sources": [{"kind": "image_folder", "name": "f", "path": str(tmp_path)}],
+            "stages": [{"kind": "embedding_decontaminate", "eval_set": str(empty), **model}],
+            "output": {"path": str(tmp_path / "o")}}
+    with pytest.raises(RecipeError, match="holds no images"):
+        parse_recipe(data, "<test>")
