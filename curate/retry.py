@@ -276,7 +276,7 @@ def retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) ->
 def _retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) -> dict[str, Any]:
     import dask.dataframe as dd
 
-    from curate.runner import decide_global, read_live
+    from curate.runner import decide_global, live_schema, read_live
 
     storage = Storage()
     stage = build_stage(job.segments[seg].global_stage)
@@ -294,7 +294,8 @@ def _retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) -
         # a retried row dropped at a later segment the first time reached this stage then too:
         # it is in both pieces, with the same values
         live = live.drop_duplicates(subset=["id"], split_out=max(1, live.npartitions))
-        dropped = decide_global(stage, live, job.decisions_dir(seg), job.global_input_dir(seg))
+        schema = live_schema(files[0] if files else inside(job.out, state["input"]), stage.columns)
+        dropped = decide_global(stage, live, job.decisions_dir(seg), job.global_input_dir(seg), schema)
         changed = _publish_changes(job, seg, stage, state, parts)
     else:
         storage.remove(job.decisions_dir(seg))

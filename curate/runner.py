@@ -24,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.commit import Storage
@@ -206,11 +207,22 @@ def _count_rows(folder: Path) -> int:
         if folder.exists() else 0
 
 
-def decide_global(stage: GlobalStage, live: Any, decisions_dir: Path, input_dir: Path) -> int:
+def live_schema(source: Path | str, columns: list[str]) -> pa.Schema:
+    """The arrow schema of `id`, `_partition` and `columns` in parquet data at `source` (a file
+    or a folder of files): what a global stage's input is written with (dask cannot infer list
+    columns such as embeddings from pandas)."""
+    path = Path(source)
+    first = path if path.is_file() else next(iter(sorted(path.rglob("*.parquet"))))
+    schema = pq.read_schema(first)
+    return pa.schema([schema.field(c) for c in ["id", PARTITION_COLUMN, *columns]])
+
+
+def decide_global(stage: GlobalStage, live: Any, decisions_dir: Path, input_dir: Path,
+                  schema: pa.Schema) -> int:
     """Run a global stage over `live` (a dask dataframe of the rows that reach it: `id`,
-    `_partition` and the stage's columns) and publish its drops under `decisions_dir`, one
-    `_partition=<p>` folder per partition, and `live` itself under `input_dir`, in one pass over
-    the input. Returns the number of drops."""
+    `_partition` and the stage's columns, written with `schema`) and publish its drops under
+    `decisions_dir`, one `_partition=<p>` folder per partition, and `live` itself under
+    `input_dir`, in one pass over the input. Returns the number of drops."""
     import dask
 
     storage = Storage()
@@ -221,7 +233,7 @@ def decide_global(stage: GlobalStage, live: Any, decisions_dir: Path, input_dir:
     with dask.config.set({"dataframe.shuffle.method": "tasks"}):
         decisions = stage.decide(live)
         dask.compute(
-            live.to_parquet(str(tmp_input), write_index=False, compute=False),
+            live.to_parquet(str(tmp_input), write_index=False, compute=False, schema=schema),
             decisions.to_parquet(str(tmp), partition_on=[PARTITION_COLUMN], write_index=False,
                                  compute=False),
         )
@@ -257,7 +269,7 @@ def run_global(job: Job, seg: int) -> dict[str, Any]:
     dropped = 0
     if files:
         dropped = decide_global(stage, read_live(files, stage.columns), job.decisions_dir(seg),
-                                job.global_input_dir(seg))
+                                job.global_input_dir(seg), live_schema(files[0], stage.columns))
     marker = {
         "step": f"global{seg}",
         "stage": stage.name,

@@ -18,6 +18,6 @@ def test_demo_twice(tmp_path, capsys):
     content = _content(tmp_path)
     second = run_demo(tmp_path)
     out = capsys.readouterr().out
-    assert "verify: OK" in out and "53 inputs -> 35 kept, 18 dropped" in out
+    assert "verify: OK" in out and "53 inputs -> 26 kept, 27 dropped" in out
     assert first["counts"] == second["counts"]
-    assert _content(tmp_path) == content and len(content) == 35
+    assert _content(tmp_path) == content and len(content) == 26
