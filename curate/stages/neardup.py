@@ -15,8 +15,8 @@ Contracts shared by every step:
 
 Banding. Rows that share a value in the same band column are candidates (a self-join on
 (band, key), after a shuffle on it: never all pairs). A caller chooses band keys so that every
-pair it wants to find shares at least one of them (for Hamming distance, `hamming_band_keys`
-guarantees it). A bucket (rows with one band key) holding more than `max_bucket` rows is
+pair it wants to find shares at least one of them (for Hamming distance, the keys of
+`hamming_band_masks` guarantee it). A bucket (rows with one band key) holding more than `max_bucket` rows is
 pathological (a blank image's hash, a degenerate embedding) and would give a quadratic number of
 pairs; such a bucket is sorted by (`order`, id) and each row is paired only with its next
 `window` rows. Rows with equal `order` values are therefore always chained into one component
