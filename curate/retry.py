@@ -240,7 +240,9 @@ def _read_dir(path: Path, columns: list[str] | None = None) -> Any:
 
     if not path.exists() or not any(path.rglob("*.parquet")):
         return None
-    ddf = dd.read_parquet(str(path), columns=columns)
+    from curate.runner import EXACT_INTEGERS
+
+    ddf = dd.read_parquet(str(path), columns=columns, arrow_to_pandas=EXACT_INTEGERS)
     if PARTITION_COLUMN in ddf.columns:
         ddf[PARTITION_COLUMN] = ddf[PARTITION_COLUMN].astype(str).astype("int64")
     return ddf

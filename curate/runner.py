@@ -244,13 +244,24 @@ def decide_global(stage: GlobalStage, live: Any, decisions_dir: Path, input_dir:
     return dropped
 
 
+def _nullable_int64(dtype: pa.DataType) -> Any:
+    import pandas as pd
+
+    return pd.Int64Dtype() if dtype == pa.int64() else None
+
+
+# pandas reads an int64 column holding a null as float64, which keeps 53 bits: a 64-bit hash
+# (image_phash) would be rounded. Read int64 as pandas' nullable Int64 instead.
+EXACT_INTEGERS: dict[str, Any] = {"types_mapper": _nullable_int64}
+
+
 def read_live(files: list[str], columns: list[str]) -> Any:
     """The rows of these intermediate files that no stage dropped, with `columns` (+ id and
     partition): what a global stage decides over."""
     import dask.dataframe as dd
 
     ddf = dd.read_parquet(files, columns=["id", PARTITION_COLUMN, "drop_reason", *columns],
-                          split_row_groups=False)
+                          split_row_groups=False, arrow_to_pandas=EXACT_INTEGERS)
     return ddf[ddf["drop_reason"].isnull()].drop(columns=["drop_reason"])
 
 

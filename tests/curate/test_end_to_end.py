@@ -1,6 +1,11 @@
 """The demo recipe end to end on a real LocalCluster, its URL list served by a real HTTP server on
 loopback: the ledger invariant, the drop reasons of the intentionally bad inputs, and the shards
-read back by the stock webdataset library and by open_clip's own WebDataset training loader."""
+read back by the stock webdataset library and by open_clip's own WebDataset training loader.
+
+The demo's bad inputs are dropped by the cheap stages; on top of that its quality passes drop
+samples that are not bad: near copies (near_dedup: the corpus's resized, re-encoded and grayscale
+variants), the bottom 10% by a random-weight CLIP score (score_top_fraction) and embedding
+near-copies (semantic_dedup). Those are checked here as what they are, not counted as bad."""
 
 from __future__ import annotations
 
@@ -27,6 +32,13 @@ def demo(tmp_path_factory):
     return {"out": Path(recipe.output.path), "summary": summary, "manifest": manifest}
 
 
+QUALITY_STAGES = {"near_dedup", "score_top_fraction", "semantic_dedup"}
+
+
+def _quality_drops(ledger: list[dict]) -> list[dict]:
+    return [r for r in ledger if r["outcome"] == "dropped" and r["stage"] in QUALITY_STAGES]
+
+
 def test_ledger_invariant(demo):
     out, summary, manifest = demo["out"], demo["summary"], demo["manifest"]
     ledger = read_ledger(out).to_pylist()
@@ -35,7 +47,8 @@ def test_ledger_invariant(demo):
     kept = [r for r in ledger if r["outcome"] == "kept"]
     dropped = [r for r in ledger if r["outcome"] == "dropped"]
     assert len(ledger) == len(kept) + len(dropped) == summary["expected_inputs"]
-    assert len(kept) == summary["expected_kept"] == manifest["counts"]["kept"]
+    quality = _quality_drops(ledger)
+    assert len(kept) == summary["expected_kept"] - len(quality) == manifest["counts"]["kept"]
     assert manifest["counts"]["inputs"] == summary["expected_inputs"]
     assert all(r["drop_reason"] and r["stage"] for r in dropped)
     assert all(r["shard"] and r["key"] and not r["drop_reason"] for r in kept)
@@ -46,7 +59,8 @@ def test_ledger_invariant(demo):
 
 def test_each_bad_input_is_one_ledger_row_with_its_reason(demo):
     ledger = read_ledger(demo["out"]).to_pylist()
-    reasons = Counter(r["drop_reason"] for r in ledger if r["outcome"] == "dropped")
+    reasons = Counter(r["drop_reason"] for r in ledger
+                      if r["outcome"] == "dropped" and r["stage"] not in QUALITY_STAGES)
     assert dict(reasons) == demo["summary"]["expected_drops"]
     by_id = {r["id"]: r for r in ledger}
     corrupt = by_id["folder:broken.jpg"]
@@ -62,8 +76,27 @@ def test_each_bad_input_is_one_ledger_row_with_its_reason(demo):
     assert web["lang_mismatch"]["stage"] == "language_filter"
     assert web["bad_url"]["url"].startswith("file://")
     assert web["dns_error"]["domain"] == "unknown.demo.test"
-    kept_web = [r for r in ledger if r["source"] == "web" and r["outcome"] == "kept"]
-    assert any(r["domain"] == "images.demo.test" for r in kept_web)  # the redirect, via the resolver
+    fetched = [r for r in ledger if r["source"] == "web" and (r["outcome"] == "kept" or r["stage"] in QUALITY_STAGES)]
+    assert any(r["domain"] == "images.demo.test" for r in fetched)  # the redirect, via the resolver
+
+
+def test_quality_passes_drop_what_they_should(demo):
+    """near_dedup drops only the corpus's own variants (resized, re-encoded, grayscale copies of
+    another input, in the folder, the shards and on the web), each for the input it came from;
+    the top-90% cut drops exactly n - ceil(0.9 n) of the n rows that reach it."""
+    ledger = read_ledger(demo["out"]).to_pylist()
+    by_id = {r["id"]: r for r in ledger}
+    related = {r["path"]: r["derived_from"] for r in demo["summary"]["related"]}
+    near = [r for r in ledger if r["stage"] == "near_dedup"]
+    assert len(near) >= 3
+    for r in near:
+        kept_id = r["drop_detail"].split("near duplicate of ", 1)[1].split(" ", 1)[0]
+        assert by_id[kept_id]["outcome"] == "kept" or by_id[kept_id]["stage"] in QUALITY_STAGES
+    for path in ("folder/astronaut_half.jpg", "folder/chelsea_q40.jpg", "folder/coffee_gray.jpg"):
+        assert path in related and by_id[path.replace("/", ":", 1)]["stage"] == "near_dedup"
+    summary = demo["manifest"]["global"]["score_top_fraction"]["summary"]
+    cut = [r for r in ledger if r["stage"] == "score_top_fraction"]
+    assert summary["kept"] == -(-9 * summary["rows"] // 10) and len(cut) == summary["rows"] - summary["kept"]
 
 
 def test_manifest_and_stats_agree_with_ledger(demo):
@@ -88,7 +121,7 @@ def test_stock_webdataset_reads_pairs(demo):
 
     urls = shard_urls(demo["out"], "pair")
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
-    assert len(samples) == demo["summary"]["expected_kept"]
+    assert len(samples) == demo["manifest"]["counts"]["kept"]
     keys = [s["__key__"] for s in samples]
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
     for s in samples:
@@ -126,7 +159,7 @@ def test_open_clip_loader_reads_pairs(demo, train):
     preprocess = open_clip.image_transform(64, is_train=False)
     tokenizer = open_clip.get_tokenizer("RN50")  # the BPE vocabulary ships inside open_clip
     info = get_wds_dataset(_openclip_args(shards, 4, train), preprocess, is_train=train, tokenizer=tokenizer)
-    expected = demo["summary"]["expected_kept"]
+    expected = demo["manifest"]["counts"]["kept"]
     if train:
         assert info.dataloader.num_samples >= expected  # rounded up to whole batches
     seen = 0
