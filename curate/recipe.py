@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import curate.sources  # noqa: F401  (registers the sources)
 import curate.stages  # noqa: F401  (registers the stages)
-from curate.contract import MAX_SAMPLES_PER_SHARD
+from curate.contract import MAX_SAMPLES_PER_SHARD, record_schema
 from curate.sources.base import SOURCES
 from curate.stages.base import STAGES, GlobalStage
 
@@ -122,6 +122,17 @@ class Recipe(_Strict):
                     f"stages.{i} ({s.kind}) applies to {STAGES[s.kind].kinds}, "
                     f"but the sources produce {sorted(kinds)}"
                 )
+        # every column a stage reads exists by then: in the records, or added by an earlier stage
+        available = {name for kind in kinds for name in record_schema(kind).names}
+        for i, s in enumerate(self.stages):
+            stage = STAGES[s.kind](s)
+            missing = [c for c in stage.input_columns if c not in available]
+            if missing:
+                raise ValueError(
+                    f"stages.{i} ({stage.name}) reads {missing}, which neither the records nor an earlier "
+                    f"stage provide (columns so far: {sorted(available)})"
+                )
+            available |= set(stage.output_columns)
         return self
 
     def stage_classes(self) -> list[type]:

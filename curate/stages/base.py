@@ -70,6 +70,12 @@ class Stage:
     def resources(self) -> dict[str, float]:
         return dict(self.config.resources)
 
+    @property
+    def input_columns(self) -> list[str]:
+        """Columns this stage reads beyond the record schema's own (checked when a recipe loads:
+        an earlier stage must add them). Global stages read their `columns`."""
+        return list(getattr(self, "columns", [])) if isinstance(self, GlobalStage) else []
+
     def ensure_setup(self) -> None:
         if not self._ready:
             self.setup()

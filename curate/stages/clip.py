@@ -97,6 +97,10 @@ class ClipScoreStage(RowStage):
     config: Config
 
     @property
+    def input_columns(self) -> list[str]:
+        return list(self.config.extra_caption_columns)
+
+    @property
     def output_columns(self) -> dict[str, pa.DataType]:  # type: ignore[override]
         cfg = self.config
         out = {cfg.column: pa.float32()}

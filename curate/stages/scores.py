@@ -57,6 +57,10 @@ class ScoreFilter(Filter):
 
     config: Config
 
+    @property
+    def input_columns(self) -> list[str]:
+        return [self.config.column]
+
     def check(self, row: dict[str, Any]) -> Drop | None:
         value = row.get(self.config.column)
         if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -159,6 +159,10 @@ class EmbeddingDecontaminate(RowStage):
     Config = EmbeddingDecontaminateConfig
     config: EmbeddingDecontaminateConfig
 
+    @property
+    def input_columns(self) -> list[str]:
+        return [self.config.embedding_column]
+
     def setup(self) -> None:
         from pathlib import Path
 

@@ -123,16 +123,25 @@ def test_parse_bytes():
 
 
 def test_a_kind_runs_twice_only_under_distinct_names():
-    two = [{"kind": "image"}, {"kind": "score_filter", "column": "a_score", "min_score": 0.1},
-           {"kind": "score_filter", "column": "b_score", "min_score": 0.2}]
+    two = [{"kind": "language_filter", "languages": ["en"]},
+           {"kind": "score_filter", "column": "language_score", "min_score": 0.1},
+           {"kind": "score_filter", "column": "language_score", "min_score": 0.2}]
     with pytest.raises(RecipeError, match="give a repeated kind a `name`"):
         parse_recipe(_minimal(stages=two))
     two[2] = {**two[2], "name": "b_filter"}
     recipe = parse_recipe(_minimal(stages=two))
     from curate.stages.base import build_stage
 
-    assert [build_stage(c).name for c in recipe.stages] == ["image", "score_filter", "b_filter"]
+    assert [build_stage(c).name for c in recipe.stages] == ["language_filter", "score_filter", "b_filter"]
     # an unnamed stage hashes as it did before stages could be named
     assert "name" not in recipe.determining()["stages"][0]
     with pytest.raises(RecipeError, match=r"stages\.2\.score_filter\.name"):
         parse_recipe(_minimal(stages=[*two[:2], {**two[2], "name": "Bad Name"}]))
+
+
+def test_a_stage_reading_a_column_nothing_adds_fails_at_load():
+    with pytest.raises(RecipeError, match=r"stages\.1 \(near_dedup\) reads \['image_phash'\]"):
+        parse_recipe(_minimal(stages=[{"kind": "image"}, {"kind": "near_dedup"}]))
+    with pytest.raises(RecipeError, match=r"reads \['clip_score'\]"):
+        parse_recipe(_minimal(stages=[{"kind": "score_filter", "min_score": 0.28}]))
+    parse_recipe(_minimal(stages=[{"kind": "image"}, {"kind": "phash"}, {"kind": "near_dedup"}]))
