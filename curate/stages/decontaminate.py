@@ -105,15 +105,13 @@ class EvalIndex:
         return (best[1], best[0]) if best[0] <= self.max_distance else None
 
 
-class EvalDecontaminateConfig(StageConfig):
-    kind: Literal["eval_decontaminate"] = "eval_decontaminate"
+class EvalSetConfig(StageConfig):
+    """What every decontamination stage is configured with: the eval set and its name."""
+
     # A folder of images, or a .txt/.csv list of image paths (absolute, or relative to the list).
     eval_set: str
     # The set's name in drop details; defaults to the folder's or list file's name (stem).
     set_name: str | None = Field(None, min_length=1)
-    max_distance: int = Field(DEFAULT_MAX_DISTANCE, ge=0, le=16)
-    flip_invariant: bool = False
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
 
     @field_validator("eval_set")
     @classmethod
@@ -124,6 +122,13 @@ class EvalDecontaminateConfig(StageConfig):
     @property
     def label(self) -> str:
         return self.set_name or Path(self.eval_set).stem or str(self.eval_set)
+
+
+class EvalDecontaminateConfig(EvalSetConfig):
+    kind: Literal["eval_decontaminate"] = "eval_decontaminate"
+    max_distance: int = Field(DEFAULT_MAX_DISTANCE, ge=0, le=16)
+    flip_invariant: bool = False
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
 
 
 @register

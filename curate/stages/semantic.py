@@ -40,11 +40,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from curate.stages.base import GlobalStage, RowStage, StageConfig, register
 from curate.stages.clip import ClipScoreStage
-from curate.stages.decontaminate import EVAL_OVERLAP, list_eval_images
+from curate.stages.decontaminate import EVAL_OVERLAP, EvalSetConfig, list_eval_images
 from curate.stages.neardup import near_duplicate_decisions
 
 _COLUMN = r"^[a-z][a-z0-9_]*$"
@@ -127,11 +127,8 @@ class SemanticDedup(GlobalStage):
         return dict(getattr(self, "_stats", {}))
 
 
-class EmbeddingDecontaminateConfig(StageConfig):
+class EmbeddingDecontaminateConfig(EvalSetConfig):
     kind: Literal["embedding_decontaminate"] = "embedding_decontaminate"
-    # A folder of images, or a .txt/.csv list of image paths (as eval_decontaminate reads it).
-    eval_set: str
-    set_name: str | None = Field(None, min_length=1)
     threshold: float = Field(0.95, gt=0, le=1)
     embedding_column: str = Field("clip_embedding", pattern=_COLUMN)
     # The model that made `embedding_column`: the same fields as that clip_score stage's
@@ -142,12 +139,6 @@ class EmbeddingDecontaminateConfig(StageConfig):
     init_seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra={"execution_only": True})
-
-    @field_validator("eval_set")
-    @classmethod
-    def _set_exists(cls, value: str) -> str:
-        list_eval_images(value)  # fails at recipe load, naming the path
-        return value
 
 
 @register
@@ -164,8 +155,6 @@ class EmbeddingDecontaminate(RowStage):
         return [self.config.embedding_column]
 
     def setup(self) -> None:
-        from pathlib import Path
-
         cfg = self.config
         clip = ClipScoreStage(ClipScoreStage.Config(
             model=cfg.model, pretrained=cfg.pretrained, model_overrides=cfg.model_overrides,
@@ -180,7 +169,7 @@ class EmbeddingDecontaminate(RowStage):
             tensors.append(prepared)
         vectors = [clip._images(tensors[i : i + 64]).cpu().numpy() for i in range(0, len(tensors), 64)]
         self.names, self.eval = names, np.concatenate(vectors).astype(np.float32)
-        self.label = cfg.set_name or Path(cfg.eval_set).stem or cfg.eval_set
+        self.label = cfg.label
         clip.pool.shutdown(wait=False)
 
     def process(self, table: pa.Table) -> pa.Table:
