@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.workers} processes x {args.threads} threads, {args.slots} slots each, one host, "
           f"max_per_host {args.concurrency}, no rate; {os.cpu_count()} cores; medians of {args.repeat}")
     out = run(args.workers, args.threads, args.slots, args.concurrency, args.repeat)
-    print(f"| | CPU ms per slot (all processes) | slots/s |\n|---|---:|---:|")
+    print("| | CPU ms per slot (all processes) | slots/s |\n|---|---:|---:|")
     for mode, m in out.items():
         print(f"| {mode} | {m['cpu_ms_per_slot']:.3f} | {m['slots_per_s']:,.0f} |")
     ratio = out["semaphore"]["cpu_ms_per_slot"] / out["hand-offs"]["cpu_ms_per_slot"]
