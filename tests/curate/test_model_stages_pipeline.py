@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from curate.contract import read_ledger, read_manifest, read_sidecars
 from curate.recipe import parse_recipe
@@ -21,7 +20,6 @@ from curate.runner import run_recipe
 from tools.stats import compute_stats
 from tools.verify import verify
 
-pytest.importorskip("open_clip")
 
 TINY = {
     "embed_dim": 32,

@@ -19,7 +19,7 @@ from curate.recipe import parse_recipe
 from curate.runner import run_recipe
 from tools.verify import verify
 
-skdata = pytest.importorskip("skimage.data")
+from skimage import data as skdata
 
 COPIES = {  # file -> the original it copies
     "astronaut00_small.png": "astronaut00.jpg",

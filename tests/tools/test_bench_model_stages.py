@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("open_clip")
-
 
 def test_clip_scoring_bench_reports_both_rates():
     from tools.bench.clip_scoring import run

@@ -10,8 +10,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import open_clip
 import pyarrow as pa
 import pytest
+import torch
 from PIL import Image
 from skimage import data as skdata
 
@@ -19,8 +21,6 @@ from curate.contract import record_schema
 from curate.recipe import RecipeError, parse_recipe
 from curate.stages.clip import ClipScoreStage
 
-torch = pytest.importorskip("torch")
-open_clip = pytest.importorskip("open_clip")
 
 # A ViT-B-32-shaped CLIP shrunk to a few thousand parameters (random weights).
 TINY = {

@@ -16,7 +16,7 @@ from curate.contract import record_schema
 from curate.recipe import RecipeError, parse_recipe
 from curate.stages.decontaminate import EvalDecontaminate, list_eval_images
 
-skdata = pytest.importorskip("skimage.data")
+from skimage import data as skdata
 
 
 def _encode(img: Image.Image, fmt: str = "JPEG", **options) -> bytes:

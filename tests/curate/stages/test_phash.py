@@ -45,7 +45,7 @@ from curate.stages.phash import (
     zigzag,
 )
 
-skdata = pytest.importorskip("skimage.data")
+from skimage import data as skdata
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **options) -> bytes:
