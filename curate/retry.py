@@ -66,9 +66,9 @@ from curate.recipe import Recipe
 from curate.stages.base import GlobalStage, build_stage
 from curate.stages.download import is_transient
 from curate.tasks import (
-    LEDGER_ROWS_PER_GROUP,
     PARTITION_COLUMN,
     Job,
+    LedgerRows,
     _final_rows,
     _ledger_row,
     commit,
@@ -168,8 +168,8 @@ def run_retry_pack(job: Job, p: int, ledger: str, first_shard: int, shard_counts
     counts = Counter()
     final = job.out / LEDGER_DIR / f"{p:05d}.r{job.round}.parquet"
     tmp = storage.attempt_path(final)
-    buffer: list[dict[str, Any]] = []
     with storage.open_write(tmp) as fh, pq.ParquetWriter(fh, LEDGER_SCHEMA) as out:
+        ledger_rows = LedgerRows(out)
         source = pq.ParquetFile(inside(job.out, ledger))
         for g in range(source.num_row_groups):
             for old in source.read_row_group(g).to_pylist():
@@ -192,12 +192,8 @@ def run_retry_pack(job: Job, p: int, ledger: str, first_shard: int, shard_counts
                         delta[r["outcome"]] += sign
                         if (k := _outcome_key(r)) is not None:
                             delta[f"drop:{k}"] += sign
-                buffer.append(row)
-                if len(buffer) >= LEDGER_ROWS_PER_GROUP:
-                    out.write_table(pa.Table.from_pylist(buffer, schema=LEDGER_SCHEMA))
-                    buffer = []
-        if buffer:
-            out.write_table(pa.Table.from_pylist(buffer, schema=LEDGER_SCHEMA))
+                ledger_rows.append(row)
+        ledger_rows.close()
     if new_rows:  # an id the retry read that the ledger lacks: the source changed under us
         raise RuntimeError(f"partition {p}: retried ids not in its ledger: {sorted(new_rows)[:5]}")
     storage.publish(tmp, final)

@@ -364,6 +364,24 @@ def _ledger_row(kind: str, row: dict[str, Any], shard: str | None, key: str | No
     }
 
 
+class LedgerRows:
+    """Ledger rows written to an open parquet writer in row groups of LEDGER_ROWS_PER_GROUP, so a
+    ledger file's bytes never depend on the batch size. `close()` writes what is left."""
+
+    def __init__(self, writer: pq.ParquetWriter):
+        self.writer, self.buffer = writer, []
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.buffer.append(row)
+        if len(self.buffer) >= LEDGER_ROWS_PER_GROUP:
+            self.close()
+
+    def close(self) -> None:
+        if self.buffer:
+            self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=LEDGER_SCHEMA))
+            self.buffer = []
+
+
 def run_pack(job: Job, p: int, first_shard: int, shard_counts: list[int]) -> dict[str, Any]:
     """Per-partition task: write this partition's shards and its ledger file."""
     done = finished(job, "pack", p)
@@ -378,29 +396,25 @@ def run_pack(job: Job, p: int, first_shard: int, shard_counts: list[int]) -> dic
     shards: list[dict[str, Any]] = []
     plan = list(shard_counts)
     writer: ShardWriter | None = None
-    buffer: list[dict[str, Any]] = []
     kept = dropped = 0
     drops: Counter[str] = Counter()
-    with storage.open_write(ledger_tmp) as fh, pq.ParquetWriter(fh, LEDGER_SCHEMA) as ledger:
+    with storage.open_write(ledger_tmp) as fh, pq.ParquetWriter(fh, LEDGER_SCHEMA) as out:
+        ledger = LedgerRows(out)
         for row in _final_rows(job, p):
             if row.get("drop_reason"):
-                buffer.append(_ledger_row(kind, row, None, None))
+                ledger.append(_ledger_row(kind, row, None, None))
                 dropped += 1
                 drops[f"{row['drop_stage']}/{row['drop_reason']}"] += 1
             else:
                 if writer is None:
                     writer = ShardWriter(storage, job.out, kind, first_shard + len(shards), record)
                 key = writer.write(row)
-                buffer.append(_ledger_row(kind, row, shard_label(kind, writer.shard), key))
+                ledger.append(_ledger_row(kind, row, shard_label(kind, writer.shard), key))
                 kept += 1
                 if writer.count == plan[len(shards)]:
                     shards.append(writer.close())
                     writer = None
-            if len(buffer) >= LEDGER_ROWS_PER_GROUP:
-                ledger.write_table(pa.Table.from_pylist(buffer, schema=LEDGER_SCHEMA))
-                buffer = []
-        if buffer:
-            ledger.write_table(pa.Table.from_pylist(buffer, schema=LEDGER_SCHEMA))
+        ledger.close()
     if writer is not None or len(shards) != len(plan):
         raise RuntimeError(f"partition {p}: packed {len(shards)} shards, planned {len(plan)}")
     storage.publish(ledger_tmp, ledger_final)
