@@ -63,8 +63,14 @@ IMAGE_FIELDS: list[pa.Field] = [
 ]
 
 SEGMENT_FIELDS: list[pa.Field] = [
+    # The raw page a doc was extracted from (WARC/HTML sources), cleared by the extraction stage
+    # once `segments` exist: never in a tar, a sidecar or the ledger. `charset` is what the HTTP
+    # header or the source declared (a hint only: the bytes decide).
+    pa.field("html", pa.binary()),
+    pa.field("charset", pa.string()),
     # JSON list, in reading order: {"type": "text", "text": ...} or
-    # {"type": "image", "image": i, "url": ..., "alt": ...} where i indexes the image lists below.
+    # {"type": "image", "image": i, "url": ..., "alt": ...} where i indexes the image lists below
+    # (before the images are fetched, image segments carry no "image" index: see curate/documents.py).
     pa.field("segments", pa.string()),
     pa.field("images", pa.list_(pa.binary())),
     pa.field("image_formats", pa.list_(pa.string())),
@@ -77,12 +83,16 @@ SEGMENT_FIELDS: list[pa.Field] = [
 RECORD_SCHEMAS: dict[str, pa.Schema] = {
     "pair": pa.schema(COMMON_FIELDS + [pa.field("caption", pa.string())] + IMAGE_FIELDS),
     "doc": pa.schema(COMMON_FIELDS + SEGMENT_FIELDS),
-    "text": pa.schema(COMMON_FIELDS + [pa.field("text", pa.string())]),
+    "text": pa.schema(COMMON_FIELDS + [
+        pa.field("text", pa.string()),
+        # JSON list of {"segment": i, "reason": code, "detail": ...}: paragraphs removed from `text`
+        pa.field("segment_drops", pa.string()),
+    ]),
 }
 
 DROP_COLUMNS = ("drop_stage", "drop_reason", "drop_detail")
 # Columns that hold payload bytes: cleared on dropped rows, never copied into sidecars.
-HEAVY_COLUMNS = ("image", "images")
+HEAVY_COLUMNS = ("image", "images", "html")
 
 
 def record_schema(kind: str, extra_columns: dict[str, pa.DataType] | None = None) -> pa.Schema:
@@ -156,7 +166,7 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 # Bookkeeping that must not reach KEY.json (attempts vary with the network, not the data).
-_NOT_IN_JSON = set(HEAVY_COLUMNS) | set(DROP_COLUMNS) | {"extra", "attempts"}
+_NOT_IN_JSON = set(HEAVY_COLUMNS) | set(DROP_COLUMNS) | {"extra", "attempts", "charset"}
 
 
 def _metadata(row: dict[str, Any], key: str, skip: set[str]) -> dict[str, Any]:
@@ -212,7 +222,7 @@ def encode_sample(kind: str, row: dict[str, Any], key: str) -> list[tuple[str, b
             members.append((f"{key}.{i}.{ext}", bytes(data)))
         return members
     if kind == "text":
-        meta = _metadata(row, key, skip={"text"})
+        meta = _metadata(row, key, skip={"text", "segment_drops"})
         return [(f"{key}.json", _json_bytes(meta)), (f"{key}.txt", (row.get("text") or "").encode())]
     raise ValueError(f"unknown record kind {kind!r}")
 
@@ -265,13 +275,13 @@ SIDECAR_KIND: dict[str, list[pa.Field]] = {
         pa.field("text_chars", pa.int64()),
         pa.field("segments_dropped", pa.int32()),
     ],
-    "text": [pa.field("text_chars", pa.int64())],
+    "text": [pa.field("text_chars", pa.int64()), pa.field("segments_dropped", pa.int32())],
 }
 
 # Record columns that never reach a sidecar (payloads, bookkeeping, what the sidecar derives).
 _NOT_IN_SIDECAR = set(HEAVY_COLUMNS) | set(DROP_COLUMNS) | {
     "extra", "segments", "segment_drops", "image_formats", "image_sha256s", "image_nbytes_list",
-    "text", "attempts",
+    "text", "attempts", "charset",
 }
 
 
@@ -311,6 +321,7 @@ def sidecar_row(kind: str, row: dict[str, Any], key: str, members: list[dict[str
     else:
         out["n_images"] = 0
         out["text_chars"] = len(row.get("text") or "")
+        out["segments_dropped"] = len(json.loads(row.get("segment_drops") or "[]"))
     return out
 
 

@@ -15,7 +15,6 @@ ledger rows. Memory per task is bounded by the batch size, not by the partition'
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.commit import Storage
+from curate.documents import segment_counts
 from curate.contract import (
     HEAVY_COLUMNS,
     LEDGER_DIR,
@@ -340,11 +340,7 @@ def run_plan(job: Job, p: int) -> dict[str, Any]:
 
 
 def _ledger_row(kind: str, row: dict[str, Any], shard: str | None, key: str | None) -> dict[str, Any]:
-    segments_total = segments_dropped = None
-    if kind == "doc":
-        segments_total = len(json.loads(row.get("segments") or "[]"))
-        segments_dropped = len(json.loads(row.get("segment_drops") or "[]"))
-        segments_total += segments_dropped
+    segments_total, segments_dropped = segment_counts(kind, row)
     attempts = row.get("attempts")
     return {
         "id": row["id"],
