@@ -28,7 +28,8 @@ import re
 from typing import Any
 
 # The per-image lists of a doc, aligned with the image indices of its segments.
-IMAGE_LISTS = ("images", "image_formats", "image_sha256s", "image_nbytes_list")
+IMAGE_LISTS = ("images", "image_formats", "image_sha256s", "image_nbytes_list", "image_widths",
+               "image_heights")
 PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n+")
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -89,16 +90,19 @@ def append_drops(row: dict[str, Any], drops: list[dict[str, Any]]) -> None:
         row["segment_drops"] = dump_json(json.loads(row.get("segment_drops") or "[]") + drops)
 
 
-def remove_segments(kind: str, row: dict[str, Any], drops: dict[int, tuple[str, str]]) -> int:
+def remove_segments(kind: str, row: dict[str, Any], drops: dict[int, tuple[str, str]],
+                    stage: str | None = None) -> int:
     """Remove segments of a doc (indices into `segments`) or paragraphs of a text (indices into
-    `paragraphs(text)`) with their (reason, detail); record each in `segment_drops` with the index
-    it had when it was removed. Image lists of a doc are renumbered. Returns how many went."""
+    `paragraphs(text)`) with their (reason, detail), by `stage`; record each in `segment_drops`
+    with the index it had when it was removed. Image lists of a doc are renumbered. Returns how
+    many went."""
     if not drops:
         return 0
+    by = {"stage": stage} if stage else {}
     if kind == "text":
         paras = paragraphs(row.get("text"))
         gone = [i for i in sorted(drops) if 0 <= i < len(paras)]
-        append_drops(row, [{"segment": i, "type": "text", "excerpt": paras[i][:80],
+        append_drops(row, [{"segment": i, "type": "text", "excerpt": paras[i][:80], **by,
                             "reason": drops[i][0], "detail": drops[i][1]} for i in gone])
         row["text"] = "\n\n".join(p for i, p in enumerate(paras) if i not in drops)
         return len(gone)
@@ -112,7 +116,7 @@ def remove_segments(kind: str, row: dict[str, Any], drops: dict[int, tuple[str, 
             kept.append(seg)
             continue
         reason, detail = drops[i]
-        recorded.append({"segment": i, **_summary(seg), "reason": reason, "detail": detail})
+        recorded.append({"segment": i, **_summary(seg), **by, "reason": reason, "detail": detail})
         if seg.get("type") == "image" and seg.get("image") is not None:
             removed_images.add(int(seg["image"]))
     if removed_images:
@@ -130,6 +134,18 @@ def remove_segments(kind: str, row: dict[str, Any], drops: dict[int, tuple[str, 
     row["segments"] = dump_json(kept)
     append_drops(row, recorded)
     return len(recorded)
+
+
+EMPTY_DOCUMENT = "empty_document"
+
+
+def is_empty(kind: str, row: dict[str, Any]) -> bool:
+    """A doc with no segment left, or a text with no paragraph: nothing to train on."""
+    if kind == "doc":
+        return not load_segments(row)
+    if kind == "text":
+        return not paragraphs(row.get("text"))
+    return False
 
 
 def segment_counts(kind: str, row: dict[str, Any]) -> tuple[int | None, int | None]:

@@ -15,6 +15,7 @@ ledger rows. Memory per task is bounded by the batch size, not by the partition'
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.commit import Storage
-from curate.documents import segment_counts
+from curate.documents import EMPTY_DOCUMENT, is_empty, remove_segments, segment_counts
 from curate.contract import (
     HEAVY_COLUMNS,
     LEDGER_DIR,
@@ -183,28 +184,54 @@ def commit(job: Job, step: str, p: int, **content: Any) -> dict[str, Any]:
     return marker
 
 
-def _decisions(job: Job, seg: int, p: int) -> dict[str, tuple[str, str, str]]:
-    """The global stage's drops for one partition: id -> (stage, reason, detail)."""
+# A global stage's decision on one row: (stage, reason, detail, segments). `segments` None drops
+# the row; a list of indices (a JSON string in the decisions' `segments` column) removes those segments of a doc or paragraphs of a text instead
+# (exact-paragraph dedup), and drops the row only when nothing is left of it.
+Decision = tuple[str, str, str, list[int] | None]
+SEGMENTS_COLUMN = "segments"
+
+
+def _decisions(job: Job, seg: int, p: int) -> dict[str, Decision]:
+    """The global stage's decisions for one partition, by id."""
     gcfg = job.segments[seg].global_stage
     d = job.decisions_dir(seg) / f"{PARTITION_COLUMN}={p}"
     if gcfg is None or not d.exists():
         return {}
     name = build_stage(gcfg).name
-    table = pq.read_table(d, columns=["id", "drop_reason", "drop_detail"])
+    files = sorted(d.rglob("*.parquet"))
+    if not files:
+        return {}
+    columns = ["id", "drop_reason", "drop_detail"]
+    if SEGMENTS_COLUMN in pq.read_schema(files[0]).names:
+        columns.append(SEGMENTS_COLUMN)
+    table = pq.read_table(d, columns=columns)
     return {
-        r["id"]: (name, r["drop_reason"], r["drop_detail"])
+        r["id"]: (name, r["drop_reason"], r["drop_detail"],
+                  json.loads(r[SEGMENTS_COLUMN]) if r.get(SEGMENTS_COLUMN) else None)
         for r in table.to_pylist()
     }
 
 
-def _apply_decisions(table: pa.Table, decisions: dict[str, tuple[str, str, str]]) -> pa.Table:
+def apply_decision(kind: str, row: dict[str, Any], hit: Decision | None) -> None:
+    """Apply a global decision to a live row (a dropped row stays as it was dropped)."""
+    if hit is None or row.get("drop_reason"):
+        return
+    stage, reason, detail, segments = hit
+    if segments is None:
+        row["drop_stage"], row["drop_reason"], row["drop_detail"] = stage, reason, detail
+        return
+    remove_segments(kind, row, {int(i): (reason, detail) for i in segments}, stage)
+    if is_empty(kind, row):
+        row["drop_stage"], row["drop_reason"] = stage, EMPTY_DOCUMENT
+        row["drop_detail"] = f"every segment removed ({reason}: {detail})"
+
+
+def _apply_decisions(kind: str, table: pa.Table, decisions: dict[str, Decision]) -> pa.Table:
     if not decisions:
         return table
     rows = table.to_pylist()
     for row in rows:
-        hit = decisions.get(row["id"])
-        if hit and not row.get("drop_reason"):
-            row["drop_stage"], row["drop_reason"], row["drop_detail"] = hit
+        apply_decision(kind, row, decisions.get(row["id"]))
     return pa.Table.from_pylist(rows, schema=table.schema)
 
 
@@ -249,7 +276,7 @@ def _segment_input(job: Job, seg: int, p: int) -> Iterator[pa.Table]:
         return
     decisions = _decisions(job, seg - 1, p)
     for table in iter_row_groups(job.seg_data(seg - 1, p)):
-        yield _apply_decisions(table, decisions)
+        yield _apply_decisions(job.kinds[p], table, decisions)
 
 
 def run_segment(job: Job, seg: int, p: int) -> dict[str, Any]:
@@ -292,9 +319,7 @@ def _final_rows(job: Job, p: int, columns: list[str] | None = None) -> Iterator[
     decisions = _decisions(job, last, p)
     for table in iter_row_groups(job.seg_data(last, p), columns):
         for row in table.to_pylist():
-            hit = decisions.get(row["id"])
-            if hit and not row.get("drop_reason"):
-                row["drop_stage"], row["drop_reason"], row["drop_detail"] = hit
+            apply_decision(kind, row, decisions.get(row["id"]))
             if not row.get("drop_reason"):
                 problem = unpackable(kind, row)
                 if problem:
