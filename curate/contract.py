@@ -76,8 +76,11 @@ SEGMENT_FIELDS: list[pa.Field] = [
     pa.field("image_formats", pa.list_(pa.string())),
     pa.field("image_sha256s", pa.list_(pa.string())),
     pa.field("image_nbytes_list", pa.list_(pa.int64())),
-    pa.field("image_widths", pa.list_(pa.int32())),  # of the images as stored (after resizing)
+    # per image, as the image stage found them: stored size (after resizing) and original size
+    pa.field("image_widths", pa.list_(pa.int32())),
     pa.field("image_heights", pa.list_(pa.int32())),
+    pa.field("image_original_widths", pa.list_(pa.int32())),
+    pa.field("image_original_heights", pa.list_(pa.int32())),
     # JSON list of {"segment": i, "reason": code, "detail": ...}: segments dropped inside the doc.
     pa.field("segment_drops", pa.string()),
 ]
@@ -283,7 +286,8 @@ SIDECAR_KIND: dict[str, list[pa.Field]] = {
 # Record columns that never reach a sidecar (payloads, bookkeeping, what the sidecar derives).
 _NOT_IN_SIDECAR = set(HEAVY_COLUMNS) | set(DROP_COLUMNS) | {
     "extra", "segments", "segment_drops", "image_formats", "image_sha256s", "image_nbytes_list",
-    "image_widths", "image_heights", "text", "attempts", "charset",
+    "image_widths", "image_heights", "image_original_widths", "image_original_heights", "text",
+    "attempts", "charset",
 }
 
 

@@ -27,9 +27,18 @@ import json
 import re
 from typing import Any
 
-# The per-image lists of a doc, aligned with the image indices of its segments.
-IMAGE_LISTS = ("images", "image_formats", "image_sha256s", "image_nbytes_list", "image_widths",
-               "image_heights")
+# A pair's image column -> the doc's list of it, aligned with the image indices of its segments.
+DOC_IMAGE_FIELDS: dict[str, str] = {
+    "image": "images",
+    "image_format": "image_formats",
+    "image_sha256": "image_sha256s",
+    "image_nbytes": "image_nbytes_list",
+    "width": "image_widths",
+    "height": "image_heights",
+    "original_width": "image_original_widths",
+    "original_height": "image_original_heights",
+}
+IMAGE_LISTS = tuple(DOC_IMAGE_FIELDS.values())
 PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n+")
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -146,6 +155,26 @@ def is_empty(kind: str, row: dict[str, Any]) -> bool:
     if kind == "text":
         return not paragraphs(row.get("text"))
     return False
+
+
+def image_views(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """One pair-shaped dict per image of a doc (`image`, `image_format`, `width`, ...): what a
+    per-image stage (the image stage, the size filters) reads and writes."""
+    n = len(row.get("images") or [])
+    lists = {pair: list(row.get(name) or [None] * n) for pair, name in DOC_IMAGE_FIELDS.items()}
+    return [{"id": row.get("id"), "url": None, **{pair: lists[pair][i] for pair in lists}} for i in range(n)]
+
+
+def store_image_views(row: dict[str, Any], views: list[dict[str, Any]]) -> None:
+    """Write per-image views back into the doc's image lists."""
+    for pair, name in DOC_IMAGE_FIELDS.items():
+        row[name] = [v.get(pair) for v in views]
+
+
+def image_segment_index(row: dict[str, Any]) -> dict[int, int]:
+    """Image index -> the index of the segment that shows it."""
+    return {int(s["image"]): i for i, s in enumerate(load_segments(row))
+            if s.get("type") == "image" and s.get("image") is not None}
 
 
 def segment_counts(kind: str, row: dict[str, Any]) -> tuple[int | None, int | None]:

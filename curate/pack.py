@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.commit import Storage
+from curate.tokens import TokenCounter
 from curate.contract import (
     encode_sample,
     is_safe_member,
@@ -97,10 +98,12 @@ class ShardWriter:
     """Writes one shard (tar + sidecar) of one kind. Use as a context manager or call close().
 
     `write(row)` assigns the next key, writes the members and returns the key. `close()`
-    publishes both files and returns the shard's manifest entry.
+    publishes both files and returns the shard's manifest entry. With `tokens`, each sidecar
+    row gets the sample's `token_count` and the tokenizer's id.
     """
 
-    def __init__(self, storage: Storage, out: str | Path, kind: str, shard: int, record_schema: pa.Schema):
+    def __init__(self, storage: Storage, out: str | Path, kind: str, shard: int, record_schema: pa.Schema,
+                 tokens: TokenCounter | None = None):
         self.storage = storage
         self.out = Path(out)
         self.kind = kind
@@ -114,6 +117,7 @@ class ShardWriter:
         self._schema = sidecar_schema(kind, record_schema)
         self._rows: list[dict[str, Any]] = []
         self.count = 0
+        self.tokens = tokens
 
     def write(self, row: dict[str, Any]) -> str:
         key = sample_key(self.shard, self.count)
@@ -124,6 +128,8 @@ class ShardWriter:
             header_at = self._hash.tell()
             add_member(self._tar, name, data)
             members.append({"name": name, "offset": header_at + 512, "size": len(data)})
+        if self.tokens is not None:  # the sidecar's, not KEY.json's: the plan's byte cut stays true
+            row = {**row, "token_count": self.tokens.count(self.kind, row), "tokenizer": self.tokens.id}
         self._rows.append(sidecar_row(self.kind, row, key, members))
         self.count += 1
         return key

@@ -77,10 +77,18 @@ class ExecutionConfig(_Strict):
 
 
 class TokenizerConfig(_Strict):
-    """The tokenizer used for token counts in the sidecars (a local path or a hub name)."""
+    """The tokenizer of the token counts in the sidecars (curate/tokens.py): a tokenizer.json,
+    a folder holding one, or a hub name."""
 
     path: str
-    id: str | None = None  # recorded beside each count; defaults to the path
+    id: str | None = None  # recorded beside each count; defaults to "<name>@<sha256 prefix>"
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: str) -> str:
+        from curate.tokens import check_tokenizer_path
+
+        return check_tokenizer_path(value)
 
 
 def _union(registry: dict[str, type]) -> Any:

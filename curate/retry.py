@@ -153,7 +153,8 @@ def run_retry_pack(job: Job, p: int, ledger: str, first_shard: int, shard_counts
                 new_rows[row["id"]] = _ledger_row(kind, row, None, None)
                 continue
             if writer is None:
-                writer = ShardWriter(storage, job.out, kind, first_shard + len(shards), record)
+                writer = ShardWriter(storage, job.out, kind, first_shard + len(shards), record,
+                                     job.token_counter())
             key = writer.write(row)
             new_rows[row["id"]] = _ledger_row(kind, row, shard_label(kind, writer.shard), key)
             if writer.count == plan[len(shards)]:

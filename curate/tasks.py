@@ -42,6 +42,7 @@ from curate.contract import (
 )
 from curate.pack import ShardWriter, plan_shards, sample_footprint, shard_label
 from curate.recipe import Recipe
+from curate.tokens import TokenCounter
 from curate.sources.base import Partition, build_source, fingerprint
 from curate.stages.base import GlobalStage, Stage, build_stage
 
@@ -122,6 +123,11 @@ class Job:
 
     def retry_ids(self, p: int) -> Path:
         return self.round_dir / "ids" / f"{p:05d}.parquet"
+
+    def token_counter(self) -> TokenCounter | None:
+        """The recipe's tokenizer, for the sidecars' token counts (None: no counts)."""
+        tok = self.recipe.tokenizer
+        return TokenCounter(tok.path, tok.id) if tok is not None else None
 
     def input_fingerprint(self) -> str:
         return fingerprint([[p.source, p.index, p.fingerprint] for p in self.partitions])
@@ -416,6 +422,7 @@ def run_pack(job: Job, p: int, first_shard: int, shard_counts: list[int]) -> dic
     ledger_tmp = storage.attempt_path(ledger_final)
     shards: list[dict[str, Any]] = []
     plan = list(shard_counts)
+    tokens = job.token_counter()
     writer: ShardWriter | None = None
     kept = dropped = 0
     drops: Counter[str] = Counter()
@@ -428,7 +435,7 @@ def run_pack(job: Job, p: int, first_shard: int, shard_counts: list[int]) -> dic
                 drops[f"{row['drop_stage']}/{row['drop_reason']}"] += 1
             else:
                 if writer is None:
-                    writer = ShardWriter(storage, job.out, kind, first_shard + len(shards), record)
+                    writer = ShardWriter(storage, job.out, kind, first_shard + len(shards), record, tokens)
                 key = writer.write(row)
                 ledger.append(_ledger_row(kind, row, shard_label(kind, writer.shard), key))
                 kept += 1

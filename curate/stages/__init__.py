@@ -27,6 +27,8 @@ from curate.stages import phash  # noqa: F401
 from curate.stages import decontaminate  # noqa: F401
 from curate.stages import scores  # noqa: F401
 from curate.stages import semantic  # noqa: F401
+from curate.stages import text_quality  # noqa: F401
+from curate.stages import minhash  # noqa: F401
 from curate.stages import paragraphs  # noqa: F401
 from curate.stages import text_decontaminate  # noqa: F401
 

@@ -24,6 +24,15 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from curate.contract import conform
+from curate.documents import (
+    EMPTY_DOCUMENT,
+    image_segment_index,
+    image_views,
+    is_empty,
+    remove_segments,
+    store_image_views,
+    table_kind,
+)
 
 
 class StageConfig(BaseModel):
@@ -90,24 +99,47 @@ class RowStage(Stage):
     (adding or updating columns) and returning None, or returning a `Drop`.
 
     Rows already dropped by an earlier stage pass through untouched.
+
+    `per_image` stages (the image stage, the image filters) also apply to docs: `process_row`
+    then runs once per image of a doc, on a pair-shaped view of it (`image`, `image_format`,
+    `width`, ...; curate/documents.py), and a `Drop` removes that image's segment, not the
+    document (recorded in its `segment_drops`). A doc left with no segment is dropped
+    (`empty_document`); how many images a doc needs is for the document rules to say.
     """
+
+    per_image: ClassVar[bool] = False
 
     def process_row(self, row: dict[str, Any]) -> Drop | None:
         raise NotImplementedError
 
+    def _guarded(self, row: dict[str, Any]) -> Drop | None:
+        try:
+            return self.process_row(row)
+        except Exception as exc:  # per-sample failure: the error policy decides
+            if self.config.on_error == "raise":
+                raise
+            tb = traceback.extract_tb(exc.__traceback__)[-1]
+            return Drop(STAGE_ERROR, f"{type(exc).__name__}: {exc} ({tb.filename}:{tb.lineno})")
+
+    def _each_image(self, row: dict[str, Any]) -> Drop | None:
+        views = image_views(row)
+        failed = {i: d for i, view in enumerate(views) if (d := self._guarded(view)) is not None}
+        store_image_views(row, views)
+        where = image_segment_index(row)
+        remove_segments("doc", row, {where[i]: (d.reason, d.detail) for i, d in failed.items() if i in where},
+                        self.name)
+        if is_empty("doc", row):
+            return Drop(EMPTY_DOCUMENT, "every segment removed")
+        return None
+
     def process(self, table: pa.Table) -> pa.Table:
         self.ensure_setup()
+        each_image = self.per_image and table_kind(table.schema) == "doc"
         rows = table.to_pylist()
         for row in rows:
             if row.get("drop_reason"):
                 continue
-            try:
-                decision = self.process_row(row)
-            except Exception as exc:  # per-sample failure: the error policy decides
-                if self.config.on_error == "raise":
-                    raise
-                tb = traceback.extract_tb(exc.__traceback__)[-1]
-                decision = Drop(STAGE_ERROR, f"{type(exc).__name__}: {exc} ({tb.filename}:{tb.lineno})")
+            decision = self._each_image(row) if each_image else self._guarded(row)
             if decision is not None:
                 mark_dropped(row, self.name, decision)
         schema = table.schema

@@ -29,6 +29,10 @@ with many rows of one slow or rate-limited host does not park every thread on th
 while the other hosts' rows wait; the output keeps the input's row order, each outcome in its row.
 
 Only rows that have a URL and no image yet are fetched, so rows from local sources pass through.
+
+Docs: every image segment of a doc that has no bytes yet is fetched, with the same guards and
+politeness, all of a batch's docs' images on one pool; a failed image removes its segment (with
+the fetch's code, in the doc's `segment_drops`), not the document (`_process_docs`).
 """
 
 from __future__ import annotations
@@ -57,7 +61,17 @@ from curate.fetch import (
     StaticResolver,
 )
 from curate.robots import ROBOTS_DISALLOWED, RobotsCache
-from curate.stages.base import STAGE_ERROR, Drop, RowStage, StageConfig, register
+from curate.documents import (
+    EMPTY_DOCUMENT,
+    dump_json,
+    image_views,
+    is_empty,
+    load_segments,
+    remove_segments,
+    store_image_views,
+    table_kind,
+)
+from curate.stages.base import STAGE_ERROR, Drop, RowStage, StageConfig, mark_dropped, register
 
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
     (b"\xff\xd8\xff", 0, "jpg"),
@@ -91,7 +105,7 @@ def sniff_image_format(data: bytes) -> str:
 @register
 class DownloadStage(RowStage):
     name = "download"
-    kinds = ("pair",)
+    kinds = ("pair", "doc")
 
     class Config(StageConfig):
         kind: Literal["download"] = "download"
@@ -204,21 +218,75 @@ class DownloadStage(RowStage):
                 raise
             return Drop(STAGE_ERROR, f"{type(exc).__name__}: {exc}"), attempts
 
+    def _fetch_all(self, urls: list[str]) -> list[tuple[FetchResult | Drop, int]]:
+        """Fetch URLs on the pool, hosts interleaved; outcomes in the order of `urls`."""
+        order = interleave_by_host(urls)  # the fetch order only: each outcome goes to its own row
+        outcomes: list[Any] = [None] * len(urls)
+        for k, outcome in zip(order, self.pool.map(self._fetch, [urls[k] for k in order])):
+            outcomes[k] = outcome
+        return outcomes
+
+    def _process_docs(self, table: pa.Table) -> pa.Table:
+        """The images of docs: every image segment without bytes yet, of every live doc of the
+        batch, fetched together on the pool. A fetched image joins the doc's image lists in
+        reading order; a failed one removes its segment with the fetch's code (curate/documents.py),
+        never the doc, unless nothing is left of it. A doc's `attempts` is the sum of its images'."""
+        rows = table.to_pylist()
+        wanted: list[tuple[int, int, str]] = []  # (row, segment, url)
+        for r, row in enumerate(rows):
+            if row.get("drop_reason"):
+                continue
+            for s, seg in enumerate(load_segments(row)):
+                if seg.get("type") == "image" and seg.get("image") is None:
+                    wanted.append((r, s, seg.get("url") or ""))
+        if not wanted:
+            return table
+        fetched: dict[int, dict[int, tuple[FetchResult | Drop, int]]] = {}
+        for (r, s, _), outcome in zip(wanted, self._fetch_all([u for _, _, u in wanted])):
+            fetched.setdefault(r, {})[s] = outcome
+        for r, outcomes in fetched.items():
+            row = rows[r]
+            segments = load_segments(row)
+            views = image_views(row)
+            new_views, failed = [], {}
+            for s, seg in enumerate(segments):
+                if seg.get("type") != "image":
+                    continue
+                if s not in outcomes:  # fetched before (or local): keep it, renumbered in order
+                    new_views.append(views[int(seg["image"])])
+                    seg["image"] = len(new_views) - 1
+                    continue
+                result, attempts = outcomes[s]
+                row["attempts"] = (row.get("attempts") or 0) + attempts
+                if isinstance(result, FetchResult) and not result.ok:
+                    result = Drop(result.reason, result.detail)
+                if isinstance(result, Drop):
+                    failed[s] = (result.reason, result.detail)
+                    continue
+                body = result.body
+                new_views.append({"image": body, "image_format": sniff_image_format(body),
+                                  "image_sha256": image_digest(body), "image_nbytes": len(body)})
+                seg["image"] = len(new_views) - 1
+            row["segments"] = dump_json(segments)
+            store_image_views(row, new_views)
+            remove_segments("doc", row, failed, self.name)
+            if is_empty("doc", row):
+                mark_dropped(row, self.name, Drop(EMPTY_DOCUMENT, "every segment removed"))
+        return pa.Table.from_pylist(rows, schema=table.schema)
+
     def process(self, table: pa.Table) -> pa.Table:
         """Fetch every live row that has a URL and no image yet. Columnar: only the columns a
         fetch sets are rebuilt (the rest of the batch, captions and carried columns, is never
         turned into Python objects)."""
         self.ensure_setup()
+        if table_kind(table.schema) == "doc":
+            return self._process_docs(table)
         todo_mask = pc.and_(pc.is_null(table.column("drop_reason")), pc.is_null(table.column("image")))
         todo = pc.indices_nonzero(todo_mask).to_pylist()
         if not todo:
             return table
         url_column = table.column("url").to_pylist()
-        urls = [url_column[i] or "" for i in todo]
-        order = interleave_by_host(urls)  # the fetch order only: each outcome goes to its own row
-        outcomes: list[Any] = [None] * len(todo)
-        for k, outcome in zip(order, self.pool.map(self._fetch, [urls[k] for k in order])):
-            outcomes[k] = outcome
+        outcomes = self._fetch_all([url_column[i] or "" for i in todo])
         names = ("attempts", "drop_stage", "drop_reason", "drop_detail", "image_format", "image_sha256",
                  "image_nbytes")
         cols = {name: table.column(name).to_pylist() for name in names}

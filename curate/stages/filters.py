@@ -70,6 +70,8 @@ class ImageSizeFilter(Filter):
     """Drops images narrower/shorter than the minimums or wider/taller than the maximums."""
 
     name = "image_size_filter"
+    kinds = ("pair", "doc")
+    per_image = True  # on docs: each image, a failure removes its segment
     Config = ImageSizeConfig
 
     def check(self, row: dict[str, Any]) -> Drop | None:
@@ -94,6 +96,8 @@ class AspectRatioFilter(Filter):
     """Drops images more elongated than `max_aspect_ratio` (banners, strips, separators)."""
 
     name = "aspect_ratio_filter"
+    kinds = ("pair", "doc")
+    per_image = True  # on docs: each image, a failure removes its segment
     Config = AspectRatioConfig
 
     def check(self, row: dict[str, Any]) -> Drop | None:

