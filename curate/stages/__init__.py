@@ -21,6 +21,7 @@ from curate.stages import clip  # noqa: F401
 from curate.stages import filters  # noqa: F401
 from curate.stages import dedup  # noqa: F401
 from curate.stages import download  # noqa: F401
+from curate.stages import extract  # noqa: F401
 from curate.stages import image  # noqa: F401
 from curate.stages import language  # noqa: F401
 from curate.stages import phash  # noqa: F401
