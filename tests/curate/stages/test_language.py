@@ -149,3 +149,72 @@ def test_missing_model_fails_setup_clearly(monkeypatch, tmp_path):
 def test_config_is_validated_at_load(bad):
     with pytest.raises(ValidationError):
         LanguageConfig(**bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents and text records: the record's text (curate.documents.record_text) is judged
+# ---------------------------------------------------------------------------------------------
+
+FRENCH_PARAGRAPH = ("Le petit village se trouve au bord de la mer. Chaque matin, les pêcheurs partent avant "
+                    "le lever du soleil et reviennent à midi avec leurs filets pleins de poissons.")
+ENGLISH_PARAGRAPH = ("The old lighthouse stands at the end of the harbour wall. Every evening the keeper "
+                     "climbs the stairs to light the lamp, and the ships find their way home in the dark.")
+
+
+def doc_table(segment_lists: list[list[dict]]) -> pa.Table:
+    import json
+
+    rows = [{"id": f"d:{i}", "source": "d", "segments": json.dumps(s)} for i, s in enumerate(segment_lists)]
+    return pa.Table.from_pylist(rows, schema=record_schema("doc"))
+
+
+def text_table(texts: list[str | None]) -> pa.Table:
+    rows = [{"id": f"x:{i}", "source": "x", "text": t} for i, t in enumerate(texts)]
+    return pa.Table.from_pylist(rows, schema=record_schema("text"))
+
+
+def test_applies_to_every_kind():
+    assert LanguageFilter.kinds == ("pair", "doc", "text")
+    assert LanguageConfig(languages=["en"]).column is None
+
+
+def test_docs_are_judged_on_their_text_segments():
+    image = {"type": "image", "url": "https://example.com/a.jpg", "alt": "un chat"}
+    docs = [
+        [{"type": "text", "text": FRENCH_PARAGRAPH}, image, {"type": "text", "text": FRENCH_PARAGRAPH}],
+        [image, {"type": "text", "text": ENGLISH_PARAGRAPH}],
+        [image],  # images only: no text to judge
+    ]
+    out = LanguageFilter(LanguageConfig(languages=["fr"])).process(doc_table(docs)).to_pylist()
+    assert [r["language"] for r in out] == ["fr", "en", None]
+    assert out[0]["drop_reason"] is None and out[0]["language_score"] > 0.5
+    assert out[1]["drop_reason"] == "lang_mismatch"
+    assert out[1]["drop_detail"] == f"en {out[1]['language_score']:.2f} not in ['fr']"
+    assert (out[2]["drop_reason"], out[2]["drop_detail"]) == ("lang_mismatch", "no text")
+
+
+def test_text_records_and_the_first_max_chars():
+    """A long document is judged on its first MAX_CHARS characters: French first, English after."""
+    long_doc = "\n\n".join([FRENCH_PARAGRAPH] * 7 + [ENGLISH_PARAGRAPH] * 60)
+    assert len(FRENCH_PARAGRAPH) * 7 > language.MAX_CHARS
+    out = LanguageFilter(LanguageConfig(languages=["fr"])).process(
+        text_table([long_doc, ENGLISH_PARAGRAPH, "", None])).to_pylist()
+    assert [r["language"] for r in out] == ["fr", "en", None, None]
+    assert [r["drop_reason"] for r in out] == [None, "lang_mismatch", "lang_mismatch", "lang_mismatch"]
+
+
+def test_normalised_prefix_is_the_prefix_of_the_normalised_text():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randrange(0, 6000)
+        text = "".join(rng.choice(["a", "bc", " ", "\n", "\t\t", "      ", "é"]) for _ in range(n))
+        assert language._normalised_prefix(text) == " ".join(text.split())[: language.MAX_CHARS]
+
+
+def test_docs_dropped_earlier_are_left_alone():
+    t = doc_table([[{"type": "text", "text": ENGLISH_PARAGRAPH}]])
+    t = t.set_column(t.schema.get_field_index("drop_reason"), "drop_reason", pa.array(["duplicate"]))
+    row = LanguageFilter(LanguageConfig(languages=["fr"])).process(t).to_pylist()[0]
+    assert row["drop_reason"] == "duplicate" and row["language"] is None and row["drop_stage"] is None
