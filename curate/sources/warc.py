@@ -3,8 +3,10 @@
 `path` names the files: a WARC file, a folder (its `*.warc` and `*.warc.gz`, not recursive), a
 glob, or a list of them, merged and sorted; `files_per_partition` files make a partition, whose
 fingerprint covers each file's label, size and mtime. Files are streamed record by record with
-warcio's ArchiveIterator (plain, or gzip compressed per record as the WARC standard recommends);
-nothing is seeked and no payload is held beyond `max_record_bytes`.
+warcio's archive iterator (plain, or gzip compressed per record as the WARC standard
+recommends); nothing is seeked and no payload is held beyond `max_record_bytes`. Only WARC is
+read: an ARC file (the older format) is a `read_error`, since guessing ARC would take any text
+line of five words for a record.
 
 **Inputs** are the `response` and `resource` records: each yields exactly one row, with the id
 `"<source name>:<file>#<byte offset of the record>"` (`<file>`: the path relative to the common
@@ -37,8 +39,10 @@ its detail naming the exception and the byte offset where the last whole record 
 record being read at the damage is not kept. warcio could skip some malformed headers (it
 resynchronises on the next blank line); we stop instead: once framing is lost, what looks like
 the next header may be payload bytes, and a record made of them would be an input that never
-was. A record without Content-Length is damage too (its end cannot be known). A file cut
-exactly between two records reads as a shorter whole file: nothing in it was lost.
+was. A record without a Content-Length, or with one that is not a number, is damage too (its
+end cannot be known), and so are bytes after the last record that do not form one (a file cut
+inside the next record's first bytes). A file cut between two records, or inside a record's
+closing blank lines or gzip trailer, reads as a shorter whole file: no page in it was lost.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from typing import IO, Any, Literal
 
 import pyarrow as pa
 from pydantic import Field, field_validator
-from warcio.archiveiterator import ArchiveIterator
+from warcio.archiveiterator import WARCIterator
 from warcio.bufferedreaders import ChunkedDataReader
 from warcio.exceptions import ArchiveLoadFailed
 from warcio.limitreader import LimitReader
@@ -135,7 +139,7 @@ class WarcSource(Source):
         end = 0  # where the last whole record ended
         try:
             with open(path, "rb") as fh:
-                records = ArchiveIterator(fh, arc2warc=True, no_record_parse=True)
+                records = WARCIterator(fh, no_record_parse=True)  # WARC only: never guess ARC
                 for record in records:
                     _framed(record)
                     row = self._input(record) if record.rec_type in INPUT_TYPES else None
@@ -144,6 +148,7 @@ class WarcSource(Source):
                     end = offset + length
                     if row is not None:
                         yield {"id": f"{self.name}:{label}#{offset}", **row}
+                _check_tail(fh, end)
         except (*DAMAGE, _Damage) as exc:
             detail = f"{type(exc).__name__}: {str(exc).strip()[:300]}; the last whole record ended at byte {end}"
             yield self.dropped_row(f"{label}#error", READ_ERROR, detail)
@@ -230,9 +235,29 @@ class _CappedLines:
         return self.stream.read(length)
 
 
+def _check_tail(fh: IO[bytes], end: int) -> None:
+    """Damage unless the file ends where its last record does (a plain WARC may end in blank
+    lines). warcio stops without a word at a gzip member that ends before its first record
+    line, or at a cut between records' separators: the size tells."""
+    size = os.fstat(fh.fileno()).st_size
+    if size <= end:
+        return
+    fh.seek(0)
+    gzipped = fh.read(2) == b"\x1f\x8b"
+    fh.seek(end)
+    rest = fh.read(min(size - end, 4096))
+    if gzipped or size - end > len(rest) or rest.strip():
+        raise _Damage(f"{size - end} bytes after the last whole record do not form a record "
+                      "(a file cut inside a record's first bytes?)")
+
+
 def _framed(record: ArcWarcRecord) -> None:
-    if record.rec_headers.get_header("Content-Length") is None:
-        raise _Damage(f"a {record.rec_type} record without Content-Length: where it ends cannot be known")
+    """Damage unless the record states its length (warcio reads a missing one as "to the end of
+    the file", a malformed one as 0)."""
+    length = record.rec_headers.get_header("Content-Length")
+    if length is None or not length.strip().isdigit():
+        raise _Damage(f"a record header (WARC-Type {record.rec_type!r}) with Content-Length {length!r}, cut "
+                      "short or malformed: where the record ends cannot be known")
 
 
 def _complete(record: ArcWarcRecord, offset: int, err_count: int) -> None:
