@@ -120,6 +120,8 @@ def test_copies_are_dropped_naming_the_kept_original_across_partitions(runs):
 
 def test_decisions_do_not_depend_on_the_partitioning(runs):
     (small, _), (large, _) = runs["outs"][3], runs["outs"][40]
-    outcome = lambda out: {i: (r["outcome"], r["drop_reason"], r["drop_detail"]) for i, r in _ledger(out).items()}  # noqa: E731
+    def outcome(out: Path) -> dict[int, tuple]:
+        return {i: (r["outcome"], r["drop_reason"], r["drop_detail"]) for i, r in _ledger(out).items()}
+
     assert outcome(small) == outcome(large)
 

@@ -294,10 +294,8 @@ def run(docs: int, memory_sizes: list[int], workers: int, per_file: int = DOCS_P
             results["memory"][n] = {k: r[k] for k in ("seconds", "peak_rss_workers_mib", "peak_rss_one_worker_mib")}
     if len(memory_sizes) >= 2:
         lo, hi = min(memory_sizes), max(memory_sizes)
-        results["memory_ratio"] = {
-            "docs": hi / lo,
-            "peak_rss": round(results["memory"][hi]["peak_rss_workers_mib"] / results["memory"][lo]["peak_rss_workers_mib"], 2),
-        }
+        peak = {n: results["memory"][n]["peak_rss_workers_mib"] for n in (lo, hi)}
+        results["memory_ratio"] = {"docs": hi / lo, "peak_rss": round(peak[hi] / peak[lo], 2)}
     return results
 
 
