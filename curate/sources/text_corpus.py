@@ -19,7 +19,9 @@ value or one that is not a string, a url that is not a string), `no_text` (a tex
 or only whitespace). A named column absent from a csv/tsv/parquet header is a recipe mistake,
 reported when partitions are planned.
 
-`plan_record_files` is shared with the OBELICS source (the same files-and-spans planning).
+`find_files` and `labels` (which files a `path` names, and their labels in ids) also serve the
+obelics and warc sources, and `plan_record_files` / `read_records` (files split into spans of
+records) the obelics source.
 """
 
 from __future__ import annotations

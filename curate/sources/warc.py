@@ -286,8 +286,8 @@ def media_type(content_type: str | None) -> tuple[str | None, str | None]:
 
 
 def looks_like_html(data: bytes) -> bool:
-    """Whether a payload without a Content-Type starts like an HTML page (after a BOM, blanks and
-    comments are not skipped: a page that opens with a comment needs its header)."""
+    """Whether a payload without a Content-Type starts like an HTML page, after a BOM and blanks.
+    Deliberately narrow: a page opening with a comment or an XML declaration needs its header."""
     head = data[:1024].lstrip(b"\xef\xbb\xbf").lstrip().lower()
     return head.startswith(HTML_SNIFF)
 

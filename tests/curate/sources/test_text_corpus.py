@@ -17,6 +17,7 @@ from curate.recipe import parse_recipe
 from curate.runner import run_recipe
 from curate.sources import build_source
 from curate.sources.text_corpus import TextCorpusConfig
+from tools.verify import verify
 
 GOOD = [
     {"id": "doc-1", "text": "The first document.\n\nIt has two paragraphs.", "url": "https://a.example/1",
@@ -149,6 +150,8 @@ def test_curation_run_without_stages(tmp_path, corpus, output_checks):
     })
     manifest = run_recipe(recipe, progress=False)
     output_checks.check_ledger_invariant(out)
+    report = verify(out)
+    assert report.ok, report
     assert manifest["counts"]["inputs"] == 17 and manifest["counts"]["kept"] == 3 + 7
     ledger = read_ledger(out).to_pylist()
     assert Counter(r["drop_reason"] for r in ledger if r["outcome"] == "dropped") == {"malformed_row": 6, "no_text": 1}

@@ -23,6 +23,7 @@ from curate.recipe import parse_recipe
 from curate.runner import run_recipe
 from curate.sources import build_source
 from curate.sources.warc import WarcConfig
+from tools.verify import verify
 
 CAP = 2048
 SKIP = "not an input"
@@ -344,6 +345,8 @@ def test_curation_run_keeps_the_ledger_whole(tmp_path, output_checks):
     })
     manifest = run_recipe(recipe, progress=False)
     output_checks.check_ledger_invariant(out)
+    report = verify(out)
+    assert report.ok, report
     expected = Counter(o for _, o, _ in w.inputs()) + Counter(o for _, o, _ in w.inputs()[:3]) + Counter(["read_error"])
     ledger = read_ledger(out).to_pylist()
     got = Counter("kept" if r["outcome"] == "kept" else r["drop_reason"] for r in ledger)
