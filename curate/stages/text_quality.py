@@ -61,6 +61,7 @@ from __future__ import annotations
 import importlib
 import math
 import re
+import threading
 from collections import Counter, OrderedDict
 from typing import Any, ClassVar, Literal
 
@@ -219,8 +220,8 @@ class DocRules(_KindAware, Filter):
         if c.max_special_char_ratio is not None:
             ratio = special_char_ratio(text)
             if ratio > c.max_special_char_ratio:
-                return Drop(SPECIAL_CHARACTERS,
-                            f"special-character ratio {ratio:.3f} > max_special_char_ratio {c.max_special_char_ratio:g}")
+                return Drop(SPECIAL_CHARACTERS, f"special-character ratio {ratio:.3f} > "
+                                                f"max_special_char_ratio {c.max_special_char_ratio:g}")
         return None
 
 
@@ -259,6 +260,7 @@ def _shared_tokenizer_class() -> type:
             plain = isinstance(inner, SpaCyTokenizer) and inner.config is None and inner.language != "ja"
             self._spacy_language = inner.language if plain else None
             self._nlp: Any = None
+            self._lock = threading.Lock()
 
         def _spacy_words(self, text: str) -> list[str]:
             if self._nlp is None or len(self._nlp.vocab) > MAX_LEXEMES:
@@ -275,18 +277,19 @@ def _shared_tokenizer_class() -> type:
             return strip_strings([token.text for token in tokens])
 
         def word_tokenize(self, text: str) -> list[str]:
-            found = self._words.get(text)
-            if found is not None:
-                self._words.move_to_end(text)
+            with self._lock:  # one per process, shared by stages that may run on several threads
+                found = self._words.get(text)
+                if found is not None:
+                    self._words.move_to_end(text)
+                    return found
+                found = self._spacy_words(text) if self._spacy_language else self.inner.word_tokenize(text)
+                if len(text) <= self.budget:
+                    self._words[text] = found
+                    self.held += len(text)
+                    while self.held > self.budget:
+                        old, _ = self._words.popitem(last=False)
+                        self.held -= len(old)
                 return found
-            found = self._spacy_words(text) if self._spacy_language else self.inner.word_tokenize(text)
-            if len(text) <= self.budget:
-                self._words[text] = found
-                self.held += len(text)
-                while self.held > self.budget:
-                    old, _ = self._words.popitem(last=False)
-                    self.held -= len(old)
-            return found
 
         def sent_tokenize(self, text: str) -> list[str]:
             return self.inner.sent_tokenize(text)
