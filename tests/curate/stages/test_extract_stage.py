@@ -283,3 +283,41 @@ def test_children_exit_when_their_parent_dies_abruptly():
 def test_config_is_validated(bad):
     with pytest.raises(ValidationError):
         HtmlExtractConfig(**bad)
+
+
+def test_curation_run_extracts_inside_dask_worker_processes(tmp_path, output_checks):
+    """Through the runner on a real LocalCluster: Dask's worker processes are daemonic, where
+    multiprocessing refuses to start children; the stage's exec'd children work there."""
+    from curate.contract import read_ledger
+    from curate.recipe import parse_recipe
+    from curate.runner import run_recipe
+
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    (pages / "a.html").write_bytes(GOOD)
+    (pages / "b.html").write_bytes(PNG)
+    (pages / "c.html").write_bytes(b"")
+    (pages / "d.html").write_bytes(b"<p>caf\xe9</p>")
+    out = tmp_path / "out"
+    recipe = parse_recipe({
+        "name": "html-extract",
+        "sources": [{"kind": "html_files", "name": "web", "path": str(pages), "base_url": "https://e.org/"}],
+        "stages": [{"kind": "html_extract", "processes": 1}],
+        "output": {"path": str(out)},
+        "cluster": {"n_workers": 1, "threads_per_worker": 2, "dashboard": False},
+    })
+    manifest = run_recipe(recipe, progress=False)
+    output_checks.check_ledger_invariant(out)
+    assert manifest["counts"]["inputs"] == 4 and manifest["counts"]["kept"] == 2
+    outcomes = {r["id"]: (r["outcome"], r["stage"], r["drop_reason"]) for r in read_ledger(out).to_pylist()}
+    assert outcomes == {"web:a.html": ("kept", None, None), "web:d.html": ("kept", None, None),
+                        "web:b.html": ("dropped", "html_extract", "not_html"),
+                        "web:c.html": ("dropped", "html_extract", "empty_document")}
+    import tarfile
+
+    with tarfile.open(out / "docs" / "00000.tar") as tar:
+        docs = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    by_id = {d["id"]: d for d in docs}
+    assert by_id["web:a.html"]["segments"] == GOOD_SEGMENTS
+    assert (by_id["web:a.html"]["title"], by_id["web:a.html"]["html_lang"]) == ("Bonjour", "fr")
+    assert "html" not in by_id["web:a.html"]
