@@ -66,8 +66,8 @@ class HtmlExtractConfig(StageConfig):
     # Address-space limit of each child (RLIMIT_AS): a page over it is `parse_error`.
     max_memory_mb: int = Field(1024, ge=64)
     # Child processes per stage instance (one per worker process): at most this many pages parse
-    # at once; give it the worker's thread count.
-    processes: int = Field(2, ge=1, le=256)
+    # at once; give it the worker's thread count. How to run, not what comes out: not hashed.
+    processes: int = Field(2, ge=1, le=256, json_schema_extra={"execution_only": True})
     # Blocks between two images form one text segment ("\n\n"), OBELICS' layout; else one
     # segment per paragraph, the unit paragraph-level stages remove.
     merge_paragraphs: bool = False

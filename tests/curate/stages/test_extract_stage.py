@@ -278,6 +278,20 @@ def test_children_exit_when_their_parent_dies_abruptly():
     assert _wait_dead([int(out.stdout.split()[0])])
 
 
+def test_processes_is_execution_only_but_limits_are_in_the_recipe_hash():
+    from curate.recipe import parse_recipe
+
+    def recipe_hash(**stage) -> str:
+        return parse_recipe({
+            "name": "h", "sources": [{"kind": "html_files", "name": "web", "path": "pages"}],
+            "stages": [{"kind": "html_extract", **stage}], "output": {"path": "out"},
+        }).hash()
+
+    assert recipe_hash(processes=1) == recipe_hash(processes=8) == recipe_hash()
+    assert recipe_hash(timeout_s=5) != recipe_hash() != recipe_hash(max_html_bytes=1000)
+    assert recipe_hash(merge_paragraphs=True) != recipe_hash()
+
+
 @pytest.mark.parametrize("bad", [{"timeout_s": 0}, {"max_html_bytes": 0}, {"max_memory_mb": 8},
                                  {"processes": 0}, {"timeout": 5}])
 def test_config_is_validated(bad):
