@@ -21,14 +21,14 @@ Rules, and why:
 * Not HTML. A payload with a binary signature (PNG, JPEG, GIF, WebP, PDF, ZIP, gzip, ...), or
   NUL bytes in its first KiB without a UTF-16/32 BOM, is `not_html`. Plain text is kept: the
   parser wraps it in a paragraph.
-* Parsing. lxml's libxml2 HTML parser with network access off, comments and processing
-  instructions removed and `huge_tree` off (libxml2 then caps nesting at 256 levels and a text
-  node at 10 MB: past 256 levels it stops, the page before that point is kept, so `<div>` x
-  100000 costs nothing). The HTML parser resolves no entities:
-  a DOCTYPE's internal subset is cut before parsing, so neither `SYSTEM "file://..."` entities
-  (XXE) nor nested ones (billion laughs) can expand; `&name;` stays literal text. The page is
-  re-encoded to UTF-8 and parsed with that encoding forced, so a `<meta charset>` cannot make
-  libxml2 decode it a second time. C0 control characters (but tab, LF, CR, FF) are removed.
+* Parsing. lxml's libxml2 HTML parser (`etree.HTMLParser`) with network access off, comments
+  and processing instructions removed and `huge_tree` off: libxml2 then caps a text node at
+  10 MB and nesting at 256 levels, where it stops and keeps the page before that point, so
+  `<div>` x 100000 costs nothing. The HTML parser resolves no entities, and a DOCTYPE's internal
+  subset is cut before parsing anyway: neither `SYSTEM "file://..."` entities (XXE) nor nested
+  ones (billion laughs) can expand; `&name;` stays literal text. The page is re-encoded to
+  UTF-8 and parsed with that encoding forced, so a `<meta charset>` cannot make libxml2 decode
+  it a second time. C0 control characters (but tab, LF, CR, FF) are removed.
 * Simplification. Removed with their subtree: script, style, noscript, template, iframe, svg,
   math, form (and its controls), nav, header, footer, aside, object, embed, canvas, audio,
   video, dialog, head; elements marked `hidden`, `aria-hidden="true"`, or styled
