@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.commit import Storage
-from curate.documents import EMPTY_DOCUMENT, is_empty, remove_segments, segment_counts
+from curate.documents import EMPTY_DOCUMENT, is_empty, load_segments, remove_segments, segment_counts
 from curate.contract import (
     HEAVY_COLUMNS,
     LEDGER_DIR,
@@ -326,12 +326,30 @@ def _final_rows(job: Job, p: int, columns: list[str] | None = None) -> Iterator[
     for table in iter_row_groups(job.seg_data(last, p), columns):
         for row in table.to_pylist():
             apply_decision(kind, row, decisions.get(row["id"]))
+            if kind == "doc" and not row.get("drop_reason"):
+                unfetched_images(row)
             if not row.get("drop_reason"):
                 problem = unpackable(kind, row)
                 if problem:
                     row["drop_stage"], row["drop_reason"], row["drop_detail"] = (
                         PACK_STAGE, UNSUPPORTED_FORMAT, problem)
             yield row
+
+
+NOT_FETCHED = "image_not_fetched"
+
+
+def unfetched_images(row: dict[str, Any]) -> None:
+    """A doc's image segments that still have no bytes (a recipe without the download stage, an
+    OBELICS source) cannot be written: they are removed at stage "pack", each recorded, and a
+    doc left with nothing is dropped."""
+    gone = {i: (NOT_FETCHED, f"no stage fetched {s.get('url')!r}") for i, s in enumerate(load_segments(row))
+            if s.get("type") == "image" and s.get("image") is None}
+    if gone:
+        remove_segments("doc", row, gone, PACK_STAGE)
+        if is_empty("doc", row):
+            row["drop_stage"], row["drop_reason"], row["drop_detail"] = (
+                PACK_STAGE, EMPTY_DOCUMENT, "every segment removed (images never fetched)")
 
 
 def _footprint(kind: str, row: dict[str, Any]) -> int:

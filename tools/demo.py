@@ -1,8 +1,9 @@
 """`mm1 demo`: the main job end to end on the embedded default.
 
 Builds the demo inputs from images that ship in pip packages, serves part of them from a real
-HTTP server on 127.0.0.1 behind a URL list, curates everything with recipes/curate/demo.yaml on
-a LocalCluster bound to 127.0.0.1, prints `mm1 stats`, runs `mm1 verify`, and says where the
+HTTP server on 127.0.0.1 behind a URL list and behind the pages of a WARC crawl (whose prose,
+like a text corpus's, comes from CPython's own help topics: tools/demo_docs.py), curates all
+three kinds with recipes/curate/demo.yaml on a LocalCluster bound to 127.0.0.1, prints `mm1 stats`, runs `mm1 verify`, and says where the
 shards, the stats and the ledger are.
 """
 
@@ -15,9 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from curate.recipe import load_recipe
 from curate.runner import run_recipe
 from tools.demo_data import build_demo_inputs
+from tools.demo_docs import build_doc_inputs
 from tools.demo_server import serve
 from tools.demo_web import build_www, write_url_list
 from tools.stats import compute_stats, format_stats
@@ -26,16 +30,29 @@ from tools.verify import verify
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "curate" / "demo.yaml"
 
 
+def _index(items: list[dict[str, Any]], key: str, value: str) -> int:
+    return next(i for i, item in enumerate(items) if item.get(key) == value)
+
+
 def demo_overrides(root: Path) -> dict[str, str]:
-    """Point the demo recipe's sources and output under `root`."""
+    """Point the demo recipe's sources, eval set, tokenizer and output under `root`."""
     inputs = root / "inputs"
-    return {
-        "sources.0.path": str(inputs / "folder"),
-        "sources.1.path": str(inputs / "mapped"),
-        "sources.2.path": str(inputs / "wds"),
-        "sources.3.path": str(inputs / "urls" / "urls.csv"),
-        "output.path": str(root / "curated"),
+    recipe = yaml.safe_load(DEMO_RECIPE.read_text())
+    sources, stages = recipe["sources"], recipe["stages"]
+    paths = {
+        "folder": inputs / "folder",
+        "mapped": inputs / "mapped",
+        "wds": inputs / "wds",
+        "web": inputs / "urls" / "urls.csv",
+        "crawl": inputs / "warc" / "crawl.warc.gz",
+        "corpus": inputs / "texts" / "corpus.jsonl",
     }
+    overrides = {f"sources.{_index(sources, 'name', name)}.path": str(path) for name, path in paths.items()}
+    overrides[f"stages.{_index(stages, 'kind', 'text_decontaminate')}.eval_texts"] = \
+        str(inputs / "eval" / "eval_texts.jsonl")
+    overrides["tokenizer.path"] = str(inputs / "tokenizer" / "tokenizer.json")
+    overrides["output.path"] = str(root / "curated")
+    return overrides
 
 
 @contextmanager
@@ -46,11 +63,14 @@ def demo_inputs(root: Path) -> Iterator[dict[str, Any]]:
     summary = build_demo_inputs(inputs)
     www = build_www(inputs, inputs / "folder")
     with serve(www) as base:
-        web = write_url_list(inputs, base)
-        summary["sources"]["web"] = web
-        summary["expected_inputs"] += web["expected_inputs"]
-        summary["expected_kept"] += web["expected_kept"]
-        drops = Counter(summary["expected_drops"]) + Counter(web["expected_drops"])
+        docs = build_doc_inputs(inputs, base)
+        more = {"web": write_url_list(inputs, base), **docs["sources"]}
+        drops = Counter(summary["expected_drops"])
+        for name, source in more.items():
+            summary["sources"][name] = source
+            summary["expected_inputs"] += source["expected_inputs"]
+            summary["expected_kept"] += source["expected_kept"]
+            drops += Counter(source["expected_drops"])
         summary["expected_drops"] = dict(sorted(drops.items()))
         summary["server"] = base
         yield summary
@@ -74,9 +94,10 @@ def run_demo(root: Path) -> dict:
         print(f"FAIL {err}")
     print(f"verify: {'OK' if report.ok else 'FAILED'}")
     c = manifest["counts"]
+    kinds = ", ".join(f"{k} {v['count']}" for k, v in manifest["kinds"].items())
     print(
-        f"\n{c['inputs']} inputs -> {c['kept']} kept, {c['dropped']} dropped\n"
-        f"  shards:   {out / 'pairs'}\n"
+        f"\n{c['inputs']} inputs -> {c['kept']} kept ({kinds}), {c['dropped']} dropped\n"
+        f"  shards:   {out / 'pairs'}  {out / 'docs'}  {out / 'text'}\n"
         f"  stats:    {out / 'stats.json'}   (mm1 stats {out})\n"
         f"  ledger:   {out / 'ledger'}\n"
         f"  manifest: {out / 'manifest.json'}"

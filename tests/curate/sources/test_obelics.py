@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tools.verify import verify
+
 from curate.contract import read_ledger, read_sidecars, shard_urls
 from curate.recipe import parse_recipe
 from curate.runner import run_recipe
@@ -159,7 +161,9 @@ def test_missing_columns_fail_at_planning(tmp_path):
 
 def test_curation_run_without_stages(tmp_path, folder, output_checks):
     """Stage-less curation: every row once in the ledger; the stock webdataset library reads the
-    doc shards (KEY.json with the segments) and the sidecars count segments."""
+    doc shards (KEY.json with the segments) and the sidecars count segments. With no download
+    stage, image segments are never fetched: pack removes them (`image_not_fetched`, recorded in
+    the doc) and drops a doc that had only images."""
     import webdataset as wds
 
     out = tmp_path / "out"
@@ -172,21 +176,23 @@ def test_curation_run_without_stages(tmp_path, folder, output_checks):
     })
     manifest = run_recipe(recipe, progress=False)
     output_checks.check_ledger_invariant(out)
-    assert manifest["counts"] == {"partitions": 4, "inputs": 13, "kept": 4, "dropped": 9}
+    assert manifest["counts"] == {"partitions": 4, "inputs": 13, "kept": 3, "dropped": 10}
     ledger = read_ledger(out).to_pylist()
-    dropped = Counter(r["drop_reason"] for r in ledger if r["outcome"] == "dropped")
-    assert dropped == {"malformed_row": 8, "no_text": 1}
+    dropped = Counter((r["stage"], r["drop_reason"]) for r in ledger if r["outcome"] == "dropped")
+    assert dropped == {("source", "malformed_row"): 8, ("source", "no_text"): 1, ("pack", "empty_document"): 1}
     kept = {r["id"]: r for r in ledger if r["outcome"] == "kept"}
-    assert kept["ob:train-00000.parquet#0"]["segments_total"] == 4
+    assert (kept["ob:train-00000.parquet#0"]["segments_total"], kept["ob:train-00000.parquet#0"]["segments_dropped"]) \
+        == (4, 2)
     assert kept["ob:train-00000.parquet#0"]["domain"] == "news.example"
     samples = list(wds.WebDataset(shard_urls(out, "doc"), shardshuffle=False).decode())
-    assert len(samples) == 4
+    assert len(samples) == 3
     by_id = {s["json"]["id"]: s for s in samples}
     assert set(by_id) == set(kept)
     first = by_id["ob:train-00000.parquet#0"]["json"]
-    assert first["segments"][0] == {"type": "image", "url": "https://img.example/1.jpg", "alt": "A red bus"}
+    assert first["segments"] == [{"type": "text", "text": "A bus drove through town."}, {"type": "text", "text": "The end."}]
     assert first["url"] == "https://news.example/a" and first["warc_record_offset"] == 123
-    sidecars = read_sidecars(out, "doc", columns=["id", "n_segments", "n_images", "text_chars"]).to_pylist()
-    side = {r["id"]: r for r in sidecars}["ob:train-00000.parquet#0"]
-    assert (side["n_segments"], side["n_images"]) == (4, 2)
+    sidecars = read_sidecars(out, "doc", columns=["id", "n_segments", "n_images", "text_chars", "segments_dropped"])
+    side = {r["id"]: r for r in sidecars.to_pylist()}["ob:train-00000.parquet#0"]
+    assert (side["n_segments"], side["n_images"], side["segments_dropped"]) == (2, 0, 2)
     assert side["text_chars"] == len("A bus drove through town.") + len("The end.")
+    assert verify(out).ok
