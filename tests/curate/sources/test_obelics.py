@@ -10,13 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tools.verify import verify
-
 from curate.contract import read_ledger, read_sidecars, shard_urls
 from curate.recipe import parse_recipe
 from curate.runner import run_recipe
 from curate.sources import build_source
 from curate.sources.obelics import ObelicsConfig
+from tools.verify import verify
 
 # HuggingFaceM4/OBELICS's column types: two aligned lists, two JSON strings
 SCHEMA = pa.schema([
