@@ -330,11 +330,19 @@ def _image_url(el: Any, base: str | None) -> str | None:
     return _web_url(_largest_srcset(srcset), base) if srcset else None
 
 
+def _collapse(text: str) -> str:
+    """Whitespace runs -> one space, ends stripped; control characters (a `&#1;` reference
+    brings them back after decoding) removed."""
+    if _CONTROL.search(text):
+        text = _CONTROL.sub("", text)
+    return " ".join(text.split())
+
+
 def _clean_paragraph(text: str) -> str:
-    """Whitespace runs -> one space; line-break marks -> one newline; ends stripped."""
+    """`_collapse`, line by line at the line-break marks; empty lines out."""
     if _BREAK not in text:
-        return " ".join(text.split())
-    lines = (" ".join(line.split()) for line in text.split(_BREAK))
+        return _collapse(text)
+    lines = (_collapse(line) for line in text.split(_BREAK))
     return "\n".join(line for line in lines if line)
 
 
@@ -380,7 +388,7 @@ def _title(root: Any) -> str | None:
     candidates.append(root.find(".//title"))
     for title in candidates:
         if title is not None:
-            text = " ".join("".join(title.itertext()).split())[:MAX_TITLE_CHARS]
+            text = _collapse("".join(title.itertext()))[:MAX_TITLE_CHARS]
             return text or None
     return None
 
@@ -422,7 +430,7 @@ def segments_of(root: Any, base: str | None, options: ExtractOptions) -> list[di
                 if not _declared_tiny(el):
                     src = _image_url(el, base)
                     if src:
-                        out.image(src, " ".join((el.get("alt") or "").split()))
+                        out.image(src, _collapse(el.get("alt") or ""))
                 continue
             if tag == "br":
                 out.line_break()
@@ -530,7 +538,7 @@ def serve(read_fd: int, write_fd: int, max_memory_mb: int) -> None:
             elif isinstance(result, Rejected):
                 replies.send_bytes(json.dumps({"reason": result.reason, "detail": result.detail}).encode())
             else:
-                body = dump_json(result.segments).encode("utf-8")
+                body = dump_json(result.segments).encode("utf-8", errors="replace")  # a lone surrogate: "?"
                 replies.send_bytes(json.dumps({"title": result.title, "lang": result.lang,
                                                "encoding": result.encoding}).encode())
                 replies.send_bytes(body)

@@ -286,5 +286,7 @@ def test_deep_nesting_and_huge_colspan_parse_small():
     assert colspan == [{"type": "text", "text": "wide"}, {"type": "text", "text": "next"}]
 
 
-def test_control_characters_are_removed():
+def test_control_characters_are_removed_raw_or_as_references():
     assert segments("<p>a\x01b\x1bc\x7fd</p>".encode()) == [{"type": "text", "text": "abcd"}]
+    assert segments(b"<p>a&#1;b&#x1b;c&#xD800;d</p><img src='/x.jpg' alt='&#2;alt'>", "https://e.org/") == [
+        {"type": "text", "text": "abc\ufffdd"}, {"type": "image", "url": "https://e.org/x.jpg", "alt": "alt"}]
