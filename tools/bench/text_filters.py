@@ -222,7 +222,8 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"{'':>10} {'seconds':>8} {'docs/s':>8} {'kept':>6}")
     for name in ("ours", "datatrove"):
         x = r[name]
-        print(f"{name:>10} {x['seconds']:>8.2f} {x['docs_per_s']:>8.1f} {x['kept']:>6}")
+        each = ", ".join(f"{t:.2f}" for t in r["seconds_each"][name])
+        print(f"{name:>10} {x['seconds']:>8.2f} {x['docs_per_s']:>8.1f} {x['kept']:>6}   (runs: {each} s)")
     print(f"ratio (ours / datatrove docs/s): {r['ratio']}x; same kept ids: {r['same_kept']}"
           + ("" if r["same_kept"] else f" (only ours {r['kept_only_by_ours']}, only datatrove "
                                          f"{r['kept_only_by_datatrove']})"))
