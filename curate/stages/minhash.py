@@ -30,7 +30,9 @@ global stage (docs and text records).
    The salt makes a key name its band, so `minhash_dedup` needs no band count of its own.
 Deterministic across processes and runs: no Python `hash()`, no process state.
 
-Rows dropped by an earlier stage get null. A row whose record cannot be read (a doc whose
+A doc read from HTML or WARC has text segments only once the extraction stage has parsed its
+`html`: run `minhash` after it (before, the doc has no words and gets null). Rows dropped by an
+earlier stage get null. A row whose record cannot be read (a doc whose
 `segments` is not a JSON list) is an error on one sample: the error policy makes it a
 `stage_error` drop, as for any RowStage.
 

@@ -274,3 +274,15 @@ def test_decisions_do_not_depend_on_partitioning_and_cross_partitions(local_clus
     assert {i for i, d in results[0] if "of t:00000 " in d} == {f"t:{i:05d}" for i in (1, 3, 6, 7, 9, 12, 13, 15)}
     # the PROSE family (0, 1, 3 and their repeats) and the repeats of 2 and 5 go; empty texts stay
     assert dropped == {f"t:{i:05d}" for i in (1, 3, 6, 7, 9, 12, 13, 15, 8, 14, 11, 17)}
+
+
+def test_no_candidates_and_no_signatures_drop_nothing(local_cluster, tmp_path):
+    import dask
+
+    distinct = ["one text about apples and pears in the old orchard", "another about ships leaving the harbour at dawn"]
+    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+        for name, texts in (("distinct", distinct), ("empty", ["", "  ", None])):
+            hashed = MinhashStage(MinhashConfig()).process(text_table(texts))
+            stage = MinhashDedup(MinhashDedupConfig())
+            assert len(stage.decide(_live(hashed, 2, tmp_path / name)).compute()) == 0
+            assert stage.summary()["candidate_pairs"] == stage.summary()["duplicates"] == 0
