@@ -121,6 +121,12 @@ class Recipe(_Strict):
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", n):
                 raise ValueError(f"source name {n!r}: use letters, digits, '_', '-', '.' only")
         kinds = {SOURCES[s.kind].record_kind for s in self.sources}
+        stage_kinds = {s.kind for s in self.stages}
+        for i, src in enumerate(self.sources):
+            missing = [k for k in SOURCES[src.kind].requires_stages if k not in stage_kinds]
+            if missing:
+                raise ValueError(f"sources.{i} ({src.kind} {src.name!r}) needs the stage(s) {missing} "
+                                 "(its records are raw pages until a stage extracts them)")
         stage_names = [s.name or STAGES[s.kind].name for s in self.stages]
         if len(set(stage_names)) != len(stage_names):
             raise ValueError(f"each stage may appear once (give a repeated kind a `name`), got {stage_names}")

@@ -328,6 +328,9 @@ def _final_rows(job: Job, p: int, columns: list[str] | None = None) -> Iterator[
             apply_decision(kind, row, decisions.get(row["id"]))
             if kind == "doc" and not row.get("drop_reason"):
                 unfetched_images(row)
+            if not row.get("drop_reason") and is_empty(kind, row):
+                row["drop_stage"], row["drop_reason"], row["drop_detail"] = (
+                    PACK_STAGE, EMPTY_DOCUMENT, "nothing left to write")
             if not row.get("drop_reason"):
                 problem = unpackable(kind, row)
                 if problem:

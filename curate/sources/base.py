@@ -56,6 +56,9 @@ def fingerprint(items: Any) -> str:
 class Source:
     kind: ClassVar[str]  # recipe discriminator
     record_kind: ClassVar[str] = "pair"
+    # Stage kinds a recipe must run on this source's rows (checked at load): a source of raw
+    # HTML needs `html_extract` before its docs have segments.
+    requires_stages: ClassVar[tuple[str, ...]] = ()
     Config: ClassVar[type[SourceConfig]]
 
     def __init__(self, config: SourceConfig):

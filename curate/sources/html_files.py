@@ -58,6 +58,7 @@ class HtmlFilesConfig(SourceConfig):
 class HtmlFilesSource(Source):
     Config = HtmlFilesConfig
     record_kind = "doc"
+    requires_stages = ("html_extract",)
     config: HtmlFilesConfig
 
     @property

@@ -116,6 +116,7 @@ class _Drop(Exception):
 class WarcSource(Source):
     Config = WarcConfig
     record_kind = "doc"
+    requires_stages = ("html_extract",)
     config: WarcConfig
 
     def partitions(self) -> list[Partition]:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, field_validator
 
 import curate
 from curate.extract import EMPTY_DOCUMENT, PARSE_ERROR
@@ -71,6 +71,13 @@ class HtmlExtractConfig(StageConfig):
     # Blocks between two images form one text segment ("\n\n"), OBELICS' layout; else one
     # segment per paragraph, the unit paragraph-level stages remove.
     merge_paragraphs: bool = False
+
+    @field_validator("max_html_bytes", mode="before")
+    @classmethod
+    def _bytes(cls, v: Any) -> int:
+        from curate.recipe import parse_bytes
+
+        return parse_bytes(v)
 
 
 class ChildStartError(RuntimeError):

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from curate.recipe import RecipeError, load_recipe, parse_bytes, parse_recipe
+from tools.demo import demo_overrides
+from tools.demo_docs import build_doc_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes" / "curate").glob("*.yaml"))
@@ -23,9 +25,24 @@ def _minimal(**changes):
     return recipe
 
 
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    """The files the demo recipe names that must exist when it loads (its eval texts and its
+    tokenizer), built as `mm1 demo` builds them."""
+    root = tmp_path_factory.mktemp("demo")
+    build_doc_inputs(root / "inputs", "http://127.0.0.1:1")
+    return root
+
+
+def _load(path, demo_root, overrides=None):
+    if path.name == "demo.yaml":
+        overrides = {**demo_overrides(demo_root), **(overrides or {})}
+    return load_recipe(path, overrides)
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
-def test_every_recipe_loads(path):
-    recipe = load_recipe(path)
+def test_every_recipe_loads(path, demo_root):
+    recipe = _load(path, demo_root)
     assert recipe.sources and recipe.output.path
     assert len(recipe.hash()) == 16
 
@@ -105,13 +122,22 @@ def test_hash_ignores_execution_but_not_output_determining_settings():
     assert layout.hash() != base.hash()
 
 
-def test_overrides_reach_list_items(tmp_path):
+def test_overrides_reach_list_items(tmp_path, demo_root):
     path = ROOT / "recipes" / "curate" / "demo.yaml"
-    recipe = load_recipe(path, {"sources.0.path": "/data/x", "output.path": str(tmp_path)})
+    recipe = _load(path, demo_root, {"sources.0.path": "/data/x", "output.path": str(tmp_path)})
     assert recipe.sources[0].path == "/data/x"
     assert recipe.output.path == str(tmp_path)
     with pytest.raises(RecipeError, match="no list item"):
-        load_recipe(path, {"sources.9.path": "x"})
+        _load(path, demo_root, {"sources.9.path": "x"})
+
+
+def test_raw_page_sources_need_the_extraction_stage(tmp_path):
+    recipe = {"name": "t", "sources": [{"kind": "warc", "name": "w", "path": "x.warc.gz"}],
+              "stages": [{"kind": "minhash"}], "output": {"path": str(tmp_path)}}
+    with pytest.raises(RecipeError, match=r"sources.0 \(warc 'w'\) needs the stage\(s\) \['html_extract'\]"):
+        parse_recipe(recipe)
+    recipe["stages"].insert(0, {"kind": "html_extract"})
+    assert parse_recipe(recipe).stages[0].kind == "html_extract"
 
 
 def test_parse_bytes():
