@@ -42,11 +42,13 @@ PAGES: list[tuple[str, list[tuple[str, str]]]] = [
     ("debugger", [("colorwheel_web.jpg", "A colour wheel")]),
     ("execmodel", [("horse_web.jpg", "A horse drawn in black")]),
     ("import", [("rocket_web.jpg", "The rocket again, in a second article")]),
-    ("naming", [("coins_web.jpg", "Coins")]),
+    ("formatstrings", [("coins_web.jpg", "Coins")]),
     ("string-methods", [("astronaut_crop.jpg", "The astronaut"), ("chelsea_web.png", "The cat")]),
 ]
-TEXT_TOPICS = ["compound", "specialnames", "types", "typesseq", "formatstrings", "calls", "exceptions",
-               "binary", "comparisons", "try"]
+# No two topics share a paragraph (some help topics quote others: specialnames holds
+# customization, compound holds with and try), except where a copy is meant.
+TEXT_TOPICS = ["types", "typesseq", "calls", "binary", "comparisons", "del", "identifiers", "objects",
+               "strings", "try"]
 COOKIE_NOTICE = ("This site uses cookies to remember your preferences and to measure how the pages "
                  "are read. By continuing to browse you accept their use.")
 FRENCH = ("Le module de la bibliothèque standard permet de lire et d'écrire des fichiers dans de "
@@ -171,7 +173,7 @@ def _texts(root: Path) -> dict[str, Any]:
     bad(json.dumps({"text": "Too short to teach anything.", "topic": "stub"}), "too_few_words")
     bad('{"text": "a line cut in the middle', "malformed_row")
     bad(json.dumps({"text": FRENCH + "\n\n" + FRENCH.replace("module", "paquet"), "topic": "fr"}), "lang_mismatch")
-    leaked = prose("import")[0] + " " + EVAL_ITEMS[1] + " " + prose("import")[1]
+    leaked = prose("numeric-types")[0] + " " + EVAL_ITEMS[1] + " " + prose("numeric-types")[1]
     bad(json.dumps({"text": leaked, "topic": "leak"}), "eval_overlap")
     path = root / "texts" / "corpus.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)

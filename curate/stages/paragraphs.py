@@ -87,36 +87,30 @@ class ParagraphHash(RowStage):
 
 
 def _explode(df: pd.DataFrame) -> pd.DataFrame:
-    """(id, _partition, segment, hash, rank) for every hashed segment of a partition; `rank`
-    orders occurrences: document id first, then segment index."""
+    """(id, _partition, segment, hash) for every hashed segment of a partition."""
     ids, parts, segs, hashes = [], [], [], []
     for doc_id, part, values in zip(df["id"], df["_partition"], df[HASH_COLUMN]):
         if values is None:
             continue
         for i, h in enumerate(values):
-            if h is not None and not pd.isna(h):
+            if h != NO_HASH:
                 ids.append(doc_id)
                 parts.append(part)
                 segs.append(i)
                 hashes.append(int(h))
-    out = pd.DataFrame({
+    return pd.DataFrame({
         "id": pd.Series(ids, dtype=df["id"].dtype),
         "_partition": pd.Series(parts, dtype=df["_partition"].dtype),
         "segment": pd.Series(segs, dtype=np.int64),
         "hash": pd.Series(hashes, dtype=np.int64),
     })
-    out["rank"] = out["id"].astype(str) + "\x00" + out["segment"].map("{:010d}".format)
-    return out
 
 
 def _decide(group: pd.DataFrame) -> pd.DataFrame:
     """Per document (one shuffled partition holds whole documents): its removed segments."""
-    if group.empty:
-        return pd.DataFrame({"id": group["id"], "_partition": group["_partition"], "drop_reason": [],
-                             "drop_detail": [], "segments": []})
     rows = []
     for (doc_id, part), g in group.groupby(["id", "_partition"], sort=True):
-        kept_in = sorted(set(g["kept"].str.split("\x00").str[0]))
+        kept_in = sorted(set(g["kept_id"]))
         rows.append({
             "id": doc_id,
             "_partition": part,
@@ -125,7 +119,8 @@ def _decide(group: pd.DataFrame) -> pd.DataFrame:
                            + (f" and {len(kept_in) - 3} more" if len(kept_in) > 3 else ""),
             "segments": json.dumps(sorted(int(s) for s in g["segment"])),
         })
-    return pd.DataFrame(rows)
+    columns = ["id", "_partition", "drop_reason", "drop_detail", "segments"]
+    return pd.DataFrame(rows, columns=columns).astype({"_partition": group["_partition"].dtype})
 
 
 class ParagraphDedupConfig(StageConfig):
@@ -149,13 +144,17 @@ class ParagraphDedup(GlobalStage):
             "_partition": pd.Series(dtype=live.dtypes["_partition"]),
             "segment": pd.Series(dtype=np.int64),
             "hash": pd.Series(dtype=np.int64),
-            "rank": pd.Series(dtype=object),
         })
         occurrences = live[["id", "_partition", HASH_COLUMN]].map_partitions(_explode, meta=meta)
-        first = occurrences.groupby("hash")["rank"].min(split_out=n).rename("kept").reset_index()
-        joined = occurrences.merge(first, on="hash", how="inner", npartitions=n)
-        repeats = joined[joined["rank"] != joined["kept"]][["id", "_partition", "segment", "kept"]]
-        repeats = repeats.shuffle(on="id", npartitions=n)
+        # the first occurrence of a hash: its smallest document id, then that document's
+        # earliest segment (two group-bys on small integer and id columns)
+        first_id = occurrences.groupby("hash")["id"].min(split_out=n).rename("kept_id").reset_index()
+        joined = occurrences.merge(first_id, on="hash", how="inner", npartitions=n)
+        in_first = joined[joined["id"] == joined["kept_id"]]
+        first_seg = in_first.groupby("hash")["segment"].min(split_out=n).rename("kept_segment").reset_index()
+        joined = joined.merge(first_seg, on="hash", how="inner", npartitions=n)
+        repeats = joined[(joined["id"] != joined["kept_id"]) | (joined["segment"] != joined["kept_segment"])]
+        repeats = repeats[["id", "_partition", "segment", "kept_id"]].shuffle(on="id", npartitions=n)
         out_meta = pd.DataFrame({
             "id": pd.Series(dtype=live.dtypes["id"]),
             "_partition": pd.Series(dtype=live.dtypes["_partition"]),

@@ -1,6 +1,8 @@
-"""The demo recipe end to end on a real LocalCluster, its URL list served by a real HTTP server on
-loopback: the ledger invariant, the drop reasons of the intentionally bad inputs, and the shards
-read back by the stock webdataset library and by open_clip's own WebDataset training loader.
+"""The demo recipe end to end on a real LocalCluster, its URL list and its crawled pages' images
+served by a real HTTP server on loopback: the ledger invariant over the three kinds (pairs, WARC
+documents, a text corpus) in one run, the drop reasons of the intentionally bad inputs, and the
+shards read back by the stock webdataset library and by open_clip's own WebDataset training
+loader.
 
 The demo's bad inputs are dropped by the cheap stages; on top of that its quality passes drop
 samples that are not bad: near copies (near_dedup: the corpus's resized, re-encoded and grayscale
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.contract import read_ledger, read_manifest, read_sidecars, shard_urls
+from curate.contract import KIND_DIRS, read_ledger, read_manifest, read_sidecars, shard_urls
 from curate.recipe import load_recipe
 from curate.runner import run_recipe
 from tools.demo import DEMO_RECIPE, demo_inputs, demo_overrides
@@ -52,9 +54,13 @@ def test_ledger_invariant(demo):
     assert manifest["counts"]["inputs"] == summary["expected_inputs"]
     assert all(r["drop_reason"] and r["stage"] for r in dropped)
     assert all(r["shard"] and r["key"] and not r["drop_reason"] for r in kept)
-    # every kept sample is in exactly one sidecar, under the shard the ledger names
-    sidecar_keys = read_sidecars(out, "pair", columns=["key", "id"]).to_pylist()
-    assert sorted((r["key"], r["id"]) for r in sidecar_keys) == sorted((r["key"], r["id"]) for r in kept)
+    # every kept sample is in exactly one sidecar, under the shard (and kind) the ledger names
+    in_sidecars = sorted((KIND_DIRS[kind], r["key"], r["id"]) for kind in ("pair", "doc", "text")
+                         for r in read_sidecars(out, kind, columns=["key", "id"]).to_pylist())
+    assert in_sidecars == sorted((r["shard"].split("/")[0], r["key"], r["id"]) for r in kept)
+    assert {r["kind"] for r in kept} == {"pair", "doc", "text"}
+    assert manifest["kinds"]["doc"]["count"] == summary["sources"]["crawl"]["expected_kept"]
+    assert manifest["kinds"]["text"]["count"] == summary["sources"]["corpus"]["expected_kept"]
 
 
 def test_each_bad_input_is_one_ledger_row_with_its_reason(demo):
@@ -66,7 +72,8 @@ def test_each_bad_input_is_one_ledger_row_with_its_reason(demo):
     corrupt = by_id["folder:broken.jpg"]
     assert (corrupt["outcome"], corrupt["stage"], corrupt["drop_reason"]) == ("dropped", "image", "decode_error")
     malformed = sorted((r["source"], r["stage"]) for r in ledger if r["drop_reason"] == "malformed_row")
-    assert malformed == [("mapped", "source"), ("web", "source")]  # a bad JSON line, a broken CSV row
+    # a cut JSON line in the text corpus, a bad JSON line, a broken CSV row
+    assert malformed == [("corpus", "source"), ("mapped", "source"), ("web", "source")]
     dup = by_id["folder:espresso_cup.jpg"]
     assert dup["drop_reason"] == "duplicate" and "folder:coffee.jpg" in dup["drop_detail"]
     assert by_id["folder:coffee.jpg"]["outcome"] == "kept"
@@ -121,7 +128,7 @@ def test_stock_webdataset_reads_pairs(demo):
 
     urls = shard_urls(demo["out"], "pair")
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
-    assert len(samples) == demo["manifest"]["counts"]["kept"]
+    assert len(samples) == demo["manifest"]["kinds"]["pair"]["count"]
     keys = [s["__key__"] for s in samples]
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
     for s in samples:
@@ -159,7 +166,7 @@ def test_open_clip_loader_reads_pairs(demo, train):
     preprocess = open_clip.image_transform(64, is_train=False)
     tokenizer = open_clip.get_tokenizer("RN50")  # the BPE vocabulary ships inside open_clip
     info = get_wds_dataset(_openclip_args(shards, 4, train), preprocess, is_train=train, tokenizer=tokenizer)
-    expected = demo["manifest"]["counts"]["kept"]
+    expected = demo["manifest"]["kinds"]["pair"]["count"]
     if train:
         assert info.dataloader.num_samples >= expected  # rounded up to whole batches
     seen = 0
@@ -196,3 +203,40 @@ def test_unpackable_format_without_image_stage_is_dropped_not_fatal(tmp_path):
     assert (gif["stage"], gif["drop_reason"]) == ("pack", "unsupported_format")
     assert manifest["counts"] == {"partitions": 1, "inputs": 2, "kept": 1, "dropped": 1}
     assert verify(tmp_path / "out").ok
+
+
+def test_documents_keep_their_images_and_lose_repeated_paragraphs(demo):
+    """Docs: each image segment names a KEY.N.jpg of its sample (fetched from loopback, resized);
+    the cookie notice every page repeats survives in exactly one document (paragraph dedup removes
+    the others' copies as segments, recorded in the sidecar's count); token counts come with the
+    tokenizer's id, for every kind."""
+    import webdataset as wds
+
+    from tools.demo_docs import COOKIE_NOTICE
+
+    out = demo["out"]
+    samples = list(wds.WebDataset(shard_urls(out, "doc"), shardshuffle=False))
+    assert len(samples) == read_manifest(out)["kinds"]["doc"]["count"] == 8
+    notices = 0
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        images = [s for s in meta["segments"] if s["type"] == "image"]
+        assert images and [s["image"] for s in images] == list(range(len(images)))
+        for s in images:
+            assert sample[f"{s['image']}.jpg"][:3] == b"\xff\xd8\xff" and s["url"].startswith("http://news.demo.test:")
+        texts = [s["text"] for s in meta["segments"] if s["type"] == "text"]
+        assert not any("Copyright Demo News" in t or "Home | Topics" in t for t in texts)  # boilerplate out
+        notices += texts.count(COOKIE_NOTICE)
+    assert notices == 1
+    side = read_sidecars(out, "doc", columns=["segments_dropped", "n_images", "token_count", "tokenizer"]).to_pylist()
+    assert sum(r["segments_dropped"] for r in side) == 7 and all(r["n_images"] >= 1 for r in side)
+    texts = list(wds.WebDataset(shard_urls(out, "text"), shardshuffle=False).decode())
+    assert len(texts) == 10 and all(len(t["txt"].split()) >= 10 and t["json"]["source"] == "corpus" for t in texts)
+    for kind in ("pair", "doc", "text"):
+        counts = read_sidecars(out, kind, columns=["token_count", "tokenizer"]).to_pylist()
+        assert all(r["token_count"] > 0 and r["tokenizer"].startswith("tokenizer@") for r in counts)
+    ledger = {r["id"]: r for r in read_ledger(out).to_pylist()}
+    truncated = ledger["crawl:crawl.warc.gz#error"]
+    assert (truncated["stage"], truncated["drop_reason"]) == ("source", "read_error")
+    dead = [r for r in ledger.values() if r["drop_reason"] == "too_few_images"]
+    assert len(dead) == 1 and dead[0]["segments_dropped"] >= 1  # its image 404'd: the segment went first

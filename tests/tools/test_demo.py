@@ -7,10 +7,15 @@ from tools.demo import run_demo
 
 
 def _content(root):
-    """(id, image sha256, caption) of every kept sample. Not the tar bytes: the URL list names
-    the demo server's port, which differs between runs, and the URLs are in KEY.json."""
-    table = read_sidecars(root / "curated", "pair", columns=["id", "image_sha256", "caption"])
-    return sorted(zip(*(table.column(c).to_pylist() for c in table.column_names)))
+    """(id, image sha256 or text size, caption or token count) of every kept sample of each kind.
+    Not the tar bytes: the URL list and the WARC name the demo server's port, which differs
+    between runs, and the URLs are in KEY.json."""
+    out = {}
+    for kind, columns in (("pair", ["id", "image_sha256", "caption"]), ("doc", ["id", "text_chars", "n_images"]),
+                          ("text", ["id", "text_chars", "token_count"])):
+        table = read_sidecars(root / "curated", kind, columns=columns)
+        out[kind] = sorted(zip(*(table.column(c).to_pylist() for c in table.column_names)))
+    return out
 
 
 def test_demo_twice(tmp_path, capsys):
@@ -18,6 +23,7 @@ def test_demo_twice(tmp_path, capsys):
     content = _content(tmp_path)
     second = run_demo(tmp_path)
     out = capsys.readouterr().out
-    assert "verify: OK" in out and "53 inputs -> 26 kept, 27 dropped" in out
+    assert "verify: OK" in out and "87 inputs -> 44 kept (doc 8, pair 26, text 10), 43 dropped" in out
     assert first["counts"] == second["counts"]
-    assert _content(tmp_path) == content and len(content) == 26
+    assert _content(tmp_path) == content
+    assert {kind: len(rows) for kind, rows in content.items()} == {"pair": 26, "doc": 8, "text": 10}
