@@ -35,6 +35,7 @@ CHAR_EDGES = (10, 20, 50, 100, 200, 500, 1000)
 WORD_EDGES = (2, 5, 10, 20, 50, 100)
 TEXT_EDGES = (100, 1_000, 10_000, 100_000)
 COUNT_EDGES = (1, 2, 4, 8, 16, 32)
+TOKEN_EDGES = (16, 64, 256, 1024, 4096, 16384)
 ATTEMPT_EDGES = (2, 3, 4, 6)
 SCORE_EDGES = (0.0, 0.1, 0.2, 0.25, 0.28, 0.3, 0.35, 0.4, 0.5)  # CLIP/DFN cosine, language confidence
 
@@ -144,10 +145,16 @@ def _kind_stats(out: Path, kind: str, shards: list[dict[str, Any]],
 
     withdrawn = withdrawn or {}
     scores: dict[str, Counts] = {}
+    tokenizers: set[str] = set()
     for shard in shards:
         path = out / shard["sidecar"]
         gone = withdrawn.get(shard["name"])
-        floats = [f.name for f in pq.read_schema(path) if pa.types.is_floating(f.type)]
+        schema = pq.read_schema(path)
+        floats = [f.name for f in schema if pa.types.is_floating(f.type)]
+        if "token_count" in schema.names:  # a recipe with a tokenizer: what the trainer will pack
+            t = _read_sidecar(path, ["token_count", "tokenizer"], gone)
+            add("token_count", t["token_count"])
+            tokenizers.update(v for v in t["tokenizer"].unique().to_pylist() if v)
         if floats:
             t = _read_sidecar(path, floats, gone)
             for name in floats:
@@ -179,13 +186,18 @@ def _kind_stats(out: Path, kind: str, shards: list[dict[str, Any]],
         "width": PIXEL_EDGES, "height": PIXEL_EDGES, "aspect_ratio": ASPECT_EDGES, "image_bytes": BYTES_EDGES,
         "caption_chars": CHAR_EDGES, "caption_words": WORD_EDGES, "text_chars": TEXT_EDGES,
         "n_images": COUNT_EDGES, "n_segments": COUNT_EDGES, "segments_dropped": COUNT_EDGES,
+        "token_count": TOKEN_EDGES,
     }
     names = {
         "pair": ["width", "height", "aspect_ratio", "image_bytes", "caption_chars", "caption_words"],
         "doc": ["text_chars", "n_images", "n_segments", "segments_dropped", "image_bytes"],
         "text": ["text_chars"],
     }[kind]
+    if "token_count" in acc:
+        names = [*names, "token_count"]
     result: dict[str, Any] = {name: acc.get(name, Counts()).summary(edges[name]) for name in names}
+    if tokenizers:
+        result["tokenizers"] = sorted(tokenizers)
     # every float column a stage added (CLIP/DFN scores, language confidence): its distribution
     result["scores"] = {name: c.summary(SCORE_EDGES) for name, c in sorted(scores.items())}
     if kind != "text":
@@ -345,6 +357,8 @@ def format_stats(stats: dict[str, Any]) -> str:
             lines += _dist_lines(name, d)
         if k.get("image_formats"):
             lines.append("  image formats      " + "  ".join(f"{f}:{n:,}" for f, n in k["image_formats"].items()))
+        if k.get("tokenizers"):
+            lines.append(f"  tokens             {k['token_count']['sum']:,} with {', '.join(k['tokenizers'])}")
     dom = stats["domains"]
     lines += ["", f"domains {dom['distinct']:,} distinct; without url: {dom['without_url']['inputs']:,} inputs"]
     for title, key in (("top by kept", "top_kept"), ("top by dropped", "top_dropped")):

@@ -114,6 +114,10 @@ def test_manifest_and_stats_agree_with_ledger(demo):
     assert json.dumps(stats)  # serialisable for the report
     sizes = json.loads((out / "pairs" / "sizes.json").read_text())
     assert sum(sizes.values()) == manifest["kinds"]["pair"]["count"]
+    for kind in ("pair", "doc", "text"):  # the token totals the trainer's mixture plans with
+        tokens = read_sidecars(out, kind, columns=["token_count"]).column("token_count").to_pylist()
+        assert stats["kinds"][kind]["token_count"]["sum"] == sum(tokens) > 0
+        assert len(stats["kinds"][kind]["tokenizers"]) == 1
     assert verify(out).ok
 
 
