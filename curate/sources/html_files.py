@@ -30,6 +30,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate.sources.base import Partition, Source, SourceConfig, fingerprint, register
+from curate.sources.files import inside_folder, size_and_mtime
 
 MiB = 1 << 20
 HTML_EXTENSIONS = ("html", "htm")
@@ -120,14 +121,7 @@ class HtmlFilesSource(Source):
         return {"id": f"{self.name}:{rel}", "url": url, "html": data}
 
     def _inside(self, rel: str) -> Path | None:
-        """The real path of `rel` if it stays inside the folder (symlinks resolved), else None."""
-        real = (self.real_root / rel).resolve()
-        return real if real.is_relative_to(self.real_root) else None
+        return inside_folder(self.real_root, rel)
 
     def _stat(self, rel: str) -> tuple[int | None, int | None]:
-        path = self._inside(rel)
-        try:
-            st = os.stat(path) if path else None
-        except OSError:
-            st = None
-        return (st.st_size, st.st_mtime_ns) if st else (None, None)
+        return size_and_mtime(self._inside(rel))

@@ -37,6 +37,7 @@ from pydantic import Field
 
 from curate.contract import image_digest
 from curate.sources.base import Partition, Source, SourceConfig, fingerprint, register
+from curate.sources.files import inside_folder, size_and_mtime
 from curate.sources.tabular import RecordFile, Span
 
 # Accepted extension (lower case) -> the row's `image_format`.
@@ -214,19 +215,10 @@ class ImageFolderSource(Source):
     # files -----------------------------------------------------------------------------------
 
     def _inside(self, rel: str) -> Path | None:
-        """The real path of `rel` if it stays inside the folder (symlinks resolved), else None."""
-        if posixpath.isabs(rel) or rel == ".." or rel.startswith("../") or "\0" in rel:
-            return None
-        real = (self.real_root / rel).resolve()
-        return real if real.is_relative_to(self.real_root) else None
+        return inside_folder(self.real_root, rel)
 
     def _stat(self, rel: str) -> tuple[int | None, int | None]:
-        path = self._inside(rel)
-        try:
-            st = os.stat(path) if path else None
-        except OSError:
-            st = None
-        return (st.st_size, st.st_mtime_ns) if st else (None, None)
+        return size_and_mtime(self._inside(rel))
 
     def _read(self, rel: str) -> bytes | _Bad:
         """The bytes of `rel`, never more than `max_file_bytes` of them, or why not."""

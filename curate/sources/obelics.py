@@ -34,7 +34,7 @@ from pydantic import Field
 
 from curate.documents import dump_json
 from curate.sources.base import Partition, Source, SourceConfig, register
-from curate.sources.text_corpus import MALFORMED_ROW, NO_TEXT, find_files, json_object, plan_record_files, read_records
+from curate.sources.files import MALFORMED_ROW, NO_TEXT, find_files, json_object, plan_record_files, read_records
 
 FOLDER_PATTERNS = ("*.parquet",)
 

@@ -19,100 +19,19 @@ value or one that is not a string, a url that is not a string), `no_text` (a tex
 or only whitespace). A named column absent from a csv/tsv/parquet header is a recipe mistake,
 reported when partitions are planned.
 
-`find_files` and `labels` (which files a `path` names, and their labels in ids) also serve the
-obelics and warc sources, and `plan_record_files` / `read_records` (files split into spans of
-records) the obelics source.
+Finding the files and planning their spans is `curate.sources.files`'s, shared with obelics and warc.
 """
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field
 
-from curate.sources.base import Partition, Source, SourceConfig, fingerprint, register
-from curate.sources.tabular import RecordFile, Span
-
-MALFORMED_ROW = "malformed_row"
-NO_TEXT = "no_text"
-_HEADED = ("csv", "tsv", "parquet")  # formats whose column names are known before any record
-
-
-def find_files(source: str, path: str | list[str], folder_patterns: Sequence[str]) -> list[Path]:
-    """Absolute paths of the files `path` names, sorted and without repeats. A folder stands for
-    its files matching `folder_patterns`; a pattern or a folder matching nothing, or a missing
-    file, is an error (a recipe naming nothing is a mistake, not an empty corpus)."""
-    patterns = [path] if isinstance(path, str) else list(path)
-    found: set[str] = set()
-    for pattern in patterns:
-        if os.path.isdir(pattern):
-            matches = [m for p in folder_patterns for m in glob.glob(os.path.join(glob.escape(pattern), p))]
-        elif glob.has_magic(pattern):
-            matches = glob.glob(pattern, recursive=True)
-        else:
-            matches = [pattern] if os.path.exists(pattern) else []
-        matches = [m for m in matches if os.path.isfile(m)]
-        if not matches:
-            raise FileNotFoundError(f"source {source!r}: no input files at {pattern!r}")
-        found.update(os.path.abspath(m) for m in matches)
-    return [Path(f) for f in sorted(found)]
-
-
-def labels(files: list[Path]) -> list[str]:
-    """Each file's path relative to the common folder of all of them (posix): the id's `<file>`."""
-    if not files:
-        return []
-    root = Path(os.path.commonpath([f.parent for f in files]))
-    return [f.relative_to(root).as_posix() for f in files]
-
-
-def plan_record_files(
-    source: Source, files: list[Path], format: str | None, per_partition: int, columns: Sequence[str] = ()
-) -> list[Partition]:
-    """Partitions of `per_partition` records over record files, in file order. Payload: the
-    file, its label and the span; fingerprint: label, size, mtime and span. `columns` that a
-    headed file (csv, tsv, parquet) lacks fail here, before any work is sent out."""
-    parts: list[Partition] = []
-    for path, label in zip(files, labels(files)):
-        records = RecordFile.at(str(path), format)
-        _check_header(source.name, records, label, columns)
-        st = os.stat(path)
-        for span in records.spans(per_partition):
-            payload = {"file": str(path), "label": label, "format": records.format, "span": vars(span)}
-            facts = [label, st.st_size, st.st_mtime_ns, vars(span)]
-            parts.append(Partition(source.name, len(parts), payload, fingerprint(facts)))
-    return parts
-
-
-def read_records(partition: Partition) -> Iterator[tuple[str, int, dict[str, Any] | str]]:
-    """(file label, record index, record or why it is malformed) of a planned partition."""
-    payload = partition.payload
-    records = RecordFile.at(payload["file"], payload["format"])
-    for index, record in records.read(Span(**payload["span"])):
-        yield payload["label"], index, record
-
-
-def _check_header(source: str, records: RecordFile, label: str, columns: Sequence[str]) -> None:
-    if records.format not in _HEADED or not columns:
-        return
-    first = next(iter(records.read(Span(0, 1))), None)
-    if first is None or not isinstance(first[1], dict):
-        return  # empty, or a malformed first row: the records speak for themselves
-    missing = [c for c in columns if c not in first[1]]
-    if missing:
-        raise ValueError(f"source {source!r}: {label} has no column {missing[0]!r} (its columns: {sorted(first[1])})")
-
-
-def json_object(values: dict[str, Any]) -> str | None:
-    """The `extra` column: a JSON object, or null when there is nothing to carry."""
-    return json.dumps(values, sort_keys=True, ensure_ascii=False, default=str) if values else None
-
+from curate.sources.base import Partition, Source, SourceConfig, register
+from curate.sources.files import MALFORMED_ROW, NO_TEXT, find_files, json_object, plan_record_files, read_records
 
 class TextCorpusConfig(SourceConfig):
     kind: Literal["text_corpus"] = "text_corpus"

@@ -62,7 +62,7 @@ from warcio.recordloader import ArcWarcRecord
 from warcio.statusandheaders import StatusAndHeaders, StatusAndHeadersParser, StatusAndHeadersParserException
 
 from curate.sources.base import SOURCE_STAGE, Partition, Source, SourceConfig, fingerprint, register
-from curate.sources.text_corpus import find_files, json_object, labels
+from curate.sources.files import find_files, json_object, labels
 
 try:  # Content-Encoding: br needs a brotli binding; without one such pages are `bad_content`
     import brotli
