@@ -108,6 +108,9 @@ class RowStage(Stage):
     """
 
     per_image: ClassVar[bool] = False
+    # The record kind of the batch being processed: one stage instance serves batches of every
+    # kind it applies to, one kind at a time, and `process_row` may need to know which.
+    batch_kind: str = "pair"
 
     def process_row(self, row: dict[str, Any]) -> Drop | None:
         raise NotImplementedError
@@ -134,7 +137,8 @@ class RowStage(Stage):
 
     def process(self, table: pa.Table) -> pa.Table:
         self.ensure_setup()
-        each_image = self.per_image and table_kind(table.schema) == "doc"
+        self.batch_kind = table_kind(table.schema)
+        each_image = self.per_image and self.batch_kind == "doc"
         rows = table.to_pylist()
         for row in rows:
             if row.get("drop_reason"):

@@ -28,7 +28,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import Field, StringConstraints
 
-from curate.documents import record_text, table_kind
+from curate.documents import record_text
 from curate.stages.base import Drop, Filter, StageConfig, register
 
 LANG_MISMATCH = "lang_mismatch"
@@ -71,7 +71,6 @@ class LanguageFilter(Filter):
     Config = LanguageConfig
     config: LanguageConfig
     kinds: ClassVar[tuple[str, ...]] = ("pair", "doc", "text")
-    _kind: str = "pair"
     output_columns: ClassVar[dict[str, pa.DataType]] = {"language": pa.string(), "language_score": pa.float32()}
 
     def setup(self) -> None:
@@ -95,13 +94,9 @@ class LanguageFilter(Filter):
         best = self._detector.detect(text, model="lite", k=1)[0]
         return best["lang"], float(best["score"])
 
-    def process(self, table: pa.Table) -> pa.Table:
-        self._kind = table_kind(table.schema)  # one stage instance serves batches of every kind
-        return super().process(table)
-
     def process_row(self, row: dict[str, Any]) -> Drop | None:
         column = self.config.column
-        value = row.get(column) if column is not None else record_text(self._kind, row)
+        value = row.get(column) if column is not None else record_text(self.batch_kind, row)
         found = self.detect(value) if isinstance(value, str) else None
         row["language"], row["language_score"] = found if found else (None, None)
         return self.check(row)

@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import Field
 
-from curate.documents import load_segments, paragraphs, table_kind
+from curate.documents import load_segments, paragraphs
 from curate.stages.base import Drop, GlobalStage, RowStage, StageConfig, register
 from curate.stages.dedup import DUPLICATE
 
@@ -77,12 +77,8 @@ class ParagraphHash(RowStage):
     kinds = ("doc", "text")
     output_columns: ClassVar[dict[str, pa.DataType]] = {HASH_COLUMN: pa.list_(pa.int64())}
 
-    def process(self, table: pa.Table) -> pa.Table:
-        self._kind = table_kind(table.schema)
-        return super().process(table)
-
     def process_row(self, row: dict[str, Any]) -> Drop | None:
-        row[HASH_COLUMN] = segment_hashes(self._kind, row, self.config.min_chars)
+        row[HASH_COLUMN] = segment_hashes(self.batch_kind, row, self.config.min_chars)
         return None
 
 

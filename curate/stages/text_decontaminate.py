@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from curate.documents import record_text, table_kind, words
+from curate.documents import record_text, words
 from curate.stages.base import Drop, Filter, StageConfig, register
 from curate.stages.decontaminate import EVAL_OVERLAP
 
@@ -112,12 +112,8 @@ class TextDecontaminate(Filter):
             log.info("text_decontaminate %s: %d items under %d words not indexed", cfg.label, skipped,
                      cfg.min_item_words)
 
-    def process(self, table: Any) -> Any:
-        self._kind = table_kind(table.schema)
-        return super().process(table)
-
     def check(self, row: dict[str, Any]) -> Drop | None:
-        tokens = _words(record_text(self._kind, row))
+        tokens = _words(record_text(self.batch_kind, row))
         for n, table in sorted(self.index.items(), reverse=True):
             for start in range(len(tokens) - n + 1):
                 item = table.get(ngram_digest(tokens[start:start + n]))

@@ -4,7 +4,7 @@ own (`doc_rules`) and datatrove's published quality filters run through datatrov
 
 Every stage here judges `curate.documents.record_text(kind, row)`: a doc's text segments joined
 by a blank line (so paragraph rules see segments as paragraphs), or a text record's body. A batch's
-kind comes from its schema (`table_kind`), since one stage instance serves both kinds.
+kind is the stage's `batch_kind` (from its schema), since one stage instance serves both kinds.
 
 `doc_rules` checks, each off when its bound is None, each failing with its own code and a detail
 naming the measured value and the bound:
@@ -68,7 +68,7 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from curate.documents import image_segments, record_text, table_kind, words
+from curate.documents import image_segments, record_text, words
 from curate.stages.base import Drop, Filter, StageConfig, register
 
 TOO_FEW_IMAGES = "too_few_images"
@@ -83,16 +83,6 @@ DEFAULT_LANGUAGE = "en"
 _LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}$")
 _SPECIAL = re.compile(r"[^\w\s]|_")
 _SPACE = re.compile(r"\s")
-
-
-class _KindAware:
-    """Mixin for row stages that serve several record kinds: notes the batch's kind first."""
-
-    _kind: str
-
-    def process(self, table: pa.Table) -> pa.Table:
-        self._kind = table_kind(table.schema)
-        return super().process(table)  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +159,7 @@ class DocRulesConfig(StageConfig):
 
 
 @register
-class DocRules(_KindAware, Filter):
+class DocRules(Filter):
     """OBELICS-style document rules: image and word counts, stop words, repetition, symbols."""
 
     name = "doc_rules"
@@ -182,7 +172,7 @@ class DocRules(_KindAware, Filter):
         stop_words(DEFAULT_LANGUAGE)  # import spaCy's list once per worker, before the first row
 
     def process_row(self, row: dict[str, Any]) -> Drop | None:
-        text = record_text(self._kind, row)
+        text = record_text(self.batch_kind, row)
         tokens = words(text)
         stops = stop_words(row.get("language"))
         row["word_count"] = len(tokens)
@@ -191,7 +181,7 @@ class DocRules(_KindAware, Filter):
 
     def _judge(self, row: dict[str, Any], text: str, tokens: list[str]) -> Drop | None:
         c = self.config
-        if self._kind == "doc" and (c.min_images is not None or c.max_images is not None):
+        if self.batch_kind == "doc" and (c.min_images is not None or c.max_images is not None):
             n = len(image_segments(row))
             if c.min_images is not None and n < c.min_images:
                 return Drop(TOO_FEW_IMAGES, f"{n} images < min_images {c.min_images}")
@@ -321,7 +311,7 @@ def word_tokenizer(language: str | None) -> Any:
     return _TOKENIZERS[code]
 
 
-class DatatroveFilter(_KindAware, Filter):
+class DatatroveFilter(Filter):
     """A datatrove filter as one of our stages. Subclasses name the datatrove class; every
     config field beyond the common ones is passed to its constructor under the same name."""
 
@@ -350,7 +340,7 @@ class DatatroveFilter(_KindAware, Filter):
         from datatrove.data import Document
         from datatrove.pipeline.filters.base_filter import get_filter_result
 
-        text = record_text(self._kind, row)
+        text = record_text(self.batch_kind, row)
         if not text.strip():
             return Drop(self.name_code, "empty")
         keep, reason = get_filter_result(
