@@ -9,7 +9,8 @@ extraction resolves against the page's URL (`http://news.demo.test:PORT/...`, a 
 recipe's resolver maps to 127.0.0.1).
 
 Among them, the inputs web data is full of, each with the outcome the demo expects:
-a page copied under another URL and a near copy of another (MinHash `duplicate`), a 404 and an
+the site's logo at the end of every article (removed from all of them as an image in too many
+places), a page copied under another URL and a near copy of another (MinHash `duplicate`), a 404 and an
 image in the crawl (`http_404`, `not_html`), a French page (`lang_mismatch`), a page whose only
 image is a dead link (`too_few_images`), a stub (`too_few_words`), keyword spam
 (`gopher_repetition`), a page that quotes an eval item (`eval_overlap`), binary bytes labelled
@@ -30,7 +31,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 DOC_HOST = "news.demo.test"  # the pages' host: mapped to 127.0.0.1 by the demo recipe
+LOGO = "logo.jpg"  # the site's logo, at the end of every article: doc_image_dedup's to remove
 TOKENIZER_VOCAB = 2048
 SPECIAL_TOKENS = ["<|endoftext|>", "<|image|>", "<|pad|>"]
 
@@ -84,6 +88,7 @@ def page_html(title: str, paragraphs: list[str], images: list[tuple[str, str]], 
             body.append(f'<figure><img src="../img/{esc(src)}" alt="{esc(alt)}"></figure>')
     for src, alt in images[1:]:
         body.append(f'<p><img src="/img/{esc(src)}" alt="{esc(alt)}"></p>')
+    body.append(f'<p class="credit"><img src="/img/{LOGO}" alt="Demo News"> Demo News</p>')
     page = f"""<!DOCTYPE html>
 <html lang="{lang}"><head><meta charset="utf-8"><title>{esc(title)} - Demo News</title>
 <script>var tracker = "not content";</script><style>p {{ margin: 1em; }}</style></head>
@@ -143,6 +148,19 @@ def _truncated_record(uri: str) -> bytes:
     return buf.getvalue()[: len(buf.getvalue()) // 2]
 
 
+def _write_logo(path: Path) -> None:
+    """The site's logo, served beside the demo's images: scikit-image's own logo, 160 px."""
+    from tools.demo_data import _Images, encode, fit
+
+    logo = _Images().get("logo")
+    if logo is None:
+        return  # not bundled: the pages' logo is then a dead link, removed as such
+    flat = Image.new("RGB", logo.size, (255, 255, 255))
+    flat.paste(logo, mask=logo.getchannel("A") if logo.mode == "RGBA" else None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode(fit(160)(flat), "jpg"))
+
+
 def train_tokenizer(texts: list[str], path: Path, vocab_size: int = TOKENIZER_VOCAB) -> Path:
     """A byte-level BPE trained on `texts`, saved as `path` (a tokenizer.json)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -192,6 +210,7 @@ def build_doc_inputs(root: Path, base: str) -> dict[str, Any]:
             shutil.rmtree(root / sub)
     port = base.rsplit(":", 1)[1]
     site = f"http://{DOC_HOST}:{port}"
+    _write_logo(root / "www" / LOGO)
     responses: list[tuple[str, int, str, bytes]] = []
     for topic, images in PAGES:
         responses.append((f"{site}/articles/{topic}.html", 200, "text/html; charset=utf-8",

@@ -212,8 +212,9 @@ def test_unpackable_format_without_image_stage_is_dropped_not_fatal(tmp_path):
 def test_documents_keep_their_images_and_lose_repeated_paragraphs(demo):
     """Docs: each image segment names a KEY.N.jpg of its sample (fetched from loopback, resized);
     the cookie notice every page repeats survives in exactly one document (paragraph dedup removes
-    the others' copies as segments, recorded in the sidecar's count); token counts come with the
-    tokenizer's id, for every kind."""
+    the others' copies as segments, recorded in the sidecar's count) and the logo on every page in
+    none (doc_image_dedup, max_occurrences 3); token counts come with the tokenizer's id, for
+    every kind."""
     import webdataset as wds
 
     from tools.demo_docs import COOKIE_NOTICE
@@ -226,6 +227,7 @@ def test_documents_keep_their_images_and_lose_repeated_paragraphs(demo):
         meta = json.loads(sample["json"])
         images = [s for s in meta["segments"] if s["type"] == "image"]
         assert images and [s["image"] for s in images] == list(range(len(images)))
+        assert not any(s["url"].endswith("/img/logo.jpg") for s in images)
         for s in images:
             assert sample[f"{s['image']}.jpg"][:3] == b"\xff\xd8\xff" and s["url"].startswith("http://news.demo.test:")
         texts = [s["text"] for s in meta["segments"] if s["type"] == "text"]
@@ -233,7 +235,8 @@ def test_documents_keep_their_images_and_lose_repeated_paragraphs(demo):
         notices += texts.count(COOKIE_NOTICE)
     assert notices == 1
     side = read_sidecars(out, "doc", columns=["segments_dropped", "n_images", "token_count", "tokenizer"]).to_pylist()
-    assert sum(r["segments_dropped"] for r in side) == 7 and all(r["n_images"] >= 1 for r in side)
+    # 7 cookie notices (one stays) and 8 logos (in more than 3 places: gone from every page)
+    assert sum(r["segments_dropped"] for r in side) == 15 and all(r["n_images"] >= 1 for r in side)
     texts = list(wds.WebDataset(shard_urls(out, "text"), shardshuffle=False).decode())
     assert len(texts) == 10 and all(len(t["txt"].split()) >= 10 and t["json"]["source"] == "corpus" for t in texts)
     for kind in ("pair", "doc", "text"):

@@ -1,9 +1,11 @@
-"""Exact-paragraph dedup: the first occurrence of a paragraph (smallest document id, then the
-earliest segment) stays, every other occurrence is removed as a segment, not as a document; a
-document left empty is dropped; the decision does not depend on the partitioning."""
+"""Segment dedup across documents: the first occurrence of a paragraph or an image (smallest
+document id, then the earliest segment) stays, every other occurrence is removed as a segment,
+not as a document; a document left empty is dropped; an image in too many places goes from all
+of them; the decisions do not depend on the partitioning."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import dask
@@ -14,7 +16,7 @@ import pytest
 
 from curate.contract import record_schema
 from curate.documents import dump_json
-from curate.stages.paragraphs import HASH_COLUMN, NO_HASH, ParagraphDedup, ParagraphHash, paragraph_digest
+from curate.stages.segment_dedup import HASH_COLUMN, NO_HASH, ParagraphDedup, ParagraphHash, paragraph_digest
 from curate.tasks import apply_decision
 
 COOKIE = "We use cookies to improve your experience on this site."
@@ -95,3 +97,27 @@ def test_first_occurrence_kept_others_removed_as_segments(npartitions):
     hit = decided["t:1"]
     apply_decision("text", text, ("paragraph_dedup", hit["drop_reason"], hit["drop_detail"], json.loads(hit["segments"])))
     assert text["text"] == "A paragraph only the text has here." and len(json.loads(text["segment_drops"])) == 1
+
+
+def _image_docs():
+    """Documents as the image stage leaves them: image segments index `image_sha256s`."""
+    def doc(doc_id, *names):
+        segments = [{"type": "text", "text": f"Text of {doc_id}."}]
+        segments += [{"type": "image", "image": i, "url": f"http://127.0.0.1/{n}"} for i, n in enumerate(names)]
+        return {"id": doc_id, "_partition": 0, "segments": dump_json(segments),
+                "image_sha256s": [hashlib.sha256(n.encode()).hexdigest() for n in names]}
+    return [doc("d:1", "a", "logo"), doc("d:2", "logo", "b", "a"), doc("d:3", "logo"), doc("d:4", "c")]
+
+
+@pytest.mark.parametrize("npartitions", [1, 3])
+def test_doc_images_keep_first_or_drop_frequent(npartitions):
+    from curate.stages.segment_dedup import DocImageDedup
+
+    with dask.config.set({"scheduler": "sync", "dataframe.convert-string": False}):
+        live = dd.from_pandas(pd.DataFrame(_image_docs()), npartitions=npartitions, sort=False)
+        first = DocImageDedup(DocImageDedup.Config()).decide(live).compute()
+        frequent = DocImageDedup(DocImageDedup.Config(max_occurrences=2)).decide(live).compute()
+    first = {r["id"]: (json.loads(r["segments"]), r["drop_detail"]) for r in first.to_dict("records")}
+    assert first == {"d:2": ([1, 3], "image first seen in d:1"), "d:3": ([1], "image first seen in d:1")}
+    frequent = {r["id"]: json.loads(r["segments"]) for r in frequent.to_dict("records")}
+    assert frequent == {"d:1": [2], "d:2": [1], "d:3": [1]}  # the logo, in 3 places, goes everywhere
