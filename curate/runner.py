@@ -34,6 +34,7 @@ from curate.sources.base import build_source
 from curate.stages.base import GlobalStage, build_stage
 from curate.tasks import (
     PARTITION_COLUMN,
+    SEGMENTS_COLUMN,
     WORK,
     Job,
     ResumeError,
@@ -287,13 +288,21 @@ def run_global(job: Job, seg: int) -> dict[str, Any]:
         "recipe_hash": job.recipe_hash,
         "fingerprint": fp,
         "segment": seg,
+        # rows the stage dropped, or, for a stage that removes segments (paragraph and image
+        # dedup), documents it removed segments from
         "dropped": dropped,
+        "decides_on": "segments" if _removes_segments(job.decisions_dir(seg)) else "rows",
         **({"summary": stage.summary()} if stage.summary() else {}),
         # where its decisions and inputs live, relative to the output: a retry round reads them
         "state": _global_state(job, seg),
     }
     storage.write_marker(marker_path, marker)
     return marker
+
+
+def _removes_segments(decisions: Path) -> bool:
+    first = next(iter(sorted(decisions.rglob("*.parquet"))), None) if decisions.exists() else None
+    return first is not None and SEGMENTS_COLUMN in pq.read_schema(first).names
 
 
 def _global_state(job: Job, seg: int) -> dict[str, str]:

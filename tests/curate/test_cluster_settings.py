@@ -32,7 +32,7 @@ def _probe() -> tuple[str | None, bool]:
     return os.environ.get("MALLOC_TRIM_THRESHOLD_"), dask.config.get("distributed.worker.profile.enabled")
 
 
-def test_local_cluster_workers_get_the_worker_settings(tmp_path):
+def test_local_cluster_workers_get_the_worker_settings(tmp_path, monkeypatch):
     recipe = parse_recipe({
         "name": "cluster-settings",
         "sources": [{"kind": "image_folder", "name": "f", "path": str(tmp_path)}],
@@ -40,6 +40,10 @@ def test_local_cluster_workers_get_the_worker_settings(tmp_path):
         "output": {"path": str(tmp_path / "out")},
         "cluster": {"n_workers": 2, "threads_per_worker": 1, "memory_limit": "1GiB", "dashboard": False},
     }, "<test>")
+    # A nanny started without these settings (a test's own LocalCluster) exports dask's default
+    # MALLOC_TRIM_THRESHOLD_ into this process's environment for good (distributed's
+    # `os.environ.update(pre_spawn_env)`), and every later worker inherits it: start clean.
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     cluster = _Cluster(recipe)
     try:
         seen = cluster.client.run(_probe)

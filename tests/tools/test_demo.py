@@ -11,7 +11,8 @@ def _content(root):
     Not the tar bytes: the URL list and the WARC name the demo server's port, which differs
     between runs, and the URLs are in KEY.json."""
     out = {}
-    for kind, columns in (("pair", ["id", "image_sha256", "caption"]), ("doc", ["id", "text_chars", "n_images"]),
+    # a doc's id holds its WARC byte offset, which moves with the port's digits in the page URLs
+    for kind, columns in (("pair", ["id", "image_sha256", "caption"]), ("doc", ["text_chars", "n_images"]),
                           ("text", ["id", "text_chars", "token_count"])):
         table = read_sidecars(root / "curated", kind, columns=columns)
         out[kind] = sorted(zip(*(table.column(c).to_pylist() for c in table.column_names)))

@@ -201,8 +201,13 @@ def planted_pairs(targets: list[float], per_s: int) -> tuple[list[str], list[flo
 def local_cluster():
     from dask.distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address=None)
+    import dask
+
+    from curate.runner import WORKER_CONFIG
+
+    with dask.config.set(WORKER_CONFIG):  # the runner's worker settings, as a real run has them
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address=None)
     client = Client(cluster)
     yield client
     client.close()
