@@ -1,0 +1,269 @@
+"""MoEFeedForward: routing, capacity, auxiliary losses, stats, init and a few training steps.
+
+Every model here has random weights (or weights crafted by the test): these tests check
+mechanics (which experts a token reaches, what the losses equal, that gradients flow and a loss
+goes down), not what a trained router learns. Tiny configs keep the file to a few seconds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train.model.config import DecoderConfig, MoEConfig
+from train.model.moe import MoEFeedForward, aux_loss, expert_capacity, moe_param_counts
+
+DIM, HIDDEN, EXPERTS = 32, 64, 8
+
+
+def tiny(
+    capacity_factor: float | None = None, top_k: int = 2, expert_hidden: int | None = None
+) -> DecoderConfig:
+    moe = MoEConfig(
+        n_experts=EXPERTS, top_k=top_k, capacity_factor=capacity_factor, expert_hidden=expert_hidden
+    )
+    return DecoderConfig(vocab_size=64, dim=DIM, n_layers=2, n_heads=4, ffn_hidden=HIDDEN, moe=moe)
+
+
+def build(seed: int = 0, **kw) -> MoEFeedForward:
+    torch.manual_seed(seed)
+    return MoEFeedForward(tiny(**kw))
+
+
+def expert_out(m: MoEFeedForward, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert e applied directly, as a dense SwiGLU FFN would be."""
+    return F.linear(F.silu(F.linear(x, m.w1[e])) * F.linear(x, m.w3[e]), m.w2[e])
+
+
+def reference(m: MoEFeedForward, x: torch.Tensor, experts, gates, kept) -> torch.Tensor:
+    """Per token: the gate-weighted sum of the outputs of its kept chosen experts."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for j in range(experts.shape[1]):
+            if kept[t, j]:
+                out[t] += gates[t, j] * expert_out(m, int(experts[t, j]), flat[t])
+    return out.view_as(x)
+
+
+@torch.no_grad()
+def test_top2_output_is_gate_weighted_sum_of_the_two_chosen_experts():
+    m = build(capacity_factor=None)
+    x = torch.randn(2, 12, DIM)
+    y, _ = m(x)
+    r = m.route(x.reshape(-1, DIM))
+    assert r.experts.shape == (24, 2) and bool(r.kept.all())
+    assert (r.experts[:, 0] != r.experts[:, 1]).all()
+    # the chosen experts are the two most probable ones
+    assert torch.equal(r.experts.sort(dim=1).values, r.probs.topk(2, dim=-1).indices.sort(dim=1).values)
+    torch.testing.assert_close(y, reference(m, x, r.experts, r.gates, r.kept), atol=1e-5, rtol=1e-4)
+    assert m.last_stats["dropped_fraction"] == 0
+
+
+@torch.no_grad()
+def test_gates_are_the_renormalised_top_k_probabilities():
+    m = build()
+    r = m.route(torch.randn(40, DIM))
+    torch.testing.assert_close(r.gates.sum(-1), torch.ones(40))
+    top = r.probs.gather(1, r.experts)
+    torch.testing.assert_close(r.gates, top / top.sum(-1, keepdim=True))
+    assert (r.gates[:, 0] >= r.gates[:, 1]).all()
+
+
+@torch.no_grad()
+def test_top1_keeps_the_raw_probability_so_the_router_still_learns():
+    m = build(top_k=1)
+    r = m.route(torch.randn(10, DIM))
+    torch.testing.assert_close(r.gates[:, 0], r.probs.max(-1).values)
+
+
+@torch.no_grad()
+def test_load_balance_is_one_for_a_uniform_router():
+    """Zero router weights: every probability is 1/E, so lb = E * sum_e f_e / E = 1 whatever
+    expert the top-k's tie-breaking picks."""
+    m = build()
+    m.router.weight.zero_()
+    _, aux = m(torch.randn(2, 16, DIM))
+    torch.testing.assert_close(aux["load_balance"], torch.tensor(1.0))
+
+
+@torch.no_grad()
+def test_load_balance_is_one_for_evenly_spread_tokens_and_larger_when_collapsed():
+    m = build()
+    # Cyclic construction: token t leans to experts t%E and (t+1)%E, so f and P are both uniform.
+    m.router.weight.copy_(4.0 * torch.eye(EXPERTS, DIM))
+    t = torch.arange(4 * EXPERTS)
+    x = F.one_hot(t % EXPERTS, DIM).float() + 0.5 * F.one_hot((t + 1) % EXPERTS, DIM).float()
+    _, aux = m(x.unsqueeze(0))
+    assert torch.equal(m.last_stats["tokens_per_expert"], torch.full((EXPERTS,), 8))
+    torch.testing.assert_close(aux["load_balance"], torch.tensor(1.0))
+
+    # Collapse: a direction every token shares sends all of them to experts 0 and 1.
+    w = torch.zeros(EXPERTS, DIM)
+    w[0, 0] = w[1, 0] = 20.0
+    m.router.weight.copy_(w)
+    x = torch.randn(1, 32, DIM)
+    x[..., 0] = 1.0
+    _, aux = m(x)
+    assert m.last_stats["tokens_per_expert"].tolist() == [32, 32] + [0] * (EXPERTS - 2)
+    assert aux["load_balance"] > 1.0
+    torch.testing.assert_close(aux["load_balance"], torch.tensor(EXPERTS / 2), atol=1e-3, rtol=0)
+
+
+@torch.no_grad()
+def test_router_z_loss_is_zero_when_logsumexp_is_zero_and_grows_with_logit_scale():
+    m = build()
+    # logits all -log(E): sum of exp is 1, every logsumexp is 0
+    w = torch.zeros(EXPERTS, DIM)
+    w[:, 0] = -math.log(EXPERTS)
+    m.router.weight.copy_(w)
+    x = torch.randn(1, 16, DIM)
+    x[..., 0] = 1.0
+    _, aux = m(x)
+    torch.testing.assert_close(aux["router_z"], torch.tensor(0.0), atol=1e-6, rtol=0)
+
+    # all-zero logits: logsumexp = log(E)
+    m.router.weight.zero_()
+    _, aux = m(x)
+    torch.testing.assert_close(aux["router_z"], torch.tensor(math.log(EXPERTS) ** 2))
+
+    torch.manual_seed(1)
+    base = torch.randn(EXPERTS, DIM)
+    zs = []
+    for scale in (1.0, 4.0, 16.0):
+        m.router.weight.copy_(scale * base)
+        zs.append(float(m(x)[1]["router_z"]))
+    assert zs[0] < zs[1] < zs[2]
+
+
+def test_aux_loss_weights_the_two_losses_with_the_config_coefficients():
+    moe = MoEConfig(n_experts=8)
+    losses = {"load_balance": torch.tensor(1.5), "router_z": torch.tensor(3.0)}
+    torch.testing.assert_close(aux_loss(losses, moe), torch.tensor(0.01 * 1.5 + 0.001 * 3.0))
+
+
+def test_expert_capacity():
+    assert expert_capacity(64, MoEConfig(n_experts=8, capacity_factor=1.25)) == 20  # ceil(1.25*64*2/8)
+    assert expert_capacity(10, MoEConfig(n_experts=8, capacity_factor=1.0)) == 3  # ceil(2.5)
+    assert expert_capacity(4, MoEConfig(n_experts=2, capacity_factor=8.0)) == 4  # never above T
+    assert expert_capacity(64, MoEConfig(n_experts=8, capacity_factor=None)) is None
+
+
+@torch.no_grad()
+def test_capacity_drops_overflow_first_choices_first_and_dropped_slots_contribute_zero():
+    m = build(capacity_factor=0.25)
+    x = torch.randn(2, 32, DIM)
+    y, _ = m(x)
+    r = m.route(x.reshape(-1, DIM))
+    cap = expert_capacity(64, m.moe)
+    assert r.capacity == cap == 4
+
+    kept_per_expert = torch.zeros(EXPERTS, dtype=torch.long).index_add_(
+        0, r.experts[r.kept], torch.ones(int(r.kept.sum()), dtype=torch.long)
+    )
+    assert torch.equal(kept_per_expert, r.counts.clamp(max=cap))
+    dropped = 1 - kept_per_expert.sum() / (64 * 2)
+    assert dropped > 0.5
+    torch.testing.assert_close(m.last_stats["dropped_fraction"], dropped.float())
+    assert torch.equal(m.last_stats["tokens_per_expert"], r.counts)
+
+    # Priority: an expert takes second choices only after all its first choices, and within a
+    # choice, earlier tokens first.
+    for e in range(EXPERTS):
+        first, second = r.experts[:, 0] == e, r.experts[:, 1] == e
+        if r.kept[:, 1][second].any():
+            assert r.kept[:, 0][first].all()
+        for j, sel in ((0, first), (1, second)):
+            k = r.kept[:, j][sel].long()
+            assert torch.equal(k, k.sort(descending=True).values)
+
+    torch.testing.assert_close(y, reference(m, x, r.experts, r.gates, r.kept), atol=1e-5, rtol=1e-4)
+    fully_dropped = ~r.kept.any(dim=1)
+    assert fully_dropped.any()
+    assert (y.reshape(-1, DIM)[fully_dropped] == 0).all()
+
+
+@torch.no_grad()
+def test_a_large_capacity_drops_nothing_and_matches_no_cap():
+    x = torch.randn(2, 16, DIM)
+    y_cap, aux_cap = build(capacity_factor=EXPERTS / 2)(x)  # capacity = T
+    m = build(capacity_factor=None)
+    y, aux = m(x)
+    torch.testing.assert_close(y_cap, y)
+    torch.testing.assert_close(aux_cap["load_balance"], aux["load_balance"])
+    assert m.last_stats["dropped_fraction"] == 0
+
+
+def test_stats_are_detached_and_gradients_reach_router_and_every_expert():
+    m = build(capacity_factor=1.25)
+    y, aux = m(torch.randn(2, 32, DIM))
+    for v in m.last_stats.values():
+        assert not v.requires_grad and v.grad_fn is None
+    (y.square().mean() + aux_loss(aux, m.moe)).backward()
+    assert m.router.weight.grad.abs().sum() > 0
+    for w in (m.w1, m.w2, m.w3):
+        per_expert = w.grad.abs().flatten(1).sum(1)
+        assert (per_expert > 0).all(), per_expert  # 64 tokens * 2 choices reach all 8 experts
+
+
+def test_a_few_adamw_steps_lower_the_loss():
+    """Mechanics: MoE FFN (with residual) + linear head learns a fixed random classification batch."""
+    torch.manual_seed(0)
+    moe = MoEFeedForward(tiny(capacity_factor=1.25))
+    head = torch.nn.Linear(DIM, 5)
+    x, labels = torch.randn(4, 16, DIM), torch.randint(0, 5, (4, 16))
+    opt = torch.optim.AdamW([*moe.parameters(), *head.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(30):
+        h, aux = moe(x)
+        loss = F.cross_entropy(head(x + h).flatten(0, 1), labels.flatten()) + aux_loss(aux, moe.moe)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_builds_on_the_meta_device_then_materialises():
+    cfg = tiny(capacity_factor=1.25)
+    with torch.device("meta"):
+        m = MoEFeedForward(cfg)
+    assert all(p.is_meta for p in m.parameters())
+    assert sum(p.numel() for p in m.parameters()) == moe_param_counts(cfg)[0]
+    m.to_empty(device="cpu")
+    torch.manual_seed(0)
+    m.reset_parameters()
+    y, aux = m(torch.randn(1, 8, DIM))
+    assert torch.isfinite(y).all() and all(torch.isfinite(v) for v in aux.values())
+
+
+def test_deterministic_given_the_seed():
+    x = torch.randn(2, 8, DIM)
+    a, b = build(seed=3, capacity_factor=0.5), build(seed=3, capacity_factor=0.5)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    (ya, auxa), (yb, auxb) = a(x), b(x)
+    assert torch.equal(ya, yb) and torch.equal(auxa["load_balance"], auxb["load_balance"])
+    assert torch.equal(a(x)[0], ya)
+
+
+def test_param_counts():
+    cfg = tiny()
+    total, active = moe_param_counts(cfg)
+    expert = 3 * DIM * HIDDEN
+    assert (total, active) == (DIM * EXPERTS + EXPERTS * expert, DIM * EXPERTS + 2 * expert)
+    assert total == sum(p.numel() for p in MoEFeedForward(cfg).parameters())
+    total16, _ = moe_param_counts(tiny(expert_hidden=16))
+    assert total16 == DIM * EXPERTS + EXPERTS * 3 * DIM * 16
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_bf16_forward_keeps_the_dtype_and_fp32_losses(capacity_factor):
+    m = build(capacity_factor=capacity_factor).to(torch.bfloat16)
+    y, aux = m(torch.randn(2, 8, DIM, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 8, DIM)
+    assert aux["load_balance"].dtype == aux["router_z"].dtype == torch.float32
