@@ -1,0 +1,145 @@
+"""The vision encoder on tiny open_clip towers with random weights: these test mechanics (shapes,
+layer choice, freezing, weight loading, preprocessing), not features. The full ViT-H is only built
+on the meta device (counted, never allocated or downloaded)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from train.model.config import VisionConfig
+from train.model.vision import VisionEncoder
+
+# A 2-block ViT at 56 px with 14 px patches: a 4x4 grid of width 64 (2 heads); a tiny text tower
+# too, since open_clip builds the whole CLIP model before the encoder drops it.
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 56, "patch_size": 14, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def _cfg(**kw) -> VisionConfig:
+    return VisionConfig(**{"model": "ViT-H-14-378-quickgelu", "pretrained": None, "overrides": TINY, **kw})
+
+
+def _encoder(seed: int = 0, **kw) -> VisionEncoder:
+    torch.manual_seed(seed)
+    return VisionEncoder(_cfg(**kw))
+
+
+def test_patch_tokens_shape_and_attributes():
+    enc = _encoder()
+    out = enc(torch.randn(3, 3, 56, 56))
+    assert out.shape == (3, 16, 64)
+    assert (enc.grid, enc.width, enc.n_patches, enc.image_size) == (4, 64, 16, 56)
+    assert torch.isfinite(out).all()
+    # only the visual tower is kept, and no contrastive projection
+    visual = open_clip.create_model("ViT-H-14-378-quickgelu", pretrained=None, **TINY).visual
+    n_visual = sum(p.numel() for p in visual.parameters())
+    assert enc.tower.proj is None
+    assert sum(p.numel() for p in enc.parameters()) == n_visual - visual.proj.numel()
+    with pytest.raises(ValueError, match="56 px"):
+        enc(torch.randn(1, 3, 64, 64))
+
+
+def _reference(tower: torch.nn.Module, images: torch.Tensor, block: int, norm: bool) -> torch.Tensor:
+    """open_clip's own intermediate-feature path, as an independent check of the encoder's loop."""
+    out = tower.forward_intermediates(
+        images, indices=[block], normalize_intermediates=norm, intermediates_only=True, output_fmt="NLC")
+    return out["image_intermediates"][0]
+
+
+@pytest.mark.parametrize("layer", [-1, -2, 0, 1])
+def test_layer_selection_matches_open_clip(layer):
+    torch.manual_seed(0)
+    clip = open_clip.create_model("ViT-H-14-378-quickgelu", pretrained=None, **TINY).eval()
+    enc = _encoder(layer=layer)
+    enc.tower.load_state_dict(
+        {k: v for k, v in clip.visual.state_dict().items() if k in enc.tower.state_dict()}, strict=True)
+    images = torch.randn(2, 3, 56, 56)
+    block = layer % 2
+    with torch.no_grad():
+        want = _reference(clip.visual, images, block, norm=block == 1)
+        got = enc(images)
+    torch.testing.assert_close(got, want)
+    # the blocks after the chosen one are not kept; ln_post only on the last block
+    assert len(enc.tower.transformer.resblocks) == block + 1
+    assert enc.final_norm == (block == 1)
+
+
+def test_layers_give_different_features():
+    images = torch.randn(2, 3, 56, 56)
+    last, first = _encoder(layer=-1)(images), _encoder(layer=0)(images)
+    assert last.shape == first.shape
+    assert not torch.allclose(last, first)
+    with pytest.raises(ValueError, match="out of range"):
+        _encoder(layer=2)
+
+
+def test_frozen_has_no_grad_and_unfrozen_trains():
+    frozen = _encoder(frozen=True)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    images = torch.randn(2, 3, 56, 56, requires_grad=True)
+    assert not frozen(torch.randn(2, 3, 56, 56)).requires_grad
+    frozen(images).sum().backward()  # gradients still reach the input (nothing to update inside)
+    assert images.grad is not None and all(p.grad is None for p in frozen.parameters())
+
+    live = _encoder(frozen=False)
+    live(torch.randn(2, 3, 56, 56)).square().mean().backward()
+    assert all(p.grad is not None for p in live.parameters())
+
+
+def test_checkpoint_file_loads_and_meta_build_then_init_weights(tmp_path):
+    torch.manual_seed(7)
+    clip = open_clip.create_model("ViT-H-14-378-quickgelu", pretrained=None, **TINY)
+    path = tmp_path / "tiny-clip.pt"
+    torch.save({"state_dict": clip.state_dict()}, path)  # the layout open_clip's trainer writes
+    images = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        want = _reference(clip.visual.eval(), images, 1, norm=True)
+
+    loaded = _encoder(seed=99, pretrained=str(path))  # only the file can make these equal
+    torch.testing.assert_close(loaded(images), want)
+
+    with torch.device("meta"):
+        lazy = VisionEncoder(_cfg(pretrained=str(path)))
+    assert all(p.is_meta for p in lazy.parameters())
+    lazy.to_empty(device="cpu")
+    lazy.init_weights()
+    torch.testing.assert_close(lazy(images), want)
+    assert not any(p.requires_grad for p in lazy.parameters())  # still frozen
+
+
+def test_preprocess_gives_the_tower_size():
+    enc = _encoder()
+    x = enc.preprocess(Image.new("RGB", (120, 80), (200, 30, 30)))
+    assert x.shape == (3, 56, 56) and x.dtype == torch.float32
+    assert enc(x[None]).shape == (1, 16, 64)
+
+
+def test_mm1_vit_h_on_meta_counts_and_takes_dfn5b_preprocessing():
+    """The default config (ViT-H/14 at 378 px, DFN-5B): built on meta, nothing is allocated and
+    the tag is not fetched, but its preprocessing (squash resize, bicubic) is still used."""
+    cfg = VisionConfig()
+    assert (cfg.model, cfg.pretrained, cfg.layer) == ("ViT-H-14-378-quickgelu", "dfn5b", -1)
+    with torch.device("meta"):
+        enc = VisionEncoder(cfg)
+    n = sum(p.numel() for p in enc.parameters())
+    # ViT-H/14 visual tower: 632,682,240 with the 1280x1024 projection, which the encoder drops
+    assert n == 631_371_520
+    assert (enc.grid, enc.width, enc.n_patches, enc.image_size) == (27, 1280, 729, 378)
+    assert enc.preprocess_cfg["resize_mode"] == "squash"
+    assert enc.preprocess_cfg["interpolation"] == "bicubic"
+    x = enc.preprocess(Image.new("RGB", (500, 300)))
+    assert x.shape == (3, 378, 378)
+
+    penultimate = dataclasses.replace(cfg, layer=-2)
+    with torch.device("meta"):
+        shorter = VisionEncoder(penultimate)
+    assert len(shorter.tower.transformer.resblocks) == 31
+    assert sum(p.numel() for p in shorter.parameters()) < n
