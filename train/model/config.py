@@ -39,6 +39,7 @@ class DecoderConfig:
     rope_theta: float = 10_000.0
     max_seq_len: int = 4096
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2); Llama and Mistral have none
     moe: MoEConfig | None = None
 
     @property
