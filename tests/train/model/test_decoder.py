@@ -217,7 +217,6 @@ def test_bf16_autocast_keeps_attention_inputs_in_one_dtype() -> None:
 
 def test_moe_aux_losses_are_averaged_over_moe_layers() -> None:
     """With MoE layers (every 2nd of 4), aux_losses holds each loss averaged over them, unweighted."""
-    pytest.importorskip("train.model.moe")
     cfg = tiny(n_layers=4, moe=MoEConfig(n_experts=4, every=2, capacity_factor=None))
     model = build(cfg)
     seen: list[dict[str, torch.Tensor]] = []

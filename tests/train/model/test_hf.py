@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # the reference implementation (the dev extra installs it)
 
 from train.model.config import DecoderConfig, MoEConfig
 from train.model.decoder import Decoder
@@ -26,7 +27,6 @@ from train.model.hf import (
     to_hf_state_dict,
 )
 
-transformers = pytest.importorskip("transformers")
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 TINY = dict(

@@ -1,0 +1,90 @@
+"""The assembled MM1 on CPU with the tiny configs (random weights: mechanics, not quality):
+image tokens land at the placeholders, two images in one sequence run forward and backward,
+the loss counts text targets only, and the MoE variant adds its auxiliary losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from train.model.mm1 import IGNORE, MM1, text_labels
+from train.model.registry import get_config
+
+
+def _sequence(model: MM1, n_images: int, length: int = 40, seed: int = 0) -> torch.Tensor:
+    """Text, an image run, text, another image run, text."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, model.image_token_id, (length,), generator=g)
+    run = torch.full((model.n_image_tokens,), model.image_token_id)
+    parts, cut = [], length // (n_images + 1)
+    for i in range(n_images):
+        parts += [text[i * cut:(i + 1) * cut], run]
+    parts.append(text[n_images * cut:])
+    return torch.cat(parts).unsqueeze(0)
+
+
+def _images(model: MM1, n: int) -> torch.Tensor:
+    side = model.vision.image_size
+    return torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return MM1(get_config("tiny"))
+
+
+def test_two_images_in_one_sequence_forward_and_backward(tiny):
+    tokens = _sequence(tiny, 2)
+    labels = text_labels(tokens, tiny.image_token_id)
+    out = tiny(tokens, _images(tiny, 2), labels=labels)
+    assert out.logits.shape == (1, tokens.shape[1], tiny.cfg.decoder.vocab_size)
+    assert torch.isfinite(out.loss)
+    out.total_loss.backward()
+    for part in (tiny.vision, tiny.connector, tiny.decoder):  # the tiny tower trains
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    tiny.zero_grad()
+
+
+def test_image_embeddings_replace_the_placeholders(tiny):
+    tokens = _sequence(tiny, 2)
+    images = _images(tiny, 2)
+    embeds = tiny.embed(tokens, images)
+    slots = tokens[0] == tiny.image_token_id
+    expected = tiny.image_embeddings(images).reshape(-1, tiny.cfg.decoder.dim)
+    assert torch.equal(embeds[0, slots], expected)
+    assert torch.equal(embeds[0, ~slots], tiny.decoder.embed(tokens)[0, ~slots])
+    with pytest.raises(ValueError, match="image placeholder tokens for 1 images"):
+        tiny.embed(tokens, images[:1])
+
+
+def test_labels_cover_text_targets_only():
+    tokens = torch.tensor([[5, 6, 9, 9, 7, 8, 0, 0]])  # 9: image placeholder, 0: padding
+    doc_ids = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1]])
+    labels = text_labels(tokens, 9, doc_ids, pad_id=0)
+    # 5->6 kept; 6->9 image; 9->9 image; 9->7 text (after an image); 7->8 crosses documents; 8->0 pad
+    assert labels.tolist() == [[6, IGNORE, IGNORE, 7, IGNORE, IGNORE, IGNORE, IGNORE]]
+
+
+def test_moe_variant_adds_its_auxiliary_losses():
+    torch.manual_seed(0)
+    model = MM1(get_config("tiny-moe"))
+    tokens = _sequence(model, 1)
+    out = model(tokens, _images(model, 1), labels=text_labels(tokens, model.image_token_id))
+    assert set(out.aux_losses) == {"load_balance", "router_z"}
+    assert out.total_loss > out.loss
+    out.total_loss.backward()
+    assert model.decoder is not None
+
+
+def test_meta_build_then_init_gives_a_working_model():
+    """How the trainer builds big models: on the meta device (no memory), then materialised and
+    initialised in place."""
+    with torch.device("meta"):
+        model = MM1(get_config("tiny-moe"))
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    tokens = _sequence(model, 1)
+    out = model(tokens, _images(model, 1), labels=text_labels(tokens, model.image_token_id))
+    assert torch.isfinite(out.total_loss)

@@ -1,0 +1,105 @@
+"""MM1, assembled: image encoder -> connector -> decoder, for one device.
+
+A sequence carries its images as runs of placeholder tokens (`image_token_id`), `n_tokens` of
+them per image, in reading order; the packer (train/data) writes them. `forward` encodes the
+batch's images (all of them, in the order their runs appear: row by row, left to right), maps
+each to `n_tokens` embeddings with the connector, and writes those over the placeholders' token
+embeddings before the decoder runs. Any number of images per sequence works (MM1 packs up to
+16); a run count that does not match the images given is an error, never a silent shift.
+
+The loss is next-token cross-entropy over text targets only (`text_labels`): a position whose
+next token is an image placeholder, padding, or the first token of another packed document
+predicts nothing. MoE auxiliary losses (load balance, router z) are returned unweighted and
+added with their coefficients to `loss` in `total_loss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.model.config import MM1Config
+
+IGNORE = -100
+
+
+@dataclass
+class MM1Output:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # the language-model loss over text targets
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    total_loss: torch.Tensor | None = None  # loss + weighted auxiliary losses (what to backpropagate)
+
+
+def text_labels(tokens: torch.Tensor, image_token_id: int, doc_ids: torch.Tensor | None = None,
+                pad_id: int | None = None) -> torch.Tensor:
+    """Targets for next-token prediction, aligned with `tokens` ([B, S]): labels[:, t] is
+    tokens[:, t + 1] when that is a text token of the same document, else IGNORE."""
+    labels = torch.full_like(tokens, IGNORE)
+    nxt = tokens[:, 1:]
+    keep = nxt != image_token_id
+    if pad_id is not None:
+        keep &= nxt != pad_id
+    if doc_ids is not None:
+        keep &= doc_ids[:, 1:] == doc_ids[:, :-1]
+    labels[:, :-1] = torch.where(keep, nxt, torch.full_like(nxt, IGNORE))
+    return labels
+
+
+class MM1(nn.Module):
+    def __init__(self, cfg: MM1Config):
+        super().__init__()
+        from train.model.connector import build_connector
+        from train.model.decoder import Decoder
+        from train.model.vision import VisionEncoder
+
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg.vision)
+        self.connector = build_connector(cfg.connector, self.vision.width, self.vision.grid, cfg.decoder.dim)
+        self.decoder = Decoder(cfg.decoder)
+        self.image_token_id = cfg.decoder.vocab_size - 1 if cfg.image_token_id is None else cfg.image_token_id
+        self.n_image_tokens = cfg.connector.n_tokens
+
+    def init_weights(self) -> None:
+        """Initialise every part (the vision tower from `cfg.vision.pretrained`): what a model
+        built on the meta device needs after `to_empty()`."""
+        self.vision.init_weights()
+        self.connector.init_weights()
+        self.decoder.init_weights()
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, n_tokens, dim]."""
+        return self.connector(self.vision(images))
+
+    def embed(self, tokens: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        embeds = self.decoder.embed(tokens)
+        slots = tokens == self.image_token_id
+        n_slots = int(slots.sum())
+        n_images = 0 if images is None else images.shape[0]
+        if n_slots != n_images * self.n_image_tokens:
+            raise ValueError(f"{n_slots} image placeholder tokens for {n_images} images of "
+                             f"{self.n_image_tokens} tokens each")
+        if n_images:
+            image_embeds = self.image_embeddings(images).to(embeds.dtype)
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), image_embeds.reshape(-1, embeds.shape[-1]))
+        return embeds
+
+    def forward(self, tokens: torch.Tensor, images: torch.Tensor | None = None, *,
+                doc_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> MM1Output:
+        """`tokens` [B, S] with `n_tokens` placeholders per image; `images` [N, 3, H, W] in the
+        placeholders' order; `doc_ids` [B, S] for packed sequences; `labels` [B, S] aligned with
+        tokens (IGNORE where there is no target; `text_labels` makes them)."""
+        out = self.decoder(embeds=self.embed(tokens, images), doc_ids=doc_ids)
+        result = MM1Output(logits=out.logits, aux_losses=out.aux_losses)
+        if labels is not None:
+            result.loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+            result.total_loss = result.loss
+            moe = self.cfg.decoder.moe
+            if moe is not None and out.aux_losses:
+                from train.model.moe import aux_loss
+
+                result.total_loss = result.loss + aux_loss(out.aux_losses, moe)
+        return result
