@@ -49,6 +49,26 @@ def text_labels(tokens: torch.Tensor, image_token_id: int, doc_ids: torch.Tensor
     return labels
 
 
+def with_pretrained_decoder(cfg: MM1Config, path: str, image_token_id: int | None = None) -> "MM1":
+    """MM1 whose decoder starts from a Hugging Face causal LM on local disk (Llama, Mistral,
+    Qwen2 families: train/model/hf.py): the decoder's shape comes from the checkpoint's config,
+    the vision tower and connector from `cfg`, freshly initialised (the tower from its
+    `pretrained` weights). The placeholder token defaults to the checkpoint vocabulary's last id."""
+    from dataclasses import replace
+
+    from train.model.hf import load_hf_decoder
+
+    decoder = load_hf_decoder(path)
+    with torch.device("meta"):
+        model = MM1(replace(cfg, decoder=decoder.cfg, image_token_id=image_token_id))
+    model.decoder = decoder
+    model.vision.to_empty(device="cpu")
+    model.connector.to_empty(device="cpu")
+    model.vision.init_weights()
+    model.connector.init_weights()
+    return model
+
+
 class MM1(nn.Module):
     def __init__(self, cfg: MM1Config):
         super().__init__()
