@@ -1,0 +1,128 @@
+"""The training loader: packed MM1 batches for one rank, from DataLoader worker processes, with a
+state that restores the exact continuation.
+
+Each (rank, worker) pair is a slot of the mixture (`train/data/mixture.py`); slot `rank *
+workers + worker` reads its own share of every pass, so ranks and workers never overlap. A
+worker yields whole batches (its own sequences, collated), and the DataLoader takes batches from
+its workers round robin in order (`in_order`), so batch b comes from worker b mod W.
+
+Every batch carries its worker's mixture state as of after that batch. The loader keeps, per
+worker, the state of the last batch handed to the trainer: that is the checkpoint
+(`state_dict`). Restoring starts each worker from its saved state and rotates the worker roles so
+that the first batch comes from the worker whose turn it was: the batches that follow are the
+ones an uninterrupted run would have produced, whatever the prefetching did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from train.data.mixture import Mixture, MixtureConfig
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    mixture: MixtureConfig
+    batch_size: int = 1  # sequences per batch (per rank)
+    workers: int = 2  # DataLoader worker processes per rank (0: in the main process)
+    image_size: int = 378
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+def collate(packed: list[Any], preprocess: Any) -> dict[str, Any]:
+    """Sequences -> tensors: tokens, doc_ids, positions, labels [B, S]; images [N, 3, H, W] in
+    placeholder order (row by row); the kinds; token counts per kind."""
+    images = [preprocess(data) for p in packed for data in p.images]
+    return {
+        "tokens": torch.tensor([p.tokens for p in packed], dtype=torch.long),
+        "doc_ids": torch.tensor([p.doc_ids for p in packed], dtype=torch.long),
+        "positions": torch.tensor([p.positions for p in packed], dtype=torch.long),
+        "labels": torch.tensor([p.labels for p in packed], dtype=torch.long),
+        "images": torch.stack(images) if images else None,
+        "kinds": [p.kind for p in packed],
+        "text_tokens": sum(p.n_text_tokens for p in packed),
+        "image_tokens": sum(p.n_image_tokens for p in packed),
+        "pad_tokens": sum(p.n_pad for p in packed),
+    }
+
+
+class _Batches(IterableDataset):
+    """What each DataLoader worker runs: its slot's mixture, batched."""
+
+    def __init__(self, cfg: LoaderConfig, rank: int, world: int, states: dict[int, Any], rotation: int):
+        self.cfg, self.rank, self.world, self.states, self.rotation = cfg, rank, world, states, rotation
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from train.data.images import ImagePreprocessor
+
+        info = get_worker_info()
+        n_workers = max(1, self.cfg.workers)
+        # a restored loader rotates roles: worker w plays the part of worker (w + rotation) % W
+        role = ((info.id if info else 0) + self.rotation) % n_workers
+        mixture = Mixture(self.cfg.mixture, slot=self.rank * n_workers + role, n_slots=self.world * n_workers)
+        if role in self.states:
+            mixture.load_state_dict(self.states[role])
+        preprocess = ImagePreprocessor(self.cfg.image_size, self.cfg.image_mean, self.cfg.image_std)
+        while True:
+            packed = []
+            for _ in range(self.cfg.batch_size):
+                nxt = next(mixture, None)
+                if nxt is None:
+                    break
+                packed.append(nxt)
+            if not packed:
+                return
+            batch = collate(packed, preprocess)
+            batch["worker"] = role
+            batch["state"] = mixture.state_dict()
+            yield batch
+
+
+class Loader:
+    """Batches for one rank; `state_dict()` after any batch, `Loader(..., state=...)` to resume."""
+
+    def __init__(self, cfg: LoaderConfig, rank: int = 0, world: int = 1, state: dict[str, Any] | None = None):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        n_workers = max(1, cfg.workers)
+        state = state or {}
+        self.batches = int(state.get("batches", 0))
+        self.worker_states: dict[int, Any] = {int(k): v for k, v in state.get("workers", {}).items()}
+        if state and (state.get("rank"), state.get("world"), state.get("workers_n")) != (rank, world, n_workers):
+            raise ValueError(f"loader state of rank {state.get('rank')}/{state.get('world')} with "
+                             f"{state.get('workers_n')} workers cannot resume rank {rank}/{world} with {n_workers}")
+        dataset = _Batches(cfg, rank, world, self.worker_states, rotation=self.batches % n_workers)
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers,
+                                 persistent_workers=False, multiprocessing_context="spawn" if cfg.workers else None)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.close()
+        self._iterator = iter(self.loader)
+        for batch in self._iterator:
+            self.worker_states[batch.pop("worker")] = batch.pop("state")
+            self.batches += 1
+            yield batch
+
+    def close(self) -> None:
+        """Stop the worker processes now (a loader left mid-iteration otherwise stops them when it
+        is collected, at an arbitrary moment)."""
+        iterator, self._iterator = getattr(self, "_iterator", None), None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able: the batches handed out and each worker's state after its last one."""
+        return {"rank": self.rank, "world": self.world, "workers_n": max(1, self.cfg.workers),
+                "batches": self.batches, "workers": {str(k): v for k, v in self.worker_states.items()}}
