@@ -6,6 +6,9 @@ workers + worker` reads its own share of every pass, so ranks and workers never 
 worker yields whole batches (its own sequences, collated), and the DataLoader takes batches from
 its workers round robin in order (`in_order`), so batch b comes from worker b mod W.
 
+With `steps`, every rank yields exactly that many batches (the mixture repeats its passes, so
+no rank runs dry first); without, a rank's loader ends when its slots' streams do.
+
 Every batch carries its worker's mixture state as of after that batch. The loader keeps, per
 worker, the state of the last batch handed to the trainer: that is the checkpoint
 (`state_dict`). Restoring starts each worker from its saved state and rotates the worker roles so
@@ -29,6 +32,7 @@ from train.data.mixture import Mixture, MixtureConfig
 class LoaderConfig:
     mixture: MixtureConfig
     batch_size: int = 1  # sequences per batch (per rank)
+    steps: int | None = None  # batches per rank, then the loader ends (every rank the same)
     workers: int = 2  # DataLoader worker processes per rank (0: in the main process)
     image_size: int = 378
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -104,9 +108,12 @@ class Loader:
         self.close()
         self._iterator = iter(self.loader)
         for batch in self._iterator:
+            if self.cfg.steps is not None and self.batches >= self.cfg.steps:
+                break
             self.worker_states[batch.pop("worker")] = batch.pop("state")
             self.batches += 1
             yield batch
+        self.close()
 
     def close(self) -> None:
         """Stop the worker processes now (a loader left mid-iteration otherwise stops them when it

@@ -111,3 +111,39 @@ def test_restore_continues_exactly_through_worker_processes(curated):
             assert torch.equal(batch["images"], expected["images"])
     with pytest.raises(ValueError, match="cannot resume rank 1/2"):
         Loader(cfg, rank=1, world=2, state=states[4])
+
+
+def test_every_rank_yields_the_same_number_of_batches(curated):
+    """With a step budget, ranks whose shares differ in size still yield equally many batches."""
+    counts = []
+    for rank in range(2):
+        cfg = LoaderConfig(_cfg(curated), batch_size=2, workers=0, image_size=56, steps=7)
+        with Loader(cfg, rank=rank, world=2) as loader:
+            counts.append(sum(1 for _ in loader))
+    assert counts == [7, 7]
+
+
+def test_corrupt_samples_are_counted_and_skipped(curated, tmp_path):
+    """A pair shard damaged inside a member header: its samples are skipped and counted, the
+    others still come, the stream goes on."""
+    import shutil
+
+    from curate.contract import read_manifest
+
+    out, tokenizer = curated
+    copy = tmp_path / "curated"
+    shutil.copytree(out, copy)
+    import pyarrow.parquet as pq
+
+    shard = read_manifest(copy)["kinds"]["pair"]["shards"][0]
+    tar = copy / shard["name"]
+    second = pq.read_table(copy / shard["sidecar"], columns=["members"]).column("members")[1].as_py()
+    header = second[0]["offset"] - 512  # the tar header of the second sample's first member
+    data = bytearray(tar.read_bytes())
+    data[header:header + 100] = bytes([0xFF]) * 100  # its name field
+    tar.write_bytes(bytes(data))
+    mixture = Mixture(_cfg(curated, outs=(str(copy),), weights={"pair": 1.0}), slot=0, n_slots=1)
+    sequences = [next(mixture) for _ in range(6)]
+    assert all(p.kind == "pair" for p in sequences)
+    assert mixture.streams["pair"].stats["corrupt"] >= 1  # the damaged sample, once per pass
+    assert mixture.streams["pair"].stats["read"] > mixture.streams["pair"].stats["corrupt"]
