@@ -147,3 +147,15 @@ def test_corrupt_samples_are_counted_and_skipped(curated, tmp_path):
     assert all(p.kind == "pair" for p in sequences)
     assert mixture.streams["pair"].stats["corrupt"] >= 1  # the damaged sample, once per pass
     assert mixture.streams["pair"].stats["read"] > mixture.streams["pair"].stats["corrupt"]
+
+
+def test_throughput_benchmark_runs_at_toy_size(curated):
+    """tools/bench/loader_throughput.py's three sides, on a few thousand tokens (mechanics only)."""
+    from tools.bench.loader_throughput import ours, webdataset_side
+
+    out, tokenizer = curated
+    mine = ours(out, tokenizer, 5000, 1024, 16, 56)
+    assert mine["tokens"] >= 5000 and 0 < mine["efficiency"] <= 1
+    for work in (False, True):
+        peer = webdataset_side(out, tokenizer, 5000, 16, 56, work=work)
+        assert peer["tokens"] >= 5000 and peer["samples"] > 0
