@@ -6,19 +6,20 @@ needs no state and a resumed stream draws the same kinds. Each kind has its own 
 (`train/data/shards.py`: this slot's share of one pass, re-permuted each epoch) and its own
 packer (`train/data/packing.py`); a drawn kind pulls samples, tokenizes them
 (`train/data/samples.py`: a long document becomes several chunks) and packs until its packer
-can emit a sequence.
+can emit a sequence. Weights are per kind ("doc": every output's docs) or per source ("doc:<output>":
+one output's docs), each with its own stream and packer; a sequence still holds one kind.
 
 An exhausted kind starts a new pass (`repeat: True`, the default: the trainer's step budget
 ends the run, and every rank yields the same number of batches) or, with `repeat: False`, emits
 what its packer still holds and drops out of the draw (the others keep their weights relative to
 each other); the stream ends when every kind has: one pass over everything, e.g. for evaluation.
 
-State (`state_dict`): the sequence index, each stream's epoch and cursor, each packer's buffer,
-and the chunks of a split document not yet packed, all JSON-able: restoring it continues with
-exactly the sequences the uninterrupted stream would have produced. Buffered items are stored
-by reference (the sample's location and chunk index) and re-read on restore, so the state stays
-small: tokenization is deterministic (the caption choice is seeded by the sample, not by a
-running generator).
+State (`state_dict`): the sequence index, each stream's epoch and cursor, each packer's buffer
+(its items' tokens and references: `train/data/packing.py`), and the chunks of a split document
+not yet packed (by reference), all JSON-able: restoring it continues with exactly the sequences
+the uninterrupted stream would have produced. Images and pending chunks are re-read by reference
+on restore; tokenization is deterministic (a pair's caption choice is seeded by the sample, not
+by a running generator).
 """
 
 from __future__ import annotations
@@ -50,8 +51,23 @@ class MixtureConfig:
     repeat: bool = True
 
 
+KINDS = ("pair", "doc", "text")
+
+
+def source_of(name: str, outs: tuple[str, ...]) -> tuple[str, list[str]]:
+    """A weight's key -> (kind, outputs): "doc" draws docs from every output, "doc:<output>" from
+    that one only (per-source weights: two crawls of different quality, a text corpus apart)."""
+    kind, _, out = name.partition(":")
+    if kind not in KINDS:
+        raise ValueError(f"mixture weight {name!r}: expected one of {KINDS}, or '<kind>:<output>'")
+    if out and out not in outs:
+        raise ValueError(f"mixture weight {name!r}: {out!r} is not one of the outputs {list(outs)}")
+    return kind, [out] if out else list(outs)
+
+
 def draw_kind(weights: dict[str, float], seed: int, slot: int, index: int) -> str:
-    """The kind of sequence `index` of `slot`: a pure function, so resuming needs no RNG state."""
+    """The source (a kind, or a kind of one output) of sequence `index` of `slot`: a pure
+    function, so resuming needs no RNG state."""
     kinds = sorted(k for k, w in weights.items() if w > 0)
     total = sum(weights[k] for k in kinds)
     digest = hashlib.blake2b(f"{seed}:{slot}:{index}".encode(), digest_size=8).digest()
@@ -88,22 +104,25 @@ class Mixture:
         self.cfg, self.slot, self.n_slots = cfg, slot, n_slots
         self.tok = TextTokenizer.from_file(cfg.tokenizer)
         self.index = 0
-        self.exhausted: set[str] = set()  # kinds whose pass ended (repeat off)
+        self.exhausted: set[str] = set()  # sources whose pass ended (repeat off)
         self.stats: Counter[str] = Counter()
         self.streams: dict[str, Any] = {}
         self.packers: dict[str, Any] = {}
         self.pending: dict[str, list[_Item]] = {}
-        for kind, weight in sorted(cfg.weights.items()):
+        self.kind_of: dict[str, str] = {}
+        for name, weight in sorted(cfg.weights.items()):
             if weight <= 0:
                 continue
-            refs = list_samples(list(cfg.outs), kind)
+            kind, outs = source_of(name, cfg.outs)
+            refs = list_samples(outs, kind)
             if not refs:
-                raise ValueError(f"kind {kind!r} has weight {weight} but no samples in {list(cfg.outs)}")
-            self.streams[kind] = SampleStream(refs, seed=cfg.seed, slot=slot, n_slots=n_slots, repeat=cfg.repeat)
-            self.packers[kind] = Packer(cfg.seq_len, image_token_id=self.tok.image_id, pad_id=self.tok.pad_id,
+                raise ValueError(f"source {name!r} has weight {weight} but no {kind} samples in {outs}")
+            self.kind_of[name] = kind
+            self.streams[name] = SampleStream(refs, seed=cfg.seed, slot=slot, n_slots=n_slots, repeat=cfg.repeat)
+            self.packers[name] = Packer(cfg.seq_len, image_token_id=self.tok.image_id, pad_id=self.tok.pad_id,
                                         n_image_tokens=cfg.n_image_tokens, max_images=cfg.max_images,
                                         buffer_size=cfg.buffer_size)
-            self.pending[kind] = []
+            self.pending[name] = []
 
     # tokenizing ---------------------------------------------------------------------------------
 
@@ -121,16 +140,16 @@ class Mixture:
             return []
         return [_Item(c.tokens, c.images, {"sample": asdict(ref), "chunk": i}) for i, c in enumerate(chunks)]
 
-    def _fill(self, kind: str) -> bool:
-        """Feed the kind's packer until it can emit; False when its stream ended (repeat off)."""
-        packer, stream, pending = self.packers[kind], self.streams[kind], self.pending[kind]
+    def _fill(self, name: str) -> bool:
+        """Feed the source's packer until it can emit; False when its stream ended (repeat off)."""
+        packer, stream, pending = self.packers[name], self.streams[name], self.pending[name]
         while not packer.ready():
             if not pending:
                 nxt = next(stream, None)
                 if nxt is None:
                     return False
                 ref, members = nxt
-                pending.extend(self._chunks(kind, ref, members))
+                pending.extend(self._chunks(self.kind_of[name], ref, members))
                 continue
             packer.add(pending.pop(0))
         return True
@@ -143,19 +162,19 @@ class Mixture:
             live = {k: w for k, w in self.cfg.weights.items() if k in self.packers and k not in self.exhausted}
             if not live:
                 raise StopIteration
-            kind = draw_kind(live, self.cfg.seed, self.slot, self.index)
-            if not self._fill(kind):
-                self.packers[kind].flush()  # the pass is over: what is buffered goes out
-            packed = self.packers[kind].pop()
+            name = draw_kind(live, self.cfg.seed, self.slot, self.index)
+            if not self._fill(name):
+                self.packers[name].flush()  # the pass is over: what is buffered goes out
+            packed = self.packers[name].pop()
             if packed is not None:
                 break
-            self.exhausted.add(kind)  # drawn no more; the others go on until they end too
+            self.exhausted.add(name)  # drawn no more; the others go on until they end too
         self.index += 1
-        self.stats[f"{kind}/sequences"] += 1
-        self.stats[f"{kind}/text_tokens"] += packed.n_text_tokens
-        self.stats[f"{kind}/image_tokens"] += packed.n_image_tokens
-        self.stats[f"{kind}/pad_tokens"] += packed.n_pad
-        packed.kind = kind
+        self.stats[f"{name}/sequences"] += 1
+        self.stats[f"{name}/text_tokens"] += packed.n_text_tokens
+        self.stats[f"{name}/image_tokens"] += packed.n_image_tokens
+        self.stats[f"{name}/pad_tokens"] += packed.n_pad
+        packed.kind, packed.source = self.kind_of[name], name
         return packed
 
     # state --------------------------------------------------------------------------------------
@@ -170,20 +189,20 @@ class Mixture:
             "stats": dict(self.stats),
         }
 
-    def _reload(self, kind: str, ref: dict[str, Any]) -> _Item:
+    def _reload(self, name: str, ref: dict[str, Any]) -> _Item:
         """An item again from its reference: re-read and re-tokenized (deterministic)."""
         from train.data.shards import SampleRef, read_sample
 
         sample_ref = SampleRef.from_dict(ref["sample"])
-        return self._chunks(kind, sample_ref, read_sample(sample_ref))[ref["chunk"]]
+        return self._chunks(self.kind_of[name], sample_ref, read_sample(sample_ref))[ref["chunk"]]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.index = int(state["index"])
         self.exhausted = set(state.get("exhausted", []))
         self.stats = Counter(state.get("stats", {}))
-        for kind, s in state["streams"].items():
-            self.streams[kind].load_state_dict(s)
-        for kind, p in state["packers"].items():  # the packer keeps tokens; images are re-read
-            self.packers[kind].load_state_dict(p, lambda ref, kind=kind: self._reload(kind, ref).images)
-        for kind, refs in state["pending"].items():
-            self.pending[kind] = [self._reload(kind, r) for r in refs]
+        for name, s in state["streams"].items():
+            self.streams[name].load_state_dict(s)
+        for name, p in state["packers"].items():  # the packer keeps tokens; images are re-read
+            self.packers[name].load_state_dict(p, lambda ref, name=name: self._reload(name, ref).images)
+        for name, refs in state["pending"].items():
+            self.pending[name] = [self._reload(name, r) for r in refs]

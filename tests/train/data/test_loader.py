@@ -159,3 +159,15 @@ def test_throughput_benchmark_runs_at_toy_size(curated):
     for work in (False, True):
         peer = webdataset_side(out, tokenizer, 5000, 16, 56, work=work)
         assert peer["tokens"] >= 5000 and peer["samples"] > 0
+
+
+def test_weights_per_source(curated):
+    """'<kind>:<output>' weighs one output's samples of a kind; a bad key fails at once."""
+    out = str(curated[0])
+    mixture = Mixture(_cfg(curated, weights={f"pair:{out}": 0.5, "text": 0.5}), slot=0, n_slots=1)
+    sources = Counter(next(mixture).source for _ in range(400))
+    assert set(sources) == {f"pair:{out}", "text"} and abs(sources["text"] / 400 - 0.5) < 0.08
+    with pytest.raises(ValueError, match="is not one of the outputs"):
+        Mixture(_cfg(curated, weights={"pair:elsewhere": 1.0}), slot=0, n_slots=1)
+    with pytest.raises(ValueError, match="expected one of"):
+        Mixture(_cfg(curated, weights={"pairs": 1.0}), slot=0, n_slots=1)
