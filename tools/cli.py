@@ -65,6 +65,29 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _train(args: argparse.Namespace) -> int:
+    from train.recipe import RecipeError, load_train_recipe, parse_override
+    from train.trainer import Diverged, train
+
+    try:
+        overrides = dict(parse_override(o) for o in args.override)
+        if args.steps is not None:
+            overrides["steps"] = args.steps
+        recipe = load_train_recipe(args.recipe, overrides)
+    except RecipeError as exc:
+        print(f"mm1 train: {exc}", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir or Path("runs") / recipe.name)
+    try:
+        final = train(recipe, run_dir)
+    except Diverged as exc:
+        print(f"mm1 train: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"trained {recipe.name} to step {final['step']}: loss {final['loss']:.4f}, "
+          f"{final['skipped']} steps skipped -> {run_dir}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tools.demo import run_demo
 
@@ -97,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-read every shard and check it against manifest and ledger")
     p.add_argument("out")
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser("train", help="train MM1 from a training recipe (torchrun for several ranks; resumes)")
+    p.add_argument("recipe", help="training recipe YAML")
+    p.add_argument("--run-dir", help="checkpoints and metrics (default: runs/<recipe name>)")
+    p.add_argument("--steps", type=int, help="override steps")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a recipe key, e.g. optim.lr=1e-4 (repeatable; the value is read as YAML)")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("demo", help="build the demo inputs, curate them, print stats and verify")
     p.add_argument("--dir", default="demo_out", help="where inputs and outputs go")

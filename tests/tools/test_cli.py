@@ -11,6 +11,7 @@ FROZEN = {
     "stats": ["--json", "out"],
     "verify": ["out"],
     "demo": ["--dir"],
+    "train": ["--override", "--run-dir", "--steps", "recipe"],
 }
 
 

@@ -1,0 +1,138 @@
+"""The trainer end to end on the demo's curated output (curated by the real runner) with the tiny
+MM1 (random weights: mechanics only): the loss falls in one process; two torchrun processes
+(gloo, CPU) agree on the loss, and a NaN injected on one rank skips the step on both without a
+hang, keeping non-finite weights out of the checkpoints; a run killed after step 10 and resumed
+from its step-8 checkpoint repeats an uninterrupted run's losses exactly.
+
+Subprocesses run `python -m tools.cli train` (torchrun for two ranks); their metrics.jsonl
+files are read back. Timeouts are generous bounds against hangs, not timings."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from curate.recipe import load_recipe
+from curate.runner import run_recipe
+from tools.demo import DEMO_RECIPE, demo_inputs, demo_overrides
+from train.recipe import load_train_recipe
+from train.trainer import EXIT_STOPPED, INJECT_NAN_ENV, STOP_AFTER_ENV, train
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_TRAIN = ROOT / "recipes" / "train" / "demo.yaml"
+HANG = 420  # seconds: a bound against hangs on a shared 2-core machine, not a timing
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    with demo_inputs(root):
+        recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))
+        run_recipe(recipe, progress=False)
+    return Path(recipe.output.path), root / "inputs" / "tokenizer" / "tokenizer.json"
+
+
+def _overrides(curated, **extra) -> list[str]:
+    out, tokenizer = curated
+    pairs = {"data.outs": f"[{out}]", "data.tokenizer": str(tokenizer), **extra}
+    return [f"{k}={v}" for k, v in pairs.items()]
+
+
+def _mm1_train(curated, run_dir: Path, *, nproc: int = 1, env: dict | None = None, **extra) -> subprocess.CompletedProcess:
+    args = ["-m", "tools.cli", "train", str(DEMO_TRAIN), "--run-dir", str(run_dir)]
+    for o in _overrides(curated, **extra):
+        args += ["--override", o]
+    if nproc > 1:
+        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + args
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=HANG)
+
+
+def _records(path: Path) -> dict[int, dict]:
+    """step -> its record (the last one written: a resumed run rewrites the steps it repeats)."""
+    return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_the_loss_falls_in_one_process(curated, tmp_path):
+    """40 steps of the demo recipe (batch 4 x 256 tokens, lr 3e-3, warmup 5): the mean loss of
+    the last 5 steps is below 0.8 x the first 5's (it lands near 0.74)."""
+    out, tokenizer = curated
+    recipe = load_train_recipe(DEMO_TRAIN, {"data.outs": [str(out)], "data.tokenizer": str(tokenizer)})
+    final = train(recipe, tmp_path / "run")
+    losses = final["losses"]
+    assert final["step"] == 40 and len(losses) == 40 and final["skipped"] == 0
+    assert all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    records = _records(tmp_path / "run" / "metrics.jsonl")
+    assert sorted(records) == list(range(1, 41))
+    assert records[1]["lr"] == pytest.approx(3e-3 / 5) and records[5]["lr"] == pytest.approx(3e-3)
+    assert records[40]["lr"] == pytest.approx(3e-4)  # the cosine ends at 10% of the peak
+    assert records[10]["tokens_per_s"] > 0 and records[10]["memory_gib"] > 0
+    assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-00000020", "step-00000040"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(curated, tmp_path_factory):
+    """torchrun, 2 processes, 6 steps, checkpoints every 2, rank 1's loss NaN at step 3."""
+    run_dir = tmp_path_factory.mktemp("two_ranks")
+    proc = _mm1_train(curated, run_dir, nproc=2, env={INJECT_NAN_ENV: "1:3"}, steps=6, **{"checkpoint.every": 2})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run_dir
+
+
+def test_two_ranks_take_steps_and_agree_on_the_loss(two_ranks):
+    r0 = _records(two_ranks / "metrics.jsonl")
+    r1 = _records(two_ranks / "metrics.rank1.jsonl")
+    assert sorted(r0) == sorted(r1) == list(range(1, 7))
+    for step in (1, 2, 4, 5, 6):
+        a, b = r0[step], r1[step]
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]  # one all-reduced value
+        assert a["rank_loss"] != b["rank_loss"]  # each rank had its own data
+        assert a["loss"] == pytest.approx((a["rank_loss"] + b["rank_loss"]) / 2)
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_both(two_ranks):
+    """Rank 1's NaN at step 3: both ranks skip it (no update), neither hangs, training goes on,
+    and the step-4 checkpoint holds finite weights (step 2's is pruned: keep 2)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    r0 = _records(two_ranks / "metrics.jsonl")
+    r1 = _records(two_ranks / "metrics.rank1.jsonl")
+    assert r0[3]["skipped"] and r1[3]["skipped"] and r0[6]["skipped_total"] == r1[6]["skipped_total"] == 1
+    assert math.isfinite(r0[3]["rank_loss"]) and math.isnan(r1[3]["rank_loss"])
+    assert all(math.isfinite(r0[s]["loss"]) for s in (4, 5, 6))
+    assert sorted(p.name for p in two_ranks.glob("step-*")) == ["step-00000004", "step-00000006"]
+    flat = two_ranks / "step4.pt"
+    dcp_to_torch_save(two_ranks / "step-00000004", flat)
+    state = torch.load(flat, weights_only=True)
+    weights = {k: v for k, v in state["model"].items() if torch.is_tensor(v)}
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_a_killed_run_resumes_with_the_same_losses(curated, tmp_path):
+    """Deterministic mode, 2 loader workers, 12 steps, checkpoints every 4: killed (os._exit)
+    after step 10, resumed from step 8; steps 9-12 repeat the uninterrupted run's losses."""
+    common = {"steps": 12, "checkpoint.every": 4, "deterministic": "true", "data.workers": 2}
+    whole = _mm1_train(curated, tmp_path / "whole", **common)
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    killed = _mm1_train(curated, tmp_path / "killed", env={STOP_AFTER_ENV: "10"}, **common)
+    assert killed.returncode == EXIT_STOPPED, killed.stderr[-4000:]
+    assert sorted(p.name for p in (tmp_path / "killed").glob("step-*"))[-1] == "step-00000008"
+    resumed = _mm1_train(curated, tmp_path / "killed", **common)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stderr
+
+    expected = _records(tmp_path / "whole" / "metrics.jsonl")
+    got = _records(tmp_path / "killed" / "metrics.jsonl")
+    assert sorted(got) == list(range(1, 13))
+    for step in range(9, 13):
+        assert got[step]["loss"] == expected[step]["loss"], step
+        assert got[step]["lr"] == expected[step]["lr"]

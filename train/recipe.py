@@ -1,0 +1,222 @@
+"""Training recipes: YAML validated by pydantic, like curation recipes (`curate/recipe.py`). A bad
+recipe fails at load, naming the file, the key path and what was expected, never mid-run.
+
+One recipe says everything a run needs: the model size, the data (curated outputs, tokenizer,
+mixture), the optimiser and MM1's schedule, the step budget, precision, which parallelism to
+apply, checkpointing, validation and logging. Relative paths are taken from the working directory
+(the demo's `demo_out/` is where `mm1 demo` writes by default).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
+
+
+class RecipeError(ValueError):
+    """A training recipe that cannot run; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Strict):
+    name: str = "tiny"  # a size in train/model/registry.py
+    decoder_checkpoint: str | None = None  # a local Hugging Face causal-LM folder for the decoder
+    freeze_vision: bool | None = None  # None: the size's own setting (MM1 trains the tower in pretraining)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from train.model.registry import REGISTRY
+
+        if value not in REGISTRY:
+            raise ValueError(f"unknown model size {value!r}; known: {sorted(REGISTRY)}")
+        return value
+
+
+class DataSection(_Strict):
+    outs: list[str] = Field(min_length=1)  # curated outputs
+    tokenizer: str  # a tokenizer.json, or a folder holding one
+    seq_len: int = Field(4096, ge=8)
+    weights: dict[str, float] = Field(default_factory=lambda: {"pair": 0.45, "doc": 0.45, "text": 0.10})
+    caption_ratio: float = Field(1.0, ge=0.0, le=1.0)  # pairs: probability of the alt-text
+    n_image_tokens: int | None = Field(None, ge=1)  # None: the model connector's n_tokens
+    max_images: int = Field(16, ge=0)
+    buffer_size: int = Field(64, ge=1)
+    workers: int = Field(2, ge=0)  # DataLoader worker processes per rank
+    batch_size: int = Field(1, ge=1)  # sequences per micro-batch per rank
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        from train.data.mixture import KINDS
+
+        for name, w in value.items():
+            if name.partition(":")[0] not in KINDS:
+                raise ValueError(f"weight {name!r}: expected one of {KINDS} or '<kind>:<output>'")
+            if w < 0:
+                raise ValueError(f"weight {name!r} is negative ({w})")
+        if not any(w > 0 for w in value.values()):
+            raise ValueError("at least one weight must be positive")
+        return value
+
+
+class OptimSection(_Strict):
+    lr: float | Literal["mm1"] = "mm1"  # "mm1": exp(-0.4214 ln N - 0.5535), N = total parameters
+    warmup: int = Field(2000, ge=0)  # MM1: 2000 steps of linear warmup
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # cosine to this fraction of the peak (MM1: 10%)
+    # torch's AdamW multiplies the decay by the learning rate: weight_decay=0.1 is MM1's
+    # decoupled lambda = 0.1 * eta (DESIGN.md)
+    weight_decay: float = Field(0.1, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)  # max global grad norm; None: no clipping
+
+    @field_validator("lr")
+    @classmethod
+    def _positive(cls, value: Any) -> Any:
+        if isinstance(value, float) and value <= 0:
+            raise ValueError(f"lr must be positive or 'mm1', got {value}")
+        return value
+
+
+class ParallelSection(_Strict):
+    fsdp: bool = False  # FSDP2 per decoder block, vision tower and root (else gradients all-reduced)
+    activation_checkpointing: bool = False  # recompute each decoder block in backward
+    compile: bool = False  # torch.compile each decoder block
+
+
+class CheckpointSection(_Strict):
+    every: int = Field(1000, ge=1)  # steps between checkpoints (the last step is always saved)
+    keep: int = Field(3, ge=1)  # newest checkpoints kept
+
+
+class ValidationSection(_Strict):
+    outs: list[str] = Field(default_factory=list)  # curated outputs held out; empty: no validation
+    every: int = Field(1000, ge=1)
+    batches: int = Field(10, ge=1)  # per rank
+
+
+class LogSection(_Strict):
+    every: int = Field(10, ge=1)
+    jsonl: str = "metrics.jsonl"  # in the run directory; other ranks write metrics.rank<R>.jsonl
+
+    @field_validator("jsonl")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        if Path(value).is_absolute() or ".." in Path(value).parts or not value.endswith(".jsonl"):
+            raise ValueError(f"a .jsonl file name inside the run directory, got {value!r}")
+        return value
+
+
+class TrainRecipe(_Strict):
+    name: str
+    model: ModelSection = ModelSection()
+    data: DataSection
+    optim: OptimSection = OptimSection()
+    steps: int = Field(ge=1)  # optimizer steps
+    precision: Literal["bf16", "fp32"] = "bf16"  # bf16: autocast on CUDA; CPU always runs fp32
+    parallel: ParallelSection = ParallelSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    validation: ValidationSection = ValidationSection()
+    log: LogSection = LogSection()
+    seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True): exact resume, slower
+    max_bad_steps: int = Field(5, ge=1)  # consecutive non-finite steps before the run stops
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainRecipe":
+        from train.model.registry import get_config
+
+        n_tokens = get_config(self.model.name).connector.n_tokens
+        if self.data.n_image_tokens is not None and self.data.n_image_tokens != n_tokens:
+            raise ValueError(f"data.n_image_tokens is {self.data.n_image_tokens}, but model {self.model.name!r}'s "
+                             f"connector makes {n_tokens} tokens per image")
+        return self
+
+    @property
+    def n_image_tokens(self) -> int:
+        from train.model.registry import get_config
+
+        return self.data.n_image_tokens or get_config(self.model.name).connector.n_tokens
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = err.get("input")
+        got_txt = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+        lines.append(f"  {loc}: {err['msg']}{got_txt}")
+    return "\n".join(lines)
+
+
+def parse_train_recipe(data: Any, origin: str = "<recipe>") -> TrainRecipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: a recipe is a mapping of keys, got {type(data).__name__}")
+    try:
+        return TrainRecipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{origin}: invalid training recipe\n{_format_errors(exc)}") from None
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, origin: str) -> None:
+    """Set `a.b.c` in nested mappings (a list item by its index)."""
+    node: Any = data
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"{origin}: override {dotted!r}: no list item {part!r}")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise RecipeError(f"{origin}: override {dotted!r}: {part!r} is not a mapping")
+    if isinstance(node, list):
+        if not leaf.isdigit() or int(leaf) >= len(node):
+            raise RecipeError(f"{origin}: override {dotted!r}: no list item {leaf!r}")
+        node[int(leaf)] = value
+    elif isinstance(node, dict):
+        node[leaf] = value
+    else:
+        raise RecipeError(f"{origin}: override {dotted!r}: cannot set inside a {type(node).__name__}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.path=value` (the value read as YAML: `3e-3` is a float, `[a, b]` a list) -> (key, value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override {text!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"override {text!r}: the value is not valid YAML: {exc}") from None
+    if isinstance(value, str) and _FLOAT.match(value):
+        value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+    return key.strip(), value
+
+
+def load_train_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainRecipe:
+    """Read a YAML training recipe (safe_load), apply dotted-key overrides, validate."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(data, dict):
+        for dotted, value in (overrides or {}).items():
+            _set_dotted(data, dotted, value, str(path))
+    return parse_train_recipe(data, str(path))
