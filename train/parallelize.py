@@ -15,9 +15,10 @@ Without FSDP on several ranks the parameters are replicated and `sync_gradients`
 gradients after backward (one all-reduce per parameter: the small-scale path; large runs use
 FSDP). Every step is optional.
 
-On CPU with the gloo backend (tests, torch 2.14): activation checkpointing and replication work;
-FSDP2 on CPU/gloo is exercised by tests/train/test_trainer.py where it works; compile on CPU
-needs a C++ compiler at run time and is not tested here.
+On CPU with the gloo backend (torch 2.14), replication and FSDP2 with activation checkpointing
+both work and are tested (tests/train/test_trainer.py; DTensor warns that its random ops may be
+incomplete on a CPU mesh, which only affects how the sharded decoder's initial weights are drawn).
+Compile is not tested here: on CPU it needs a C++ compiler at run time.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ Metrics: every step a JSON line in `run_dir/<log.jsonl>` (rank 0; other ranks
 loss, the learning rate, grad norm, tokens/s, MFU (CUDA only) and peak memory; a log line every
 `log.every` steps; validation losses per kind every `validation.every` steps.
 
-Test hooks (environment, read once at start): MM1_INJECT_NAN_AT_STEP="rank:step" makes that
-rank's loss NaN at that step; MM1_STOP_AFTER_STEP=N ends the process abruptly (os._exit) after
+Test hooks (environment, read once at start): MM1_INJECT_NAN_AT_STEP="rank:step" (or
+"rank:first-last") makes that rank's loss NaN at those steps; MM1_STOP_AFTER_STEP=N ends the process abruptly (os._exit) after
 step N, as a crash would.
 """
 
@@ -97,12 +97,15 @@ def _all_reduce(values: list[float], op: str, d: Distributed) -> list[float]:
     return t.tolist()
 
 
-def _env_hooks(rank: int) -> tuple[int | None, int | None]:
-    nan_at = None
+def _env_hooks(rank: int) -> tuple[range, int | None]:
+    """(steps whose loss this rank makes NaN, the step after which the process exits)."""
+    nan_at = range(0)
     spec = os.environ.get(INJECT_NAN_ENV)
     if spec:
-        r, _, s = spec.partition(":")
-        nan_at = int(s) if int(r) == rank else None
+        r, _, steps = spec.partition(":")
+        first, _, last = steps.partition("-")
+        if int(r) == rank:
+            nan_at = range(int(first), int(last or first) + 1)
     stop = os.environ.get(STOP_AFTER_ENV)
     return nan_at, int(stop) if stop else None
 
@@ -351,10 +354,10 @@ def _loop(recipe, run_dir, d, model, optimizer, scheduler, step, skipped, losses
             for _ in range(accum):
                 batch = next(batches)
                 out, total = _forward(model, batch, d, autocast, recipe.parallel.fsdp)
-                if nan_at == step:
+                if step in nan_at:
                     total = total * float("nan")
                 (total / accum).backward()
-                lm_loss += float(out.loss.detach()) / accum + (float("nan") if nan_at == step else 0.0)
+                lm_loss += float(out.loss.detach()) / accum + (float("nan") if step in nan_at else 0.0)
                 n_tokens += batch["tokens"].numel()
                 n_images += 0 if batch["images"] is None else batch["images"].shape[0]
             bad = _all_reduce([0.0 if math.isfinite(lm_loss) else 1.0], "max", d)[0] > 0

@@ -64,7 +64,8 @@ def test_the_loss_falls_in_one_process(curated, tmp_path):
     """40 steps of the demo recipe (batch 4 x 256 tokens, lr 3e-3, warmup 5): the mean loss of
     the last 5 steps is below 0.8 x the first 5's (it lands near 0.74)."""
     out, tokenizer = curated
-    recipe = load_train_recipe(DEMO_TRAIN, {"data.outs": [str(out)], "data.tokenizer": str(tokenizer)})
+    recipe = load_train_recipe(DEMO_TRAIN, {"data.outs": [str(out)], "data.tokenizer": str(tokenizer),
+                                            "validation": {"outs": [str(out)], "every": 40, "batches": 2}})
     final = train(recipe, tmp_path / "run")
     losses = final["losses"]
     assert final["step"] == 40 and len(losses) == 40 and final["skipped"] == 0
@@ -77,6 +78,25 @@ def test_the_loss_falls_in_one_process(curated, tmp_path):
     assert records[40]["lr"] == pytest.approx(3e-4)  # the cosine ends at 10% of the peak
     assert records[10]["tokens_per_s"] > 0 and records[10]["memory_gib"] > 0
     assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-00000020", "step-00000040"]
+    # validation: mean loss per kind over 2 batches of one pass, at step 40
+    assert {"val/pair", "val/doc"} <= set(final) and all(math.isfinite(final[k]) for k in final if k[:4] == "val/")
+    assert "val/pair" in records[40] and "val/pair" not in records[39]
+
+
+def test_consecutive_non_finite_steps_stop_the_run(curated, tmp_path, monkeypatch):
+    """NaN at steps 2 and 3 with max_bad_steps 2: `mm1 train` exits with EXIT_DIVERGED, and no
+    checkpoint is written after a bad step."""
+    from tools.cli import main
+    from train.trainer import EXIT_DIVERGED
+
+    monkeypatch.setenv(INJECT_NAN_ENV, "0:2-3")
+    args = ["train", str(DEMO_TRAIN), "--run-dir", str(tmp_path / "run"), "--steps", "6"]
+    for o in _overrides(curated, max_bad_steps=2, **{"checkpoint.every": 1, "data.workers": 0}):
+        args += ["--override", o]
+    assert main(args) == EXIT_DIVERGED
+    assert [p.name for p in (tmp_path / "run").glob("step-*")] == ["step-00000001"]
+    records = _records(tmp_path / "run" / "metrics.jsonl")
+    assert sorted(records) == [1, 2, 3] and records[3]["skipped_total"] == 2
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +135,18 @@ def test_a_nan_on_one_rank_skips_the_step_on_both(two_ranks):
     state = torch.load(flat, weights_only=True)
     weights = {k: v for k, v in state["model"].items() if torch.is_tensor(v)}
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_fsdp2_with_activation_checkpointing_on_cpu(curated, tmp_path):
+    """FSDP2 (per block, vision tower, connector, root) with activation checkpointing runs on CPU
+    with gloo (torch 2.14): 2 ranks take steps with one finite, agreed loss, and checkpoint."""
+    proc = _mm1_train(curated, tmp_path, nproc=2, steps=3, **{"checkpoint.every": 3, "parallel.fsdp": "true",
+                                                              "parallel.activation_checkpointing": "true"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = _records(tmp_path / "metrics.jsonl"), _records(tmp_path / "metrics.rank1.jsonl")
+    assert sorted(r0) == sorted(r1) == [1, 2, 3]
+    assert all(math.isfinite(r0[s]["loss"]) and r0[s]["loss"] == r1[s]["loss"] for s in r0)
+    assert (tmp_path / "step-00000003").is_dir()
 
 
 def test_a_killed_run_resumes_with_the_same_losses(curated, tmp_path):
