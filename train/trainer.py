@@ -219,20 +219,32 @@ def _peak_flops(device: torch.device, recipe: TrainRecipe) -> float | None:
 # the loop ----------------------------------------------------------------------------------------
 
 
-def _forward(model: nn.Module, batch: dict, d: Distributed, autocast: bool, touch_vision: bool):
+def _forward(model: nn.Module, batch: dict, d: Distributed, autocast: bool):
     tokens = batch["tokens"].to(d.device, non_blocking=True)
     images = batch["images"]
     images = None if images is None else images.to(d.device, non_blocking=True)
+    model._images_in_batch = images is not None  # read by join_image_path's hook (FSDP)
     with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=autocast):
         out = model(tokens, images, doc_ids=batch["doc_ids"].to(d.device), labels=batch["labels"].to(d.device))
         total = out.total_loss
-        if touch_vision and images is None:
-            # FSDP: the vision and connector groups gather and reduce on every rank; a rank
-            # without images joins with a dummy image whose contribution is zero
-            size = model.vision.image_size
-            dummy = model.connector(model.vision(torch.zeros(1, 3, size, size, device=d.device)))
-            total = total + 0.0 * dummy.float().sum()
     return out, total
+
+
+def join_image_path(model: nn.Module, device: torch.device) -> None:
+    """FSDP: the vision and connector groups gather (and reduce in backward) on every rank, in the
+    same order on every rank. A rank whose batch has no image runs them on a blank image at the
+    point where images are encoded (just before the decoder) and adds the result times zero to the
+    decoder's input, so forward and backward meet the other ranks' collectives in order."""
+    size = model.vision.image_size
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        embeds = kwargs.get("embeds")
+        if embeds is not None and not getattr(model, "_images_in_batch", True):
+            blank = model.connector(model.vision(torch.zeros(1, 3, size, size, device=device)))
+            kwargs["embeds"] = embeds + 0.0 * blank.sum().to(embeds.dtype)
+        return args, kwargs
+
+    model.decoder.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 @torch.no_grad()
@@ -255,6 +267,7 @@ def validate(model: nn.Module, recipe: TrainRecipe, d: Distributed, autocast: bo
             if _all_reduce([1.0 if batch is None else 0.0], "max", d)[0] > 0:
                 break
             images = batch["images"]
+            model._images_in_batch = images is not None
             with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = model(batch["tokens"].to(d.device), None if images is None else images.to(d.device),
                             doc_ids=batch["doc_ids"].to(d.device))
@@ -307,9 +320,12 @@ def train(recipe: TrainRecipe, run_dir: str | Path, *, resume: bool = True) -> d
         autocast = d.device.type == "cuda" and recipe.precision == "bf16"
         decoder_fpt, image_fl = flops_per_step(model, recipe)
         parallelize(model, recipe.parallel, d.device, bf16=autocast)
+        if recipe.parallel.fsdp:
+            join_image_path(model, d.device)
         if recipe.parallel.fsdp and not recipe.model.decoder_checkpoint:
             materialize(model, d.device)
-        model.to(d.device)
+        if not recipe.parallel.fsdp:
+            model.to(d.device)  # fully_shard has placed the sharded model already
         model.train()
         peak = mm1_peak_lr(n_params) if recipe.optim.lr == "mm1" else float(recipe.optim.lr)
         optimizer = build_optimizer(model, recipe, peak)
@@ -353,7 +369,7 @@ def _loop(recipe, run_dir, d, model, optimizer, scheduler, step, skipped, losses
             lm_loss, n_tokens, n_images = 0.0, 0, 0
             for _ in range(accum):
                 batch = next(batches)
-                out, total = _forward(model, batch, d, autocast, recipe.parallel.fsdp)
+                out, total = _forward(model, batch, d, autocast)
                 if step in nan_at:
                     total = total * float("nan")
                 (total / accum).backward()
@@ -382,7 +398,7 @@ def _loop(recipe, run_dir, d, model, optimizer, scheduler, step, skipped, losses
             losses.append(loss)
             dt = time.perf_counter() - t0
             step_flops = flops[0] * tok_sum + flops[1] * img_sum
-            record = {"step": step, "loss": loss, "rank_loss": lm_loss, "lr": lr, "grad_norm": grad_norm,
+            record = {"step": step, "loss": loss, "rank_loss": lm_loss, "rank_images": n_images, "lr": lr, "grad_norm": grad_norm,
                       "skipped": bad, "skipped_total": skipped, "tokens_per_s": tok_sum / dt,
                       "mfu": step_flops / dt / d.world / peak_flops if peak_flops else None,
                       "memory_gib": _peak_memory_gib(d.device)}

@@ -139,14 +139,20 @@ def test_a_nan_on_one_rank_skips_the_step_on_both(two_ranks):
 
 def test_fsdp2_with_activation_checkpointing_on_cpu(curated, tmp_path):
     """FSDP2 (per block, vision tower, connector, root) with activation checkpointing runs on CPU
-    with gloo (torch 2.14): 2 ranks take steps with one finite, agreed loss, and checkpoint."""
-    proc = _mm1_train(curated, tmp_path, nproc=2, steps=3, **{"checkpoint.every": 3, "parallel.fsdp": "true",
-                                                              "parallel.activation_checkpointing": "true"})
+    with gloo (torch 2.14): 2 ranks take steps with one finite, agreed loss, and checkpoint; a
+    step where one rank's sequence is text only (no image) does not hang the vision groups.
+    One sequence per batch, pairs and texts half and half: with seed 0 such a step occurs."""
+    proc = _mm1_train(curated, tmp_path, nproc=2, steps=4, **{
+        "checkpoint.every": 4, "parallel.fsdp": "true", "parallel.activation_checkpointing": "true",
+        "data.batch_size": 1, "data.weights": "{pair: 0.5, text: 0.5}",
+        "validation.outs": f"[{curated[0]}]", "validation.every": 4, "validation.batches": 2})
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = _records(tmp_path / "metrics.jsonl"), _records(tmp_path / "metrics.rank1.jsonl")
-    assert sorted(r0) == sorted(r1) == [1, 2, 3]
+    assert sorted(r0) == sorted(r1) == [1, 2, 3, 4]
     assert all(math.isfinite(r0[s]["loss"]) and r0[s]["loss"] == r1[s]["loss"] for s in r0)
-    assert (tmp_path / "step-00000003").is_dir()
+    assert any((r0[s]["rank_images"] == 0) != (r1[s]["rank_images"] == 0) for s in r0)
+    assert math.isfinite(r0[4]["val/pair"]) and r0[4]["val/text"] == r1[4]["val/text"]
+    assert (tmp_path / "step-00000004").is_dir()
 
 
 def test_a_killed_run_resumes_with_the_same_losses(curated, tmp_path):
