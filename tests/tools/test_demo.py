@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from curate.contract import read_sidecars
 from tools.demo import run_demo
 
@@ -25,6 +27,10 @@ def test_demo_twice(tmp_path, capsys):
     second = run_demo(tmp_path)
     out = capsys.readouterr().out
     assert "verify: OK" in out and "87 inputs -> 44 kept (doc 8, pair 26, text 10), 43 dropped" in out
+    trained = re.findall(r"for (\d+) steps on the curated shards: loss (\d+\.\d+) -> (\d+\.\d+)", out)
+    assert len(trained) == 2  # each demo run ends by training the tiny MM1 on what it curated
+    for steps, start, end in trained:  # random init: the loss of the mixture falls by a fifth or more
+        assert int(steps) == 40 and float(end) < 0.8 * float(start)
     assert first["counts"] == second["counts"]
     assert _content(tmp_path) == content
     assert {kind: len(rows) for kind, rows in content.items()} == {"pair": 26, "doc": 8, "text": 10}
