@@ -19,24 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from curate.recipe import load_recipe
-from curate.runner import run_recipe
-from tools.demo import DEMO_RECIPE, demo_inputs, demo_overrides
 from train.recipe import load_train_recipe
 from train.trainer import EXIT_STOPPED, INJECT_NAN_ENV, STOP_AFTER_ENV, train
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_TRAIN = ROOT / "recipes" / "train" / "demo.yaml"
 HANG = 420  # seconds: a bound against hangs on a shared 2-core machine, not a timing
-
-
-@pytest.fixture(scope="module")
-def curated(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    with demo_inputs(root):
-        recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))
-        run_recipe(recipe, progress=False)
-    return Path(recipe.output.path), root / "inputs" / "tokenizer" / "tokenizer.json"
 
 
 def _overrides(curated, **extra) -> list[str]:

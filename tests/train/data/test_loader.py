@@ -7,26 +7,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
-from curate.recipe import load_recipe
-from curate.runner import run_recipe
-from tools.demo import DEMO_RECIPE, demo_inputs, demo_overrides
 from train.data.loader import Loader, LoaderConfig
 from train.data.mixture import Mixture, MixtureConfig, draw_kind
 from train.model.mm1 import text_labels
-
-
-@pytest.fixture(scope="module")
-def curated(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    with demo_inputs(root):
-        recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))
-        run_recipe(recipe, progress=False)
-    return Path(recipe.output.path), root / "inputs" / "tokenizer" / "tokenizer.json"
 
 
 def _cfg(curated, **changes) -> MixtureConfig:
