@@ -101,8 +101,16 @@ class Loader:
             raise ValueError(f"loader state of rank {state.get('rank')}/{state.get('world')} with "
                              f"{state.get('workers_n')} workers cannot resume rank {rank}/{world} with {n_workers}")
         dataset = _Batches(cfg, rank, world, self.worker_states, rotation=self.batches % n_workers)
-        self.loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers,
-                                 persistent_workers=False, multiprocessing_context="spawn" if cfg.workers else None)
+        # forkserver, not spawn: a spawned worker leaves through interpreter finalisation
+        # (sys.exit), and a worker stopped mid-prefetch still has its queue's feeder thread inside
+        # torch's C++ tensor pickling; finalisation pthread_exit()s that thread inside a noexcept
+        # frame and the worker dies with SIGABRT ("terminate called without an active
+        # exception"), which the DataLoader reports as a failed worker. A forkserver child ends
+        # with os._exit, and it is forked from a clean single-threaded server, not from a process
+        # holding torch, gloo or Dask threads (why plain fork is not used either). The server is
+        # started once per process and keeps the environment it was started with.
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers, persistent_workers=False,
+                                 multiprocessing_context="forkserver" if cfg.workers else None)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.close()
