@@ -88,6 +88,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from train.checkpoint import CheckpointError
+    from train.export import export_checkpoint
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
+    try:
+        summary = export_checkpoint(Path(args.checkpoint), Path(args.out), hf_decoder=not args.no_hf, dtype=dtype)
+    except (CheckpointError, ValueError) as exc:
+        print(f"mm1 export: {exc}", file=sys.stderr)
+        return 2
+    hf = summary["decoder_hf"] or f"no decoder_hf/ ({summary['decoder_hf_skipped']})"
+    print(f"exported {summary['registry_name']} step {summary['step']} from {summary['checkpoint']}: "
+          f"{summary['params'] / 1e6:.1f}M parameters, {summary['bytes'] / 2**20:.1f} MiB -> {summary['model']}; {hf}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tools.demo import run_demo
 
@@ -128,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="set a recipe key, e.g. optim.lr=1e-4 (repeatable; the value is read as YAML)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="a training checkpoint -> model.safetensors + config.json (+ decoder_hf/)")
+    p.add_argument("checkpoint", help="a checkpoint folder (step-NNNNNNNN), or a run folder for its newest one")
+    p.add_argument("out", help="the export folder")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="cast the weights (default: as stored, fp32)")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face decoder folder")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("demo", help="build the demo inputs, curate them, print stats and verify")
     p.add_argument("--dir", default="demo_out", help="where inputs and outputs go")

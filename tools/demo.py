@@ -112,9 +112,11 @@ def run_demo(root: Path) -> dict:
 
 def train_demo(root: Path, out: Path) -> dict[str, Any]:
     """Close the loop: the tiny MM1 (random init: mechanics, not quality) trains for a few dozen
-    steps on the shards just curated, all three kinds mixed 45/45/10, on CPU."""
+    steps on the shards just curated, all three kinds mixed 45/45/10, on CPU; its newest
+    checkpoint is exported to `root/export` (safetensors + config + decoder_hf/)."""
     import shutil
 
+    from train.export import export_checkpoint
     from train.recipe import load_train_recipe
     from train.trainer import train
 
@@ -128,7 +130,9 @@ def train_demo(root: Path, out: Path) -> dict[str, Any]:
     result = train(recipe, run)
     losses = result["losses"]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    exported = export_checkpoint(run, root / "export")
     print(f"\ntrained the tiny MM1 (random init) for {result['step']} steps on the curated shards: "
           f"loss {first:.2f} -> {last:.2f} (mean of the first and last 5 steps)\n"
-          f"  checkpoints: {run}")
+          f"  checkpoints: {run}\n"
+          f"  export:      {root / 'export'}   (mm1 export {exported['checkpoint']} DIR)")
     return result

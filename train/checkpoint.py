@@ -6,7 +6,9 @@ On disk, under `run_dir`::
     step-00001000/              a complete checkpoint (trusted only with its COMPLETE marker)
         .metadata               DCP's index (a pickle in torch: read with a restricted unpickler)
         __{r}_0.distcp          DCP's tensor files (read with torch.load(weights_only=True))
-        state.json              step, world size, the LR scheduler's state (rank 0)
+        state.json              step, world size, the LR scheduler's state, and the model's
+                                description (train/export.py `describe`: config and preprocessing,
+                                so the folder alone can be exported) (rank 0)
         extra-rank{r}.json      rank r's `extra` (its loader state) and its RNG states
         COMPLETE                JSON: step, time, world size, every file's size; written LAST
     step-00002000.tmp-<hex>/    a save in flight, or one killed midway: ignored, removed later
@@ -240,7 +242,7 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path.name} is not JSON: refused ({e})") from e
 
 
-def _check_folder(path: Path) -> dict[str, Any]:
+def check_checkpoint(path: Path) -> dict[str, Any]:
     """The COMPLETE marker of a checkpoint whose files are all expected names of expected sizes."""
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path.name} has no {MARKER} marker: an unfinished save")
@@ -310,17 +312,21 @@ def _prune(run_dir: Path, keep: int) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any | None, extra: dict[str, Any], keep: int = 3) -> Path:
+                    scheduler: Any | None, extra: dict[str, Any], keep: int = 3,
+                    description: dict[str, Any] | None = None) -> Path:
     """Save on every rank (a collective when a process group is up, else one process) and return
     `run_dir/step-{step:08d}`. `extra` is this rank's JSON-able state (its loader state under
-    "loader"); this rank's RNG states are captured too. Keeps the newest `keep` checkpoints."""
+    "loader"); this rank's RNG states are captured too. `description` (rank 0's is stored) is
+    the JSON-able model description that `export_checkpoint` rebuilds the model from. Keeps the
+    newest `keep` checkpoints."""
     run_dir = Path(run_dir)
     rank, world = _rank_world()
     rng = capture_rng()  # first: nothing below may draw from the generators being saved
     try:
         rank_json, err = json.dumps({"extra": extra, "rng": rng}), None
         state_json = json.dumps({"step": step, "world_size": world,
-                                 "scheduler": scheduler.state_dict() if scheduler is not None else None})
+                                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                                 "model": description})
     except (TypeError, ValueError) as e:
         err = e
     if not _all_ok(err is None):
@@ -350,7 +356,7 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
     unfinished folder, a foreign file, a pickle where JSON belongs or non-DCP classes in metadata."""
     path = Path(path)
     rank, world = _rank_world()
-    marker = _check_folder(path)
+    marker = check_checkpoint(path)
     if marker["world_size"] != world:
         raise CheckpointError(f"{path.name} was saved by {marker['world_size']} ranks, loading on {world}: "
                               "per-rank loader states cannot be reassigned")
@@ -370,3 +376,27 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
         scheduler.load_state_dict(state["scheduler"])
     restore_rng(mine["rng"])
     return mine["extra"]
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """state.json of a complete checkpoint (checked first, as `load_checkpoint` does): step,
+    world size, scheduler state and the model description (None when the saver gave none)."""
+    path = Path(path)
+    check_checkpoint(path)
+    return _read_json(path / STATE)
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """Fill `model` (a plain, unsharded module whose tensors are allocated, e.g. after
+    `to_empty`) in place with the model tensors of a complete checkpoint, in this process alone
+    (no collective, whatever process group is up), whatever world size and sharding saved them:
+    DCP reassembles FSDP shards into whole tensors. Optimizer state is not read. A tensor the
+    model has and the checkpoint lacks, or of another shape, is a CheckpointError; the safe
+    reader and planner apply as in `load_checkpoint`."""
+    path = Path(path)
+    check_checkpoint(path)
+    to_load = {"model": model.state_dict()}
+    try:
+        dcp.load(to_load, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), no_dist=True)
+    except (dcp.CheckpointException, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"reading the model of {path.name} failed: {e}") from e

@@ -46,7 +46,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.recipe import TrainRecipe
+from train.export import describe
+from train.recipe import OptimSection, TrainRecipe
 
 log = logging.getLogger("mm1.train")
 
@@ -162,8 +163,8 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     model.decoder.init_weights()
 
 
-def build_optimizer(model: nn.Module, recipe: TrainRecipe, lr: float) -> torch.optim.AdamW:
-    o = recipe.optim
+def build_optimizer(model: nn.Module, o: OptimSection, lr: float) -> torch.optim.AdamW:
+    """AdamW with decay on matrices and embedding tables only (the module docstring says why)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -190,7 +191,7 @@ def _loader(recipe: TrainRecipe, model: nn.Module, outs: list[str], d: Distribut
 # measuring ---------------------------------------------------------------------------------------
 
 
-def flops_per_step(model: nn.Module, recipe: TrainRecipe) -> tuple[float, float]:
+def flops_per_step(model: nn.Module, seq_len: int) -> tuple[float, float]:
     """(training FLOPs per sequence token of the decoder, training FLOPs per image)."""
     from train.model.registry import decoder_flops_per_token, image_flops
 
@@ -200,7 +201,7 @@ def flops_per_step(model: nn.Module, recipe: TrainRecipe) -> tuple[float, float]
     trainable = any(p.requires_grad for p in vision.parameters())
     per_image = image_flops(vision_params, len(vision.tower.transformer.resblocks), vision.width,
                             vision.n_patches + 1, connector_params, trainable)
-    return decoder_flops_per_token(model.cfg.decoder, recipe.data.seq_len), per_image
+    return decoder_flops_per_token(model.cfg.decoder, seq_len), per_image
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -209,8 +210,9 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _peak_flops(device: torch.device, recipe: TrainRecipe) -> float | None:
-    if device.type != "cuda" or recipe.precision != "bf16":
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak FLOP/s (PEAK_FLOPS), None off CUDA or for an unknown GPU."""
+    if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
@@ -318,7 +320,7 @@ def train(recipe: TrainRecipe, run_dir: str | Path, *, resume: bool = True) -> d
         model = build_model(recipe, tokenizer, d.device)
         n_params = sum(p.numel() for p in model.parameters())
         autocast = d.device.type == "cuda" and recipe.precision == "bf16"
-        decoder_fpt, image_fl = flops_per_step(model, recipe)
+        decoder_fpt, image_fl = flops_per_step(model, recipe.data.seq_len)
         parallelize(model, recipe.parallel, d.device, bf16=autocast)
         if recipe.parallel.fsdp:
             join_image_path(model, d.device)
@@ -328,7 +330,7 @@ def train(recipe: TrainRecipe, run_dir: str | Path, *, resume: bool = True) -> d
             model.to(d.device)  # fully_shard has placed the sharded model already
         model.train()
         peak = mm1_peak_lr(n_params) if recipe.optim.lr == "mm1" else float(recipe.optim.lr)
-        optimizer = build_optimizer(model, recipe, peak)
+        optimizer = build_optimizer(model, recipe.optim, peak)
         o = recipe.optim
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_lambda(s + 1, o.warmup, recipe.steps, o.min_lr_ratio))
@@ -357,9 +359,10 @@ def _loop(recipe, run_dir, d, model, optimizer, scheduler, step, skipped, losses
     accum = recipe.data.grad_accum
     replicated = d.world > 1 and not recipe.parallel.fsdp
     params = [p for p in model.parameters() if p.requires_grad]
-    peak_flops = _peak_flops(d.device, recipe)
+    device_peak = peak_flops(d.device) if recipe.precision == "bf16" else None  # MFU: against the bf16 peak
     metrics = _Metrics(run_dir, recipe, d.rank)
     consecutive, val = 0, {}
+    description = describe(model)  # in every checkpoint, so `mm1 export` needs only the folder
     loader = _loader(recipe, model, recipe.data.outs, d, steps=recipe.steps * accum, repeat=True, state=loader_state)
     try:
         batches = iter(loader)
@@ -400,7 +403,7 @@ def _loop(recipe, run_dir, d, model, optimizer, scheduler, step, skipped, losses
             step_flops = flops[0] * tok_sum + flops[1] * img_sum
             record = {"step": step, "loss": loss, "rank_loss": lm_loss, "rank_images": n_images, "lr": lr, "grad_norm": grad_norm,
                       "skipped": bad, "skipped_total": skipped, "tokens_per_s": tok_sum / dt,
-                      "mfu": step_flops / dt / d.world / peak_flops if peak_flops else None,
+                      "mfu": step_flops / dt / d.world / device_peak if device_peak else None,
                       "memory_gib": _peak_memory_gib(d.device)}
             if recipe.validation.outs and step % recipe.validation.every == 0:
                 val = validate(model, recipe, d, autocast)
@@ -416,7 +419,7 @@ def _loop(recipe, run_dir, d, model, optimizer, scheduler, step, skipped, losses
             if not bad and (step % recipe.checkpoint.every == 0 or step == recipe.steps):
                 extra = {"loader": loader.state_dict(), "rng": ckpt.capture_rng(), "step": step, "skipped": skipped}
                 ckpt.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                     extra=extra, keep=recipe.checkpoint.keep)
+                                     extra=extra, keep=recipe.checkpoint.keep, description=description)
             if stop_after == step:
                 # a crash: no final checkpoint, no cleanup, except that the loader's workers are
                 # stopped (torchrun kills a failed rank's group; a bare os._exit would orphan them,

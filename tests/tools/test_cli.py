@@ -11,6 +11,7 @@ FROZEN = {
     "stats": ["--json", "out"],
     "verify": ["out"],
     "demo": ["--dir"],
+    "export": ["--dtype", "--no-hf", "checkpoint", "out"],
     "train": ["--override", "--run-dir", "--steps", "recipe"],
 }
 

@@ -6,6 +6,7 @@ import re
 
 from curate.contract import read_sidecars
 from tools.demo import run_demo
+from train.export import load_exported
 
 
 def _content(root):
@@ -31,6 +32,8 @@ def test_demo_twice(tmp_path, capsys):
     assert len(trained) == 2  # each demo run ends by training the tiny MM1 on what it curated
     for steps, start, end in trained:  # random init: the loss of the mixture falls by a fifth or more
         assert int(steps) == 40 and float(end) < 0.8 * float(start)
+    assert out.count("export:") == 2 and (tmp_path / "export" / "decoder_hf" / "config.json").is_file()
+    assert load_exported(tmp_path / "export").cfg.name == "tiny"  # the second run's export replaced the first
     assert first["counts"] == second["counts"]
     assert _content(tmp_path) == content
     assert {kind: len(rows) for kind, rows in content.items()} == {"pair": 26, "doc": 8, "text": 10}

@@ -142,6 +142,22 @@ def test_fsdp2_with_activation_checkpointing_on_cpu(curated, tmp_path):
     assert math.isfinite(r0[4]["val/pair"]) and r0[4]["val/text"] == r1[4]["val/text"]
     assert (tmp_path / "step-00000004").is_dir()
 
+    # the sharded checkpoint exports in this one process: whole tensors equal to torch's own
+    # reassembly (dcp_to_torch_save), and the exported model runs
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from train.export import export_checkpoint, load_exported
+
+    export_checkpoint(tmp_path, tmp_path / "export", hf_decoder=False)
+    dcp_to_torch_save(tmp_path / "step-00000004", tmp_path / "flat.pt")
+    reference = torch.load(tmp_path / "flat.pt", weights_only=True)["model"]
+    exported = load_exported(tmp_path / "export").eval()
+    ours = exported.state_dict()
+    assert set(ours) == {k for k, v in reference.items() if torch.is_tensor(v)}
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
+    with torch.no_grad():
+        assert torch.isfinite(exported(torch.tensor([[5, 6, 7]])).logits).all()
+
 
 def test_a_killed_run_resumes_with_the_same_losses(curated, tmp_path):
     """Deterministic mode, 2 loader workers, 12 steps, checkpoints every 4: killed (os._exit)
