@@ -43,3 +43,67 @@ def loopback_only():
         for name in ("gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getfqdn"):
             mp.setattr(socket, name, refuse)
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """(vlm folder, llm folder): tools.tiny_models' LLaVA-architecture VLM and Llama chat model,
+    RANDOM weights built from configs (mechanics only), saved as ordinary model folders."""
+    from tools.tiny_models import build_tiny_lm, build_tiny_vlm
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return build_tiny_vlm(root / "vlm"), build_tiny_lm(root / "llm")
+
+
+class ChatServerProcess:
+    """tools.chat_server in its own process on 127.0.0.1, with its control endpoints."""
+
+    def __init__(self, vlm, llm, tmp, max_batch: int = 16):
+        import subprocess
+        import sys
+        import time
+
+        port_file = tmp / "port"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tools.chat_server", "--vlm", str(vlm), "--llm", str(llm),
+             "--port-file", str(port_file), "--max-batch", str(max_batch)],
+            stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "w"))
+        deadline = time.monotonic() + 180  # a bound against a hang, not a timing
+        while not port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"chat server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        self.port = int(port_file.read_text())
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+
+    def _call(self, path: str, body: dict | None = None) -> dict:
+        import json
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
+                                     method="GET" if data is None else "POST")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.load(resp)
+
+    def script(self, *steps: dict) -> None:
+        self._call("/control", {"script": list(steps)})
+
+    def stats(self) -> dict:
+        return self._call("/stats")
+
+    def reset(self) -> None:
+        self._call("/reset", {})
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def chat_server(tiny_models, tmp_path_factory):
+    """A real OpenAI-compatible server process on loopback over the tiny models (reset per use
+    by the tests that script it)."""
+    server = ChatServerProcess(*tiny_models, tmp_path_factory.mktemp("chat_server"))
+    yield server
+    server.stop()
