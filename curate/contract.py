@@ -205,6 +205,16 @@ def unpackable(kind: str, row: dict[str, Any]) -> str | None:
     return None
 
 
+# KEY.txt of a pair: the alt-text, unless the recaptioning stage chose another caption for it
+# (`txt_source`, curate/stages/recaption.py); the alt-text stays in `caption`/`caption_alt`.
+PAIR_TEXT_COLUMNS = {"alt": "caption", "synthetic": "caption_synthetic", "vecap": "caption_vecap"}
+
+
+def pair_text(row: dict[str, Any]) -> str:
+    column = PAIR_TEXT_COLUMNS.get(row.get("txt_source") or "alt", "caption")
+    return row.get(column) or row.get("caption") or ""
+
+
 def encode_sample(kind: str, row: dict[str, Any], key: str) -> list[tuple[str, bytes]]:
     """The tar members of one sample, in a fixed order; names are `KEY.ext`."""
     if kind == "pair":
@@ -215,7 +225,7 @@ def encode_sample(kind: str, row: dict[str, Any], key: str) -> list[tuple[str, b
         return [
             (f"{key}.{ext}", bytes(row["image"])),
             (f"{key}.json", _json_bytes(meta)),
-            (f"{key}.txt", (row.get("caption") or "").encode()),
+            (f"{key}.txt", pair_text(row).encode()),
         ]
     if kind == "doc":
         meta = _metadata(row, key, skip={"segments", "segment_drops", "image_nbytes_list"})

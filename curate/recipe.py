@@ -163,15 +163,23 @@ class Recipe(_Strict):
             stage.pop("resources", None)
             if stage.get("name") is None:  # unnamed: hashes as before the field existed
                 stage.pop("name", None)
-            for name, field in type(cfg).model_fields.items():  # e.g. a downloader's threads
-                extra = field.json_schema_extra
-                if isinstance(extra, dict) and extra.get("execution_only"):
-                    stage.pop(name, None)
+            _drop_execution_only(cfg, stage)
         return data
 
     def hash(self) -> str:
         blob = json.dumps(self.determining(), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _drop_execution_only(cfg: BaseModel, dumped: dict[str, Any]) -> None:
+    """Remove the fields marked execution_only (a downloader's threads, a model's device) from
+    `dumped`, in nested configs too (a recaptioning stage's models)."""
+    for name, field in type(cfg).model_fields.items():
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and extra.get("execution_only"):
+            dumped.pop(name, None)
+        elif isinstance(getattr(cfg, name), BaseModel) and isinstance(dumped.get(name), dict):
+            _drop_execution_only(getattr(cfg, name), dumped[name])
 
 
 def _format_errors(exc: ValidationError) -> str:

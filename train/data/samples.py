@@ -5,9 +5,11 @@ The packer works on `Tokenized` pieces: token ids in which every image is a run 
 image bytes in the order of their runs, so the model can splice the i-th image's features into the
 i-th run. Layouts, per kind (members as `curate.contract.encode_sample` writes them):
 
-- pair: [image run] caption [eos]. The caption is the alt-text (`KEY.txt`) with probability
-  `caption_ratio`, else the synthetic caption of `KEY.json` (`synthetic_caption`, or the first of a
-  list `synthetic_captions`); one draw from `rng` per pair whether or not a synthetic caption
+- pair: [image run] caption [eos]. The caption is the alt-text with probability `caption_ratio`,
+  else the synthetic caption. Alt-text: `caption_alt` of `KEY.json` where the recaptioning stage
+  wrote it (KEY.txt may then hold another caption), else `KEY.txt`. Synthetic: the first
+  non-empty of `KEY.json`'s `caption_vecap` (VeCap's fusion), `caption_synthetic` (the
+  captioner's), `synthetic_caption`, or the first of a list `synthetic_captions`; one draw from `rng` per pair whether or not a synthetic caption
   exists, so the stream of draws does not depend on the metadata. An empty chosen caption falls
   back to the other one; a pair with no caption at all is a `BadSample` (image -> eos teaches
   nothing).
@@ -166,9 +168,10 @@ def _image_member(members: Mapping[str, bytes], stem: str) -> bytes:
 
 
 def _synthetic_caption(meta: dict[str, Any]) -> str:
-    caption = meta.get("synthetic_caption")
-    if isinstance(caption, str) and caption.strip():
-        return caption
+    for name in ("caption_vecap", "caption_synthetic", "synthetic_caption"):
+        caption = meta.get(name)
+        if isinstance(caption, str) and caption.strip():
+            return caption
     captions = meta.get("synthetic_captions")
     if isinstance(captions, list):
         for c in captions:
@@ -184,8 +187,11 @@ Part = list[int] | bytes
 def _pair_parts(members: Mapping[str, bytes], tok: TextTokenizer, caption_ratio: float,
                 rng: random.Random) -> list[Part]:
     image = _image_member(members, "")
-    alt = _text(members, "txt") if "txt" in members else ""
-    synthetic = _synthetic_caption(_json(members, required=False))
+    meta = _json(members, required=False)
+    alt = meta.get("caption_alt") if isinstance(meta.get("caption_alt"), str) else None
+    if alt is None:
+        alt = _text(members, "txt") if "txt" in members else ""
+    synthetic = _synthetic_caption(meta)
     use_alt = rng.random() < caption_ratio
     first, second = (alt, synthetic) if use_alt else (synthetic, alt)
     caption = first if first.strip() else second
