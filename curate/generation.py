@@ -21,7 +21,8 @@ answered, so tests and benchmarks can see what a cache saved.
 `model_id` names the model for the stage's cache and metadata: for a local folder its name plus
 a fingerprint of its config files and weight files (names and sizes, and the bytes themselves
 when they are small, as tests' tiny models are); for a hub name the name; for a server
-`<base_url>#<model>`. A recipe's `model_id` replaces it (a retrained model at the same path).
+`served:<model>` (the served name, wherever it is served). A recipe's `model_id` replaces it (a
+retrained model at the same path, other weights under one served name).
 """
 
 from __future__ import annotations
@@ -102,6 +103,15 @@ def decode_rgb(data: bytes, max_pixels: int) -> Any:
         return img.convert("RGB")
 
 
+def _require_transformers() -> None:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(f"the transformers backend needs torch and transformers ({exc}): "
+                           "pip install 'mm1-pipeline[vecap]'") from exc
+
+
 def _torch_setup(device: str, dtype: str) -> tuple[Any, Any]:
     import torch
 
@@ -145,6 +155,7 @@ class TransformersVLM(_Counted):
     def load(self) -> None:
         if self._model is not None:
             return
+        _require_transformers()
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.device, dtype = _torch_setup(self.device_name, self.dtype_name)
@@ -199,6 +210,7 @@ class TransformersLM(_Counted):
     def load(self) -> None:
         if self._model is not None:
             return
+        _require_transformers()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device, dtype = _torch_setup(self.device_name, self.dtype_name)
@@ -252,7 +264,7 @@ class ChatCompletions(_Counted):
         self.model, self.concurrency, self.timeout_s = model, concurrency, timeout_s
         self.retries, self.backoff_s, self.max_tokens, self.temperature = retries, backoff_s, max_tokens, temperature
         self.api_key_env, self.max_response_bytes = api_key_env, max_response_bytes
-        self.model_id = model_id or f"{base_url.rstrip('/')}#{model}"
+        self.model_id = model_id or f"served:{model}"
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._lock = threading.Lock()

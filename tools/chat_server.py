@@ -108,6 +108,9 @@ class ChatServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # headers and body leave in two writes: with Nagle's algorithm the second waits for the
+    # client's delayed ACK (~40 ms a response on Linux)
+    disable_nagle_algorithm = True
     server: ChatServer
 
     def log_message(self, *args: Any) -> None:  # quiet

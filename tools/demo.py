@@ -52,6 +52,10 @@ def demo_overrides(root: Path) -> dict[str, str]:
     overrides = {f"sources.{_index(sources, 'name', name)}.path": str(path) for name, path in paths.items()}
     overrides[f"stages.{_index(stages, 'kind', 'text_decontaminate')}.eval_texts"] = \
         str(inputs / "eval" / "eval_texts.jsonl")
+    recaption = _index(stages, "kind", "recaption")
+    overrides[f"stages.{recaption}.captioner.model"] = str(inputs / "models" / "vlm")
+    overrides[f"stages.{recaption}.fusion.model"] = str(inputs / "models" / "llm")
+    overrides[f"stages.{recaption}.cache_dir"] = str(root / "recaption_cache")
     overrides["tokenizer.path"] = str(inputs / "tokenizer" / "tokenizer.json")
     overrides["output.path"] = str(root / "curated")
     return overrides
@@ -61,8 +65,12 @@ def demo_overrides(root: Path) -> dict[str, str]:
 def demo_inputs(root: Path) -> Iterator[dict[str, Any]]:
     """Build every demo input under `root/inputs` and serve the web part while the block runs.
     Yields the summary: expected inputs, kept, and drop reasons over all four sources."""
+    from tools.tiny_models import build_tiny_lm, build_tiny_vlm
+
     inputs = Path(root) / "inputs"
     summary = build_demo_inputs(inputs)
+    build_tiny_vlm(inputs / "models" / "vlm")  # the recaptioning stage's models: RANDOM weights
+    build_tiny_lm(inputs / "models" / "llm")
     www = build_www(inputs, inputs / "folder")
     with serve(www) as base:
         docs = build_doc_inputs(inputs, base)

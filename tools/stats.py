@@ -145,6 +145,7 @@ def _kind_stats(out: Path, kind: str, shards: list[dict[str, Any]],
 
     withdrawn = withdrawn or {}
     scores: dict[str, Counts] = {}
+    captions: dict[str, dict[str, int]] = {}
     tokenizers: set[str] = set()
     for shard in shards:
         path = out / shard["sidecar"]
@@ -171,6 +172,14 @@ def _kind_stats(out: Path, kind: str, shards: list[dict[str, Any]],
             add("caption_words", pc.count_substring_regex(pc.fill_null(t["caption"], ""), r"\S+"))
             for row in _group_count(t.select(["image_format"]), ["image_format"]):
                 formats[str(row["image_format"])] = formats.get(str(row["image_format"]), 0) + row["count_all"]
+            if "txt_source" in schema.names:  # the recaptioning stage ran (curate/stages/recaption.py)
+                t = _read_sidecar(path, ["caption_synthetic", "vecap_fallback", "txt_source"], gone)
+                synthetic = t["caption_synthetic"].filter(pc.is_valid(t["caption_synthetic"]))
+                add("synthetic_words", pc.count_substring_regex(synthetic, r"\S+"))
+                for col in ("vecap_fallback", "txt_source"):
+                    for row in _group_count(t.select([col]), [col]):
+                        slot = captions.setdefault(col, {})
+                        slot[str(row[col])] = slot.get(str(row[col]), 0) + row["count_all"]
         elif kind == "doc":
             t = _read_sidecar(path, ["text_chars", "n_images", "n_segments", "segments_dropped", "members"], gone)
             for col in ("text_chars", "n_images", "n_segments", "segments_dropped"):
@@ -186,7 +195,7 @@ def _kind_stats(out: Path, kind: str, shards: list[dict[str, Any]],
         "width": PIXEL_EDGES, "height": PIXEL_EDGES, "aspect_ratio": ASPECT_EDGES, "image_bytes": BYTES_EDGES,
         "caption_chars": CHAR_EDGES, "caption_words": WORD_EDGES, "text_chars": TEXT_EDGES,
         "n_images": COUNT_EDGES, "n_segments": COUNT_EDGES, "segments_dropped": COUNT_EDGES,
-        "token_count": TOKEN_EDGES,
+        "token_count": TOKEN_EDGES, "synthetic_words": WORD_EDGES,
     }
     names = {
         "pair": ["width", "height", "aspect_ratio", "image_bytes", "caption_chars", "caption_words"],
@@ -195,11 +204,15 @@ def _kind_stats(out: Path, kind: str, shards: list[dict[str, Any]],
     }[kind]
     if "token_count" in acc:
         names = [*names, "token_count"]
+    if "synthetic_words" in acc:
+        names = [*names, "synthetic_words"]
     result: dict[str, Any] = {name: acc.get(name, Counts()).summary(edges[name]) for name in names}
     if tokenizers:
         result["tokenizers"] = sorted(tokenizers)
     # every float column a stage added (CLIP/DFN scores, language confidence): its distribution
     result["scores"] = {name: c.summary(SCORE_EDGES) for name, c in sorted(scores.items())}
+    if captions:  # "None" counts the pairs without: no fallback (a kept fusion), no caption
+        result["recaption"] = {col: dict(sorted(v.items())) for col, v in sorted(captions.items())}
     if kind != "text":
         result["image_formats"] = dict(sorted(formats.items(), key=lambda kv: (-kv[1], kv[0])))
     return result
@@ -355,6 +368,9 @@ def format_stats(stats: dict[str, Any]) -> str:
                 lines += _dist_lines(name, d)
         for name, d in k.get("scores", {}).items():
             lines += _dist_lines(name, d)
+        for col, title in (("txt_source", "KEY.txt holds"), ("vecap_fallback", "vecap fallback")):
+            if col in k.get("recaption", {}):
+                lines.append(f"  {title:<18} " + "  ".join(f"{v}:{n:,}" for v, n in k["recaption"][col].items()))
         if k.get("image_formats"):
             lines.append("  image formats      " + "  ".join(f"{f}:{n:,}" for f, n in k["image_formats"].items()))
         if k.get("tokenizers"):

@@ -59,7 +59,10 @@ class GeneratorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
     backend: Literal["transformers", "openai"]
     model: str
-    base_url: str | None = None  # openai: http(s)://host:port/v1
+    # openai: http(s)://host:port/v1. Where the model is served, not what it is (execution only:
+    # a run may resume against another replica); `model` names it, and `model_id` where one
+    # name stands for other weights on another server.
+    base_url: str | None = Field(None, json_schema_extra=_EXEC)
     model_id: str | None = None  # the name in the cache and metadata (default: derived, generation.py)
     prompt: str | None = None  # default: curate/vecap.py's
     max_new_tokens: int = Field(128, ge=1, le=4096)

@@ -245,7 +245,8 @@ def test_bad_recaption_recipes_fail_at_load_naming_the_key(change, message):
 def test_the_hash_covers_models_and_prompts_not_how_they_run():
     h = parse_recipe(_recipe(BASE)).hash()
     faster = {**BASE, "cache_dir": "/c", "captioner": {**BASE["captioner"], "concurrency": 64, "timeout_s": 5,
-                                                       "batch_size": 32, "device": "cuda"}}
+                                                       "batch_size": 32, "device": "cuda",
+                                                       "base_url": "http://10.0.0.9:8000/v1"}}
     assert parse_recipe(_recipe(faster)).hash() == h
     for change in ({"captioner": {**BASE["captioner"], "prompt": "Describe it."}},
                    {"fusion": {**BASE["fusion"], "model": "other"}}, {"txt": "vecap"}):

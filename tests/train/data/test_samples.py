@@ -172,6 +172,21 @@ def test_caption_ratio(tok: TextTokenizer, astronaut: bytes):
     assert piece.tokens[N_IMG:-1] == tok.encode("a synthetic caption")
 
 
+def test_recaptioned_pairs_sample_alt_text_and_vecap_whatever_key_txt_holds(tok: TextTokenizer, astronaut: bytes):
+    """Written by the recaption stage with KEY.txt = the VeCap caption: the alt-text comes from
+    caption_alt (not KEY.txt), the synthetic side prefers caption_vecap over caption_synthetic."""
+    members = pair_members(astronaut, "alt text", caption_alt="alt text", caption_synthetic="plain synthetic",
+                           caption_vecap="fused vecap", txt_source="vecap")
+    assert members["txt"] == b"fused vecap"
+    assert _caption_counts(tok, members, 1.0, 20) == {"alt": 20}
+    (piece,) = _tokenize("pair", members, tok, caption_ratio=0.0)
+    assert piece.tokens[N_IMG:-1] == tok.encode("fused vecap")
+    no_fusion = pair_members(astronaut, "alt text", caption_alt="alt text", caption_synthetic="plain synthetic",
+                             caption_vecap=None, txt_source="synthetic")
+    (piece,) = _tokenize("pair", no_fusion, tok, caption_ratio=0.0)
+    assert piece.tokens[N_IMG:-1] == tok.encode("plain synthetic")
+
+
 def test_synthetic_caption_list_and_fallbacks(tok: TextTokenizer, astronaut: bytes):
     listed = pair_members(astronaut, "alt text", extra=json.dumps({"synthetic_captions": ["", "second", "third"]}))
     (piece,) = _tokenize("pair", listed, tok, caption_ratio=0.0)
