@@ -142,15 +142,28 @@ class _Counted:
     items = 0
 
 
-class TransformersVLM(_Counted):
-    """Captions images with a local image-text-to-text model (greedy, batched)."""
+class _Local(_Counted):
+    """A transformers model of a local folder (or hub name), loaded on first use."""
 
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
-                 max_new_tokens: int = 128, max_pixels: int = 50_000_000, model_id: str | None = None):
+                 max_new_tokens: int = 128, model_id: str | None = None):
         self.name, self.device_name, self.dtype_name = model, device, dtype
-        self.batch_size, self.max_new_tokens, self.max_pixels = batch_size, max_new_tokens, max_pixels
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.model_id = model_id or local_model_id(model)
         self._model = None
+
+    def _from_pretrained(self, auto_class: Any) -> Any:
+        self.device, dtype = _torch_setup(self.device_name, self.dtype_name)
+        model = auto_class.from_pretrained(self.name, dtype=dtype, use_safetensors=True)
+        return model.to(self.device).eval()
+
+
+class TransformersVLM(_Local):
+    """Captions images with a local image-text-to-text model (greedy, batched)."""
+
+    def __init__(self, model: str, *, max_pixels: int = 50_000_000, **kwargs: Any):
+        super().__init__(model, **kwargs)
+        self.max_pixels = max_pixels
 
     def load(self) -> None:
         if self._model is not None:
@@ -158,11 +171,9 @@ class TransformersVLM(_Counted):
         _require_transformers()
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.device, dtype = _torch_setup(self.device_name, self.dtype_name)
         self.processor = AutoProcessor.from_pretrained(self.name)
         self.processor.tokenizer.padding_side = "left"  # decoder-only batches grow to the right
-        self._model = AutoModelForImageTextToText.from_pretrained(self.name, dtype=dtype, use_safetensors=True)
-        self._model.to(self.device).eval()
+        self._model = self._from_pretrained(AutoModelForImageTextToText)
         self.eos = _eos_ids(self._model, self.processor.tokenizer)
 
     def caption(self, images: list[bytes], prompt: str) -> list[Generated]:
@@ -197,15 +208,8 @@ class TransformersVLM(_Counted):
                        self.max_new_tokens)
 
 
-class TransformersLM(_Counted):
+class TransformersLM(_Local):
     """Answers single-turn chat prompts with a local causal LM (greedy, batched)."""
-
-    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
-                 max_new_tokens: int = 160, model_id: str | None = None):
-        self.name, self.device_name, self.dtype_name = model, device, dtype
-        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
-        self.model_id = model_id or local_model_id(model)
-        self._model = None
 
     def load(self) -> None:
         if self._model is not None:
@@ -213,15 +217,13 @@ class TransformersLM(_Counted):
         _require_transformers()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.device, dtype = _torch_setup(self.device_name, self.dtype_name)
         self.tokenizer = AutoTokenizer.from_pretrained(self.name)
         if not self.tokenizer.chat_template:
             raise ValueError(f"{self.name}: the tokenizer has no chat template (an instruction model is needed)")
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self._model = AutoModelForCausalLM.from_pretrained(self.name, dtype=dtype, use_safetensors=True)
-        self._model.to(self.device).eval()
+        self._model = self._from_pretrained(AutoModelForCausalLM)
         self.eos = _eos_ids(self._model, self.tokenizer)
 
     def complete(self, prompts: list[str]) -> list[Generated]:
