@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test venv clean bench browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mm1 demo
 
-test: $(STAMP)
+# The report's browser test drives Debian's chromium through chromedriver: installed when missing
+# (apt-get, as root or through sudo without a password); without them that test fails, saying so.
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || echo "sudo -n" ); \
+	  $$SUDO sh -c '$(APT_INSTALL) >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && $(APT_INSTALL) >/dev/null 2>&1)' \
+	  || echo "make: could not install chromium and chromium-driver (apt-get); the report's browser test will fail"; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

@@ -107,3 +107,20 @@ def chat_server(tiny_models, tmp_path_factory):
     server = ChatServerProcess(*tiny_models, tmp_path_factory.mktemp("chat_server"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_output(tmp_path_factory):
+    """(curated output folder, its tokenizer.json): the demo's three kinds, curated once per
+    session by the real runner from `tools.demo`'s inputs (training, report tests)."""
+    from pathlib import Path
+
+    from curate.recipe import load_recipe
+    from curate.runner import run_recipe
+    from tools.demo import DEMO_RECIPE, demo_inputs, demo_overrides
+
+    root = tmp_path_factory.mktemp("demo")
+    with demo_inputs(root):
+        recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))
+        run_recipe(recipe, progress=False)
+    return Path(recipe.output.path), root / "inputs" / "tokenizer" / "tokenizer.json"

@@ -88,6 +88,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from tools.report import build_report
+
+    path = build_report(args.out, args.output, samples=args.samples, seed=args.seed)
+    print(f"report: {path}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     import torch
 
@@ -138,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-read every shard and check it against manifest and ledger")
     p.add_argument("out")
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser("report", help="one self-contained HTML report of an output (two: side by side)")
+    p.add_argument("out", nargs="+", metavar="OUT", help="a curated output; a second one to compare with")
+    p.add_argument("-o", "--output", help="where the HTML goes (default: OUT/report.html)")
+    p.add_argument("--samples", type=int, default=12, help="random kept samples shown per kind")
+    p.add_argument("--seed", type=int, default=0, help="which samples")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("train", help="train MM1 from a training recipe (torchrun for several ranks; resumes)")
     p.add_argument("recipe", help="training recipe YAML")

@@ -114,6 +114,9 @@ def run_demo(root: Path) -> dict:
     )
     if not report.ok:
         raise SystemExit(1)
+    from tools.report import build_report
+
+    print(f"  report:   {build_report([out])}   (mm1 report {out})")
     train_demo(root, out)
     return manifest
 

@@ -12,6 +12,7 @@ FROZEN = {
     "verify": ["out"],
     "demo": ["--dir"],
     "export": ["--dtype", "--no-hf", "checkpoint", "out"],
+    "report": ["--output", "--samples", "--seed", "out"],
     "train": ["--override", "--run-dir", "--steps", "recipe"],
 }
 

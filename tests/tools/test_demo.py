@@ -32,6 +32,7 @@ def test_demo_twice(tmp_path, capsys):
     assert len(trained) == 2  # each demo run ends by training the tiny MM1 on what it curated
     for steps, start, end in trained:  # random init: the loss of the mixture falls by a fifth or more
         assert int(steps) == 40 and float(end) < 0.8 * float(start)
+    assert out.count("report:") == 2 and (tmp_path / "curated" / "report.html").is_file()
     assert out.count("export:") == 2 and (tmp_path / "export" / "decoder_hf" / "config.json").is_file()
     assert load_exported(tmp_path / "export").cfg.name == "tiny"  # the second run's export replaced the first
     assert first["counts"] == second["counts"]

@@ -1,0 +1,182 @@
+"""`mm1 report` on the session's curated demo output (all three kinds, curated by the real runner),
+checked in headless Chromium (Debian's chromium, driven through chromedriver by selenium; started
+as the issue says: --headless --no-sandbox --disable-gpu --disable-background-networking
+--disable-component-update --disable-sync --no-first-run and a fresh user-data dir): the page
+loads with no console error and no network request, its figures are there, every number it marks
+as `mm1 stats`' (data-stat) equals compute_stats', and a screenshot is saved
+(test-output/report.png). Then two runs side by side: the demo against the same inputs curated
+with another score cut."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tools.report import build_report, collect
+from tools.stats import compute_stats
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+ARTIFACTS = ROOT / "test-output"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.fail("Debian's chromium and chromium-driver are missing: `make test` installs them with apt-get")
+    import os
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_AVOID_STATS", "true")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}", "--window-size=1400,1000"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(120)
+    yield driver
+    driver.quit()
+
+
+def _open(driver, path: Path) -> tuple[list[dict], list[str]]:
+    """Load the page; return (console entries, URLs of every request the page made). Chromium's
+    own pages (chrome://new-tab-page at start) are not the page's requests; any request to a
+    network scheme, from whatever document, fails the test."""
+    driver.get_log("browser"), driver.get_log("performance")  # drop what came before
+    driver.get(path.as_uri())
+    console = driver.get_log("browser")
+    requests = []
+    for entry in driver.get_log("performance"):
+        msg = json.loads(entry["message"])["message"]
+        if msg["method"] == "Network.requestWillBeSent":
+            url = msg["params"]["request"]["url"]
+            assert not url.startswith(("http:", "https:", "ws:", "wss:", "ftp:")), f"a network request: {url}"
+            if msg["params"].get("documentURL") == path.as_uri():
+                requests.append(url)
+    return console, requests
+
+
+def _resolve(stats: dict, path: str):
+    value = stats
+    for part in path.split("."):
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    return value
+
+
+def _shown(text: str) -> float:
+    text = text.strip().replace(",", "")
+    return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+
+
+def test_the_report_in_a_real_browser(demo_output, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    out = demo_output[0]
+    path = build_report([out], tmp_path / "report.html")
+    console, requests = _open(browser, path)
+    assert [e for e in console if e["level"] in ("SEVERE", "WARNING")] == []
+    assert requests and all(u.startswith(("file://", "data:")) for u in requests), requests
+    assert [u for u in requests if u.startswith("file://")] == [path.as_uri()]
+
+    # the figures: every section, charts, the score cut drawn, thumbnails that decoded
+    for section in ("overview", "funnel", "domains", "distributions", "mixture", "samples"):
+        assert browser.find_element(By.ID, section).is_displayed()
+    assert len(browser.find_elements(By.CSS_SELECTOR, "svg.chart")) >= 20
+    assert len(browser.find_elements(By.CSS_SELECTOR, "line.threshold")) == 1  # score_top_fraction's cutoff
+    images = browser.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+    assert len(images) >= 12 and all(done and width > 0 for done, width in images)
+    cards = browser.find_elements(By.CSS_SELECTOR, "#samples .sample")
+    assert len(cards) == 12 + 8 + 10  # 12 of the 26 pairs, every doc and text (fewer than 12)
+
+    # the numbers: each marked one equals mm1 stats', in its data and as shown
+    stats = compute_stats(out)
+    marked = browser.find_elements(By.CSS_SELECTOR, "[data-stat]")
+    assert len(marked) >= 60
+    for el in marked:
+        key, value = el.get_attribute("data-stat"), json.loads(el.get_attribute("data-value"))
+        assert value == _resolve(stats, key), key
+        assert math.isclose(_shown(el.text), value, rel_tol=1e-3, abs_tol=5e-4), (key, el.text, value)
+    kept = browser.find_element(By.CSS_SELECTOR, '[data-stat="outcomes.kept"]').text
+    assert kept == f"{stats['outcomes']['kept']:,}" == "44"
+
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1400, min(int(height), 16000))
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "report.png"))
+    assert (ARTIFACTS / "report.png").stat().st_size > 50_000
+
+
+def test_hostile_strings_in_the_data_stay_text(demo_output, browser, tmp_path):
+    """A caption holding markup and a script tag: the page shows it as text and runs nothing."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "curated"
+    shutil.copytree(demo_output[0], out)
+    from curate.contract import read_manifest
+
+    shard = read_manifest(out)["kinds"]["pair"]["shards"][0]
+    table = pq.read_table(out / shard["sidecar"])
+    captions = table.column("caption").to_pylist()
+    captions[0] = '<script>document.title="owned"</script><img src="http://127.0.0.1:9/x.png"> &amp; "quotes"'
+    table = table.set_column(table.schema.get_field_index("caption"), "caption",
+                             __import__("pyarrow").array(captions, table.schema.field("caption").type))
+    pq.write_table(table, out / shard["sidecar"])
+    run = collect(out, samples=40)
+    assert any("<script>" in (s.get("caption") or "") for s in run.samples["pair"])
+    path = build_report([out], tmp_path / "hostile.html", samples=40)
+    console, requests = _open(browser, path)
+    assert browser.title.startswith("mm1 report") and "owned" not in browser.title
+    assert all(u.startswith(("file://", "data:")) for u in requests), requests
+    assert '<script>document.title="owned"</script>' in browser.find_element("id", "samples").text
+
+
+@pytest.fixture(scope="module")
+def stricter(tmp_path_factory):
+    """The demo inputs curated again with score_top_fraction at 0.5 instead of 0.9."""
+    import yaml
+
+    from curate.recipe import load_recipe
+    from curate.runner import run_recipe
+    from tools.demo import DEMO_RECIPE, demo_inputs, demo_overrides
+
+    root = tmp_path_factory.mktemp("stricter")
+    stages = yaml.safe_load(DEMO_RECIPE.read_text())["stages"]
+    cut = next(i for i, s in enumerate(stages) if s["kind"] == "score_top_fraction")
+    with demo_inputs(root):
+        recipe = load_recipe(DEMO_RECIPE, {**demo_overrides(root), f"stages.{cut}.fraction": 0.5,
+                                           "output.path": str(root / "strict")})
+        run_recipe(recipe, progress=False)
+    return root / "strict"
+
+
+def test_two_runs_side_by_side_show_what_the_threshold_moved(demo_output, stricter, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from tools.cli import main
+
+    path = tmp_path / "compare.html"
+    assert main(["report", str(demo_output[0]), str(stricter), "-o", str(path), "--samples", "4"]) == 0
+    console, requests = _open(browser, path)
+    assert [e for e in console if e["level"] == "SEVERE"] == []
+    assert all(u.startswith(("file://", "data:")) for u in requests)
+    changes = browser.find_element(By.ID, "changes").text
+    a, b = compute_stats(demo_output[0]), compute_stats(stricter)
+    assert b["outcomes"]["kept"] < a["outcomes"]["kept"]
+    row = next(line for line in changes.splitlines() if line.startswith("score_top_fraction/clip_score_low"))
+    count_a = next(d["count"] for d in a["drops"]["ranked"] if d["stage"] == "score_top_fraction")
+    count_b = next(d["count"] for d in b["drops"]["ranked"] if d["stage"] == "score_top_fraction")
+    assert row.split()[1:] == [str(count_a), str(count_b), f"+{count_b - count_a}"]
+    assert "fraction" in changes  # the recipe difference is listed
+    for section in ("funnel", "distributions", "samples"):
+        columns = browser.find_elements(By.CSS_SELECTOR, f"#{section} [data-run]")
+        assert [c.get_attribute("data-run") for c in columns] == ["0", "1"]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "line.threshold")) == 2  # each run's cut

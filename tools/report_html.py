@@ -1,0 +1,365 @@
+"""The HTML of `mm1 report` (tools/report.py collects what it shows): one page, no script, inline
+CSS and SVG, thumbnails as data: URIs, and a Content-Security-Policy that allows nothing else, so
+the page can make no network request whatever a caption or a URL in the data says. Every string
+from the data is escaped.
+
+A number that `mm1 stats` also reports is rendered as `<span data-stat="PATH" data-value="V">`,
+PATH being its place in `compute_stats`' dict (`outcomes.kept`, `kinds.pair.width.p50`,
+`drops.ranked.0.count`, ...) and V its exact value, so a test can hold the page against the stats.
+With two runs, each column carries `data-run="0"` or `"1"`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+from tools.report import Run
+
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'none'; base-uri 'none'; form-action 'none'"
+COLORS = ("#2f6db5", "#d9822b")
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+header{background:#1d2330;color:#fff;padding:14px 24px}header h1{margin:0;font-size:20px}
+header .sub{color:#b8c0cc;font-size:12px}nav{padding:6px 24px;background:#e9ecf1;position:sticky;top:0}
+nav a{margin-right:14px;color:#2f6db5;text-decoration:none}main{padding:8px 24px 40px}
+section{background:#fff;border:1px solid #dde1e7;border-radius:6px;margin:16px 0;padding:12px 16px}
+h2{font-size:17px;margin:4px 0 10px}h3{font-size:14px;margin:14px 0 6px;color:#404a5c}
+table{border-collapse:collapse;margin:4px 0 10px}td,th{padding:3px 10px;border-bottom:1px solid #eceef2;text-align:left}
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}.cards{display:flex;flex-wrap:wrap;gap:10px}
+.card{border:1px solid #dde1e7;border-radius:6px;padding:8px 12px;min-width:120px;background:#fafbfc}
+.card b{display:block;font-size:18px}.cols{display:grid;grid-template-columns:1fr 1fr;gap:16px}
+.charts{display:flex;flex-wrap:wrap;gap:14px}figure{margin:0}figcaption{font-size:12px;color:#556}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:10px}
+.sample{border:1px solid #dde1e7;border-radius:6px;padding:8px;background:#fcfcfd;font-size:12.5px}
+.sample img{max-width:100%;display:block;margin:0 auto 6px}.cap{margin:3px 0}.cap i{color:#667;font-style:normal;font-weight:600}
+.doc p{margin:4px 0}.doc .img{display:flex;gap:8px;align-items:flex-start}.doc .img img{max-width:120px}
+.muted{color:#778}.bad{color:#a33}details{margin:3px 0}summary{cursor:pointer}code{font-size:12px}
+.delta-up{color:#1a7f37}.delta-down{color:#a33}
+"""
+
+
+def esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return f"{int(value):,}"
+        return f"{value:,.3f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return esc(value)
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def stat(path: str, value: Any, text: str | None = None) -> str:
+    """A number `mm1 stats` also reports, marked with its place in the stats dict."""
+    return (f'<span data-stat="{esc(path)}" data-value="{esc(json.dumps(value))}">'
+            f"{text if text is not None else fmt(value)}</span>")
+
+
+# ---------------------------------------------------------------------------------------------
+# SVG charts
+
+
+def bar_chart(labels: list[str], values: list[float], *, title: str, width: int = 420, height: int = 150,
+              color: str = COLORS[0]) -> str:
+    """Vertical bars, one per label (a histogram's buckets, categories)."""
+    n = max(len(labels), 1)
+    top = max(values or [0]) or 1
+    pad_l, pad_b, pad_t = 34, 34, 8
+    w = (width - pad_l - 6) / n
+    parts = [f'<svg class="chart" role="img" aria-label="{esc(title)}" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">']
+    ih = height - pad_b - pad_t
+    parts.append(f'<line x1="{pad_l}" y1="{pad_t + ih}" x2="{width - 4}" y2="{pad_t + ih}" stroke="#99a"/>')
+    parts.append(f'<text x="{pad_l - 4}" y="{pad_t + 8}" font-size="10" text-anchor="end" fill="#556">{fmt(top)}</text>')
+    for i, (label, v) in enumerate(zip(labels, values)):
+        h = ih * (v / top)
+        x = pad_l + i * w
+        parts.append(f'<rect x="{x + 1:.1f}" y="{pad_t + ih - h:.1f}" width="{max(w - 2, 1):.1f}" height="{h:.1f}" '
+                     f'fill="{color}"><title>{esc(label)}: {fmt(v)}</title></rect>')
+        if w >= 46 or i in (0, n - 1):  # narrower bars: the first and last label only (tooltips have all)
+            parts.append(f'<text x="{x + w / 2:.1f}" y="{height - pad_b + 12}" font-size="9.5" text-anchor="middle" '
+                         f'fill="#445">{esc(label[:14])}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def histogram_chart(edges: list[float], counts: list[int], *, title: str, thresholds: list[dict[str, Any]],
+                    width: int = 460, height: int = 170) -> str:
+    """A numeric histogram with the recipe's cuts drawn as vertical lines."""
+    pad_l, pad_r, pad_b, pad_t = 34, 8, 30, 8
+    lo, hi = edges[0], edges[-1]
+    span = (hi - lo) or 1.0
+    top = max(counts or [0]) or 1
+    ih, iw = height - pad_b - pad_t, width - pad_l - pad_r
+
+    def x(v: float) -> float:
+        return pad_l + iw * (v - lo) / span
+
+    parts = [f'<svg class="chart" role="img" aria-label="{esc(title)}" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
+             f'<line x1="{pad_l}" y1="{pad_t + ih}" x2="{width - pad_r}" y2="{pad_t + ih}" stroke="#99a"/>',
+             f'<text x="{pad_l - 4}" y="{pad_t + 8}" font-size="10" text-anchor="end" fill="#556">{top:,}</text>']
+    for a, b, c in zip(edges, edges[1:], counts):
+        h = ih * c / top
+        parts.append(f'<rect x="{x(a):.1f}" y="{pad_t + ih - h:.1f}" width="{max(x(b) - x(a) - 0.5, 0.5):.1f}" '
+                     f'height="{h:.1f}" fill="{COLORS[0]}"><title>[{a:.4g}, {b:.4g}): {c:,}</title></rect>')
+    for v in (lo, (lo + hi) / 2, hi):
+        parts.append(f'<text x="{x(v):.1f}" y="{height - 12}" font-size="10" text-anchor="middle" fill="#445">{v:.3g}</text>')
+    for t in thresholds:
+        parts.append(f'<line class="threshold" x1="{x(t["value"]):.1f}" y1="{pad_t}" x2="{x(t["value"]):.1f}" '
+                     f'y2="{pad_t + ih}" stroke="#c0392b" stroke-width="2" stroke-dasharray="4 2">'
+                     f'<title>{esc(t["label"])}</title></line>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def figure(chart: str, caption: str) -> str:
+    return f"<figure><figcaption>{caption}</figcaption>{chart}</figure>"
+
+
+# ---------------------------------------------------------------------------------------------
+# sections of one run
+
+
+def overview(run: Run) -> str:
+    s, o = run.stats, run.stats["outcomes"]
+    cards = [("inputs", stat("outcomes.inputs", o["inputs"])), ("kept", stat("outcomes.kept", o["kept"])),
+             ("dropped", stat("outcomes.dropped", o["dropped"])),
+             ("keep rate", stat("outcomes.keep_rate", o["keep_rate"], pct(o["keep_rate"]))),
+             ("shards", stat("totals.shards", s["totals"]["shards"])),
+             ("tar bytes", stat("totals.tar_bytes", s["totals"]["tar_bytes"]))]
+    for kind, k in s["kinds"].items():
+        cards.append((f"{kind} samples", stat(f"kinds.{kind}.samples", k["samples"])))
+    body = "".join(f'<div class="card"><span class="muted">{esc(t)}</span><b>{v}</b></div>' for t, v in cards)
+    return f'<div class="cards">{body}</div>'
+
+
+def funnel(run: Run) -> str:
+    o = run.stats["outcomes"]
+    out = ["<h3>Inputs per source and kind</h3><table><tr><th></th><th class=n>inputs</th><th class=n>kept</th>"
+           "<th class=n>dropped</th><th class=n>keep rate</th></tr>"]
+    for group in ("by_kind", "by_source"):
+        for name, g in o[group].items():
+            p = f"outcomes.{group}.{name}"
+            out.append(f"<tr><td>{esc(group[3:])} <b>{esc(name)}</b></td><td class=n>{stat(p + '.inputs', g['inputs'])}</td>"
+                       f"<td class=n>{stat(p + '.kept', g['kept'])}</td><td class=n>{stat(p + '.dropped', g['dropped'])}</td>"
+                       f"<td class=n>{stat(p + '.keep_rate', g['keep_rate'], pct(g['keep_rate']))}</td></tr>")
+    out.append("</table><h3>Kept and dropped, stage by stage</h3><div class=charts>")
+    for kind, rows in run.funnel.items():
+        table = [f"<table><tr><th>{esc(kind)}: stage</th><th class=n>dropped</th><th class=n>remaining</th></tr>"]
+        for r in rows:
+            table.append(f"<tr><td>{esc(r['stage'])}</td><td class=n>{fmt(r['dropped'])}</td>"
+                         f"<td class=n>{fmt(r['remaining'])}</td></tr>")
+        table.append("</table>")
+        out.append(figure(bar_chart([r["stage"] for r in rows], [r["remaining"] for r in rows],
+                                    title=f"{kind} remaining after each stage", width=360), "".join(table)))
+    out.append("</div><h3>Drop codes, ranked</h3><table><tr><th>stage / code</th><th class=n>count</th>"
+               "<th class=n>share of dropped</th><th>examples</th></tr>")
+    for i, d in enumerate(run.stats["drops"]["ranked"]):
+        code = f"{d['stage']}/{d['reason']}"
+        ex = "".join(f"<li><code>{esc(e['id'])}</code> {esc(e['url'] or '')} <span class=muted>{esc(e['drop_detail'])}</span></li>"
+                     for e in run.examples.get(code, []))
+        out.append(f"<tr><td>{esc(code)}</td><td class=n>{stat(f'drops.ranked.{i}.count', d['count'])}</td>"
+                   f"<td class=n>{pct(d['share_of_dropped'])}</td><td><details><summary>{esc(d['example_id'])}</summary>"
+                   f"<ul>{ex}</ul></details></td></tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def domains(run: Run) -> str:
+    dom = run.stats["domains"]
+    seen: dict[str, dict[str, Any]] = {}
+    for d in dom["top_kept"] + dom["top_dropped"]:
+        seen.setdefault(str(d["domain"]), d)
+    rows = sorted(seen.values(), key=lambda d: (-d["inputs"], str(d["domain"])))
+    out = [f"<p>{stat('domains.distinct', dom['distinct'])} distinct domains; inputs without a URL: "
+           f"{stat('domains.without_url.inputs', dom['without_url']['inputs'])}.</p>",
+           "<table><tr><th>domain</th><th class=n>inputs</th><th class=n>kept</th><th class=n>dropped</th>"
+           "<th class=n>success</th><th></th></tr>"]
+    for d in rows:
+        rate = d["keep_rate"] or 0.0
+        out.append(f"<tr><td>{esc(d['domain'] or '(no url)')}</td><td class=n>{fmt(d['inputs'])}</td>"
+                   f"<td class=n>{fmt(d['kept'])}</td><td class=n>{fmt(d['dropped'])}</td><td class=n>{pct(d['keep_rate'])}</td>"
+                   f'<td><svg width="120" height="10"><rect width="120" height="10" fill="#eceef2"/>'
+                   f'<rect width="{120 * rate:.1f}" height="10" fill="{COLORS[0]}"/></svg></td></tr>')
+    out.append("</table>")
+    return "".join(out)
+
+
+_DISTS = {"pair": ["width", "height", "aspect_ratio", "image_bytes", "caption_words", "token_count", "synthetic_words"],
+          "doc": ["n_images", "n_segments", "text_chars", "token_count", "segments_dropped", "image_bytes"],
+          "text": ["text_chars", "token_count"]}
+
+
+def distributions(run: Run) -> str:
+    out = []
+    for kind, k in run.stats["kinds"].items():
+        charts = []
+        for name in _DISTS.get(kind, []):
+            d = k.get(name)
+            if not d or not d.get("count"):
+                continue
+            p = f"kinds.{kind}.{name}"
+            caption = (f"<b>{esc(name)}</b> n={stat(p + '.count', d['count'])} mean={stat(p + '.mean', d['mean'])} "
+                       f"p50={stat(p + '.p50', d['p50'])} max={stat(p + '.max', d['max'])}")
+            charts.append(figure(bar_chart([h["bucket"] for h in d["histogram"]], [h["count"] for h in d["histogram"]],
+                                           title=f"{kind} {name}"), caption))
+        for key, h in run.scores.items():
+            skind, name = key.split("/", 1)
+            if skind != kind:
+                continue
+            cuts = "; ".join(esc(t["label"]) for t in h["thresholds"]) or "no cut on this score"
+            charts.append(figure(histogram_chart(h["edges"], h["counts"], title=f"{kind} {name}", thresholds=h["thresholds"]),
+                                 f"<b>{esc(name)}</b> n={fmt(h['n'])}, red: {cuts}"))
+        if kind in run.languages:
+            langs = list(run.languages[kind].items())[:12]
+            charts.append(figure(bar_chart([a for a, _ in langs], [b for _, b in langs], title=f"{kind} languages"),
+                                 f"<b>languages</b> ({esc(kind)})"))
+        recap = k.get("recaption")
+        if recap:
+            for col, counts in recap.items():
+                charts.append(figure(bar_chart(list(counts), list(counts.values()), title=f"{kind} {col}"),
+                                     f"<b>{esc(col)}</b>"))
+        out.append(f"<h3>{esc(kind)}</h3><div class=charts>{''.join(charts)}</div>")
+    if run.dup_groups:
+        charts = [figure(bar_chart([str(s) for s in g], list(g.values()), title=f"{stage} group sizes"),
+                         f"<b>{esc(stage)}</b>: duplicate groups by size (kept + dropped copies)")
+                  for stage, g in run.dup_groups.items()]
+        out.append(f"<h3>Duplicate group sizes</h3><div class=charts>{''.join(charts)}</div>")
+    return "".join(out)
+
+
+def mixture_section(run: Run) -> str:
+    rows = run.mixture
+    out = ["<p>What one pass over this output gives the trainer's packer (text tokens from the sidecars, "
+           "an end token per sample, image tokens per image; sequences at the packing bound), against "
+           "the mixture weights. <i>passes</i>: passes over each kind while the scarcest kind, relative to "
+           "its weight, is seen once.</p><table><tr><th>kind</th><th class=n>samples</th><th class=n>images</th>"
+           "<th class=n>tokens</th><th class=n>sequences</th><th class=n>natural share</th><th class=n>target</th>"
+           "<th class=n>passes</th></tr>"]
+    for r in rows:
+        samples = stat(f"kinds.{r['kind']}.samples", r["samples"])
+        out.append(f"<tr><td>{esc(r['kind'])}</td><td class=n>{samples}</td>"
+                   f"<td class=n>{fmt(r['images'])}</td><td class=n>{fmt(r['tokens'])}</td><td class=n>{fmt(r['sequences'])}</td>"
+                   f"<td class=n>{pct(r['natural_share'])}</td><td class=n>{pct(r['weight'])}</td>"
+                   f"<td class=n>{r['passes']:.2f}</td></tr>")
+    out.append("</table>")
+    labels = [f"{r['kind']} natural" for r in rows] + [f"{r['kind']} target" for r in rows]
+    out.append(figure(bar_chart(labels, [r["natural_share"] for r in rows] + [r["weight"] for r in rows],
+                                title="mixture: natural share vs target", width=520), "sequence shares: natural vs target"))
+    return "".join(out)
+
+
+def _caption(label: str, text: Any) -> str:
+    return f'<div class="cap"><i>{esc(label)}</i> {esc(text) if text else "<span class=muted>—</span>"}</div>'
+
+
+def samples_section(run: Run) -> str:
+    out = []
+    for kind, items in run.samples.items():
+        cards = []
+        for r in items:
+            head = f'<div class="muted"><code>{esc(r["key"])}</code> {esc(r["id"])}</div>'
+            if kind == "pair":
+                img = f'<img alt="" src="{esc(r["thumb"])}">' if r.get("thumb") else '<div class="bad">no image</div>'
+                body = img + _caption("alt-text", r.get("caption"))
+                if "caption_synthetic" in r:
+                    body += _caption("synthetic", r.get("caption_synthetic")) + _caption("VeCap", r.get("caption_vecap"))
+            elif kind == "doc":
+                segs = []
+                for seg in r["segments"]:
+                    if seg["type"] == "image":
+                        img = f'<img alt="" src="{esc(seg["thumb"])}">' if seg.get("thumb") else '<span class=bad>no image</span>'
+                        segs.append(f'<div class="img">{img}<span class="muted">{esc(seg["alt"])}</span></div>')
+                    else:
+                        segs.append(f"<p>{esc(seg['text'])}</p>")
+                body = f'<div class="doc"><b>{esc(r.get("title") or "")}</b>{"".join(segs)}</div>'
+            else:
+                body = f"<p>{esc(r['text'])}</p>"
+            cards.append(f'<div class="sample">{head}{body}</div>')
+        out.append(f"<h3>{esc(kind)}: {len(items)} random kept samples</h3><div class=grid>{''.join(cards)}</div>")
+    out.append("<h3>Dropped samples, by code</h3>")
+    for code, examples in sorted(run.examples.items()):
+        items = "".join(f"<li><code>{esc(e['id'])}</code> <span class=muted>{esc(e['kind'])}</span> "
+                        f"{esc(e['url'] or '')}<br><span class=bad>{esc(e['drop_detail'])}</span></li>" for e in examples)
+        out.append(f"<details><summary>{esc(code)} ({len(examples)} shown)</summary><ul>{items}</ul></details>")
+    return "".join(out)
+
+
+SECTIONS = (("overview", "Overview", overview), ("funnel", "Funnel", funnel), ("domains", "Domains", domains),
+            ("distributions", "Distributions", distributions), ("mixture", "Mixture", mixture_section),
+            ("samples", "Samples", samples_section))
+
+
+# ---------------------------------------------------------------------------------------------
+# comparison and the page
+
+
+def changes(a: Run, b: Run) -> str:
+    rows = [("inputs", a.stats["outcomes"]["inputs"], b.stats["outcomes"]["inputs"]),
+            ("kept", a.stats["outcomes"]["kept"], b.stats["outcomes"]["kept"]),
+            ("dropped", a.stats["outcomes"]["dropped"], b.stats["outcomes"]["dropped"])]
+    for kind in sorted(set(a.stats["kinds"]) | set(b.stats["kinds"])):
+        rows.append((f"{kind} samples", a.stats["kinds"].get(kind, {}).get("samples", 0),
+                     b.stats["kinds"].get(kind, {}).get("samples", 0)))
+    codes = {f"{d['stage']}/{d['reason']}": d["count"] for d in a.stats["drops"]["ranked"]}
+    codes_b = {f"{d['stage']}/{d['reason']}": d["count"] for d in b.stats["drops"]["ranked"]}
+    for code in sorted(set(codes) | set(codes_b)):
+        rows.append((code, codes.get(code, 0), codes_b.get(code, 0)))
+    for key in sorted(set(a.scores) | set(b.scores)):
+        ta = [t["value"] for t in a.scores.get(key, {}).get("thresholds", [])]
+        tb = [t["value"] for t in b.scores.get(key, {}).get("thresholds", [])]
+        if ta or tb:
+            rows.append((f"{key} cut", ", ".join(f"{v:.4g}" for v in ta) or "-", ", ".join(f"{v:.4g}" for v in tb) or "-"))
+    out = ["<table><tr><th></th><th class=n>A</th><th class=n>B</th><th class=n>B − A</th></tr>"]
+    for name, va, vb in rows:
+        delta = ""
+        if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and va != vb:
+            cls = "delta-up" if vb > va else "delta-down"
+            delta = f'<span class="{cls}">{vb - va:+,}</span>'
+        out.append(f"<tr><td>{esc(name)}</td><td class=n>{fmt(va)}</td><td class=n>{fmt(vb)}</td><td class=n>{delta}</td></tr>")
+    out.append("</table>")
+    recipe_a, recipe_b = a.manifest.get("recipe", {}), b.manifest.get("recipe", {})
+    if recipe_a != recipe_b:
+        diff = [f"<li><code>stages.{i}</code>: {esc(json.dumps(sa, sort_keys=True))} → {esc(json.dumps(sb, sort_keys=True))}</li>"
+                for i, (sa, sb) in enumerate(zip(recipe_a.get("stages", []), recipe_b.get("stages", []))) if sa != sb]
+        out.append(f"<details open><summary>recipe differences ({len(diff)} stages)</summary><ul>{''.join(diff)}</ul></details>")
+    return "".join(out)
+
+
+def render(runs: list[Run]) -> str:
+    title = " vs ".join(esc(r.stats.get("name") or r.out.name) for r in runs)
+    sub = " | ".join(f"{esc(r.out)} (recipe {esc(r.stats.get('recipe_hash'))}, code {esc(r.stats.get('code_version'))})"
+                     for r in runs)
+    nav = "".join(f'<a href="#{sid}">{esc(name)}</a>' for sid, name, _ in SECTIONS)
+    body = []
+    if len(runs) == 2:
+        body.append(f'<section id="changes"><h2>What changed (A → B)</h2>{changes(*runs)}</section>')
+        nav = '<a href="#changes">Changes</a>' + nav
+    for sid, name, fn in SECTIONS:
+        if len(runs) == 1:
+            body.append(f'<section id="{sid}" data-run="0"><h2>{esc(name)}</h2>{fn(runs[0])}</section>')
+        else:
+            cols = "".join(f'<div data-run="{i}"><h3>{"AB"[i]}: {esc(r.out.name)}</h3>{fn(r)}</div>'
+                           for i, r in enumerate(runs))
+            body.append(f'<section id="{sid}"><h2>{esc(name)}</h2><div class="cols">{cols}</div></section>')
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>mm1 report: {title}</title><style>{CSS}</style></head><body>"
+            f"<header><h1>mm1 report: {title}</h1><div class=sub>{sub}</div></header>"
+            f"<nav>{nav}</nav><main>{''.join(body)}</main></body></html>\n")
+
+
+__all__ = ["render"]
