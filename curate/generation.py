@@ -14,7 +14,8 @@ language model that rewrites captions, each behind one of two backends.
   and malformed responses; 4xx other than 429 are not retried.
 
 Every call returns one `Generated` per input, in order: the text, or a stable error code
-(`decode_error`, `timeout`, `connection_error`, `http_<status>`, `bad_response`) with a detail.
+(`decode_error`, `generation_error`, `timeout`, `connection_error`, `http_<status>`,
+`bad_response`) with a detail.
 `calls` counts model invocations (generate calls, HTTP requests) and `items` the prompts
 answered, so tests and benchmarks can see what a cache saved.
 
@@ -47,6 +48,7 @@ DECODE_ERROR = "decode_error"
 TIMEOUT = "timeout"
 CONNECTION_ERROR = "connection_error"
 BAD_RESPONSE = "bad_response"
+GENERATION_ERROR = "generation_error"
 SMALL_WEIGHTS = 64 * 2**20  # weight files up to this size in total are hashed whole
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -143,7 +145,11 @@ class _Counted:
 
 
 class _Local(_Counted):
-    """A transformers model of a local folder (or hub name), loaded on first use."""
+    """A transformers model of a local folder (or hub name), loaded on first use.
+
+    A batch whose generation raises (out of device memory, an input the processor refuses) is
+    tried again one item at a time; an item that still raises is a `generation_error`, so one
+    sample cannot fail a task that holds a thousand."""
 
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
                  max_new_tokens: int = 128, model_id: str | None = None):
@@ -151,6 +157,14 @@ class _Local(_Counted):
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.model_id = model_id or local_model_id(model)
         self._model = None
+
+    def _guarded(self, generate: Any, items: list[Any], *args: Any) -> list[Generated]:
+        try:
+            return generate(items, *args)
+        except Exception as exc:  # noqa: BLE001 - see the class docstring
+            if len(items) > 1:
+                return [g for item in items for g in self._guarded(generate, [item], *args)]
+            return [Generated(error=GENERATION_ERROR, detail=f"{type(exc).__name__}: {exc}"[:300])]
 
     def _from_pretrained(self, auto_class: Any) -> Any:
         self.device, dtype = _torch_setup(self.device_name, self.dtype_name)
@@ -189,7 +203,7 @@ class TransformersVLM(_Local):
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         for start in range(0, len(decoded), self.batch_size):
             chunk = decoded[start:start + self.batch_size]
-            for (i, _), g in zip(chunk, self._generate([img for _, img in chunk], text)):
+            for (i, _), g in zip(chunk, self._guarded(self._generate, [img for _, img in chunk], text)):
                 results[i] = g
         return results  # type: ignore[return-value]
 
@@ -227,22 +241,24 @@ class TransformersLM(_Local):
         self.eos = _eos_ids(self._model, self.tokenizer)
 
     def complete(self, prompts: list[str]) -> list[Generated]:
-        import torch
-
         self.load()
         out: list[Generated] = []
         for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start:start + self.batch_size]
-            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                        tokenize=False) for p in chunk]
-            inputs = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            with torch.inference_mode():
-                gen = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                           pad_token_id=self.tokenizer.pad_token_id)
-            self.calls += 1
-            self.items += len(chunk)
-            out += _finish(self.tokenizer, gen[:, inputs["input_ids"].shape[1]:].cpu(), self.eos, self.max_new_tokens)
+            out += self._guarded(self._generate, prompts[start:start + self.batch_size])
         return out
+
+    def _generate(self, prompts: list[str]) -> list[Generated]:
+        import torch
+
+        texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                    tokenize=False) for p in prompts]
+        inputs = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        with torch.inference_mode():
+            gen = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                       pad_token_id=self.tokenizer.pad_token_id)
+        self.calls += 1
+        self.items += len(prompts)
+        return _finish(self.tokenizer, gen[:, inputs["input_ids"].shape[1]:].cpu(), self.eos, self.max_new_tokens)
 
 
 class _TooLarge(Exception):

@@ -55,6 +55,24 @@ def test_lm_batches_equal_single_prompts_and_report_truncation(tiny_models):
     assert lm.calls == 1 and one.calls == 3
 
 
+def test_a_batch_that_fails_is_retried_item_by_item_and_a_failing_item_is_a_code(tiny_models, monkeypatch):
+    """Fault injection: generate raises for any batch of more than one prompt, and for the prompt
+    "boom" (as an out-of-memory or a refused input would): the others still come back."""
+    lm = TransformersLM(str(tiny_models[1]), device="cpu", batch_size=4, max_new_tokens=3)
+    lm.load()
+    real = lm._model.generate
+
+    def fragile(**kw):
+        if kw["input_ids"].shape[0] > 1 or lm.tokenizer.decode(kw["input_ids"][0]).endswith("boom<|assistant|>"):
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(**kw)
+
+    monkeypatch.setattr(lm._model, "generate", fragile)
+    out = lm.complete(["one", "boom", "three"])
+    assert [g.error for g in out] == [None, "generation_error", None]
+    assert "out of memory" in out[1].detail and out[0].text and out[2].text
+
+
 def test_an_lm_without_a_chat_template_is_refused(tiny_models, tmp_path):
     copy = tmp_path / "plain"
     shutil.copytree(tiny_models[1], copy)
