@@ -1,14 +1,28 @@
 """The commit protocol: how a task's output becomes visible, exactly once, whatever happens.
 
-1. Every output is first written under a name unique to the attempt (`NAME.<uuid>.tmp`).
-2. It is published: on a local disk by an atomic rename onto its final name. (On an object
-   store, which has no rename, publishing is the marker naming the attempt's object: the
-   `Storage` seam below is where that implementation goes.)
-3. The task's done marker is written last, atomically, recording counts, the recipe hash and
-   the input fingerprint. Readers trust only what a marker names.
+Outputs live on a local disk or on an object store (any fsspec URL: s3://, gs://, memory://);
+`location(path_or_url)` turns either into a path object (`pathlib.Path`, or a `upath.UPath` on
+the store) and `storage_for(path)` gives the storage that commits there.
+
+1. Every output is first written under a name unique to the attempt.
+2. It is published:
+   - on a local disk by an atomic rename of `NAME.<uuid>.tmp` onto its final name;
+   - on an object store, which has no rename, an intermediate (a segment's rows, a global
+     stage's decisions: directories, and what the network fed) keeps its attempt's own name
+     (`NAME.<uuid>.EXT`): the done marker that names it publishes it, and the next task reads
+     the name from the marker. A task's *final* single-object outputs (tars, sidecars, ledger
+     files, retry id lists) are functions of marked inputs only, so every attempt writes the
+     same bytes; an object store's upload is atomic (the object appears whole when the upload
+     completes, a killed upload leaves nothing), so they are uploaded to their final names
+     (`attempt_path(final, deterministic=True)` is `final` itself there) and the pack marker,
+     then the manifest, publish them.
+3. The task's done marker is written last, atomically (one PUT on a store), recording counts,
+   the recipe hash and the input fingerprint. Readers trust only what a marker names.
 
 Dask may run a task twice, concurrently: both attempts write their own temporaries and publish
-byte-identical files onto the same names, so the last rename wins with the same content.
+byte-identical files onto the same names, so the last rename (or upload) wins with the same
+content; on a store, each attempt's intermediate is its own object and the last marker names one
+of them whole.
 """
 
 from __future__ import annotations
@@ -16,18 +30,133 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 TMP_SUFFIX = ".tmp"
+# an attempt's own name on an object store: NAME.<12 hex>[.EXT]
+ATTEMPT_NAME = re.compile(r"^(?P<stem>[^.]+)\.(?P<attempt>[0-9a-f]{12})(?P<ext>\.[A-Za-z0-9]+)?$")
+# a listing cache would let one process miss what another just wrote (s3fs caches listings)
+_STORE_OPTIONS = {"use_listings_cache": False}
+
+
+# ---------------------------------------------------------------------------------------------
+# Locations
+# ---------------------------------------------------------------------------------------------
+
+
+def is_url(path: Any) -> bool:
+    """An fsspec URL of a store (not a plain path, not file://)."""
+    if isinstance(path, Path):
+        return False
+    if hasattr(path, "protocol"):  # a UPath
+        return getattr(path, "protocol") not in ("", "file", "local")
+    s = str(path)
+    return "://" in s and not s.startswith("file://")
+
+
+def location(path: Any, **storage_options: Any) -> Path:
+    """A local path as a `pathlib.Path`, an fsspec URL as a `upath.UPath` (same operators: `/`,
+    `.name`, `.parent`, `.exists()`, `.open()`, `.iterdir()`, `.rglob()`)."""
+    if is_url(path):
+        if hasattr(path, "protocol"):
+            return path
+        from upath import UPath
+
+        return UPath(str(path), **{**_STORE_OPTIONS, **storage_options})
+    s = str(path)
+    return Path(s[len("file://"):] if s.startswith("file://") else s)
+
+
+def check_url(url: str) -> None:
+    """Fail now, with what to install, when no fsspec implementation serves `url`'s protocol or
+    it cannot be written to."""
+    import fsspec
+
+    protocol = str(url).split("://", 1)[0]
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise ValueError(f"{url!r}: no fsspec filesystem is known for {protocol}://") from None
+    except ImportError as exc:
+        extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(protocol)
+        hint = f" (pip install 'mm1-pipeline[{extra}]')" if extra else ""
+        raise ValueError(f"{url!r}: {protocol}:// needs a package that is not installed{hint}: {exc}") from None
+    if protocol in ("http", "https") or getattr(cls, "read_only", False):
+        raise ValueError(f"{url!r}: {protocol}:// cannot be written to")
+
+
+def relative(path: Any, root: Any) -> str:
+    """`path` under `root` as a posix relative name (what markers and the manifest record)."""
+    p, r = str(path).rstrip("/"), str(root).rstrip("/")
+    if not p.startswith(r + "/"):
+        raise ValueError(f"{path} is not under {root}")
+    return p[len(r) + 1:]
+
+
+def fs_path(path: Any) -> tuple[str, Any]:
+    """(path, filesystem) for pyarrow and fsspec: the filesystem is None on a local disk."""
+    if is_url(path):
+        return path.path, path.fs
+    return str(path), None
+
+
+def dask_url(path: Any) -> tuple[str, dict[str, Any]]:
+    """(url, storage_options) for dask's read_parquet / to_parquet."""
+    if is_url(path):
+        return str(path), dict(getattr(path, "storage_options", {}) or {})
+    return str(path), {}
+
+
+# parquet, wherever it lies ----------------------------------------------------------------------
+
+
+def read_table(path: Any, columns: list[str] | None = None) -> pa.Table:
+    """A parquet file or a folder of them (hive `key=value` folders are not turned into columns)."""
+    where, fs = fs_path(path)
+    return pq.read_table(where, columns=columns, filesystem=fs, partitioning=None)
+
+
+def parquet_file(path: Any) -> pq.ParquetFile:
+    if is_url(path):
+        return pq.ParquetFile(path.fs.open(path.path, "rb"))
+    return pq.ParquetFile(path)
+
+
+def read_schema(path: Any) -> pa.Schema:
+    if is_url(path):
+        with path.fs.open(path.path, "rb") as f:
+            return pq.read_schema(f)
+    return pq.read_schema(path)
+
+
+def parquet_files(folder: Any) -> list[Any]:
+    """The parquet files under a folder, sorted (none when it does not exist)."""
+    folder = location(folder) if not hasattr(folder, "rglob") else folder
+    if not folder.exists():
+        return []
+    return sorted((f for f in folder.rglob("*.parquet")), key=str)
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage
+# ---------------------------------------------------------------------------------------------
 
 
 class Storage:
     """Local-disk storage. Paths are `pathlib.Path`s under the output root."""
 
-    def attempt_path(self, final: Path) -> Path:
+    remote = False
+
+    def attempt_path(self, final: Path, deterministic: bool = False) -> Path:
+        """Where an attempt writes `final` before `publish` (`deterministic`: every attempt
+        writes the same bytes; only an object store makes use of it)."""
         final = Path(final)
         return final.with_name(f"{final.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
 
@@ -35,16 +164,24 @@ class Storage:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return open(path, "wb")
 
-    def publish(self, tmp: Path, final: Path) -> None:
-        os.replace(tmp, final)
+    def discard(self, f: BinaryIO, path: Path) -> None:
+        """Give up an attempt's file opened by `open_write` (a failed write)."""
+        f.close()
+        self.remove(path)
 
-    def publish_dir(self, tmp: Path, final: Path) -> None:
+    def publish(self, tmp: Path, final: Path) -> Path:
+        """Make an attempt's file the output; returns the name its marker records."""
+        os.replace(tmp, final)
+        return final
+
+    def publish_dir(self, tmp: Path, final: Path) -> Path:
         """Directories cannot be replaced atomically when the target exists: an earlier
         unmarked attempt's directory is removed first. Safe because only a marker makes it
         visible, and the marker is written after this returns."""
         if Path(final).exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        return final
 
     def remove(self, path: Path) -> None:
         path = Path(path)
@@ -58,7 +195,7 @@ class Storage:
 
     def sha256(self, path: Path) -> str:
         h = hashlib.sha256()
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         return h.hexdigest()
@@ -68,16 +205,20 @@ class Storage:
     def write_marker(self, path: Path, content: dict[str, Any]) -> None:
         tmp = self.attempt_path(path)
         with self.open_write(tmp) as f:
-            f.write(json.dumps(content, sort_keys=True, indent=1).encode())
+            f.write(_marker_bytes(content))
             f.flush()
             os.fsync(f.fileno())
         self.publish(tmp, path)
 
     def read_marker(self, path: Path) -> dict[str, Any] | None:
         try:
-            return json.loads(Path(path).read_text())
+            return json.loads(path.read_text())
         except FileNotFoundError:
             return None
+
+    def read_markers(self, paths: list[Path]) -> list[dict[str, Any] | None]:
+        """Many markers at once (None for each that does not exist)."""
+        return [self.read_marker(p) for p in paths]
 
     def write_json(self, path: Path, content: Any) -> None:
         """A JSON document published atomically (the manifest, sizes.json)."""
@@ -91,3 +232,122 @@ class Storage:
                 self.remove(path)
                 removed += 1
         return removed
+
+
+class ObjectStorage(Storage):
+    """An object store through fsspec (paths are `upath.UPath`s): no rename; see the module
+    docstring for what publishes what."""
+
+    remote = True
+
+    def attempt_path(self, final: Any, deterministic: bool = False) -> Any:
+        if deterministic:
+            return final
+        name = final.name
+        stem, dot, ext = name.partition(".")
+        return final.with_name(f"{stem}.{uuid.uuid4().hex[:12]}{dot}{ext}")
+
+    def open_write(self, path: Any) -> BinaryIO:
+        """An upload: completed by `close()` or a clean `with` exit, aborted by an exception in
+        the `with` block or by `discard` (a partial object never appears)."""
+        return _Upload(path.fs.open(path.path, "wb"), self, path)
+
+    def discard(self, f: Any, path: Any) -> None:
+        f.abort()
+        self.remove(path)
+
+    def publish(self, tmp: Any, final: Any) -> Any:
+        return tmp  # the marker that records this name publishes it
+
+    def publish_dir(self, tmp: Any, final: Any) -> Any:
+        return tmp
+
+    def remove(self, path: Any) -> None:
+        where, fs = fs_path(path)
+        try:
+            fs.rm(where, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def exists(self, path: Any) -> bool:
+        where, fs = fs_path(path)
+        return fs.exists(where)
+
+    def write_marker(self, path: Any, content: dict[str, Any]) -> None:
+        where, fs = fs_path(path)
+        fs.pipe_file(where, _marker_bytes(content))  # one PUT: the object appears whole
+
+    def read_marker(self, path: Any) -> dict[str, Any] | None:
+        where, fs = fs_path(path)
+        try:
+            return json.loads(fs.cat_file(where))
+        except FileNotFoundError:
+            return None
+
+    def read_markers(self, paths: list[Any]) -> list[dict[str, Any] | None]:
+        """Concurrent GETs (one marker a partition: a run of 100k partitions reads 100k)."""
+        if not paths:
+            return []
+        where = [fs_path(p)[0] for p in paths]
+        found = paths[0].fs.cat(where, on_error="omit")
+        found = {k.split("://", 1)[-1]: v for k, v in found.items()}
+        return [json.loads(found[w]) if w in found else None for w in where]
+
+    def remove_temporaries(self, root: Any) -> int:
+        return 0  # attempts are not temporaries here: `remove_unnamed` sweeps what no marker names
+
+    def remove_unnamed(self, folder: Any, named: set[str]) -> int:
+        """Delete the attempt-named entries directly in `folder` whose paths (str) are not in
+        `named`: attempts of killed or duplicated tasks. Only call when no task is running."""
+        where, fs = fs_path(folder)
+        try:
+            entries = fs.ls(where, detail=False)
+        except FileNotFoundError:
+            return 0
+        removed = 0
+        for entry in entries:
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if ATTEMPT_NAME.match(name) and entry.rstrip("/") not in named:  # fs paths, no protocol
+                fs.rm(entry, recursive=True)
+                removed += 1
+        return removed
+
+
+class _Upload:
+    """An fsspec file being uploaded, that an exception aborts instead of completing."""
+
+    def __init__(self, f: Any, storage: ObjectStorage, path: Any):
+        self._f, self._storage, self._path = f, storage, path
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+    def write(self, data: Any) -> int:
+        return self._f.write(data)
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            if hasattr(self._f, "discard"):
+                self._f.discard()  # a multipart upload aborted, never completed
+            self._f.closed = True  # nor completed later by the file's finaliser
+
+    def __enter__(self) -> "_Upload":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self._f.close()
+        else:
+            self._storage.discard(self, self._path)
+
+
+def _marker_bytes(content: Any) -> bytes:
+    return json.dumps(content, sort_keys=True, indent=1).encode()
+
+
+_LOCAL, _OBJECT = Storage(), ObjectStorage()
+
+
+def storage_for(path: Any) -> Storage:
+    """The storage that commits under `path` (a local path or a store's URL/UPath)."""
+    return _OBJECT if is_url(path) else _LOCAL

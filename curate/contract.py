@@ -20,12 +20,13 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from curate.commit import location, parquet_file, read_table
 
 FORMAT_VERSION = 1
 
@@ -151,7 +152,7 @@ def sample_key(shard: int, index: int) -> str:
 
 
 def kind_dir(out: str | Path, kind: str) -> Path:
-    return Path(out) / KIND_DIRS[kind]
+    return location(out) / KIND_DIRS[kind]
 
 
 def tar_path(out: str | Path, kind: str, shard: int) -> Path:
@@ -342,11 +343,12 @@ def sidecar_row(kind: str, row: dict[str, Any], key: str, members: list[dict[str
 
 
 def inside(out: str | Path, relative: str) -> Path:
-    """`out / relative`, refusing names from a manifest that would leave the output folder."""
-    rel = Path(relative)
+    """`out / relative` (a local path, or a UPath on an object store), refusing names from a
+    manifest that would leave the output folder."""
+    rel = PurePosixPath(relative)
     if rel.is_absolute() or ".." in rel.parts or not rel.parts:
         raise ValueError(f"{out}: manifest names {relative!r}, outside the output folder")
-    return Path(out) / rel
+    return location(out) / rel.as_posix()
 
 
 def read_sidecars(out: str | Path, kind: str, columns: list[str] | None = None) -> pa.Table:
@@ -354,7 +356,7 @@ def read_sidecars(out: str | Path, kind: str, columns: list[str] | None = None) 
     whole: for big outputs iterate `read_manifest(out)["kinds"][kind]["shards"]` instead."""
     manifest = read_manifest(out)
     tables = [
-        pq.read_table(inside(out, shard["sidecar"]), columns=columns)
+        read_table(inside(out, shard["sidecar"]), columns=columns)
         for shard in manifest["kinds"].get(kind, {}).get("shards", [])
     ]
     if not tables:
@@ -406,12 +408,12 @@ def read_ledger(out: str | Path, columns: list[str] | None = None) -> pa.Table:
     files = ledger_files(out)
     if not files:
         return LEDGER_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+    return pa.concat_tables([read_table(f, columns=columns) for f in files])
 
 
 def iter_ledger(out: str | Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     for f in ledger_files(out):
-        yield from pq.ParquetFile(f).iter_batches(columns=columns)
+        yield from parquet_file(f).iter_batches(columns=columns)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,10 +422,11 @@ def iter_ledger(out: str | Path, columns: list[str] | None = None) -> Iterator[p
 
 
 def read_manifest(out: str | Path) -> dict[str, Any]:
-    path = Path(out) / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no manifest; is {out} a finished curation output?")
-    manifest = json.loads(path.read_text())
+    path = location(out) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no manifest; is {out} a finished curation output?") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
     return manifest

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.commit import Storage
+from curate.commit import Storage, location, relative
 from curate.tokens import TokenCounter
 from curate.contract import (
     encode_sample,
@@ -105,12 +105,13 @@ class ShardWriter:
     def __init__(self, storage: Storage, out: str | Path, kind: str, shard: int, record_schema: pa.Schema,
                  tokens: TokenCounter | None = None):
         self.storage = storage
-        self.out = Path(out)
+        self.out = location(out)
         self.kind = kind
         self.shard = shard
-        self.final_tar = tar_path(out, kind, shard)
-        self.final_sidecar = sidecar_path(out, kind, shard)
-        self.tmp_tar = storage.attempt_path(self.final_tar)
+        self.final_tar = tar_path(self.out, kind, shard)
+        self.final_sidecar = sidecar_path(self.out, kind, shard)
+        # a shard's bytes follow from the marked rows it packs: every attempt writes the same
+        self.tmp_tar = storage.attempt_path(self.final_tar, deterministic=True)
         self._file = storage.open_write(self.tmp_tar)
         self._hash = _HashingWriter(self._file)
         self._tar = tarfile.open(fileobj=self._hash, mode="w", format=tarfile.USTAR_FORMAT)
@@ -140,27 +141,27 @@ class ShardWriter:
         tar_bytes = self._hash.position
         tar_sha = self._hash.sha256.hexdigest()
         table = pa.Table.from_pylist(self._rows, schema=self._schema)
-        tmp_sidecar = self.storage.attempt_path(self.final_sidecar)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        sidecar = buffer.getvalue()
+        tmp_sidecar = self.storage.attempt_path(self.final_sidecar, deterministic=True)
         with self.storage.open_write(tmp_sidecar) as f:
-            pq.write_table(table, f, compression="zstd")
-        sidecar_sha = self.storage.sha256(tmp_sidecar)
-        self.storage.publish(self.tmp_tar, self.final_tar)
-        self.storage.publish(tmp_sidecar, self.final_sidecar)
-        rel = self.final_tar.relative_to(self.out).as_posix()
+            f.write(sidecar)
+        tar = self.storage.publish(self.tmp_tar, self.final_tar)
+        sidecar_at = self.storage.publish(tmp_sidecar, self.final_sidecar)
         return {
-            "name": rel,
-            "sidecar": self.final_sidecar.relative_to(self.out).as_posix(),
+            "name": relative(tar, self.out),
+            "sidecar": relative(sidecar_at, self.out),
             "kind": self.kind,
             "shard": self.shard,
             "count": self.count,
             "bytes": tar_bytes,
             "sha256": tar_sha,
-            "sidecar_sha256": sidecar_sha,
+            "sidecar_sha256": hashlib.sha256(sidecar).hexdigest(),
         }
 
     def abort(self) -> None:
-        self._file.close()
-        self.storage.remove(self.tmp_tar)
+        self.storage.discard(self._file, self.tmp_tar)
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -48,9 +48,20 @@ class _Strict(BaseModel):
 
 
 class OutputConfig(_Strict):
+    # a local folder, or an fsspec URL of an object store (s3://bucket/run, gs://bucket/run):
+    # credentials and endpoint come from the store's usual environment (AWS_*, GOOGLE_*)
     path: str
     shard_max_samples: int = Field(10_000, ge=1, le=MAX_SAMPLES_PER_SHARD)
     shard_max_bytes: int = Field(1_000_000_000, ge=1024)
+
+    @field_validator("path")
+    @classmethod
+    def _location(cls, v: str) -> str:
+        from curate.commit import check_url, is_url
+
+        if is_url(v):
+            check_url(v)
+        return v
 
     @field_validator("shard_max_bytes", mode="before")
     @classmethod

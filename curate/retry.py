@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.commit import Storage
+from curate.commit import dask_url, parquet_file, parquet_files, read_schema, read_table, relative
 from curate.contract import (
     KIND_DIRS,
     LEDGER_DIR,
@@ -100,15 +100,15 @@ def select_retry(job: Job, p: int, ledger: str) -> dict[str, Any]:
     done = finished(job, "select", p)
     if done is not None:
         return done
-    table = pq.read_table(inside(job.out, ledger), columns=["id", "outcome", "stage", "drop_reason", "attempts"])
+    table = read_table(inside(job.out, ledger), columns=["id", "outcome", "stage", "drop_reason", "attempts"])
     reasons = table.column("drop_reason").to_pylist()
     mask = pa.array([is_transient(r) for r in reasons], pa.bool_())
     picked = table.filter(pc.and_(mask, pc.equal(table.column("outcome"), "dropped")))
     stages = sorted(set(picked.column("stage").to_pylist()))
     if picked.num_rows:
-        storage = Storage()
+        storage = job.storage
         final = job.retry_ids(p)
-        tmp = storage.attempt_path(final)
+        tmp = storage.attempt_path(final, deterministic=True)  # a function of the ledger
         with storage.open_write(tmp) as fh:
             pq.write_table(picked.select(["id", "stage", "attempts"]), fh)
         storage.publish(tmp, final)
@@ -120,12 +120,19 @@ def _changes(job: Job, p: int) -> dict[str, tuple[str, str, str]]:
     id -> (stage, reason, detail), the earliest stage first."""
     out: dict[str, tuple[str, str, str]] = {}
     for seg in range(len(job.segments)):
-        d = job.round_dir / f"changes{seg}" / f"{PARTITION_COLUMN}={p}"
-        if not d.exists():
+        d = _changes_dir(job, seg) / f"{PARTITION_COLUMN}={p}"
+        if not parquet_files(d):
             continue
-        for r in pq.read_table(d, columns=["id", "drop_stage", "drop_reason", "drop_detail"]).to_pylist():
+        for r in read_table(d, columns=["id", "drop_stage", "drop_reason", "drop_detail"]).to_pylist():
             out.setdefault(r["id"], (r["drop_stage"], r["drop_reason"], r["drop_detail"]))
     return out
+
+
+def _changes_dir(job: Job, seg: int) -> Path:
+    """This round's changes to earlier rows at segment `seg`'s global stage, as the stage's
+    round marker names them."""
+    marker = job.storage.read_marker(job.marker(f"global{seg}")) or {}
+    return inside(job.out, marker["changes"]) if marker.get("changes") else job.round_dir / f"changes{seg}"
 
 
 def _outcome_key(row: dict[str, Any]) -> str | None:
@@ -140,12 +147,12 @@ def run_retry_pack(job: Job, p: int, ledger: str, first_shard: int, shard_counts
     done = finished(job, "pack", p)
     if done is not None:
         return done
-    storage = Storage()
+    storage = job.storage
     kind = job.kinds[p]
     shards: list[dict[str, Any]] = []
     new_rows: dict[str, dict[str, Any]] = {}  # ledger rows of the retried ids (no bytes)
     if retried:
-        record = pq.read_schema(job.seg_data(len(job.segments) - 1, p))
+        record = read_schema(job.seg_file(len(job.segments) - 1, p))
         plan = list(shard_counts)
         writer: ShardWriter | None = None
         for row in _final_rows(job, p):
@@ -168,10 +175,10 @@ def run_retry_pack(job: Job, p: int, ledger: str, first_shard: int, shard_counts
     withdrawn: list[dict[str, str]] = []
     counts = Counter()
     final = job.out / LEDGER_DIR / f"{p:05d}.r{job.round}.parquet"
-    tmp = storage.attempt_path(final)
+    tmp = storage.attempt_path(final, deterministic=True)
     with storage.open_write(tmp) as fh, pq.ParquetWriter(fh, LEDGER_SCHEMA) as out:
         ledger_rows = LedgerRows(out)
-        source = pq.ParquetFile(inside(job.out, ledger))
+        source = parquet_file(inside(job.out, ledger))
         for g in range(source.num_row_groups):
             for old in source.read_row_group(g).to_pylist():
                 row = old
@@ -197,12 +204,12 @@ def run_retry_pack(job: Job, p: int, ledger: str, first_shard: int, shard_counts
         ledger_rows.close()
     if new_rows:  # an id the retry read that the ledger lacks: the source changed under us
         raise RuntimeError(f"partition {p}: retried ids not in its ledger: {sorted(new_rows)[:5]}")
-    storage.publish(tmp, final)
+    ledger_at = storage.publish(tmp, final)
     return commit(
         job, "pack", p,
         kind=kind,
         shards=shards,
-        ledger=final.relative_to(job.out).as_posix(),
+        ledger=relative(ledger_at, job.out),
         withdrawn=withdrawn,
         delta={k: v for k, v in sorted(delta.items()) if v},
         **{k: counts[k] for k in ("retried", "recovered", "failed_again", "dropped", "changed")},
@@ -235,11 +242,12 @@ def _read_dir(path: Path, columns: list[str] | None = None) -> Any:
     when it holds no file (a stage that had no rows)."""
     import dask.dataframe as dd
 
-    if not path.exists() or not any(path.rglob("*.parquet")):
+    if not parquet_files(path):
         return None
     from curate.runner import EXACT_INTEGERS
 
-    ddf = dd.read_parquet(str(path), columns=columns, arrow_to_pandas=EXACT_INTEGERS)
+    url, opts = dask_url(path)
+    ddf = dd.read_parquet(url, columns=columns, arrow_to_pandas=EXACT_INTEGERS, storage_options=opts)
     if PARTITION_COLUMN in ddf.columns:
         ddf[PARTITION_COLUMN] = ddf[PARTITION_COLUMN].astype(str).astype("int64")
     return ddf
@@ -260,7 +268,7 @@ def retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) ->
     rows under `changes<seg>`; returns the stage's new record for the manifest."""
     import dask
 
-    storage = Storage()
+    storage = job.storage
     marker_path = job.marker(f"global{seg}")
     done = storage.read_marker(marker_path)
     if done is not None:
@@ -275,30 +283,31 @@ def retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) ->
 def _retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) -> dict[str, Any]:
     import dask.dataframe as dd
 
-    from curate.runner import decide_global, live_schema, read_live
+    from curate.runner import decide_global, global_state, live_schema, read_live
 
-    storage = Storage()
+    storage = job.storage
     stage = build_stage(job.segments[seg].global_stage)
     assert isinstance(stage, GlobalStage)
     columns = ["id", PARTITION_COLUMN, *stage.columns]
     before = _read_dir(inside(job.out, state["input"]), columns)
-    earlier = [job.round_dir / f"changes{s}" for s in range(seg)]
+    earlier = [_changes_dir(job, s) for s in range(seg)]
     for folder in earlier:
         before = _without(before, _read_dir(folder, ["id"])) if before is not None else None
-    files = [str(job.seg_data(seg, p)) for p in parts if job.kinds[p] in stage.kinds]
+    files = job.seg_files(seg, [p for p in parts if job.kinds[p] in stage.kinds])
     pieces = [x for x in (before, read_live(files, stage.columns) if files else None) if x is not None]
     dropped = changed = 0
+    decisions, inputs, changes = job.decisions_dir(seg), job.global_input_dir(seg), None
     if pieces:
         live = dd.concat(pieces) if len(pieces) > 1 else pieces[0]
         # a retried row dropped at a later segment the first time reached this stage then too:
         # it is in both pieces, with the same values
         live = live.drop_duplicates(subset=["id"], split_out=max(1, live.npartitions))
         schema = live_schema(files[0] if files else inside(job.out, state["input"]), stage.columns)
-        dropped = decide_global(stage, live, job.decisions_dir(seg), job.global_input_dir(seg), schema)
-        changed = _publish_changes(job, seg, stage, state, parts)
+        dropped, decisions, inputs = decide_global(stage, live, decisions, inputs, schema)
+        changed, changes = _publish_changes(job, seg, stage, state, parts, decisions, inputs)
     else:
-        storage.remove(job.decisions_dir(seg))
-        storage.remove(job.global_input_dir(seg))
+        storage.remove(decisions)
+        storage.remove(inputs)
     return {
         "step": f"global{seg}",
         "stage": stage.name,
@@ -306,32 +315,31 @@ def _retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) -
         "dropped": dropped,
         "changed": changed,
         **({"summary": stage.summary()} if stage.summary() else {}),
-        "state": {
-            "decisions": job.decisions_dir(seg).relative_to(job.out).as_posix(),
-            "input": job.global_input_dir(seg).relative_to(job.out).as_posix(),
-        },
+        "state": global_state(job, decisions, inputs),
+        **({"changes": relative(changes, job.out)} if changes is not None else {}),
     }
 
 
 def _publish_changes(job: Job, seg: int, stage: GlobalStage, state: dict[str, str],
-                     parts: list[int]) -> int:
+                     parts: list[int], decisions: Path, inputs: Path) -> tuple[int, Path | None]:
     """Earlier rows whose decision at this stage changed: dropped now and not before, or dropped
     with another detail (the id a duplicate is kept for). Written per partition under
     `changes<seg>`; raises RetryError for a row the stage dropped before and would keep now."""
     import dask.dataframe as dd
 
-    storage = Storage()
+    storage = job.storage
     cols = ["id", PARTITION_COLUMN, "drop_reason", "drop_detail"]
-    new = _read_dir(job.decisions_dir(seg), cols)
+    new = _read_dir(decisions, cols)
     old = _read_dir(inside(job.out, state["decisions"]), ["id", "drop_detail"])
-    retried_files = [str(job.retry_ids(p)) for p in parts]
-    retried = dd.read_parquet(retried_files, columns=["id"]) if retried_files else None
+    retried_urls = [dask_url(job.retry_ids(p)) for p in parts]
+    retried = dd.read_parquet([u for u, _ in retried_urls], columns=["id"],
+                              storage_options=retried_urls[0][1]) if retried_urls else None
     final = job.round_dir / f"changes{seg}"
     if old is not None:
         # dropped before, still reaching the stage, kept now: cannot be undone
         back = old.merge(new[["id"]].assign(_now=True), on="id", how="left") if new is not None \
             else old.assign(_now=None)
-        reaching = _read_dir(job.global_input_dir(seg), ["id"])  # what the stage decided over now
+        reaching = _read_dir(inputs, ["id"])  # what the stage decided over now
         back = back[back["_now"].isnull()][["id"]].merge(reaching, on="id", how="inner")
         resurrected = back["id"].head(5, npartitions=-1).tolist()
         if resurrected:
@@ -342,7 +350,7 @@ def _publish_changes(job: Job, seg: int, stage: GlobalStage, state: dict[str, st
             )
     if new is None:
         storage.remove(final)
-        return 0
+        return 0, None
     if old is not None:
         joined = new.merge(old.rename(columns={"drop_detail": "_before"}), on="id", how="left")
         changes = joined[joined["_before"].isnull() | (joined["_before"] != joined["drop_detail"])]
@@ -351,11 +359,12 @@ def _publish_changes(job: Job, seg: int, stage: GlobalStage, state: dict[str, st
         changes = new
     changes = _without(changes, retried).assign(drop_stage=stage.name)
     tmp = storage.attempt_path(final)
-    changes.to_parquet(str(tmp), partition_on=[PARTITION_COLUMN], write_index=False)
-    n = sum(pq.ParquetFile(f).metadata.num_rows for f in tmp.rglob("*.parquet")) if tmp.exists() else 0
-    if tmp.exists():
-        storage.publish_dir(tmp, final)
-    return n
+    url, opts = dask_url(tmp)
+    changes.to_parquet(url, partition_on=[PARTITION_COLUMN], write_index=False, storage_options=opts)
+    files = parquet_files(tmp)
+    if not files:
+        return 0, None
+    return sum(parquet_file(f).metadata.num_rows for f in files), storage.publish_dir(tmp, final)
 
 
 def retry_failed(recipe: Recipe, *, progress: bool = True, client: Any = None) -> dict[str, Any]:
@@ -394,7 +403,7 @@ def retry_failed(recipe: Recipe, *, progress: bool = True, client: Any = None) -
         parts = [p for p in range(n) if selected[p]["count"]]
         if not parts:
             log.info("nothing to retry: no transient drop in %s", job.out)
-            Storage().remove(job.round_dir)
+            job.storage.remove(job.round_dir)
             return manifest
         first_seg = min(_segment_of(job, stage) for p in parts for stage in selected[p]["stages"])
         entries = _global_entries(manifest)
@@ -444,7 +453,7 @@ def _segment_of(job: Job, stage_name: str) -> int:
 def _changed_partitions(job: Job) -> set[int]:
     out: set[int] = set()
     for seg in range(len(job.segments)):
-        folder = job.round_dir / f"changes{seg}"
+        folder = _changes_dir(job, seg)
         if folder.exists():
             out |= {int(d.name.split("=", 1)[1]) for d in folder.iterdir() if d.name.startswith(f"{PARTITION_COLUMN}=")}
     return out
@@ -454,7 +463,7 @@ def _write_manifest(job: Job, manifest: dict[str, Any], packs: list[dict[str, An
                     globals_: list[dict[str, Any]]) -> dict[str, Any]:
     from curate.runner import code_version
 
-    storage = Storage()
+    storage = job.storage
     m = dict(manifest)
     kinds = {k: dict(v) for k, v in m["kinds"].items()}
     new_shards: Counter[str] = Counter()
@@ -509,7 +518,7 @@ def _cleanup(job: Job, manifest: dict[str, Any]) -> None:
     """Remove what the committed manifest no longer names: superseded ledger files, global
     state of earlier rounds, and the working files of committed rounds. The round in progress
     (`job.round`, not yet in the manifest) keeps its files, so a killed round resumes."""
-    storage = Storage()
+    storage = job.storage
     named = set(manifest["ledger"])
     committed = len(manifest.get("retries", []))
     ledger_dir = job.out / LEDGER_DIR
@@ -525,7 +534,7 @@ def _cleanup(job: Job, manifest: dict[str, Any]) -> None:
         if not root.exists():
             continue
         for entry in root.iterdir():
-            rel = entry.relative_to(job.out).as_posix()
+            rel = relative(entry, job.out)
             if entry.name.startswith("global") and entry.is_dir() and rel not in keep:
                 storage.remove(entry)
             elif r and entry.name != "done" and not entry.name.startswith("global"):

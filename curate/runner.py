@@ -25,10 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from curate.commit import Storage
-from curate.contract import FORMAT_VERSION, KIND_DIRS, LEDGER_DIR, MANIFEST, SIZES_JSON, sizes_json
+from curate.commit import (
+    ObjectStorage,
+    dask_url,
+    fs_path,
+    is_url,
+    location,
+    parquet_file,
+    parquet_files,
+    read_schema,
+    relative,
+    storage_for,
+)
+from curate.contract import FORMAT_VERSION, KIND_DIRS, LEDGER_DIR, MANIFEST, SIZES_JSON, inside, sizes_json
 from curate.recipe import Recipe
 from curate.sources.base import build_source
 from curate.stages.base import GlobalStage, build_stage
@@ -67,7 +77,7 @@ def code_version() -> str:
 
 def plan_job(recipe: Recipe, out: Path | None = None) -> Job:
     """List every source's partitions (on the client: names and sizes only)."""
-    out = Path(out or recipe.output.path)
+    out = location(out or recipe.output.path)
     job = Job(recipe=recipe, out=out, recipe_hash=recipe.hash(), segments=split_segments(recipe))
     for cfg in recipe.sources:
         source = build_source(cfg)
@@ -82,7 +92,7 @@ _OUTPUT_ENTRIES = (WORK, LEDGER_DIR, MANIFEST, *KIND_DIRS.values())
 
 def prepare_output(job: Job, restart: bool) -> None:
     """Refuse to resume a different recipe or input; --restart clears our own entries only."""
-    storage = Storage()
+    storage = job.storage
     run_json = job.work / "run.json"
     current = {"recipe_hash": job.recipe_hash, "input_fingerprint": job.input_fingerprint()}
     previous = storage.read_marker(run_json)
@@ -204,45 +214,47 @@ def _segment_resources(job: Job, seg: int) -> dict[str, float]:
 
 
 def _count_rows(folder: Path) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.rglob("*.parquet")) \
-        if folder.exists() else 0
+    return sum(parquet_file(f).metadata.num_rows for f in parquet_files(folder))
 
 
 def live_schema(source: Path | str, columns: list[str]) -> pa.Schema:
     """The arrow schema of `id`, `_partition` and `columns` in parquet data at `source` (a file
     or a folder of files): what a global stage's input is written with (dask cannot infer list
     columns such as embeddings from pandas)."""
-    path = Path(source)
-    first = path if path.is_file() else next(iter(sorted(path.rglob("*.parquet"))))
-    schema = pq.read_schema(first)
+    path = location(source)
+    first = path if path.is_file() else parquet_files(path)[0]
+    schema = read_schema(first)
     return pa.schema([schema.field(c) for c in ["id", PARTITION_COLUMN, *columns]])
 
 
 def decide_global(stage: GlobalStage, live: Any, decisions_dir: Path, input_dir: Path,
-                  schema: pa.Schema) -> int:
+                  schema: pa.Schema) -> tuple[int, Path, Path]:
     """Run a global stage over `live` (a dask dataframe of the rows that reach it: `id`,
     `_partition` and the stage's columns, written with `schema`) and publish its drops under
     `decisions_dir`, one `_partition=<p>` folder per partition, and `live` itself under
-    `input_dir`, in one pass over the input. Returns the number of drops."""
+    `input_dir`, in one pass over the input. Returns the number of drops and the two folders
+    as published (on an object store, the attempt's own names: the marker must record them)."""
     import dask
 
-    storage = Storage()
+    storage = storage_for(decisions_dir)
     tmp, tmp_input = storage.attempt_path(decisions_dir), storage.attempt_path(input_dir)
+    (tmp_url, opts), (input_url, _) = dask_url(tmp), dask_url(tmp_input)
     # The task-based shuffle, not p2p: it recovers from workers dying mid-shuffle by
     # recomputing, where p2p was seen to hang under repeated worker deaths (tests/curate/
     # test_resume.py's chaos run). Only small columns move, so its overhead is affordable.
     with dask.config.set({"dataframe.shuffle.method": "tasks"}):
         decisions = stage.decide(live)
         dask.compute(
-            live.to_parquet(str(tmp_input), write_index=False, compute=False, schema=schema),
-            decisions.to_parquet(str(tmp), partition_on=[PARTITION_COLUMN], write_index=False,
-                                 compute=False),
+            live.to_parquet(input_url, write_index=False, compute=False, schema=schema,
+                            storage_options=opts),
+            decisions.to_parquet(tmp_url, partition_on=[PARTITION_COLUMN], write_index=False,
+                                 compute=False, storage_options=opts),
         )
     dropped = _count_rows(tmp)
+    published = []
     for folder, final in ((tmp, decisions_dir), (tmp_input, input_dir)):
-        if folder.exists():
-            storage.publish_dir(folder, final)
-    return dropped
+        published.append(storage.publish_dir(folder, final) if parquet_files(folder) else final)
+    return dropped, published[0], published[1]
 
 
 def _nullable_int64(dtype: pa.DataType) -> Any:
@@ -256,19 +268,21 @@ def _nullable_int64(dtype: pa.DataType) -> Any:
 EXACT_INTEGERS: dict[str, Any] = {"types_mapper": _nullable_int64}
 
 
-def read_live(files: list[str], columns: list[str]) -> Any:
+def read_live(files: list[Path], columns: list[str]) -> Any:
     """The rows of these intermediate files that no stage dropped, with `columns` (+ id and
     partition): what a global stage decides over."""
     import dask.dataframe as dd
 
-    ddf = dd.read_parquet(files, columns=["id", PARTITION_COLUMN, "drop_reason", *columns],
-                          split_row_groups=False, arrow_to_pandas=EXACT_INTEGERS)
+    urls = [dask_url(f) for f in files]
+    ddf = dd.read_parquet([u for u, _ in urls], columns=["id", PARTITION_COLUMN, "drop_reason", *columns],
+                          split_row_groups=False, arrow_to_pandas=EXACT_INTEGERS,
+                          storage_options=urls[0][1] if urls else None)
     return ddf[ddf["drop_reason"].isnull()].drop(columns=["drop_reason"])
 
 
 def run_global(job: Job, seg: int) -> dict[str, Any]:
     """A global stage over the intermediate of segment `seg`, as a Dask dataframe pass."""
-    storage = Storage()
+    storage = job.storage
     cfg = job.segments[seg].global_stage
     stage = build_stage(cfg)
     assert isinstance(stage, GlobalStage)
@@ -277,11 +291,11 @@ def run_global(job: Job, seg: int) -> dict[str, Any]:
     done = valid_marker(storage, marker_path, job, fp)
     if done is not None:
         return done
-    files = [str(job.seg_data(seg, p)) for p, k in enumerate(job.kinds) if k in stage.kinds]
-    dropped = 0
+    files = job.seg_files(seg, [p for p, k in enumerate(job.kinds) if k in stage.kinds])
+    dropped, decisions, inputs = 0, job.decisions_dir(seg), job.global_input_dir(seg)
     if files:
-        dropped = decide_global(stage, read_live(files, stage.columns), job.decisions_dir(seg),
-                                job.global_input_dir(seg), live_schema(files[0], stage.columns))
+        dropped, decisions, inputs = decide_global(
+            stage, read_live(files, stage.columns), decisions, inputs, live_schema(files[0], stage.columns))
     marker = {
         "step": f"global{seg}",
         "stage": stage.name,
@@ -291,29 +305,27 @@ def run_global(job: Job, seg: int) -> dict[str, Any]:
         # rows the stage dropped, or, for a stage that removes segments (paragraph and image
         # dedup), documents it removed segments from
         "dropped": dropped,
-        "decides_on": "segments" if _removes_segments(job.decisions_dir(seg)) else "rows",
+        "decides_on": "segments" if _removes_segments(decisions) else "rows",
         **({"summary": stage.summary()} if stage.summary() else {}),
-        # where its decisions and inputs live, relative to the output: a retry round reads them
-        "state": _global_state(job, seg),
+        # where its decisions and inputs live, relative to the output: the next segment and a
+        # retry round read them
+        "state": global_state(job, decisions, inputs),
     }
     storage.write_marker(marker_path, marker)
     return marker
 
 
 def _removes_segments(decisions: Path) -> bool:
-    first = next(iter(sorted(decisions.rglob("*.parquet"))), None) if decisions.exists() else None
-    return first is not None and SEGMENTS_COLUMN in pq.read_schema(first).names
+    files = parquet_files(decisions)
+    return bool(files) and SEGMENTS_COLUMN in read_schema(files[0]).names
 
 
-def _global_state(job: Job, seg: int) -> dict[str, str]:
-    return {
-        "decisions": job.decisions_dir(seg).relative_to(job.out).as_posix(),
-        "input": job.global_input_dir(seg).relative_to(job.out).as_posix(),
-    }
+def global_state(job: Job, decisions: Path, inputs: Path) -> dict[str, str]:
+    return {"decisions": relative(decisions, job.out), "input": relative(inputs, job.out)}
 
 
 def write_manifest(job: Job, packs: list[dict[str, Any]], globals_: list[dict[str, Any]]) -> dict[str, Any]:
-    storage = Storage()
+    storage = job.storage
     kinds: dict[str, dict[str, Any]] = {}
     for kind in sorted(set(job.kinds)):
         shards = sorted(
@@ -364,7 +376,8 @@ def run_recipe(
     `client`: an existing dask Client to use instead of the recipe's cluster block.
     """
     job = plan_job(recipe)
-    job.out.mkdir(parents=True, exist_ok=True)
+    if not is_url(job.out):
+        job.out.mkdir(parents=True, exist_ok=True)
     prepare_output(job, restart)
     own = None
     if client is None:
@@ -375,21 +388,37 @@ def run_recipe(
     finally:
         if own is not None:
             own.close()
-    Storage().remove_temporaries(job.out)
+    job.storage.remove_temporaries(job.out)
     if not recipe.execution.keep_intermediate:
         # the row data goes; global stages' decisions and inputs (small columns) stay for
         # `--retry-failed`
         for seg in range(len(job.segments)):
-            Storage().remove(job.seg_data(seg, 0).parent)
+            job.storage.remove(job.seg_data(seg, 0).parent)
+    remove_unnamed(job, manifest)
     return manifest
+
+
+def remove_unnamed(job: Job, manifest: dict[str, Any]) -> None:
+    """On an object store, delete the attempts of killed or twin tasks that no marker names
+    (what `remove_temporaries` does on a local disk). Only call when no task is running."""
+    storage = job.storage
+    if not isinstance(storage, ObjectStorage):
+        return
+    named = {fs_path(inside(job.out, v))[0] for g in manifest.get("global", {}).values()
+             for v in g.get("state", {}).values()}
+    if job.recipe.execution.keep_intermediate:  # (otherwise the segments' folders are gone)
+        for seg in range(len(job.segments)):
+            named |= {fs_path(f)[0] for f in job.seg_files(seg, list(range(len(job.partitions))))}
+            storage.remove_unnamed(job.seg_data(seg, 0).parent, named)
+    storage.remove_unnamed(job.round_dir, named)
 
 
 def _execute(job: Job, client: Any, progress: bool) -> dict[str, Any]:
     n = len(job.partitions)
     retries = job.recipe.execution.task_retries
-    storage = Storage()
+    storage = job.storage
     globals_: list[dict[str, Any]] = []
-    packs = [storage.read_marker(job.marker("pack", p)) for p in range(n)]
+    packs = storage.read_markers([job.marker("pack", p) for p in range(n)])
     if all(packs):  # finished earlier: only the manifest is (re)written, unless it exists
         manifest = storage.read_marker(job.out / MANIFEST)
         if manifest is not None and manifest.get("recipe_hash") == job.recipe_hash and \

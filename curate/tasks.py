@@ -25,10 +25,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.commit import Storage
+from curate.commit import Storage, parquet_file, parquet_files, read_schema, read_table, relative, storage_for
 from curate.documents import EMPTY_DOCUMENT, is_empty, load_segments, remove_segments, segment_counts
 from curate.contract import (
     HEAVY_COLUMNS,
+    inside,
     LEDGER_DIR,
     LEDGER_SCHEMA,
     PACK_STAGE,
@@ -99,6 +100,11 @@ class Job:
     round: int = 0
 
     @property
+    def storage(self) -> Storage:
+        """The storage that commits under `out` (a local disk or an object store)."""
+        return storage_for(self.out)
+
+    @property
     def work(self) -> Path:
         return self.out / WORK
 
@@ -111,6 +117,25 @@ class Job:
 
     def marker(self, step: str, p: int | None = None) -> Path:
         return self.round_dir / "done" / (f"{step}.json" if p is None else f"{step}-{p:05d}.json")
+
+    def seg_file(self, seg: int, p: int) -> Path:
+        """Segment `seg`'s committed rows of partition p: the file its done marker names (on an
+        object store an attempt's own name; `seg_data` where the marker names none)."""
+        return self.seg_files(seg, [p])[0]
+
+    def seg_files(self, seg: int, parts: list[int]) -> list[Path]:
+        """`seg_file` of many partitions, their markers read at once."""
+        markers = self.storage.read_markers([self.marker(f"seg{seg}", p) for p in parts])
+        return [inside(self.out, m["data"]) if m and m.get("data") else self.seg_data(seg, p)
+                for p, m in zip(parts, markers)]
+
+    def global_dirs(self, seg: int) -> tuple[Path, Path]:
+        """(decisions, input) folders of the global stage ending segment `seg` in this round,
+        as its done marker names them (the default names where it names none)."""
+        marker = self.storage.read_marker(self.marker(f"global{seg}")) or {}
+        state = marker.get("state") or {}
+        return (inside(self.out, state["decisions"]) if "decisions" in state else self.decisions_dir(seg),
+                inside(self.out, state["input"]) if "input" in state else self.global_input_dir(seg))
 
     def decisions_dir(self, seg: int) -> Path:
         """The drops a global stage decided, one `_partition=<p>` folder per partition."""
@@ -174,11 +199,17 @@ def valid_marker(storage: Storage, path: Path, job: Job, fp: str) -> dict | None
 
 def finished(job: Job, step: str, p: int) -> dict | None:
     """The marker of a task that already ran for this recipe and input (then it is skipped)."""
-    return valid_marker(Storage(), job.marker(step, p), job, job.partitions[p].fingerprint)
+    return valid_marker(job.storage, job.marker(step, p), job, job.partitions[p].fingerprint)
 
 
 def commit(job: Job, step: str, p: int, **content: Any) -> dict[str, Any]:
-    """Write a task's done marker, last: from now on readers trust its outputs."""
+    """Write a task's done marker, last: from now on readers trust its outputs. On an object
+    store the first marker stands: a twin attempt that finishes later returns it, and its own
+    attempt objects stay unnamed (swept at the end of the run)."""
+    if job.storage.remote:
+        earlier = finished(job, step, p)
+        if earlier is not None:
+            return earlier
     marker = {
         "step": step,
         "partition": p,
@@ -186,7 +217,7 @@ def commit(job: Job, step: str, p: int, **content: Any) -> dict[str, Any]:
         "fingerprint": job.partitions[p].fingerprint,
         **content,
     }
-    Storage().write_marker(job.marker(step, p), marker)
+    job.storage.write_marker(job.marker(step, p), marker)
     return marker
 
 
@@ -200,17 +231,17 @@ SEGMENTS_COLUMN = "segments"
 def _decisions(job: Job, seg: int, p: int) -> dict[str, Decision]:
     """The global stage's decisions for one partition, by id."""
     gcfg = job.segments[seg].global_stage
-    d = job.decisions_dir(seg) / f"{PARTITION_COLUMN}={p}"
-    if gcfg is None or not d.exists():
+    if gcfg is None:
         return {}
-    name = build_stage(gcfg).name
-    files = sorted(d.rglob("*.parquet"))
+    d = job.global_dirs(seg)[0] / f"{PARTITION_COLUMN}={p}"
+    files = parquet_files(d)
     if not files:
         return {}
+    name = build_stage(gcfg).name
     columns = ["id", "drop_reason", "drop_detail"]
-    if SEGMENTS_COLUMN in pq.read_schema(files[0]).names:
+    if SEGMENTS_COLUMN in read_schema(files[0]).names:
         columns.append(SEGMENTS_COLUMN)
-    table = pq.read_table(d, columns=columns)
+    table = read_table(d, columns=columns)
     return {
         r["id"]: (name, r["drop_reason"], r["drop_detail"],
                   json.loads(r[SEGMENTS_COLUMN]) if r.get(SEGMENTS_COLUMN) else None)
@@ -259,7 +290,7 @@ def iter_row_groups(path: Path, columns: list[str] | None = None) -> Iterator[pa
     """Read an intermediate file one row group at a time. Each write of a segment task is one
     row group of at most `batch_size` rows, so this bounds memory by the batch size
     (`ParquetFile.iter_batches` reads ahead and grew with the file: see BENCHMARKS.md)."""
-    f = pq.ParquetFile(path)
+    f = parquet_file(path)
     for i in range(f.num_row_groups):
         yield f.read_row_group(i, columns=columns)
 
@@ -274,14 +305,14 @@ def _segment_input(job: Job, seg: int, p: int) -> Iterator[pa.Table]:
             return
         # a retry round: the source read again, only the listed ids kept (url lists are cheap
         # to re-read; what costs is the download, and only these rows are fetched again)
-        wanted = pq.read_table(job.retry_ids(p), columns=["id"]).column("id")
+        wanted = read_table(job.retry_ids(p), columns=["id"]).column("id")
         for table in source.read(part, batch_size):
             table = table.filter(pc.is_in(table.column("id"), value_set=wanted))
             if table.num_rows:
                 yield table
         return
     decisions = _decisions(job, seg - 1, p)
-    for table in iter_row_groups(job.seg_data(seg - 1, p)):
+    for table in iter_row_groups(job.seg_file(seg - 1, p)):
         yield _apply_decisions(job.kinds[p], table, decisions)
 
 
@@ -290,7 +321,7 @@ def run_segment(job: Job, seg: int, p: int) -> dict[str, Any]:
     done = finished(job, f"seg{seg}", p)
     if done is not None:
         return done
-    storage = Storage()
+    storage = job.storage
     kind = job.kinds[p]
     stages = [_stage(c) for c in job.segments[seg].row_stages]
     stages = [s for s in stages if kind in s.kinds]
@@ -313,8 +344,9 @@ def run_segment(job: Job, seg: int, p: int) -> dict[str, Any]:
             ):
                 if reason:
                     drops[f"{stage_name}/{reason}"] += 1
-    storage.publish(tmp, final)
-    return commit(job, f"seg{seg}", p, rows=rows, dropped=dict(sorted(drops.items())))
+    data = storage.publish(tmp, final)
+    return commit(job, f"seg{seg}", p, rows=rows, dropped=dict(sorted(drops.items())),
+                  data=relative(data, job.out))
 
 
 def _final_rows(job: Job, p: int, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
@@ -323,7 +355,7 @@ def _final_rows(job: Job, p: int, columns: list[str] | None = None) -> Iterator[
     last = len(job.segments) - 1
     kind = job.kinds[p]
     decisions = _decisions(job, last, p)
-    for table in iter_row_groups(job.seg_data(last, p), columns):
+    for table in iter_row_groups(job.seg_file(last, p), columns):
         for row in table.to_pylist():
             apply_decision(kind, row, decisions.get(row["id"]))
             if kind == "doc" and not row.get("drop_reason"):
@@ -381,7 +413,7 @@ def run_plan(job: Job, p: int) -> dict[str, Any]:
     if done is not None:
         return done
     kind = job.kinds[p]
-    schema = pq.read_schema(job.seg_data(len(job.segments) - 1, p))
+    schema = read_schema(job.seg_file(len(job.segments) - 1, p))
     columns = [n for n in schema.names if n not in HEAVY_COLUMNS]
     footprints = (
         _footprint(kind, row) for row in _final_rows(job, p, columns) if not row.get("drop_reason")
@@ -435,12 +467,12 @@ def run_pack(job: Job, p: int, first_shard: int, shard_counts: list[int]) -> dic
     done = finished(job, "pack", p)
     if done is not None:
         return done
-    storage = Storage()
+    storage = job.storage
     kind = job.kinds[p]
     last = len(job.segments) - 1
-    record = pq.read_schema(job.seg_data(last, p))
+    record = read_schema(job.seg_file(last, p))
     ledger_final = job.out / LEDGER_DIR / f"{p:05d}.parquet"
-    ledger_tmp = storage.attempt_path(ledger_final)
+    ledger_tmp = storage.attempt_path(ledger_final, deterministic=True)
     shards: list[dict[str, Any]] = []
     plan = list(shard_counts)
     tokens = job.token_counter()
@@ -466,12 +498,12 @@ def run_pack(job: Job, p: int, first_shard: int, shard_counts: list[int]) -> dic
         ledger.close()
     if writer is not None or len(shards) != len(plan):
         raise RuntimeError(f"partition {p}: packed {len(shards)} shards, planned {len(plan)}")
-    storage.publish(ledger_tmp, ledger_final)
+    ledger_at = storage.publish(ledger_tmp, ledger_final)
     return commit(
         job, "pack", p,
         kind=kind,
         shards=shards,
-        ledger=ledger_final.relative_to(job.out).as_posix(),
+        ledger=relative(ledger_at, job.out),
         inputs=kept + dropped,
         kept=kept,
         dropped=dropped,

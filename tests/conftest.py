@@ -124,3 +124,22 @@ def demo_output(tmp_path_factory):
         recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))
         run_recipe(recipe, progress=False)
     return Path(recipe.output.path), root / "inputs" / "tokenizer" / "tokenizer.json"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server process (moto's server mode) on 127.0.0.1 for the session."""
+    from tools.s3_server import S3Server
+
+    server = S3Server(log=tmp_path_factory.mktemp("s3_server") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """'s3://<a fresh bucket>' on the loopback server, with this process's environment (and so
+    every process it starts: Dask workers, torchrun ranks) pointed at the server."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return f"s3://{s3_server.create_bucket()}"

@@ -32,7 +32,9 @@ def _curate(args: argparse.Namespace) -> int:
     else:
         manifest = run_recipe(recipe, restart=args.restart, progress=not args.no_progress)
     c = manifest["counts"]
-    out = Path(recipe.output.path)
+    from curate.commit import location
+
+    out = location(recipe.output.path)
     print(f"curated {c['inputs']} inputs: {c['kept']} kept, {c['dropped']} dropped -> {out}")
     for r in manifest.get("retries", [])[-1:] if args.retry_failed else []:
         print(f"  retry round {r['round']}: {r['retried']} retried, {r['recovered']} recovered, "

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+
+from curate.commit import is_url, location, read_schema, read_table
 
 from curate.contract import KINDS, inside, iter_ledger, read_manifest, withdrawn_keys
 from tools.stats import compute_stats
@@ -132,12 +133,12 @@ def _columns(out: Path, manifest: dict[str, Any], kind: str) -> tuple[dict[str, 
     withdrawn = withdrawn_keys(manifest, kind)
     for shard in manifest["kinds"].get(kind, {}).get("shards", []):
         path = inside(out, shard["sidecar"])
-        schema = pq.read_schema(path)
+        schema = read_schema(path)
         names = [f.name for f in schema if pa.types.is_floating(f.type)]
         wanted = names + (["language"] if "language" in schema.names else [])
         if not wanted:
             continue
-        t = pq.read_table(path, columns=wanted + ["key"])
+        t = read_table(path, columns=wanted + ["key"])
         gone = withdrawn.get(shard["name"])
         if gone:
             t = t.filter(pc.invert(pc.is_in(t["key"], pa.array(sorted(gone), pa.string()))))
@@ -209,7 +210,7 @@ def mixture(stats: dict[str, Any], *, seq_len: int, image_tokens: int, max_image
 def _member(tar: Path, members: list[dict[str, Any]], name_end: str) -> bytes | None:
     for m in members:
         if m["name"].endswith(name_end):
-            with open(tar, "rb") as f:
+            with tar.open("rb") as f:
                 f.seek(int(m["offset"]))
                 return f.read(int(m["size"]))
     return None
@@ -252,11 +253,11 @@ def sample_kept(out: Path, manifest: dict[str, Any], kind: str, n: int, seed: in
         shard = shards[int(s_idx)]
         rows_here = [int(p - starts[s_idx]) for p in picks if starts[s_idx] <= p < starts[s_idx] + counts[s_idx]]
         path = inside(out, shard["sidecar"])
-        names = pq.read_schema(path).names
+        names = read_schema(path).names
         cols = [c for c in ("key", "id", "url", "members", "caption", "caption_synthetic", "caption_vecap",
                             "vecap_fallback", "language", "clip_score", "token_count", "n_images", "title")
                 if c in names]
-        table = pq.read_table(path, columns=cols)
+        table = read_table(path, columns=cols)
         tar = inside(out, shard["name"])
         for i in rows_here:
             r = {c: table[c][i].as_py() for c in cols}
@@ -290,7 +291,7 @@ def sample_kept(out: Path, manifest: dict[str, Any], kind: str, n: int, seed: in
 
 def collect(out: str | Path, *, samples: int = 12, seed: int = 0, seq_len: int = 4096, image_tokens: int = 144,
             max_images: int = 16, weights: dict[str, float] | None = None) -> Run:
-    out = Path(out)
+    out = location(out)
     manifest = read_manifest(out)
     stats = compute_stats(out)
     order = _stage_order(manifest)
@@ -324,10 +325,14 @@ def build_report(outs: list[str | Path], path: str | Path | None = None, **optio
         raise ValueError("a report shows one output, or two side by side")
     runs = [collect(o, **options) for o in outs]
     if path is None:
-        first = Path(outs[0])
-        path = first / ("report.html" if len(outs) == 1 else f"report-vs-{Path(outs[1]).name}.html")
-    path = Path(path)
+        first = location(outs[0])
+        path = first / ("report.html" if len(outs) == 1 else f"report-vs-{location(outs[1]).name}.html")
+    path = location(path)
+    html = render(runs)
+    if is_url(path):  # one upload: the object appears whole
+        path.write_text(html, encoding="utf-8")
+        return path
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render(runs), encoding="utf-8")
+    tmp.write_text(html, encoding="utf-8")
     tmp.replace(path)
     return path

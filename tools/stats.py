@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+
+from curate.commit import location, read_schema, read_table
 
 from curate.contract import IMAGE_EXTENSIONS, KINDS, iter_ledger, read_manifest, withdrawn_keys
 
@@ -130,8 +131,8 @@ def _image_member_sizes(members: pa.ChunkedArray) -> tuple[np.ndarray, list[str]
 def _read_sidecar(path: Path, columns: list[str], withdrawn: set[str] | None) -> pa.Table:
     """A sidecar's columns, without the samples a retry round withdrew (see withdrawn_keys)."""
     if not withdrawn:
-        return pq.read_table(path, columns=columns)
-    t = pq.read_table(path, columns=[*columns, "key"])
+        return read_table(path, columns=columns)
+    t = read_table(path, columns=[*columns, "key"])
     return t.filter(pc.invert(pc.is_in(t["key"], pa.array(sorted(withdrawn), pa.string())))).select(columns)
 
 
@@ -150,7 +151,7 @@ def _kind_stats(out: Path, kind: str, shards: list[dict[str, Any]],
     for shard in shards:
         path = out / shard["sidecar"]
         gone = withdrawn.get(shard["name"])
-        schema = pq.read_schema(path)
+        schema = read_schema(path)
         floats = [f.name for f in schema if pa.types.is_floating(f.type)]
         if "token_count" in schema.names:  # a recipe with a tokenizer: what the trainer will pack
             t = _read_sidecar(path, ["token_count", "tokenizer"], gone)
@@ -287,7 +288,7 @@ def compute_stats(out: str | Path) -> dict[str, Any]:
     Null domains (inputs without a URL, e.g. local files) are reported as `domain: None` and
     under `domains.without_url`.
     """
-    out = Path(out)
+    out = location(out)
     manifest = read_manifest(out)
     kinds: dict[str, Any] = {}
     for kind in KINDS:

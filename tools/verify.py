@@ -18,7 +18,11 @@ What is checked (each failure is one error naming the file, the key and expected
   manifest (a `--retry-failed` round, curate/retry.py), never both; ledger totals and per
   stage/reason drop counts equal the manifest's;
 - no stray entries in the kind folders or ledger/ that the manifest does not name (pairs/sizes.json
-  excepted, and it must equal the manifest's counts), no leftover `*.tmp` anywhere under OUT.
+  excepted, and it must equal the manifest's counts), no leftover `*.tmp` anywhere under OUT (on
+  a local disk: on an object store attempts keep their own names, and the runner sweeps those
+  no marker names).
+
+OUT may be an fsspec URL (s3://bucket/run): every file is then read from the store.
 
 Memory stays bounded on big outputs: tars and sidecars are handled one shard at a time, the ledger
 is streamed, and whole-output uniqueness and the ledger <-> sidecar join work on sorted 64-bit
@@ -45,11 +49,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pandas.util import hash_array
 from webdataset import tariterators
 
-from curate.commit import TMP_SUFFIX
+from curate.commit import TMP_SUFFIX, is_url, location, parquet_file, read_table
 from curate.contract import (
     IMAGE_EXTENSIONS, KIND_DIRS, KINDS, LEDGER_DIR, SIZES_JSON, is_safe_member, read_manifest, shard_stem, sizes_json,
 )
@@ -104,7 +107,7 @@ def _repeated(hashes: list[np.ndarray]) -> set[int]:
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -211,6 +214,19 @@ def _check_file(out: Path, rel: str, size: int | None, sha: str | None, err: _Er
     return True
 
 
+def _temporaries(out: Path) -> list[str]:
+    """Leftover attempt files of killed tasks (`NAME.<uuid>.tmp`, local disks only: on an object
+    store an attempt keeps its own name and what no marker names is swept by the runner)."""
+    if is_url(out):
+        return []
+    found = []
+    for root, dirs, files in os.walk(out):
+        for name in sorted(dirs + files):
+            if name.endswith(TMP_SUFFIX):
+                found.append(Path(root, name).relative_to(out).as_posix())
+    return found
+
+
 def _check_layout(out: Path, manifest: dict[str, Any], shards: list[tuple[str, dict[str, Any]]], err: _Errors) -> None:
     """Stray entries in the kind folders and ledger/, leftover temporaries, pairs/sizes.json."""
     named = {s.get(k) for e in manifest.get("kinds", {}).values() for s in e.get("shards", []) for k in ("name", "sidecar")}
@@ -227,10 +243,8 @@ def _check_layout(out: Path, manifest: dict[str, Any], shards: list[tuple[str, d
                 err.add("stray", f"{rel}: not named by the manifest")
             elif entry.is_symlink() or not entry.is_file():
                 err.add("stray", f"{rel}: not a regular file")
-    for root, dirs, files in os.walk(out):
-        for name in sorted(dirs + files):
-            if name.endswith(TMP_SUFFIX):
-                err.add("tmp", f"{Path(root, name).relative_to(out).as_posix()}: leftover temporary file")
+    for path in _temporaries(out):
+        err.add("tmp", f"{path}: leftover temporary file")
     if "pair" in manifest.get("kinds", {}):
         rel = f"{KIND_DIRS['pair']}/{SIZES_JSON}"
         expected = sizes_json([s for kind, s in shards if kind == "pair"])
@@ -290,7 +304,7 @@ def _sample_errors(kind: str, key: str, sample: dict[str, Any]) -> list[str]:
 
 def _wds_samples(path: Path, on_error: Any) -> Iterator[dict[str, Any]]:
     """Raw samples of one tar through webdataset's own tar iterators (no decoding)."""
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         files = tariterators.tar_file_expander([{"url": str(path), "stream": f}], handler=on_error)
         yield from tariterators.group_by_keys(files, handler=on_error)
 
@@ -312,7 +326,7 @@ class _Index:
 
     @classmethod
     def read(cls, path: Path) -> tuple["_Index", pa.Table]:
-        table = pq.read_table(path, columns=["key", "kind", "members"])
+        table = read_table(path, columns=["key", "kind", "members"])
         keys = table["key"].to_pylist()
         members = table["members"].combine_chunks()
         flat = members.values
@@ -338,7 +352,7 @@ def _check_headers(out: Path, name: str, sidecar: str, idx: _Index, err: _Errors
     listed = set(idx.names)
     size = (out / name).stat().st_size
     try:
-        with tarfile.open(out / name, mode="r:") as tf:
+        with (out / name).open("rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
             for ti in tf:
                 checked["members"] += 1
                 if not ti.isreg():
@@ -394,7 +408,7 @@ def _check_samples(
 
     count = 0
     seen: set[str] = set()
-    with open(out / name, "rb") as raw:
+    with (out / name).open("rb") as raw:
         for sample in _wds_samples(out / name, on_error):
             key = sample["__key__"]
             count += 1
@@ -464,7 +478,7 @@ def _sidecar_keys(out: Path, shards: list[tuple[str, dict[str, Any]]]) -> Iterat
     """(kind, tar name, keys) of every readable sidecar: the exact second pass behind hash suspects."""
     for kind, s in shards:
         try:
-            yield kind, s["name"], pq.read_table(out / s["sidecar"], columns=["key"])["key"]
+            yield kind, s["name"], read_table(out / s["sidecar"], columns=["key"])["key"]
         except Exception:  # already reported by the first pass
             continue
 
@@ -476,7 +490,7 @@ def _sidecar_keys(out: Path, shards: list[tuple[str, dict[str, Any]]]) -> Iterat
 
 def _ledger_batches(out: Path, files: list[str]) -> Iterator[tuple[str, pa.Table]]:
     for rel in files:
-        for batch in pq.ParquetFile(out / rel).iter_batches(columns=_LEDGER_COLUMNS):
+        for batch in parquet_file(out / rel).iter_batches(columns=_LEDGER_COLUMNS):
             yield rel, pa.Table.from_batches([batch])
 
 
@@ -594,7 +608,7 @@ def verify(out: str | Path, *, byte_checks_per_shard: int | None = None, max_err
     from the tar headers. Never raises on bad data: every finding is an entry in `errors`, at most
     `max_errors_per_check` per kind of check (then a line saying how many more).
     """
-    out = Path(out)
+    out = location(out)
     err = _Errors(max_errors_per_check)
     checked: Counter[str] = Counter()
     try:

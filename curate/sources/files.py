@@ -14,7 +14,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from curate.commit import is_url, location
 from curate.sources.base import Partition, Source, fingerprint
+from curate.sources.remote import file_facts, input_labels, remote_matches
 from curate.sources.tabular import RecordFile, Span
 
 MALFORMED_ROW = "malformed_row"
@@ -28,7 +30,14 @@ def find_files(source: str, path: str | list[str], folder_patterns: Sequence[str
     file, is an error (a recipe naming nothing is a mistake, not an empty corpus)."""
     patterns = [path] if isinstance(path, str) else list(path)
     found: set[str] = set()
+    remote: set[str] = set()
     for pattern in patterns:
+        if is_url(pattern):  # an object store (curate/sources/remote.py)
+            matches, _ = remote_matches(pattern, folder_patterns)
+            if not matches:
+                raise FileNotFoundError(f"source {source!r}: no input files at {pattern!r}")
+            remote.update(matches)
+            continue
         if os.path.isdir(pattern):
             matches = [m for p in folder_patterns for m in glob.glob(os.path.join(glob.escape(pattern), p))]
         elif glob.has_magic(pattern):
@@ -39,15 +48,14 @@ def find_files(source: str, path: str | list[str], folder_patterns: Sequence[str
         if not matches:
             raise FileNotFoundError(f"source {source!r}: no input files at {pattern!r}")
         found.update(os.path.abspath(m) for m in matches)
-    return [Path(f) for f in sorted(found)]
+    if remote and found:
+        raise ValueError(f"source {source!r}: mixes local files and URLs; give it one or the other")
+    return [location(f) for f in sorted(remote)] if remote else [Path(f) for f in sorted(found)]
 
 
 def labels(files: list[Path]) -> list[str]:
     """Each file's path relative to the common folder of all of them (posix): the id's `<file>`."""
-    if not files:
-        return []
-    root = Path(os.path.commonpath([f.parent for f in files]))
-    return [f.relative_to(root).as_posix() for f in files]
+    return input_labels(files)
 
 
 def plan_record_files(
@@ -60,10 +68,10 @@ def plan_record_files(
     for path, label in zip(files, labels(files)):
         records = RecordFile.at(str(path), format)
         _check_header(source.name, records, label, columns)
-        st = os.stat(path)
+        size, version = file_facts(path)
         for span in records.spans(per_partition):
             payload = {"file": str(path), "label": label, "format": records.format, "span": vars(span)}
-            facts = [label, st.st_size, st.st_mtime_ns, vars(span)]
+            facts = [label, size, version, vars(span)]
             parts.append(Partition(source.name, len(parts), payload, fingerprint(facts)))
     return parts
 

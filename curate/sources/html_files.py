@@ -31,6 +31,7 @@ from pydantic import Field, field_validator
 
 from curate.sources.base import Partition, Source, SourceConfig, fingerprint, register
 from curate.sources.files import inside_folder, size_and_mtime
+from curate.sources.remote import local_folder
 
 MiB = 1 << 20
 HTML_EXTENSIONS = ("html", "htm")
@@ -43,6 +44,11 @@ class HtmlFilesConfig(SourceConfig):
     recursive: bool = True
     files_per_partition: int = Field(256, gt=0)
     max_file_bytes: int = Field(16 * MiB, gt=0)
+
+    @field_validator("path")
+    @classmethod
+    def _local(cls, path: str) -> str:
+        return local_folder(path, "html_files")
 
     @field_validator("base_url")
     @classmethod

@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from curate.contract import image_digest
 from curate.sources.base import Partition, Source, SourceConfig, fingerprint, register
 from curate.sources.files import inside_folder, size_and_mtime
+from curate.sources.remote import local_folder
 from curate.sources.tabular import RecordFile, Span
 
 # Accepted extension (lower case) -> the row's `image_format`.
@@ -58,6 +59,11 @@ class ImageFolderConfig(SourceConfig):
     files_per_partition: int = Field(256, gt=0)
     recursive: bool = True
     max_file_bytes: int = Field(64 * MiB, gt=0)
+
+    @field_validator("path")
+    @classmethod
+    def _local(cls, path: str) -> str:
+        return local_folder(path, "image_folder")
 
 
 class _Bad(str):

@@ -38,7 +38,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-import pyarrow.parquet as pq
+from curate.commit import is_url, location, parquet_file
+from curate.sources.remote import open_input
 
 FORMATS = ("jsonl", "json", "csv", "tsv", "txt", "parquet")
 PARQUET_BATCH_ROWS = 1024  # rows a worker holds at once when reading parquet
@@ -88,7 +89,7 @@ class RecordFile:
             raise ValueError(f"records_per_span must be >= 1, got {records_per_span}")
         n = records_per_span
         if self.format == "parquet":
-            total = pq.ParquetFile(self.path).metadata.num_rows
+            total = parquet_file(location(self.path)).metadata.num_rows
             return [Span(s, min(n, total - s)) for s in range(0, total, n)]
         if self.format == "json":
             total = len(self._json_array())
@@ -139,7 +140,10 @@ class RecordFile:
     # formats ---------------------------------------------------------------------------------
 
     def _open(self) -> IO[bytes]:
-        return gzip.open(self.path, "rb") if self.gzipped else open(self.path, "rb")
+        if not is_url(self.path):
+            return gzip.open(self.path, "rb") if self.gzipped else open(self.path, "rb")
+        raw = open_input(self.path)
+        return _OwnedGzip(raw) if self.gzipped else raw
 
     def _json_array(self) -> list[Any]:
         with self._open() as fh:
@@ -199,7 +203,7 @@ class RecordFile:
         return {name: value if value != "" else None for name, value in zip(header, raw)}
 
     def _parquet(self, span: Span | None) -> Iterator[tuple[int, Record]]:
-        pf = pq.ParquetFile(self.path)
+        pf = parquet_file(location(self.path))
         meta = pf.metadata
         start = span.start if span else 0
         stop = start + span.count if span else meta.num_rows
@@ -217,6 +221,20 @@ class RecordFile:
             for record in batch.to_pylist():
                 yield index, record
                 index += 1
+
+
+class _OwnedGzip(gzip.GzipFile):
+    """A gzip stream over a file it closes too (gzip.GzipFile leaves a given file open)."""
+
+    def __init__(self, raw: IO[bytes]):
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()
 
 
 class _CountedLines:

@@ -33,7 +33,9 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
+from curate.commit import is_url, location
 from curate.sources.base import Partition, Source, SourceConfig, fingerprint, register
+from curate.sources.remote import file_facts, input_labels, remote_matches
 from curate.sources.tabular import RecordFile, Span
 
 MALFORMED_ROW = "malformed_row"
@@ -63,8 +65,17 @@ class UrlListSource(Source):
         """The list files, sorted; a pattern matching nothing or a missing file is an error."""
         patterns = [self.config.path] if isinstance(self.config.path, str) else self.config.path
         found: set[str] = set()
+        remote: set[str] = set()
         for pattern in patterns:
-            if _GLOB_CHARS & set(pattern):
+            if is_url(pattern):  # on an object store (curate/sources/remote.py)
+                matches, folder = remote_matches(pattern, None)
+                if folder:
+                    raise IsADirectoryError(f"source {self.name!r}: {pattern} is a folder; name its "
+                                            f"files or a glob such as {pattern.rstrip('/') + '/*.parquet'!r}")
+                if not matches:
+                    raise FileNotFoundError(f"source {self.name!r}: {pattern} matches no file")
+                remote.update(matches)
+            elif _GLOB_CHARS & set(pattern):
                 matches = [m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m)]
                 if not matches:
                     raise FileNotFoundError(f"source {self.name!r}: {pattern!r} matches no file")
@@ -76,20 +87,20 @@ class UrlListSource(Source):
                 found.add(os.path.abspath(pattern))
             else:
                 raise FileNotFoundError(f"source {self.name!r}: {pattern} does not exist")
-        return [Path(f) for f in sorted(found)]
+        if remote and found:
+            raise ValueError(f"source {self.name!r}: mixes local files and URLs; give it one or the other")
+        return [location(f) for f in sorted(remote)] if remote else [Path(f) for f in sorted(found)]
 
     def partitions(self) -> list[Partition]:
         files = self.files()
-        root = Path(os.path.commonpath([f.parent for f in files]))
         parts: list[Partition] = []
-        for path in files:
-            label = path.relative_to(root).as_posix()
+        for path, label in zip(files, input_labels(files)):
             records = self._record_file(path)
             self._check_header(records, label)
-            st = os.stat(path)
+            size, version = file_facts(path)
             for span in records.spans(self.config.records_per_partition):
                 payload = {"file": str(path), "label": label, "span": vars(span)}
-                facts = [label, st.st_size, st.st_mtime_ns, vars(span)]
+                facts = [label, size, version, vars(span)]
                 parts.append(Partition(self.name, len(parts), payload, fingerprint(facts)))
         return parts
 

@@ -63,6 +63,7 @@ from warcio.statusandheaders import StatusAndHeaders, StatusAndHeadersParser, St
 
 from curate.sources.base import SOURCE_STAGE, Partition, Source, SourceConfig, fingerprint, register
 from curate.sources.files import find_files, json_object, labels
+from curate.sources.remote import file_facts, open_input
 
 try:  # Content-Encoding: br needs a brotli binding; without one such pages are `bad_content`
     import brotli
@@ -126,7 +127,7 @@ class WarcSource(Source):
         parts = []
         for i in range(0, len(labelled), n):
             chunk = labelled[i : i + n]
-            facts = [[label, st.st_size, st.st_mtime_ns] for label, st in ((lb, os.stat(f)) for f, lb in chunk)]
+            facts = [[label, *file_facts(f)] for f, label in chunk]
             parts.append(Partition(self.name, len(parts), {"files": chunk}, fingerprint(facts)))
         return parts
 
@@ -139,7 +140,7 @@ class WarcSource(Source):
     def _file_rows(self, path: str, label: str) -> Iterator[dict[str, Any]]:
         end = 0  # where the last whole record ended
         try:
-            with open(path, "rb") as fh:
+            with open_input(path) as fh:
                 records = WARCIterator(fh, no_record_parse=True)  # WARC only: never guess ARC
                 for record in records:
                     _framed(record)
@@ -240,7 +241,7 @@ def _check_tail(fh: IO[bytes], end: int) -> None:
     """Damage unless the file ends where its last record does (a plain WARC may end in blank
     lines). warcio stops without a word at a gzip member that ends before its first record
     line, or at a cut between records' separators: the size tells."""
-    size = os.fstat(fh.fileno()).st_size
+    size = fh.seek(0, os.SEEK_END)
     if size <= end:
         return
     fh.seek(0)

@@ -38,7 +38,9 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate.contract import image_digest
+from curate.commit import is_url
 from curate.sources.base import Partition, Source, SourceConfig, fingerprint, register
+from curate.sources.remote import file_facts, input_labels, open_input, remote_matches
 from curate.sources.image_folder import IMAGE_FORMATS, MiB
 
 KEY_RULE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
@@ -75,7 +77,9 @@ class WebDatasetSource(Source):
         patterns = [self.config.path] if isinstance(self.config.path, str) else self.config.path
         found: list[str] = []
         for pattern in patterns:
-            if os.path.isdir(pattern):
+            if is_url(pattern):  # on an object store (curate/sources/remote.py)
+                matches, _ = remote_matches(pattern, ("*.tar",))
+            elif os.path.isdir(pattern):
                 matches = sorted(glob.glob(os.path.join(glob.escape(pattern), "*.tar")))
             elif glob.has_magic(pattern):
                 matches = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
@@ -88,13 +92,14 @@ class WebDatasetSource(Source):
 
     def partitions(self) -> list[Partition]:
         tars = self.tars()
-        common = os.path.commonpath([os.path.dirname(os.path.abspath(t)) for t in tars]) if tars else ""
-        labelled = [[t, os.path.relpath(os.path.abspath(t), common).replace(os.sep, "/")] for t in tars]
+        if len({is_url(t) for t in tars}) > 1:
+            raise ValueError(f"source {self.name!r}: mixes local tars and URLs; give it one or the other")
+        labelled = [[t, label] for t, label in zip(tars, input_labels(tars))]
         n = self.config.shards_per_partition
         parts = []
         for i in range(0, len(labelled), n):
             chunk = labelled[i : i + n]
-            facts = [[t, st.st_size, st.st_mtime_ns] for t, st in ((t, os.stat(t)) for t, _ in chunk)]
+            facts = [[t, *file_facts(t)] for t, _ in chunk]
             parts.append(Partition(self.name, len(parts), {"tars": chunk}, fingerprint(facts)))
         return parts
 
@@ -115,7 +120,7 @@ class WebDatasetSource(Source):
 
         key, members, first = None, {}, 0  # the sample being gathered
         try:
-            with open(path, "rb") as raw, _decompressed(raw) as plain:
+            with open_input(path) as raw, _decompressed(raw) as plain:
                 stream = _Tail(plain)
                 with tarfile.open(fileobj=stream, mode="r|") as tar:
                     for ordinal, member in enumerate(tar):

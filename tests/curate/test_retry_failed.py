@@ -341,6 +341,37 @@ def test_retry_failed_recovers_exactly_what_an_all_success_run_keeps(site, refer
     assert sorted(p.name for p in (out / "ledger").iterdir()) == sorted(Path(n).name for n in final["ledger"])
 
 
+def test_retry_rounds_on_s3_end_where_the_all_success_run_does(site, reference, s3, tmp_path):
+    """The same rounds with the output on an object store (a real S3-compatible server on
+    loopback, tests/conftest.py): there the global stages' decisions and a round's changes keep
+    their attempts' own names and the markers name them. Two rounds end with the reference's
+    outcomes and image bytes, `mm1 verify` passes on s3://, and no attempt is left unnamed."""
+    from curate.commit import ATTEMPT_NAME, fs_path, location
+
+    urls = _write_inputs(tmp_path / "in", site)
+    out = f"{s3}/retried"
+    recipe = parse_recipe(_recipe_data(urls, out), "<s3 recipe>")
+    site.phase = 0
+    run_recipe(recipe, progress=False)
+    site.phase = 1
+    first = retry_failed(recipe, progress=False)["retries"][0]
+    assert first["withdrawn"] == 1 and first["failed_again"] == 1
+    site.phase = 2
+    final = retry_failed(recipe, progress=False)
+    assert final["retries"][1]["recovered"] == 1
+    report = verify(out)
+    assert report.ok, report.errors
+
+    where, fs = fs_path(location(out))
+    copy = tmp_path / "copy"
+    fs.get(where, str(copy), recursive=True)
+    assert _outcomes(copy) == _outcomes(reference)
+    assert _kept_images(copy) == _kept_images(reference)
+    named = {v for g in final["global"].values() for v in g.get("state", {}).values()}
+    left = {p.relative_to(copy).as_posix() for p in (copy / "_work").rglob("*") if ATTEMPT_NAME.match(p.name)}
+    assert left and left <= named, (left, named)
+
+
 def test_retry_failed_needs_a_finished_run_of_the_same_recipe(site, tmp_path):
     urls = _write_inputs(tmp_path / "in", site)
     data = _recipe_data(urls, tmp_path / "out")
