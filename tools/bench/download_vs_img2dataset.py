@@ -557,14 +557,9 @@ def machine() -> dict[str, Any]:
 
     import psutil
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from tools.bench import cpu_model
+
+    cpu = cpu_model()
     return {
         "arch": platform.machine(),
         "cores": os.cpu_count(),

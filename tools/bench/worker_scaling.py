@@ -394,14 +394,9 @@ def measure(workers: int, args: dict[str, Any], workdir: Path, timeout_s: float 
 def machine() -> dict[str, Any]:
     from importlib.metadata import version
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from tools.bench import cpu_model
+
+    cpu = cpu_model()
     return {"arch": platform.machine(), "cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
             "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
             "versions": {p: version(p) for p in ("dask", "distributed", "pyarrow", "pillow")}}
