@@ -63,8 +63,8 @@ def _markers(out, step: str) -> dict[str, str]:
 def test_a_run_on_s3_killed_and_resumed_equals_the_clean_local_run(reference, s3, tmp_path):
     """`mm1 curate` writing to s3:// is SIGKILLed inside segment 0 and run again: the output is
     byte-identical to the clean local run (tars, sidecars, sizes.json, ledger, manifest kinds),
-    `mm1 verify s3://...` passes, `mm1 stats` reads it, finished partitions were not redone, and
-    no attempt object is left that no marker names."""
+    `mm1 verify s3://...` passes, the trainer's reader and `mm1 stats` read it, finished
+    partitions were not redone, and no attempt object is left that no marker names."""
     out = f"{s3}/curated"
     recipe_file = reference.write_recipe(tmp_path / "recipe.yaml", reference.data(out))
     cmd = [MM1, "curate", str(recipe_file), "--no-progress"]
@@ -103,6 +103,14 @@ def test_a_run_on_s3_killed_and_resumed_equals_the_clean_local_run(reference, s3
     verified = subprocess.run([MM1, "verify", out], capture_output=True, text=True, timeout=WAIT)
     assert verified.returncode == 0, verified.stdout[-3000:] + verified.stderr[-3000:]
     assert verified.stdout.startswith(f"OK: {out} ")
+
+    # the trainer's reader streams the same samples from s3:// as from the clean local run
+    from train.data.shards import list_samples, read_sample
+
+    remote, local = list_samples([out], "pair"), list_samples([str(reference.out)], "pair")
+    assert len(remote) == reference.manifest["counts"]["kept"]
+    assert [(r.shard, r.key, r.members) for r in remote] == [(r.shard, r.key, r.members) for r in local]
+    assert all(read_sample(r) == read_sample(l) for r, l in zip(remote, local))
 
     copy = _download(out, tmp_path / "copy")
     reference.assert_same_output(copy)
