@@ -539,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print_table(report)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
 
