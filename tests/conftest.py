@@ -140,6 +140,10 @@ def s3_server(tmp_path_factory):
 def s3(s3_server, monkeypatch):
     """'s3://<a fresh bucket>' on the loopback server, with this process's environment (and so
     every process it starts: Dask workers, torchrun ranks) pointed at the server."""
+    from tools.s3_server import forget_clients
+
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
-    return f"s3://{s3_server.create_bucket()}"
+    forget_clients()
+    yield f"s3://{s3_server.create_bucket()}"
+    forget_clients()

@@ -45,6 +45,16 @@ def s3_env(endpoint: str) -> dict[str, str]:
     }
 
 
+def forget_clients() -> None:
+    """Drop s3fs's cached filesystems: they keep the endpoint they were made with, and the
+    environment's endpoint is not part of their cache key (a second server would be missed)."""
+    try:
+        from s3fs import S3FileSystem
+    except ImportError:
+        return
+    S3FileSystem.clear_instance_cache()
+
+
 class S3Server:
     """moto's S3 server as a subprocess on 127.0.0.1 (stopped by `stop()` or on exit)."""
 
@@ -79,9 +89,11 @@ class S3Server:
         """This process's environment pointed at the server (and restored afterwards)."""
         saved = {k: os.environ.get(k) for k in self.env()}
         os.environ.update(self.env())
+        forget_clients()
         try:
             yield self.env()
         finally:
+            forget_clients()
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
