@@ -13,15 +13,26 @@ from typing import Any, Literal
 class MoEConfig:
     """Mixture-of-experts FFNs (MM1 §3.5, following ST-MoE / GShard): top-k routing over
     `n_experts` SwiGLU experts in every `every`-th decoder layer (layers i with i % every ==
-    every - 1), a load-balance loss and a router z-loss added to the language-model loss."""
+    every - 1), a load-balance loss and a router z-loss per MoE layer, summed over the layers and
+    added to the language-model loss with these coefficients.
+
+    `capacity_factor`: capacity routing, each expert keeps at most ceil(capacity_factor * real
+    tokens * top_k / n_experts) assignments per forward (the tokens of one rank's micro-batch,
+    padding excluded), the rest are dropped; None: dropless routing (nothing is dropped)."""
 
     n_experts: int
     top_k: int = 2
     every: int = 2  # 1: every layer is MoE; 2: every second layer; 4: every fourth
     expert_hidden: int | None = None  # None: the dense FFN's hidden size
-    capacity_factor: float | None = 1.25  # tokens an expert takes per batch, x (tokens*k/experts); None: no cap
+    capacity_factor: float | None = 1.25  # None: dropless
     load_balance_coef: float = 0.01
     router_z_coef: float = 0.001
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"moe.top_k={self.top_k} must be in [1, moe.n_experts={self.n_experts}]")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"moe.capacity_factor={self.capacity_factor} must be > 0 (None: dropless)")
 
 
 @dataclass(frozen=True)
@@ -64,15 +75,17 @@ class DecoderConfig:
 @dataclass(frozen=True)
 class VisionConfig:
     """The image encoder: an open_clip model's visual tower. `pretrained` is an open_clip tag
-    (e.g. "dfn5b"), a local checkpoint path, or None (random weights: tests, mechanics only);
-    `overrides` change the model config (tiny towers for tests). Features are the patch tokens
-    (no CLS) of `layer` (-1: the last block's output after its final norm)."""
+    (e.g. "dfn5b"), a local open_clip checkpoint file, or None (random weights: tests, mechanics
+    only); `overrides` change the model config (tiny towers for tests). Features are the patch
+    tokens (no CLS) of `layer` (-1: the last block's output after its final norm). The tower
+    trains with the rest of the model, as in MM1's pretraining; `frozen` (a recipe's
+    `model.freeze_vision: true`) keeps it fixed."""
 
     model: str = "ViT-H-14-378-quickgelu"
     pretrained: str | None = "dfn5b"
     overrides: dict[str, Any] = field(default_factory=dict)
     layer: int = -1
-    frozen: bool = True
+    frozen: bool = False
 
 
 @dataclass(frozen=True)

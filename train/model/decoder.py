@@ -9,7 +9,7 @@ Llama (`tok_embeddings`, `layers.{i}.attention.wq`, `layers.{i}.feed_forward.w1`
 Two inputs, one path: token ids, or embeddings [B, S, D] that the MM1 assembly builds by splicing
 image tokens into `Decoder.embed(tokens)`. Every FFN returns (output, aux losses); dense ones return
 no aux losses, MoE ones their unweighted load-balance and router z-losses, which the decoder
-averages over its MoE layers and hands back unweighted (the trainer weights them with
+adds up over its MoE layers and hands back unweighted (the trainer weights them with
 `train.model.moe.aux_loss`).
 """
 
@@ -36,11 +36,14 @@ from train.model.config import DecoderConfig
 
 @dataclass
 class DecoderOutput:
-    """logits [B, S, vocab]; aux_losses: each MoE aux loss averaged over the MoE layers,
-    unweighted (empty for a dense decoder)."""
+    """logits [B, S, vocab] (None when the forward was asked not to project: the caller computes
+    its loss from `hidden` in chunks, see `train.model.mm1.chunked_cross_entropy`); hidden
+    [B, S, D], the final norm's output; aux_losses: each MoE aux loss summed over the MoE layers
+    (MM1/ST-MoE add them per layer), unweighted (empty for a dense decoder)."""
 
-    logits: Tensor
+    logits: Tensor | None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    hidden: Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -78,7 +81,9 @@ class FeedForward(nn.Module):
         std = init_std if out_std is None else out_std
         nn.init.trunc_normal_(self.w2.weight, std=std, a=-3 * std, b=3 * std)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """`token_mask` is ignored: every position goes through the dense FFN (the MoE FFN's
+        contract takes it)."""
         return self.w2(F.silu(self.w1(x)) * self.w3(x)), {}
 
 
@@ -109,10 +114,11 @@ class TransformerBlock(nn.Module):
         self.feed_forward.reset_parameters(init_std, out_std)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask = None
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask = None, token_mask: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """`token_mask` [B, S] (True: a real token) goes to the FFN: an MoE FFN never routes padding."""
         x = x + self.attention(self.attention_norm(x), cos, sin, mask)
-        ffn_out, aux = self.feed_forward(self.ffn_norm(x))
+        ffn_out, aux = self.feed_forward(self.ffn_norm(x), token_mask)
         return x + ffn_out, aux
 
 
@@ -159,10 +165,13 @@ class Decoder(nn.Module):
         *,
         embeds: Tensor | None = None,
         doc_ids: Tensor | None = None,
+        token_mask: Tensor | None = None,
+        project: bool = True,
     ) -> DecoderOutput:
         """Logits for `tokens` [B, S] or `embeds` [B, S, D] (exactly one). `doc_ids` [B, S]: packed
         documents as runs of equal ids; attention stays inside a document and positions restart
-        at each one (None: one document per row)."""
+        at each one (None: one document per row). `token_mask` [B, S] bool (None: all real):
+        False marks padding, which MoE layers neither route nor count (dense layers ignore it)."""
         if (tokens is None) == (embeds is None):
             raise ValueError("give exactly one of tokens and embeds")
         h = self.embed(tokens) if embeds is None else embeds
@@ -175,14 +184,23 @@ class Decoder(nn.Module):
             if doc_ids.shape != (batch, seq):
                 raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != (batch, seq) {(batch, seq)}")
             positions = document_segments(doc_ids)[1]
+        if token_mask is not None and token_mask.shape != (batch, seq):
+            raise ValueError(f"token_mask shape {tuple(token_mask.shape)} != (batch, seq) {(batch, seq)}")
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         mask = build_attention_mask(doc_ids, resolve_backend(self.attn_backend, h.device))
 
         aux: dict[str, list[Tensor]] = {}
         for layer in self.layers:
-            h, layer_aux = layer(h, cos, sin, mask)
+            h, layer_aux = layer(h, cos, sin, mask, token_mask)
             for name, value in layer_aux.items():
                 aux.setdefault(name, []).append(value)
         h = self.norm(h)
-        logits = self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
-        return DecoderOutput(logits, {name: torch.stack(v).mean() for name, v in aux.items()})
+        logits = None
+        if project:
+            logits = self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+        return DecoderOutput(logits, {name: torch.stack(v).sum() for name, v in aux.items()}, h)
+
+    @property
+    def output_weight(self) -> Tensor:
+        """The output projection's weight [vocab, D] (the embedding table when tied)."""
+        return self.output.weight if self.output is not None else self.tok_embeddings.weight

@@ -1,20 +1,23 @@
-"""The mixture-of-experts feed-forward of MM1's MoE decoders (MM1 §3.5, after GShard, Switch
-and ST-MoE): a linear router picks the top-k of `n_experts` SwiGLU experts for every token, each
-expert takes at most `capacity` tokens per forward, and two auxiliary losses keep the router
-healthy (a load-balance loss and a router z-loss).
+"""The mixture-of-experts feed-forward of MM1's MoE decoders (MM1 §3.5, after GShard, Switch and
+ST-MoE): a linear router picks the top-k of `n_experts` SwiGLU experts for every real token, and
+two auxiliary losses (load balance, router z) keep the router healthy.
 
-Written for one device, like the rest of `train/model/`: expert parallelism, if ever wanted,
-belongs in the parallelize step, not here.
+One forward path for every layout (no Python loop over tokens):
 
-How a forward runs (no Python loop over tokens or experts):
+1. route (fp32): softmax over the experts, top-k, gates; padding (`token_mask` False) is never
+   routed and never counted;
+2. keep or drop: with `capacity_factor` set, expert e keeps its first C assignments, C =
+   ceil(capacity_factor * real tokens * k / n_experts), all first choices ahead of any second
+   choice and earlier tokens first; with None (dropless) it keeps them all;
+3. permute the kept assignments into rows grouped by expert;
+4. [expert parallel] send each row to the rank that holds its expert (all-to-all);
+5. run every expert on its contiguous rows (`grouped_swiglu`);
+6. [expert parallel] send the outputs back;
+7. un-permute: y[t] = sum over t's kept choices of gate * expert output (0 if none is kept).
 
-1. route: router logits (fp32) -> softmax -> top-k experts and gates for each token;
-2. assign capacity slots: the k*T (token, expert) assignments are sorted by expert (stably, with
-   all first choices ahead of all second choices, and earlier tokens ahead of later ones), and the
-   i-th assignment of expert e gets slot e*C + i if i < C, else it is dropped;
-3. dispatch: gather the tokens into an [E, C, D] buffer (empty slots hold zeros);
-4. run every expert on its C rows with three batched matmuls;
-5. combine: gather each assignment's row back, scale it by its gate, and sum the k rows per token.
+Capacity counts the tokens of this forward on this rank only (GShard's local groups), so routing
+does not depend on how many ranks share the experts. Single device is the expert-parallel path
+with no group; `train/expert_parallel.py` shards the experts and does the exchange.
 """
 
 from __future__ import annotations
@@ -23,25 +26,31 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
+from train.expert_parallel import combine, dispatch
 from train.model.config import DecoderConfig, MoEConfig
 
 
-def expert_capacity(n_tokens: int, moe: MoEConfig) -> int | None:
-    """Slots per expert for a forward over `n_tokens` tokens: ceil(capacity_factor * tokens * k /
-    experts), at most `n_tokens` (an expert never gets a token twice), or None when
-    `capacity_factor` is None (no token is ever dropped)."""
+def expert_capacity(n_tokens: int | Tensor, moe: MoEConfig) -> int | Tensor | None:
+    """Slots per expert for a forward over `n_tokens` real tokens: ceil(capacity_factor * tokens *
+    k / experts), at least 1 and at most `n_tokens` (an expert never gets a token twice), or None
+    when `capacity_factor` is None (dropless). A tensor count gives a tensor (no host sync)."""
     if moe.capacity_factor is None:
         return None
+    if isinstance(n_tokens, Tensor):  # same float64 arithmetic as the int branch
+        cap = torch.ceil(n_tokens.double() * moe.capacity_factor * moe.top_k / moe.n_experts).long()
+        return torch.minimum(cap, n_tokens).clamp(min=1)
     cap = math.ceil(moe.capacity_factor * n_tokens * moe.top_k / moe.n_experts)
     return max(1, min(cap, n_tokens))
 
 
 def aux_loss(aux_losses: dict[str, Tensor], moe: MoEConfig) -> Tensor:
-    """The weighted sum the trainer adds to the language-model loss (per MoE layer; sum or average
-    over layers is the caller's choice): load_balance_coef * lb + router_z_coef * z."""
+    """The weighted sum the trainer adds to the language-model loss: load_balance_coef * lb +
+    router_z_coef * z (for one layer's losses, or for losses already summed over layers)."""
     return moe.load_balance_coef * aux_losses["load_balance"] + moe.router_z_coef * aux_losses["router_z"]
 
 
@@ -55,47 +64,117 @@ def moe_param_counts(cfg: DecoderConfig) -> tuple[int, int]:
     return router + cfg.moe.n_experts * expert, router + cfg.moe.top_k * expert
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the expert matmuls run in: autocast's when it is on, else the activations'."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def can_use_grouped_mm(rows: Tensor, w1: Tensor) -> bool:
+    """Whether `torch._grouped_mm` (CUTLASS grouped GEMM) serves these shapes: CUDA sm90+, bf16
+    compute, and dim and hidden multiples of 8 (16-byte aligned rows)."""
+    return (
+        hasattr(torch, "_grouped_mm")
+        and rows.is_cuda
+        and torch.cuda.get_device_capability(rows.device) >= (9, 0)
+        and _compute_dtype(rows) == torch.bfloat16
+        and rows.shape[-1] % 8 == 0
+        and w1.shape[1] % 8 == 0
+    )
+
+
+def grouped_swiglu(
+    rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, *, grouped_mm: bool | None = None
+) -> Tensor:
+    """SwiGLU experts on contiguous row ranges: rows [N, D] hold counts[0] rows for expert 0, then
+    counts[1] for expert 1, ...; rows past counts.sum() are skipped. w1, w3 [E, H, D], w2 [E, D, H].
+    Returns [N, D] in the compute dtype (autocast's, else the rows'), zeros for skipped rows.
+    `grouped_mm`: True forces `torch._grouped_mm`, False a loop of plain matmuls over the experts
+    (one host sync for the row counts), None picks by `can_use_grouped_mm`."""
+    if grouped_mm is None:
+        grouped_mm = can_use_grouped_mm(rows, w1)
+    dtype = _compute_dtype(rows)
+    rows, w1, w2, w3 = (t.to(dtype) for t in (rows, w1, w2, w3))
+    return (_swiglu_grouped_mm if grouped_mm else _swiglu_loop)(rows, counts, w1, w2, w3)
+
+
+def _swiglu_loop(rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Tensor) -> Tensor:
+    sizes = counts.tolist()
+    tail = rows.shape[0] - sum(sizes)
+    outs = [
+        F.linear(F.silu(F.linear(h, w1[e])) * F.linear(h, w3[e]), w2[e])
+        for e, h in enumerate(rows.split(sizes + [tail])[:-1])
+    ]
+    return torch.cat(outs + [rows.new_zeros(tail, w2.shape[1])])
+
+
+def _swiglu_grouped_mm(
+    rows: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, align: int = 8
+) -> Tensor:
+    # Each expert's group is padded to a multiple of `align` rows: the weight-gradient GEMM
+    # contracts over a group's rows, which CUTLASS needs 16-byte aligned (8 bf16 rows). Index
+    # arithmetic on the device only: no host sync.
+    n_rows, n_experts, device = rows.shape[0], counts.numel(), rows.device
+    ends = counts.cumsum(0)
+    starts = ends - counts
+    padded = (counts + align - 1) // align * align
+    p_ends = padded.cumsum(0)
+    p_starts = p_ends - padded
+    q = torch.arange(n_rows + n_experts * (align - 1), device=device)  # bounds the padded rows
+    e_q = torch.searchsorted(p_ends, q, right=True).clamp(max=n_experts - 1)
+    within = q - p_starts[e_q]
+    src = torch.where((within < counts[e_q]) & (q < p_ends[-1]), starts[e_q] + within, n_rows)
+    h = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])[src]  # row n_rows: zeros
+    offs = p_ends.to(torch.int32)
+    a = torch._grouped_mm(h, w1.transpose(-2, -1), offs=offs)
+    b = torch._grouped_mm(h, w3.transpose(-2, -1), offs=offs)
+    out = torch._grouped_mm(F.silu(a) * b, w2.transpose(-2, -1), offs=offs)  # rows past offs[-1]: unset
+    i = torch.arange(n_rows, device=device)
+    e_i = torch.searchsorted(ends, i, right=True)  # n_experts: a skipped row
+    e_c = e_i.clamp(max=n_experts - 1)
+    out = out[p_starts[e_c] + i - starts[e_c]]
+    return torch.where((e_i < n_experts).unsqueeze(-1), out, 0)
+
+
 @dataclass
 class Routing:
-    """Where one forward's tokens go. T tokens, E experts, k choices, C slots per expert.
-
-    `slots[t, j]` is the row of the flattened [E*C, D] expert buffer that holds token t's j-th
-    choice, or E*C when that assignment was dropped for capacity."""
+    """Where one forward's tokens go. T tokens, E experts, k choices. The k*T (token, choice)
+    assignments are numbered choice-major: assignment a = j*T + t is token t's j-th choice."""
 
     logits: Tensor  # [T, E] fp32
     probs: Tensor  # [T, E] fp32, softmax of logits
     experts: Tensor  # [T, k] long, the chosen experts, most probable first
     gates: Tensor  # [T, k] fp32, the weights of the chosen experts' outputs
-    slots: Tensor  # [T, k] long
-    counts: Tensor  # [E] long, assignments routed to each expert (before any drop)
-    capacity: int  # C
-
-    @property
-    def kept(self) -> Tensor:
-        """[T, k] bool: the assignment got a slot (its expert's output is used)."""
-        return self.slots < self.counts.numel() * self.capacity
+    kept: Tensor  # [T, k] bool: a real token's assignment that got a place at its expert
+    real: Tensor  # [T] bool: not padding
+    n_real: Tensor  # () long, real tokens
+    counts: Tensor  # [E] long, real assignments per expert (before the capacity cut)
+    kept_counts: Tensor  # [E] long, kept assignments per expert
+    capacity: Tensor  # () long, C (dropless: the busiest expert's count)
+    order: Tensor  # [k*T] long: the kept assignments grouped by expert (priority order), then the rest
 
 
 class MoEFeedForward(nn.Module):
     """Top-k routed SwiGLU experts, a drop-in for the dense feed-forward of a decoder layer.
 
-    forward(x [B, S, D]) -> (y [B, S, D], {"load_balance": lb, "router_z": z}), the losses
-    unweighted (weight them with `aux_loss`). A token dropped by every chosen expert gets y = 0,
-    so the decoder's residual connection carries it through the layer unchanged.
+    forward(x [B, S, D], token_mask [B, S] bool or None) -> (y [B, S, D], {"load_balance": lb,
+    "router_z": z}), the losses unweighted (weight them with `aux_loss`). token_mask False marks
+    padding: it is not routed, gets y = 0, and counts in neither capacity nor the losses, so the
+    real tokens route exactly as they would without it. A token dropped by every chosen expert also
+    gets y = 0: the decoder's residual connection carries it through the layer unchanged.
 
-    Gates: the top-k probabilities renormalised to sum to 1 (ST-MoE, Mixtral). The output is then
-    a convex mix of the chosen experts, whose scale does not depend on how sure the router is, and
-    the router still learns from the task loss through the ratio between the gates. With top_k == 1
-    the renormalised gate would be the constant 1 and the router would get no task gradient, so
-    there the raw probability is kept (Switch).
+    Gates: the top-k probabilities renormalised to sum to 1 (ST-MoE, Mixtral); with top_k == 1 the
+    raw probability (Switch), else the router would get no task gradient.
 
-    Expert weights are stacked as [E, out, in], each slice an nn.Linear weight: dense FFN weights
-    (w1, w3: dim -> hidden; w2: hidden -> dim) copy into any expert as they are (sparse upcycling),
-    and the experts run as batched matmuls.
+    Expert weights are stacked as [E, out, in], each slice an nn.Linear weight (w1, w3: dim ->
+    hidden; w2: hidden -> dim), so dense FFN weights copy into any expert (sparse upcycling).
+    Under expert parallelism (`train.expert_parallel.apply_expert_parallel`) they are DTensors of
+    the same global shape, sharded over `ep_group`; this rank computes its `n_experts / ep_size`.
 
-    `last_stats` holds the last forward's routing numbers for logging, detached (no graph kept):
-    tokens_per_expert (assignments routed, before the capacity cut), dropped_fraction (of the k*T
-    assignments) and capacity.
+    `last_stats` (detached, for logging): tokens_per_expert (real assignments routed, before the
+    capacity cut), dropped_fraction (of the real assignments), capacity. With `record_routing`,
+    `last_routing` = (experts [N, k], kept [N, k]) of the N real tokens in token order.
     """
 
     def __init__(self, cfg: DecoderConfig) -> None:
@@ -109,7 +188,11 @@ class MoEFeedForward(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden, dim))  # gate projection
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden, dim))  # up projection
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))  # down projection
+        self.ep_group: dist.ProcessGroup | None = None  # set by apply_expert_parallel
+        self.ep_size, self.ep_rank = 1, 0
         self.last_stats: dict[str, Tensor] = {}
+        self.record_routing = False
+        self.last_routing: tuple[Tensor, Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self, init_std: float = 0.02, out_std: float | None = None) -> None:
@@ -121,66 +204,78 @@ class MoEFeedForward(nn.Module):
         std = init_std if out_std is None else out_std
         nn.init.trunc_normal_(self.w2, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
-    def route(self, x: Tensor) -> Routing:
-        """Route T tokens x [T, D]. The router runs in fp32 (ST-MoE: its softmax and logsumexp are
-        where bf16 round-off hurts)."""
+    def route(self, x: Tensor, token_mask: Tensor | None = None) -> Routing:
+        """Route T tokens x [T, D]; token_mask [T] (True: real). The router runs in fp32 (ST-MoE:
+        its softmax and logsumexp are where bf16 round-off hurts). No host sync."""
         n_tokens, n_experts, top_k = x.shape[0], self.moe.n_experts, self.moe.top_k
-        logits = F.linear(x.float(), self.router.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run it in bf16
+            logits = F.linear(x.float(), self.router.weight.float())
         probs = logits.softmax(dim=-1)
         top_probs, experts = probs.topk(top_k, dim=-1)
         gates = top_probs / top_probs.sum(dim=-1, keepdim=True) if top_k > 1 else top_probs
+        real = torch.ones(n_tokens, dtype=torch.bool, device=x.device)
+        if token_mask is not None:
+            real = token_mask.reshape(n_tokens).to(device=x.device, dtype=torch.bool)
+        n_real = real.sum()
 
-        # Choice-major order: every token's first choice claims a slot before any second choice.
-        flat_expert = experts.t().reshape(-1)  # [k*T]
-        counts = torch.zeros(n_experts, dtype=torch.long, device=x.device)
+        # Choice-major assignments; padding takes the extra expert id E, which sorts after every
+        # real one, so the real assignments rank within their experts as if padding were absent.
+        flat_expert = torch.where(real, experts.t(), n_experts).reshape(-1)  # [k*T]
+        counts = torch.zeros(n_experts + 1, dtype=torch.long, device=x.device)
         counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
-        capacity = expert_capacity(n_tokens, self.moe)
-        if capacity is None:  # no cap: room for the busiest expert (one host sync per forward)
-            capacity = max(int(counts.max()), 1)
-        order = torch.argsort(flat_expert, stable=True)
+        by_expert = torch.argsort(flat_expert, stable=True)
         starts = counts.cumsum(0) - counts
-        rank = torch.empty_like(flat_expert)  # position of each assignment within its expert
-        rank[order] = torch.arange(flat_expert.numel(), device=x.device) - starts[flat_expert[order]]
-        slots = torch.where(rank < capacity, flat_expert * capacity + rank, n_experts * capacity)
-        return Routing(logits, probs, experts, gates, slots.view(top_k, n_tokens).t(), counts, capacity)
+        position = torch.empty_like(flat_expert)  # of each assignment within its expert
+        arange = torch.arange(flat_expert.numel(), device=x.device)
+        position[by_expert] = arange - starts[flat_expert[by_expert]]
+        counts = counts[:n_experts]
+        capacity = expert_capacity(n_real, self.moe)
+        if capacity is None:  # dropless
+            kept = flat_expert < n_experts
+            capacity, kept_counts = counts.max(), counts
+        else:
+            kept = (flat_expert < n_experts) & (position < capacity)
+            kept_counts = torch.minimum(counts, capacity)
+        order = torch.argsort(torch.where(kept, flat_expert, n_experts), stable=True)
+        kept = kept.view(top_k, n_tokens).t()
+        return Routing(logits, probs, experts, gates, kept, real, n_real, counts, kept_counts, capacity, order)
 
-    def run_experts(self, h: Tensor) -> Tensor:
-        """SwiGLU of every expert on its own rows: h [E, C, D] -> [E, C, D]."""
-        a = torch.bmm(h, self.w1.transpose(1, 2))
-        b = torch.bmm(h, self.w3.transpose(1, 2))
-        return torch.bmm(F.silu(a) * b, self.w2.transpose(1, 2))
+    def local_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(w1, w2, w3) of the experts this rank computes (all of them without expert parallelism)."""
+        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         bsz, seq, dim = x.shape
         n_experts, top_k = self.moe.n_experts, self.moe.top_k
         flat = x.reshape(-1, dim)
         n_tokens = flat.shape[0]
-        r = self.route(flat)
-        n_slots = n_experts * r.capacity
+        r = self.route(flat, token_mask)
 
-        # Dispatch: which token fills each slot (n_tokens: the zero row appended to the input).
-        # Dropped assignments all write the extra entry n_slots, which is cut off before use.
-        slot_token = torch.full((n_slots + 1,), n_tokens, dtype=torch.long, device=x.device)
-        token = torch.arange(n_tokens, device=x.device).repeat(top_k)  # choice-major, like slots
-        slot_token.scatter_(0, r.slots.t().reshape(-1), token)
-        padded = torch.cat([flat, flat.new_zeros(1, dim)])
-        h = padded[slot_token[:n_slots]].view(n_experts, r.capacity, dim)
+        # Permute (assignment a is token a % T), exchange, run the experts, exchange back.
+        rows, counts, exchange = dispatch(flat[r.order % n_tokens], r.kept_counts, self.ep_group)
+        out = combine(grouped_swiglu(rows, counts, *self.local_weights()), exchange)
 
-        # Combine: each assignment reads its slot's output (a dropped one reads the zero row).
-        y = self.run_experts(h).view(n_slots, dim)
-        y = torch.cat([y, y.new_zeros(1, dim)])[r.slots]  # [T, k, D]
-        out = (y * r.gates.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+        # Un-permute (out holds zeros past the kept rows) and mix each token's choices by gate.
+        inverse = torch.empty_like(r.order)
+        inverse[r.order] = torch.arange(r.order.numel(), device=x.device)
+        gates = torch.where(r.kept, r.gates, 0).t().unsqueeze(-1).to(out.dtype)  # [k, T, 1]
+        y = (out[inverse].view(top_k, n_tokens, -1) * gates).sum(dim=0)
 
-        # Switch/GShard load balance: f_e (fraction of the k*T assignments, before the capacity
-        # cut) carries no gradient; P_e (mean router probability) does. Minimum 1 when uniform.
-        f = r.counts.float() / (n_tokens * top_k)
-        load_balance = n_experts * (f * r.probs.mean(dim=0)).sum()
-        router_z = torch.logsumexp(r.logits, dim=-1).square().mean()  # ST-MoE z-loss
+        # Means over real tokens only. Switch/GShard load balance: f_e (share of the real
+        # assignments, before the capacity cut) carries no gradient; P_e (mean router probability)
+        # does; minimum 1 when uniform. ST-MoE z-loss: mean squared logsumexp of the logits.
+        n = r.n_real.clamp(min=1)
+        f = r.counts.float() / (n * top_k)
+        p = torch.where(r.real.unsqueeze(-1), r.probs, 0).sum(dim=0) / n
+        load_balance = n_experts * (f * p).sum()
+        router_z = torch.where(r.real, torch.logsumexp(r.logits, dim=-1).square(), 0).sum() / n
 
         with torch.no_grad():
             self.last_stats = {
                 "tokens_per_expert": r.counts.detach(),
-                "dropped_fraction": (~r.kept).float().mean(),
-                "capacity": torch.tensor(r.capacity),
+                "dropped_fraction": (r.counts.sum() - r.kept.sum()) / (n * top_k).float(),
+                "capacity": r.capacity.detach(),
             }
-        return out.view(bsz, seq, dim), {"load_balance": load_balance, "router_z": router_z}
+            if self.record_routing:
+                self.last_routing = (r.experts[r.real], r.kept[r.real])
+        return y.view(bsz, seq, dim), {"load_balance": load_balance, "router_z": router_z}

@@ -215,8 +215,9 @@ def test_bf16_autocast_keeps_attention_inputs_in_one_dtype() -> None:
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
 
 
-def test_moe_aux_losses_are_averaged_over_moe_layers() -> None:
-    """With MoE layers (every 2nd of 4), aux_losses holds each loss averaged over them, unweighted."""
+def test_moe_aux_losses_are_added_over_moe_layers() -> None:
+    """With MoE layers (every 2nd of 4), aux_losses holds each loss summed over them (MM1 and
+    ST-MoE add the auxiliary losses per layer), unweighted."""
     cfg = tiny(n_layers=4, moe=MoEConfig(n_experts=4, every=2, capacity_factor=None))
     model = build(cfg)
     seen: list[dict[str, torch.Tensor]] = []
@@ -227,4 +228,4 @@ def test_moe_aux_losses_are_averaged_over_moe_layers() -> None:
     out = model(tokens_for(2, 8))
     assert len(seen) == 2 and set(out.aux_losses) == set(seen[0])
     for name, value in out.aux_losses.items():
-        torch.testing.assert_close(value, (seen[0][name] + seen[1][name]) / 2)
+        torch.testing.assert_close(value, seen[0][name] + seen[1][name])
