@@ -17,7 +17,10 @@ so tensors move across unchanged and the mapping is a pure renaming.
 
 Nothing here touches the network or needs `transformers`: a checkpoint is a folder with
 config.json and model.safetensors (or sharded safetensors, or pytorch_model*.bin read with
-`weights_only=True`).
+`weights_only=True`). Weights are read as fp32 whatever the checkpoint stores (most are bf16):
+training keeps fp32 master weights and optimizer states. `read_hf_decoder` returns the config and
+state dict without building a module, for one rank to read and broadcast; a checkpoint whose
+tensors do not fit its own config is refused naming the tensor and both shapes.
 """
 
 from __future__ import annotations
@@ -154,18 +157,37 @@ def _key_map(cfg: DecoderConfig) -> dict[str, str]:
     return names
 
 
-def from_hf_state_dict(cfg: DecoderConfig, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def from_hf_state_dict(cfg: DecoderConfig, sd: Mapping[str, Tensor], *, origin: str = "checkpoint") -> dict[str, Tensor]:
     """Our state dict from a Hugging Face one (same tensors, renamed). A tied checkpoint's
-    lm_head.weight, if stored, is dropped; a missing or unexpected tensor raises KeyError."""
+    lm_head.weight, if stored, is dropped. A tensor missing, unexpected or of another shape than
+    `cfg` gives it raises ValueError naming `origin`, the keys and the shapes found and expected."""
     if cfg.moe is not None:
         raise ValueError("Hugging Face Llama-family checkpoints hold dense decoders; cfg has moe set")
     names = _key_map(cfg)
+    shapes = _shapes(cfg)
     missing = [theirs for theirs in names.values() if theirs not in sd]
     known = set(names.values()) | ({"lm_head.weight"} if cfg.tie_embeddings else set())
     unexpected = [k for k in sd if k not in known and not k.endswith(_IGNORED_SUFFIXES)]
-    if missing or unexpected:
-        raise KeyError(f"checkpoint does not match the config: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    wrong = [f"{theirs}: found {list(sd[theirs].shape)}, expected {list(shapes[ours])}"
+             for ours, theirs in names.items() if theirs in sd and sd[theirs].shape != shapes[ours]]
+    if missing or unexpected or wrong:
+        lines = [f"{origin} does not fit its config ({cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads}/"
+                 f"{cfg.kv_heads} heads, FFN {cfg.hidden}, vocab {cfg.vocab_size}):"]
+        lines += [f"  {w}" for w in wrong[:8]]
+        if len(wrong) > 8:
+            lines.append(f"  ... and {len(wrong) - 8} more of another shape")
+        if missing:
+            lines.append(f"  missing ({len(missing)}): {missing[:8]}")
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}): {unexpected[:8]}")
+        raise ValueError("\n".join(lines))
     return {ours: sd[theirs] for ours, theirs in names.items()}
+
+
+def _shapes(cfg: DecoderConfig) -> dict[str, torch.Size]:
+    """Our parameter name -> its shape, from a decoder built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        return {k: v.shape for k, v in Decoder(cfg).state_dict().items()}
 
 
 def to_hf_state_dict(decoder: Decoder) -> dict[str, Tensor]:
@@ -201,17 +223,38 @@ def _read_tensors(folder: Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (single or sharded) in {folder}")
 
 
+def read_hf_decoder(path: str | Path) -> tuple[DecoderConfig, dict[str, Tensor]]:
+    """The DecoderConfig of a local Hugging Face checkpoint folder and its weights as our
+    decoder's state dict, fp32 on CPU whatever the checkpoint stores (master weights and optimizer
+    states are fp32), no module built: for one rank to read and broadcast. ValueError, naming
+    the folder, for a config the decoder cannot reproduce or tensors that do not fit it."""
+    return _read(Path(path), torch.float32)
+
+
+def _read(folder: Path, dtype: torch.dtype) -> tuple[DecoderConfig, dict[str, Tensor]]:
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face checkpoint folder)")
+    try:
+        cfg = decoder_config_from_hf(json.loads((folder / "config.json").read_text()))
+    except ValueError as exc:
+        raise ValueError(f"{folder}: {exc}") from None
+    sd = from_hf_state_dict(cfg, _read_tensors(folder), origin=str(folder))
+    # one tensor at a time, so the stored copy of each is released as it is converted
+    return cfg, {k: _cast(sd.pop(k), dtype) for k in list(sd)}
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return (t.to(dtype) if t.is_floating_point() else t).contiguous()
+
+
 def load_hf_decoder(
-    path: str | Path, *, dtype: torch.dtype | None = None, attn_backend: Backend = "auto"
+    path: str | Path, *, dtype: torch.dtype = torch.float32, attn_backend: Backend = "auto"
 ) -> Decoder:
-    """A Decoder holding a local Hugging Face checkpoint's weights (on CPU, in the stored dtype
-    unless `dtype` is given). Built on the meta device and filled by assignment, so the weights
-    are held in memory once."""
-    folder = Path(path)
-    cfg = decoder_config_from_hf(json.loads((folder / "config.json").read_text()))
-    sd = from_hf_state_dict(cfg, _read_tensors(folder))
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
+    """A Decoder holding a local Hugging Face checkpoint's weights, on CPU, in `dtype` whatever
+    the checkpoint stores (fp32 by default: a bf16 checkpoint is upcast, as training's master
+    weights must be). Built on the meta device and filled by assignment, so the weights are held
+    in memory once. Errors as `read_hf_decoder`."""
+    cfg, sd = _read(Path(path), dtype)
     with torch.device("meta"):
         decoder = Decoder(cfg, attn_backend=attn_backend)
     decoder.load_state_dict(sd, strict=True, assign=True)

@@ -10,11 +10,13 @@ the same math in a different operation order).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import transformers  # the reference implementation (the dev extra installs it)
+from safetensors.torch import load_file
 
 from train.model.config import DecoderConfig, MoEConfig
 from train.model.decoder import Decoder
@@ -23,6 +25,7 @@ from train.model.hf import (
     from_hf_state_dict,
     hf_config_from_decoder,
     load_hf_decoder,
+    read_hf_decoder,
     save_hf,
     to_hf_state_dict,
 )
@@ -178,12 +181,58 @@ def test_what_cannot_be_reproduced_is_refused(change: dict, words: str) -> None:
 def test_state_dict_mismatches_and_moe_are_refused() -> None:
     cfg = DecoderConfig(vocab_size=16, dim=8, n_layers=1, n_heads=2, ffn_hidden=16)
     hf_sd = to_hf_state_dict(Decoder(cfg))
-    with pytest.raises(KeyError, match="missing"):
+    with pytest.raises(ValueError, match=r"missing \(1\): \['model.layers.0.self_attn.q_proj.weight'\]"):
         from_hf_state_dict(cfg, {k: v for k, v in hf_sd.items() if "q_proj" not in k})
-    with pytest.raises(KeyError, match="unexpected"):
+    with pytest.raises(ValueError, match=r"unexpected \(1\): \['model.layers.1.mlp.up_proj.weight'\]"):
         from_hf_state_dict(cfg, hf_sd | {"model.layers.1.mlp.up_proj.weight": torch.zeros(16, 8)})
+    with pytest.raises(ValueError, match=r"model.norm.weight: found \[4\], expected \[8\]"):
+        from_hf_state_dict(cfg, hf_sd | {"model.norm.weight": torch.zeros(4)})
     moe = DecoderConfig(vocab_size=16, dim=8, n_layers=2, n_heads=2, ffn_hidden=16, moe=MoEConfig(n_experts=4))
     with pytest.raises(ValueError, match="MoE"):
         hf_config_from_decoder(moe)
     with pytest.raises(ValueError, match="qkv_bias"):
         hf_config_from_decoder(cfg, model_type="qwen2")
+
+
+def test_a_bf16_checkpoint_is_read_as_fp32(tokens: torch.Tensor, tmp_path: Path) -> None:
+    """Master weights and optimizer states are fp32: a bf16 checkpoint (most are) is upcast, every
+    value kept exactly (bf16 -> fp32 is lossless)."""
+    hf = tiny_hf_model("qwen2").to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert {v.dtype for v in stored.values()} == {torch.bfloat16}
+
+    cfg, sd = read_hf_decoder(tmp_path)
+    assert cfg == decoder_config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    expected = from_hf_state_dict(cfg, stored)
+    assert sd.keys() == expected.keys()
+    assert all(sd[k].dtype == torch.float32 and torch.equal(sd[k], expected[k].float()) for k in sd)
+    decoder = load_hf_decoder(tmp_path)
+    assert all(p.dtype == torch.float32 for p in decoder.parameters())
+    assert all(torch.equal(sd[k], v) for k, v in decoder.state_dict().items())
+    # the fp32 decoder computes what transformers computes from the same checkpoint read as fp32
+    # (a fresh load: `hf` itself carries its RoPE inv_freq buffer rounded to bf16)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    torch.testing.assert_close(logits_of(decoder.eval(), tokens), logits_of(reference, tokens), **TOL)
+    assert load_hf_decoder(tmp_path, dtype=torch.bfloat16).tok_embeddings.weight.dtype == torch.bfloat16
+
+
+def test_a_checkpoint_that_does_not_fit_its_config_names_the_tensor(tmp_path: Path) -> None:
+    tiny_hf_model("llama").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"intermediate_size": 80}))
+    for read in (read_hf_decoder, load_hf_decoder):
+        with pytest.raises(ValueError) as err:
+            read(tmp_path)
+        msg = str(err.value)
+        assert str(tmp_path) in msg and "FFN 80" in msg
+        assert "model.layers.0.mlp.gate_proj.weight: found [96, 64], expected [80, 64]" in msg
+        assert "model.layers.0.mlp.down_proj.weight: found [64, 96], expected [64, 80]" in msg
+
+    (tmp_path / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match=r"missing \(9\): \['model.layers.2."):
+        read_hf_decoder(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config | {"hidden_act": "gelu"}))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: llama checkpoint uses") + ".*hidden_act"):
+        read_hf_decoder(tmp_path)

@@ -1,10 +1,12 @@
 """The vision encoder on tiny open_clip towers with random weights: these test mechanics (shapes,
 layer choice, freezing, weight loading, preprocessing), not features. The full ViT-H is only built
-on the meta device (counted, never allocated or downloaded)."""
+on the meta device (counted, never allocated or downloaded). Checkpoints are tiny CLIP models
+saved to tmp_path: no tag is ever fetched."""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 
 import open_clip
 import pytest
@@ -12,7 +14,8 @@ import torch
 from PIL import Image
 
 from train.model.config import VisionConfig
-from train.model.vision import VisionEncoder
+from train.model.registry import REGISTRY, TINY_VISION
+from train.model.vision import VisionEncoder, vision_state_dict
 
 # A 2-block ViT at 56 px with 14 px patches: a 4x4 grid of width 64 (2 heads); a tiny text tower
 # too, since open_clip builds the whole CLIP model before the encoder drops it.
@@ -81,6 +84,13 @@ def test_layers_give_different_features():
         _encoder(layer=2)
 
 
+def test_the_tower_trains_by_default_in_every_size():
+    """MM1 pretrains the whole model: freezing the tower is a recipe's explicit choice."""
+    assert VisionConfig().frozen is False
+    assert all(not cfg.vision.frozen for cfg in REGISTRY.values())
+    assert all(p.requires_grad for p in _encoder().parameters())
+
+
 def test_frozen_has_no_grad_and_unfrozen_trains():
     frozen = _encoder(frozen=True)
     assert not any(p.requires_grad for p in frozen.parameters())
@@ -112,7 +122,7 @@ def test_checkpoint_file_loads_and_meta_build_then_init_weights(tmp_path):
     lazy.to_empty(device="cpu")
     lazy.init_weights()
     torch.testing.assert_close(lazy(images), want)
-    assert not any(p.requires_grad for p in lazy.parameters())  # still frozen
+    assert all(p.requires_grad for p in lazy.parameters())  # the tower trains unless frozen
 
 
 def test_preprocess_gives_the_tower_size():
@@ -143,3 +153,106 @@ def test_mm1_vit_h_on_meta_counts_and_takes_dfn5b_preprocessing():
         shorter = VisionEncoder(penultimate)
     assert len(shorter.tower.transformer.resblocks) == 31
     assert sum(p.numel() for p in shorter.parameters()) < n
+
+
+# vision_state_dict: the tower's weights from a local open_clip checkpoint --------------------------
+
+
+def _tiny_clip(seed: int = 0, **vision) -> torch.nn.Module:
+    """The registry's tiny CLIP (TINY_VISION), its vision config changed by `vision`."""
+    torch.manual_seed(seed)
+    overrides = dict(TINY_VISION.overrides)
+    overrides["vision_cfg"] = {**overrides["vision_cfg"], **vision}
+    return open_clip.create_model(TINY_VISION.model, pretrained=None, **overrides)
+
+
+def _save(sd: dict, path, dtype=None) -> str:
+    sd = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in sd.items()}
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path))
+    else:
+        torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)  # a DDP trainer's layout
+    return str(path)
+
+
+@pytest.mark.parametrize("name, dtype", [("clip.pt", None), ("clip.safetensors", None),
+                                         ("clip-bf16.bin", torch.bfloat16), ("clip-bf16.safetensors", torch.bfloat16)])
+def test_vision_state_dict_reads_a_local_checkpoint_as_fp32(tmp_path, name, dtype):
+    clip = _tiny_clip(seed=3)
+    saved = {k: (v.to(dtype) if dtype is not None else v) for k, v in clip.state_dict().items()}
+    path = _save(saved, tmp_path / name)
+
+    sd = vision_state_dict(TINY_VISION, path)
+    enc = VisionEncoder(TINY_VISION)
+    assert list(sd) == list(enc.state_dict())  # our keys, in our order: tower.*, no projection
+    assert all(k.startswith("tower.") for k in sd) and "tower.proj" not in sd
+    for key, value in sd.items():
+        assert value.dtype == torch.float32 and value.device.type == "cpu"
+        torch.testing.assert_close(value, saved["visual." + key.removeprefix("tower.")].float(), rtol=0, atol=0)
+
+    # the encoder built with the file as `pretrained`, directly or on meta then init_weights
+    images = torch.randn(2, 3, 56, 56)
+    loaded = VisionEncoder(replace(TINY_VISION, pretrained=path))
+    with torch.device("meta"):
+        lazy = VisionEncoder(replace(TINY_VISION, pretrained=path))
+    lazy.to_empty(device="cpu")
+    lazy.init_weights()
+    enc.load_state_dict(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), enc(images))
+        torch.testing.assert_close(lazy(images), enc(images))
+
+
+def test_vision_state_dict_keeps_only_the_blocks_read(tmp_path):
+    path = _save(_tiny_clip().state_dict(), tmp_path / "clip.pt")
+    first = replace(TINY_VISION, layer=0)
+    sd = vision_state_dict(first, path)
+    assert list(sd) == list(VisionEncoder(first).state_dict())
+    assert not any(k.startswith(("tower.transformer.resblocks.1.", "tower.ln_post.")) for k in sd)
+
+
+def test_vision_state_dict_of_none_is_a_random_init():
+    torch.manual_seed(0)
+    a = vision_state_dict(TINY_VISION, None)
+    torch.manual_seed(0)
+    b = vision_state_dict(TINY_VISION, None)
+    assert list(a) == list(VisionEncoder(TINY_VISION).state_dict())
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == torch.float32 for k in a)
+
+
+def test_a_checkpoint_of_another_size_is_refused_naming_keys_and_shapes(tmp_path):
+    wide = _save(_tiny_clip(width=128).state_dict(), tmp_path / "wide.pt")
+    with pytest.raises(ValueError) as err:
+        vision_state_dict(TINY_VISION, wide)
+    msg = str(err.value)
+    assert "wide.pt" in msg and TINY_VISION.model in msg
+    assert "visual.conv1.weight: found [128, 3, 14, 14], expected [64, 3, 14, 14]" in msg
+
+    deeper = _save(_tiny_clip(layers=3).state_dict(), tmp_path / "deeper.pt")
+    with pytest.raises(ValueError, match=r"unexpected \(\d+\): \['visual\.transformer\.resblocks\.2\."):
+        vision_state_dict(TINY_VISION, deeper)
+    with pytest.raises(ValueError, match="resblocks.2"):  # whichever block is read: another model
+        vision_state_dict(replace(TINY_VISION, layer=0), deeper)
+
+    sd = {k: v for k, v in _tiny_clip().state_dict().items() if k != "visual.ln_pre.weight"}
+    with pytest.raises(ValueError, match=r"missing \(1\): \['visual\.ln_pre\.weight'\]"):
+        vision_state_dict(TINY_VISION, _save(sd, tmp_path / "holed.safetensors"))
+
+    with pytest.raises(ValueError, match="no visual"):
+        vision_state_dict(TINY_VISION, _save({"text.weight": torch.zeros(2)}, tmp_path / "text.pt"))
+    with pytest.raises(ValueError, match="neither a file nor an open_clip tag"):
+        vision_state_dict(TINY_VISION, str(tmp_path / "absent.pt"))
+
+
+def test_a_tag_goes_through_open_clips_download_path(tmp_path, monkeypatch):
+    """A tag is resolved by open_clip (its pretrained config, its download and cache) to a file,
+    then read like any file. The download is replaced by the local file: nothing is fetched."""
+    path = _save(_tiny_clip(seed=5).state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    asked = []
+    monkeypatch.setattr(open_clip, "download_pretrained", lambda cfg, *a, **kw: asked.append(cfg) or path)
+    tag = open_clip.list_pretrained_tags_by_model(TINY_VISION.model)[0]
+    sd = vision_state_dict(TINY_VISION, tag)
+    assert asked == [open_clip.get_pretrained_cfg(TINY_VISION.model, tag)]
+    assert torch.equal(sd["tower.conv1.weight"], torch.load(path)["state_dict"]["module.visual.conv1.weight"])
