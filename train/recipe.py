@@ -31,6 +31,7 @@ class _Strict(BaseModel):
 class ModelSection(_Strict):
     name: str = "tiny"  # a size in train/model/registry.py
     decoder_checkpoint: str | None = None  # a local Hugging Face causal-LM folder for the decoder
+    vision_checkpoint: str | None = None  # an open_clip tag or a local open_clip checkpoint; None: the size's
     freeze_vision: bool | None = None  # None: the size's own setting (MM1 trains the tower in pretraining)
 
     @field_validator("name")
@@ -81,6 +82,8 @@ class OptimSection(_Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0.0)
     grad_clip: float | None = Field(1.0, gt=0.0)  # max global grad norm; None: no clipping
+    vision_lr_mult: float = Field(1.0, ge=0.0)  # the tower's learning rate: this x the peak
+    connector_lr_mult: float = Field(1.0, ge=0.0)  # the connector's learning rate: this x the peak
 
     @field_validator("lr")
     @classmethod
@@ -91,9 +94,35 @@ class OptimSection(_Strict):
 
 
 class ParallelSection(_Strict):
-    fsdp: bool = False  # FSDP2 per decoder block, vision tower and root (else gradients all-reduced)
-    activation_checkpointing: bool = False  # recompute each decoder block in backward
-    compile: bool = False  # torch.compile each decoder block
+    """The device mesh (train/mesh.py) and what is applied per block (train/parallelize.py).
+    dp_replicate x dp_shard = the world size (-1 on one of them: what the world leaves); dense
+    parameters are sharded over dp_shard and replicated over dp_replicate (HSDP); `ep` ranks of a
+    dp_shard group share the experts of an MoE size. Sizes are checked against the world and the
+    model when the run starts (`ParallelDims.resolve`)."""
+
+    dp_replicate: int = 1
+    dp_shard: int = -1  # the default: FSDP over every rank (one process: nothing to shard)
+    ep: int = Field(1, ge=1)
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"  # recompute blocks in backward
+    ac_every: int = Field(2, ge=1)  # selective: every ac_every-th block (of the decoder and the tower)
+    compile: bool = False  # torch.compile each decoder and tower block
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "fsdp" in data:
+            raise ValueError("parallel.fsdp was replaced by the mesh keys: fsdp: true is dp_shard: -1 (the default), "
+                             "fsdp: false is dp_replicate: -1 with dp_shard: 1")
+        if isinstance(data, dict) and isinstance(data.get("activation_checkpointing"), bool):
+            data = {**data, "activation_checkpointing": "full" if data["activation_checkpointing"] else "none"}
+        return data
+
+    @field_validator("dp_replicate", "dp_shard")
+    @classmethod
+    def _size(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError(f"expected a positive size or -1, got {value}")
+        return value
 
 
 class CheckpointSection(_Strict):
@@ -138,7 +167,14 @@ class TrainRecipe(_Strict):
     def _check(self) -> "TrainRecipe":
         from train.model.registry import get_config
 
-        n_tokens = get_config(self.model.name).connector.n_tokens
+        cfg = get_config(self.model.name)
+        n_tokens = cfg.connector.n_tokens
+        moe = cfg.decoder.moe
+        if self.parallel.ep > 1 and moe is None:
+            raise ValueError(f"parallel.ep is {self.parallel.ep}, but model {self.model.name!r} is dense: expected 1")
+        if moe is not None and moe.n_experts % self.parallel.ep:
+            raise ValueError(f"parallel.ep={self.parallel.ep} does not divide model {self.model.name!r}'s "
+                             f"{moe.n_experts} experts")
         if self.data.n_image_tokens is not None and self.data.n_image_tokens != n_tokens:
             raise ValueError(f"data.n_image_tokens is {self.data.n_image_tokens}, but model {self.model.name!r}'s "
                              f"connector makes {n_tokens} tokens per image")

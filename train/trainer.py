@@ -1,28 +1,40 @@
 """The MM1 training loop: `train(recipe, run_dir)`, launched by torchrun (one process per device)
 or as a single process.
 
-One step: `grad_accum` micro-batches from this rank's loader, forward under bf16 autocast on CUDA
-(fp32 on CPU), `MM1Output.total_loss` (the LM loss plus weighted MoE auxiliary losses) backward;
-then every rank says whether its loss was finite and an all-reduce (MAX) agrees on it. A step
-that is non-finite on any rank is skipped on every rank (gradients dropped, no optimizer update,
-nothing checkpointed, counted); `max_bad_steps` in a row stop the run with `Diverged`
-(`mm1 train` exits with EXIT_DIVERGED). Otherwise gradients are averaged (FSDP reduces them
-itself), clipped to `grad_clip`, and AdamW steps; the schedule advances with every step, skipped
-or not, so the learning rate follows the data.
+Start: the mesh (train/mesh.py) is resolved from `parallel.*` and the world; the model is built on
+the meta device, parallelized (train/parallelize.py: expert parallelism, activation
+checkpointing, compile, FSDP2/HSDP), allocated, and filled with the initial weights that rank 0
+alone draws under the seed (and reads from the HF decoder checkpoint and the tower's open_clip
+checkpoint) and broadcasts into every rank's shards: the same seed gives the same weights on any
+mesh, and no rank holds a full copy it does not own. Master weights and AdamW states are fp32
+whatever a checkpoint's dtype; on CUDA the compute runs under bf16 autocast (FSDP gathers bf16).
+
+One step (`train_step`, which tests call directly with fixed micro-batches): `grad_accum`
+micro-batches; the LM loss is summed over target tokens and divided by the target tokens of the
+whole step (all micro-batches, all ranks), so a token's weight does not depend on the layout;
+gradients are reduced in the last micro-batch's backward only; every rank says whether its loss
+was finite and an all-reduce agrees on it. A step that is non-finite on any rank is skipped on
+every rank (gradients dropped, no optimizer update, nothing checkpointed, counted);
+`max_bad_steps` in a row stop the run with `Diverged` (`mm1 train` exits with EXIT_DIVERGED).
+Otherwise gradients are clipped to `grad_clip` by their global norm and AdamW (fused on CUDA)
+steps; the schedule advances with every step, skipped or not, so the learning rate follows the
+data.
 
 Checkpoints (train/checkpoint.py) hold the model, optimizer and scheduler, and per rank, as JSON:
 the loader's state, the RNG states and the step. With `resume` the newest checkpoint in `run_dir`
 is loaded and the run continues with the batches, and so the losses, an uninterrupted run would
 have had (exactly, with `deterministic: true`).
 
-Weight decay: MM1's decoupled decay (torch AdamW's weight_decay) applies to matrices and
-embedding tables (every parameter of 2 or more dimensions), not to norm gains and biases,
-whose decay only pulls them towards a meaningless 0 (nanoGPT's and most LLM trainers' rule).
+Parameter groups (`param_groups`): the tower and the connector may have their own learning-rate
+multipliers; MM1's decoupled decay (torch AdamW's weight_decay) applies to matrices, not to norm
+gains, biases, embedding tables or position embeddings.
 
 Metrics: every step a JSON line in `run_dir/<log.jsonl>` (rank 0; other ranks
-`metrics.rank<R>.jsonl`, for comparing ranks) with the loss averaged over ranks, this rank's own
-loss, the learning rate, grad norm, tokens/s, MFU (CUDA only) and peak memory; a log line every
-`log.every` steps; validation losses per kind every `validation.every` steps.
+`metrics.rank<R>.jsonl`, for comparing ranks) with the step's loss, this rank's own loss, the
+MoE auxiliary loss, the learning rate, grad norm, tokens/s, MFU and HFU (CUDA, train/flops.py's
+accounting: real tokens, the attention document masks let run) and the tower's share of the
+FLOPs, and peak memory; a log line every `log.every` steps; validation losses per kind every
+`validation.every` steps.
 
 Test hooks (environment, read once at start): MM1_INJECT_NAN_AT_STEP="rank:step" (or
 "rank:first-last") makes that rank's loss NaN at those steps; MM1_STOP_AFTER_STEP=N ends the process abruptly (os._exit) after
@@ -47,6 +59,7 @@ import torch.distributed as dist
 from torch import nn
 
 from train.export import describe
+from train.mesh import ParallelDims
 from train.recipe import OptimSection, TrainRecipe
 
 log = logging.getLogger("mm1.train")
@@ -56,8 +69,6 @@ EXIT_STOPPED = 17  # the exit status of a run ended by MM1_STOP_AFTER_STEP
 INJECT_NAN_ENV = "MM1_INJECT_NAN_AT_STEP"
 STOP_AFTER_ENV = "MM1_STOP_AFTER_STEP"
 
-# dense bf16 peak FLOP/s per device, for MFU (no entry: MFU not reported)
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 class Diverged(RuntimeError):
@@ -128,48 +139,155 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 # building ----------------------------------------------------------------------------------------
 
 
-def build_model(recipe: TrainRecipe, tokenizer: Any, device: torch.device) -> nn.Module:
-    """MM1 of the recipe's size, its vocabulary and placeholder token from the tokenizer (the
-    registry's vocabulary is a default only). With FSDP the decoder is built on the meta device
-    and materialised by `materialize` after sharding; otherwise built here, on CPU, under the
-    seed (every replica starts equal)."""
-    from train.model.mm1 import MM1, with_pretrained_decoder
+def model_config(recipe: TrainRecipe, vocab: int, image_token_id: int):
+    """The MM1Config a run trains: the registry size; the decoder's shape from the HF checkpoint's
+    config.json when one is given (else the size's, its vocabulary padded to a multiple of 64 for
+    matmul efficiency, nanoGPT's 50304); the tower frozen or not as the recipe says."""
     from train.model.registry import get_config
 
     cfg = get_config(recipe.model.name)
     if recipe.model.freeze_vision is not None:
         cfg = replace(cfg, vision=replace(cfg.vision, frozen=recipe.model.freeze_vision))
-    vocab = tokenizer._tok.get_vocab_size()
+    if recipe.model.vision_checkpoint is not None:
+        cfg = replace(cfg, vision=replace(cfg.vision, pretrained=recipe.model.vision_checkpoint))
     if recipe.model.decoder_checkpoint:
-        model = with_pretrained_decoder(cfg, recipe.model.decoder_checkpoint, image_token_id=tokenizer.image_id)
-        if model.cfg.decoder.vocab_size < vocab:
-            raise ValueError(f"decoder checkpoint has {model.cfg.decoder.vocab_size} tokens, the tokenizer {vocab}")
-        return model
-    padded = 64 * math.ceil(vocab / 64)  # a multiple of 64 for matmul efficiency (nanoGPT's 50304)
-    cfg = replace(cfg, decoder=replace(cfg.decoder, vocab_size=padded), image_token_id=tokenizer.image_id)
-    if not recipe.parallel.fsdp:
-        return MM1(cfg)
+        from train.model.hf import decoder_config_from_hf
+
+        config_json = Path(recipe.model.decoder_checkpoint) / "config.json"
+        try:
+            decoder = decoder_config_from_hf(json.loads(config_json.read_text()))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"model.decoder_checkpoint: cannot read {config_json}: {e}") from None
+        if cfg.decoder.moe is not None:
+            decoder = replace(decoder, moe=cfg.decoder.moe)  # sparse upcycling: dense FFNs copied into experts
+        if decoder.vocab_size < vocab:
+            raise ValueError(f"model.decoder_checkpoint has {decoder.vocab_size} tokens, the tokenizer {vocab}")
+    else:
+        decoder = replace(cfg.decoder, vocab_size=64 * math.ceil(vocab / 64))
+    return replace(cfg, decoder=decoder, image_token_id=image_token_id)
+
+
+def initial_state(recipe: TrainRecipe, cfg) -> dict[str, torch.Tensor]:
+    """The whole model's initial weights, fp32, on CPU (rank 0 alone builds them): random under
+    the recipe's seed, then the decoder from the Hugging Face checkpoint and the tower from its
+    open_clip tag or file, when the recipe names them. The same seed gives the same weights
+    whatever the mesh: they are drawn once, here, then broadcast and sharded."""
+    from train.model.mm1 import MM1
+
+    torch.manual_seed(recipe.seed)
+    model = MM1(replace(cfg, vision=replace(cfg.vision, pretrained=None)))
+    state = {k: v.float() for k, v in model.state_dict().items()}
+    if cfg.vision.pretrained is not None:
+        from train.model.vision import vision_state_dict
+
+        state.update({f"vision.{k}": v.float() for k, v in vision_state_dict(cfg.vision, cfg.vision.pretrained).items()})
+    if recipe.model.decoder_checkpoint:
+        from train.model.hf import read_hf_decoder
+
+        _, decoder = read_hf_decoder(recipe.model.decoder_checkpoint)
+        state.update(_upcycled(cfg, {f"decoder.{k}": v.float() for k, v in decoder.items()}, state))
+    return state
+
+
+def _upcycled(cfg, decoder: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A dense checkpoint's FFN weights copied into every expert of an MoE layer (sparse upcycling,
+    Komatsuzaki et al. 2023); the routers keep their random init."""
+    out = dict(decoder)
+    for layer in range(cfg.decoder.n_layers):
+        if not cfg.decoder.is_moe_layer(layer):
+            continue
+        prefix = f"decoder.layers.{layer}.feed_forward"
+        for w in ("w1", "w2", "w3"):
+            dense = out.pop(f"{prefix}.{w}.weight", None)
+            if dense is not None:
+                out[f"{prefix}.{w}"] = dense.unsqueeze(0).expand_as(state[f"{prefix}.{w}"]).clone()
+    missing = [k for k in state if k.startswith("decoder.") and k not in out and ".router." not in k]
+    if missing:
+        raise ValueError(f"model.decoder_checkpoint lacks {missing[:3]} (expected by {cfg.name})")
+    return out
+
+
+def build_model(recipe: TrainRecipe, cfg, dims: ParallelDims, device: torch.device, *,
+                state: dict[str, torch.Tensor] | None = None, bf16: bool = False) -> nn.Module:
+    """The training model: built on the meta device, parallelized (train/parallelize.py), then
+    allocated on `device` and filled with the initial weights: `state` if given (rank 0's counts;
+    a full fp32 state dict), else `initial_state(recipe, cfg)`, built on rank 0 only and
+    broadcast into every rank's shards. Parameters are fp32 (the master weights) whatever the
+    checkpoints' dtypes; bf16 is only what FSDP gathers for compute. Under FSDP the image path
+    joins every forward (`join_image_path`)."""
+    from train.model.mm1 import MM1
+    from train.parallelize import parallelize
+
     with torch.device("meta"):
         model = MM1(cfg)
-    for part in (model.vision, model.connector):  # small: built whole, then sharded
-        part.to_empty(device="cpu")
-        part.init_weights()
+    parallelize(model, recipe.parallel, dims, device, bf16=bf16)
+    model.to_empty(device=device)
+    if dims.world == 1 or not dist.is_initialized():
+        full = state if state is not None else initial_state(recipe, cfg)
+        _check_state(model, full)
+        model.load_state_dict(full)
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full = {}
+        if dist.get_rank() == 0:
+            full = state if state is not None else initial_state(recipe, cfg)
+            _check_state(model, full)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if dims.fsdp:
+        join_image_path(model, device)
+    bad = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
+    if bad:
+        raise AssertionError(f"master weights must be fp32: {bad[:3]}")
     return model
 
 
-def materialize(model: nn.Module, device: torch.device) -> None:
-    """After sharding: allocate the decoder's (meta) shards on `device` and initialise them."""
-    model.decoder.to_empty(device=device)
-    model.decoder.init_weights()
+def _check_state(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """The initial state fits the model: the same names and shapes, or an error naming them."""
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(mine) - set(full))
+    extra = sorted(set(full) - set(mine))
+    wrong = [f"{k}: {tuple(full[k].shape)}, expected {mine[k]}" for k in mine if k in full
+             and tuple(full[k].shape) != mine[k]]
+    if missing or extra or wrong:
+        raise ValueError("the initial weights do not fit the model: "
+                         + "; ".join(filter(None, [f"missing {missing[:3]}" if missing else "",
+                                                    f"unexpected {extra[:3]}" if extra else "",
+                                                    f"wrong shape {wrong[:3]}" if wrong else ""])))
+
+
+NO_DECAY = ("tok_embeddings.weight", "positional_embedding", "class_embedding", "pos_embed")
+
+
+def param_groups(model: nn.Module, o: OptimSection, lr: float) -> list[dict[str, Any]]:
+    """AdamW's groups: (tower, connector, decoder) x (decay, no decay) x (dense, expert weights).
+    Each part's learning rate is `lr` x its multiplier (`vision_lr_mult`, `connector_lr_mult`).
+    No weight decay on norms, biases, embedding tables and position embeddings. Expert weights
+    under expert parallelism live on another mesh than FSDP's, and a fused or foreach step
+    cannot mix meshes: they get groups of their own. Empty groups are left out."""
+    from train.expert_parallel import expert_parameters
+
+    experts = {id(p) for p in expert_parameters(model)}
+    mults = {"vision": o.vision_lr_mult, "connector": o.connector_lr_mult, "decoder": 1.0}
+    groups: dict[tuple, dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = name.split(".")[0] if name.split(".")[0] in mults else "decoder"
+        decay = p.ndim >= 2 and not name.endswith(NO_DECAY)
+        key = (part, decay, id(p) in experts)
+        g = groups.setdefault(key, {"params": [], "weight_decay": o.weight_decay if decay else 0.0,
+                                    "lr": lr * mults[part], "name": f"{part}{'' if decay else '/no_decay'}"
+                                    f"{'/experts' if key[2] else ''}"})
+        g["params"].append(p)
+    return list(groups.values())
 
 
 def build_optimizer(model: nn.Module, o: OptimSection, lr: float) -> torch.optim.AdamW:
-    """AdamW with decay on matrices and embedding tables only (the module docstring says why)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=o.betas, eps=o.eps, foreach=True)
+    """AdamW over `param_groups`; fused on CUDA (one kernel per group), foreach elsewhere."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    kind = {"fused": True} if on_cuda else {"foreach": True}
+    return torch.optim.AdamW(param_groups(model, o, lr), lr=lr, betas=o.betas, eps=o.eps, **kind)
 
 
 def _loader(recipe: TrainRecipe, model: nn.Module, outs: list[str], d: Distributed, *, steps: int | None,
@@ -184,24 +302,12 @@ def _loader(recipe: TrainRecipe, model: nn.Module, outs: list[str], d: Distribut
                             repeat=repeat)
     pp = model.vision.preprocess_cfg
     cfg = LoaderConfig(mixture, batch_size=r.batch_size, steps=steps, workers=r.workers,
-                       image_size=model.vision.image_size, image_mean=tuple(pp["mean"]), image_std=tuple(pp["std"]))
+                       image_size=model.vision.image_size, image_mean=tuple(pp["mean"]), image_std=tuple(pp["std"]),
+                       pin_memory=d.device.type == "cuda")
     return Loader(cfg, rank=d.rank, world=d.world, state=state)
 
 
 # measuring ---------------------------------------------------------------------------------------
-
-
-def flops_per_step(model: nn.Module, seq_len: int) -> tuple[float, float]:
-    """(training FLOPs per sequence token of the decoder, training FLOPs per image)."""
-    from train.model.registry import decoder_flops_per_token, image_flops
-
-    vision = model.vision
-    vision_params = sum(p.numel() for p in vision.parameters())
-    connector_params = sum(p.numel() for p in model.connector.parameters())
-    trainable = any(p.requires_grad for p in vision.parameters())
-    per_image = image_flops(vision_params, len(vision.tower.transformer.resblocks), vision.width,
-                            vision.n_patches + 1, connector_params, trainable)
-    return decoder_flops_per_token(model.cfg.decoder, seq_len), per_image
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -210,26 +316,116 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak FLOP/s (PEAK_FLOPS), None off CUDA or for an unknown GPU."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+# the step ----------------------------------------------------------------------------------------
 
 
-# the loop ----------------------------------------------------------------------------------------
+def _to_device(batch: dict, device: torch.device) -> dict:
+    out = dict(batch)
+    for key in ("tokens", "doc_ids", "labels", "token_mask", "images"):
+        if out.get(key) is not None:
+            out[key] = out[key].to(device, non_blocking=True)
+    return out
 
 
-def _forward(model: nn.Module, batch: dict, d: Distributed, autocast: bool):
-    tokens = batch["tokens"].to(d.device, non_blocking=True)
-    images = batch["images"]
-    images = None if images is None else images.to(d.device, non_blocking=True)
-    model._images_in_batch = images is not None  # read by join_image_path's hook (FSDP)
-    with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(tokens, images, doc_ids=batch["doc_ids"].to(d.device), labels=batch["labels"].to(d.device))
-        total = out.total_loss
-    return out, total
+def _forward(model: nn.Module, batch: dict, autocast: bool, device: torch.device):
+    model._images_in_batch = batch["images"] is not None  # read by join_image_path's hook (FSDP)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        return model(batch["tokens"], batch["images"], doc_ids=batch["doc_ids"], labels=batch["labels"],
+                     token_mask=batch.get("token_mask"))
+
+
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of the gradients of `params`, the same tensor on every rank, whatever
+    mixes of plain tensors and DTensors (FSDP shards on the dense mesh, expert weights on the
+    expert mesh) they are: local sums of squares, all-reduced over each mesh dimension a
+    gradient is sharded along. No host synchronisation."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if isinstance(g, DTensor):
+            dims = tuple(i for i, pl in enumerate(g.placements) if isinstance(pl, Shard))
+            groups.setdefault((id(g.device_mesh), dims), []).append(g)
+        else:
+            groups.setdefault((None, ()), []).append(g)
+    total = None
+    for (_, dims), grads in groups.items():
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        sq = torch.stack([t.float().pow(2).sum() for t in local]).sum()
+        for dim in dims:
+            dist.all_reduce(sq, group=grads[0].device_mesh.get_group(dim))
+        total = sq if total is None else total + sq.to(total.device)
+    return torch.zeros(()) if total is None else total.sqrt()
+
+
+@dataclass
+class StepResult:
+    loss: float  # the step's LM loss: target-token sum over every micro-batch and rank / their count
+    rank_loss: float  # this rank's own: its target-token sum / its targets
+    aux: float  # the weighted MoE auxiliary losses, averaged over micro-batches and ranks
+    grad_norm: float  # nan when the step was skipped
+    skipped: bool  # some rank's loss or the gradient norm was non-finite: no update anywhere
+    targets: int  # target tokens of the step (every rank)
+    rank_targets: int  # this rank's
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict], *,
+               dims: ParallelDims, device: torch.device, autocast: bool = False,
+               grad_clip: float | None = None, poison: bool = False) -> StepResult:
+    """One optimizer step over this rank's `micro_batches` (every rank calls it with as many).
+
+    The LM loss is cross-entropy summed over target tokens and divided by the target tokens of
+    the whole step, counted over every micro-batch of every rank before the first forward (one
+    all-reduce): each micro-batch backpropagates its sum x (world / step targets), which FSDP's
+    and `sync_gradients`' mean over ranks turns into sum / step targets, so a token weighs the
+    same whatever shares its micro-batch or rank. MoE auxiliary losses are per-batch statistics:
+    their mean over micro-batches and ranks is added. Gradients are reduced only in the last
+    backward. Then one all-reduce agrees whether every rank's loss was finite; a non-finite step
+    drops its gradients everywhere. `poison` makes this rank's loss NaN (the NaN-injection hook).
+    Two host synchronisations per step (the finiteness check and the norm), none per micro-batch."""
+    from train.model.mm1 import IGNORE
+    from train.parallelize import set_gradient_sync, sync_gradients
+
+    accum = len(micro_batches)
+    count = torch.tensor([float(sum(int((mb["labels"] != IGNORE).sum()) for mb in micro_batches))], device=device)
+    local_targets = count.clone()
+    if dims.world > 1:
+        dist.all_reduce(count)
+    scale = dims.world / count.clamp(min=1)
+    loss_sum = torch.zeros((), device=device)
+    aux_sum = torch.zeros((), device=device)
+    for i, mb in enumerate(micro_batches):
+        set_gradient_sync(model, i == accum - 1)
+        out = _forward(model, _to_device(mb, device), autocast, device)
+        lm = out.loss_sum * float("nan") if poison else out.loss_sum
+        (lm * scale[0] + out.aux_total / accum).backward()
+        loss_sum += lm.detach()
+        aux_sum += out.aux_total.detach() / accum
+    stats = torch.stack([loss_sum, aux_sum, (~torch.isfinite(loss_sum)).float()])
+    if dims.world > 1:
+        dist.all_reduce(stats)
+    total_loss, aux, nonfinite = stats.tolist()
+    bad, norm = nonfinite > 0, float("nan")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not bad:
+        sync_gradients(model, dims)
+        norm_t = grad_norm(params)
+        if grad_clip is not None:
+            coef = (grad_clip / (norm_t + 1e-6)).clamp(max=1.0)
+            grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
+            torch._foreach_mul_(grads, coef.to(grads[0].device)) if grads else None
+        norm = float(norm_t)
+        bad = not math.isfinite(norm)  # equal on every rank: computed from reduced gradients
+    if not bad:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    n = float(count[0])
+    return StepResult(loss=total_loss / max(n, 1.0), rank_loss=float(loss_sum) / max(float(local_targets[0]), 1.0),
+                      aux=aux / dims.world, grad_norm=norm, skipped=bad, targets=int(n),
+                      rank_targets=int(local_targets[0]))
 
 
 def join_image_path(model: nn.Module, device: torch.device) -> None:
@@ -272,7 +468,7 @@ def validate(model: nn.Module, recipe: TrainRecipe, d: Distributed, autocast: bo
             model._images_in_batch = images is not None
             with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = model(batch["tokens"].to(d.device), None if images is None else images.to(d.device),
-                            doc_ids=batch["doc_ids"].to(d.device))
+                            doc_ids=batch["doc_ids"].to(d.device), token_mask=batch["token_mask"].to(d.device))
             labels = batch["labels"].to(d.device)
             per_token = F.cross_entropy(out.logits.float().transpose(1, 2), labels, ignore_index=IGNORE,
                                         reduction="none")
@@ -302,12 +498,13 @@ class _Metrics:
 
 def train(recipe: TrainRecipe, run_dir: str | Path, *, resume: bool = True) -> dict[str, Any]:
     """Run `recipe` to `recipe.steps`, checkpointing into `run_dir` (resuming from its newest
-    checkpoint when `resume`). Returns the final metrics: step, loss (averaged over ranks),
-    losses per step of this invocation, skipped steps, last validation losses. Raises
-    `Diverged` after `max_bad_steps` consecutive non-finite steps."""
+    checkpoint when `resume`). Returns the final metrics: step, loss (the step's target-weighted
+    loss over every rank), losses per step of this invocation, skipped steps, last validation
+    losses. Raises `Diverged` after `max_bad_steps` consecutive non-finite steps, ValueError
+    when the mesh does not fit the world or the initial weights do not fit the model."""
     from train import checkpoint as ckpt
     from train.data.samples import TextTokenizer
-    from train.parallelize import parallelize, sync_gradients
+    from train.mesh import dims_for
     from train.schedule import lr_lambda, mm1_peak_lr
 
     d = init_distributed()
@@ -317,17 +514,12 @@ def train(recipe: TrainRecipe, run_dir: str | Path, *, resume: bool = True) -> d
     nan_at, stop_after = _env_hooks(d.rank)
     try:
         tokenizer = TextTokenizer.from_file(recipe.data.tokenizer)
-        model = build_model(recipe, tokenizer, d.device)
-        n_params = sum(p.numel() for p in model.parameters())
+        cfg = model_config(recipe, tokenizer._tok.get_vocab_size(), tokenizer.image_id)
+        moe = cfg.decoder.moe
+        dims = dims_for(recipe.parallel, d.world, moe.n_experts if moe is not None else None)
         autocast = d.device.type == "cuda" and recipe.precision == "bf16"
-        decoder_fpt, image_fl = flops_per_step(model, recipe.data.seq_len)
-        parallelize(model, recipe.parallel, d.device, bf16=autocast)
-        if recipe.parallel.fsdp:
-            join_image_path(model, d.device)
-        if recipe.parallel.fsdp and not recipe.model.decoder_checkpoint:
-            materialize(model, d.device)
-        if not recipe.parallel.fsdp:
-            model.to(d.device)  # fully_shard has placed the sharded model already
+        model = build_model(recipe, cfg, dims, d.device, bf16=autocast)
+        n_params = sum(p.numel() for p in model.parameters())
         model.train()
         peak = mm1_peak_lr(n_params) if recipe.optim.lr == "mm1" else float(recipe.optim.lr)
         optimizer = build_optimizer(model, recipe.optim, peak)
@@ -344,22 +536,54 @@ def train(recipe: TrainRecipe, run_dir: str | Path, *, resume: bool = True) -> d
             ckpt.restore_rng(extra["rng"])
             log.info("resumed from %s at step %d", latest, step)
         if d.rank == 0:
-            log.info("%s: %s, %.1fM parameters, peak lr %.3g, %d steps, world %d on %s", recipe.name,
-                     recipe.model.name, n_params / 1e6, peak, recipe.steps, d.world, d.device)
+            log.info("%s: %s, %.1fM parameters, peak lr %.3g, %d steps, world %d on %s, mesh dp_replicate=%d "
+                     "dp_shard=%d ep=%d", recipe.name, recipe.model.name, n_params / 1e6, peak, recipe.steps,
+                     d.world, d.device, dims.dp_replicate, dims.dp_shard, dims.ep)
 
-        return _loop(recipe, run_dir, d, model, optimizer, scheduler, step, skipped, losses, loader_state,
-                     autocast, (decoder_fpt, image_fl), nan_at, stop_after, ckpt, sync_gradients)
+        return _loop(recipe, run_dir, d, dims, model, optimizer, scheduler, step, skipped, losses, loader_state,
+                     autocast, nan_at, stop_after, ckpt)
     finally:
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _loop(recipe, run_dir, d, model, optimizer, scheduler, step, skipped, losses, loader_state, autocast,
-          flops, nan_at, stop_after, ckpt, sync_gradients) -> dict[str, Any]:
+class _Throughput:
+    """Model FLOPs (MFU) and hardware FLOPs (HFU, with recomputation) of each step, from the
+    batches' real tokens, the attention their document masks let run, and their images
+    (train/flops.py); the device's bf16 peak."""
+
+    def __init__(self, model: nn.Module, recipe: TrainRecipe, device: torch.device):
+        from train.flops import ModelFlops, peak_flops
+        from train.parallelize import recomputed_fraction
+
+        tower_trainable = any(p.requires_grad for p in model.vision.parameters())
+        self.mf = ModelFlops.from_config(model.cfg, tower_trainable=tower_trainable)
+        p = recipe.parallel
+        self.recompute = p.activation_checkpointing
+        self.fraction = recomputed_fraction(p.activation_checkpointing, p.ac_every, model.cfg.decoder.n_layers)
+        self.tower_fraction = recomputed_fraction(p.activation_checkpointing, p.ac_every,
+                                                  len(model.vision.tower.transformer.resblocks))
+        self.peak = peak_flops(torch.cuda.get_device_name(device)) \
+            if device.type == "cuda" and recipe.precision == "bf16" else None
+
+    def batch(self, batch: dict) -> list[float]:
+        """[real tokens, images, model FLOPs, hardware FLOPs, tower FLOPs] of one micro-batch."""
+        from train.flops import batch_flops, causal_pairs
+
+        mask = batch.get("token_mask")
+        if mask is None:
+            mask = torch.ones_like(batch["tokens"], dtype=torch.bool)
+        real, images = int(mask.sum()), 0 if batch["images"] is None else int(batch["images"].shape[0])
+        f = batch_flops(self.mf, real_tokens=real, causal_pairs=causal_pairs(batch["doc_ids"], mask), images=images,
+                        recompute=self.recompute, recompute_fraction=self.fraction,
+                        tower_recompute_fraction=self.tower_fraction)
+        return [float(real), float(images), f["model"], f["hardware"], f["tower"]]
+
+
+def _loop(recipe, run_dir, d, dims, model, optimizer, scheduler, step, skipped, losses, loader_state, autocast,
+          nan_at, stop_after, ckpt) -> dict[str, Any]:
     accum = recipe.data.grad_accum
-    replicated = d.world > 1 and not recipe.parallel.fsdp
-    params = [p for p in model.parameters() if p.requires_grad]
-    device_peak = peak_flops(d.device) if recipe.precision == "bf16" else None  # MFU: against the bf16 peak
+    throughput = _Throughput(model, recipe, d.device)
     metrics = _Metrics(run_dir, recipe, d.rank)
     consecutive, val = 0, {}
     description = describe(model)  # in every checkpoint, so `mm1 export` needs only the folder
@@ -369,51 +593,38 @@ def _loop(recipe, run_dir, d, model, optimizer, scheduler, step, skipped, losses
         while step < recipe.steps:
             step += 1
             t0 = time.perf_counter()
-            lm_loss, n_tokens, n_images = 0.0, 0, 0
-            for _ in range(accum):
-                batch = next(batches)
-                out, total = _forward(model, batch, d, autocast)
-                if step in nan_at:
-                    total = total * float("nan")
-                (total / accum).backward()
-                lm_loss += float(out.loss.detach()) / accum + (float("nan") if step in nan_at else 0.0)
-                n_tokens += batch["tokens"].numel()
-                n_images += 0 if batch["images"] is None else batch["images"].shape[0]
-            bad = _all_reduce([0.0 if math.isfinite(lm_loss) else 1.0], "max", d)[0] > 0
-            grad_norm = float("nan")
-            if not bad:
-                if replicated:
-                    sync_gradients(model)
-                clip = recipe.optim.grad_clip if recipe.optim.grad_clip is not None else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-                bad = not math.isfinite(grad_norm)  # equal on every rank: computed from synced gradients
-            if bad:
+            micro = [next(batches) for _ in range(accum)]
+            counts = [sum(x) for x in zip(*(throughput.batch(mb) for mb in micro))]
+            result = train_step(model, optimizer, micro, dims=dims, device=d.device, autocast=autocast,
+                                grad_clip=recipe.optim.grad_clip, poison=step in nan_at)
+            if result.skipped:
                 skipped += 1
                 consecutive += 1
             else:
-                optimizer.step()
                 consecutive = 0
-            optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
-            loss_sum, tok_sum, img_sum = _all_reduce([lm_loss, n_tokens, n_images], "sum", d)
-            loss = loss_sum / d.world
-            losses.append(loss)
+            tok_sum, img_sum, model_flops, hw_flops, tower_flops = _all_reduce(counts, "sum", d)
+            losses.append(result.loss)
             dt = time.perf_counter() - t0
-            step_flops = flops[0] * tok_sum + flops[1] * img_sum
-            record = {"step": step, "loss": loss, "rank_loss": lm_loss, "rank_images": n_images, "lr": lr, "grad_norm": grad_norm,
-                      "skipped": bad, "skipped_total": skipped, "tokens_per_s": tok_sum / dt,
-                      "mfu": step_flops / dt / d.world / device_peak if device_peak else None,
+            peak = throughput.peak
+            record = {"step": step, "loss": result.loss, "rank_loss": result.rank_loss, "aux_loss": result.aux,
+                      "targets": result.targets, "rank_targets": result.rank_targets, "rank_images": counts[1], "lr": lr, "grad_norm": result.grad_norm,
+                      "skipped": result.skipped, "skipped_total": skipped, "tokens_per_s": tok_sum / dt,
+                      "mfu": model_flops / dt / d.world / peak if peak else None,
+                      "hfu": hw_flops / dt / d.world / peak if peak else None,
+                      "tower_flops_share": tower_flops / model_flops if model_flops else None,
                       "memory_gib": _peak_memory_gib(d.device)}
             if recipe.validation.outs and step % recipe.validation.every == 0:
                 val = validate(model, recipe, d, autocast)
                 record.update(val)
             metrics.write(record)
+            bad = result.skipped
             if d.rank == 0 and (step % recipe.log.every == 0 or step == recipe.steps or bad):
-                log.info("step %d loss %.4f lr %.3g grad %.3g tok/s %.0f%s mem %.2fGiB%s", step, loss, lr,
-                         grad_norm, record["tokens_per_s"],
-                         f" mfu {record['mfu']:.1%}" if record["mfu"] is not None else "", record["memory_gib"],
-                         " SKIPPED (non-finite)" if bad else "")
+                log.info("step %d loss %.4f lr %.3g grad %.3g tok/s %.0f%s mem %.2fGiB%s", step, result.loss, lr,
+                         result.grad_norm, record["tokens_per_s"],
+                         f" mfu {record['mfu']:.1%} hfu {record['hfu']:.1%}" if record["mfu"] is not None else "",
+                         record["memory_gib"], " SKIPPED (non-finite)" if bad else "")
             if consecutive >= recipe.max_bad_steps:
                 raise Diverged(f"{consecutive} consecutive non-finite steps (last: step {step})")
             if not bad and (step % recipe.checkpoint.every == 0 or step == recipe.steps):

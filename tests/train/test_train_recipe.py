@@ -51,6 +51,11 @@ def _write(tmp_path: Path, **changes) -> Path:
     ({"data__batch_size": 0}, "data.batch_size", "greater than or equal to 1"),
     ({"precision": "fp16"}, "precision", "'bf16' or 'fp32'"),
     ({"parallel__tensor": 2}, "parallel.tensor", "Extra inputs"),
+    ({"parallel__fsdp": True}, "parallel", "fsdp: true is dp_shard: -1"),
+    ({"parallel__dp_shard": 0}, "parallel.dp_shard", "positive size or -1"),
+    ({"parallel__ep": 2}, "(top level)", "model 'tiny' is dense"),
+    ({"model__name": "tiny-moe", "parallel__ep": 3}, "(top level)", "does not divide model 'tiny-moe'"),
+    ({"parallel__activation_checkpointing": "some"}, "parallel.activation_checkpointing", "'selective'"),
     ({"log__jsonl": "/abs/metrics.jsonl"}, "log.jsonl", "inside the run directory"),
     ({"steps": 0}, "steps", "greater than or equal to 1"),
 ])
@@ -73,8 +78,8 @@ def test_overrides_are_yaml_values(tmp_path):
     with pytest.raises(RecipeError, match="key.path=value"):
         parse_override("optim.lr")
     recipe = load_train_recipe(_write(tmp_path), dict([parse_override("optim.lr=mm1"),
-                                                       parse_override("parallel.fsdp=true")]))
-    assert recipe.optim.lr == "mm1" and recipe.parallel.fsdp
+                                                       parse_override("parallel.dp_shard=4")]))
+    assert recipe.optim.lr == "mm1" and recipe.parallel.dp_shard == 4
 
 
 def test_cli_reports_a_bad_recipe(tmp_path, capsys):

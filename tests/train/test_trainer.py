@@ -104,7 +104,10 @@ def test_two_ranks_take_steps_and_agree_on_the_loss(two_ranks):
         a, b = r0[step], r1[step]
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]  # one all-reduced value
         assert a["rank_loss"] != b["rank_loss"]  # each rank had its own data
-        assert a["loss"] == pytest.approx((a["rank_loss"] + b["rank_loss"]) / 2)
+        # the step's loss weighs every target token alike, over both ranks
+        assert a["targets"] == a["rank_targets"] + b["rank_targets"]
+        assert a["loss"] == pytest.approx((a["rank_loss"] * a["rank_targets"] + b["rank_loss"] * b["rank_targets"])
+                                          / a["targets"])
 
 
 def test_a_nan_on_one_rank_skips_the_step_on_both(two_ranks):
@@ -131,7 +134,7 @@ def test_fsdp2_with_activation_checkpointing_on_cpu(curated, tmp_path):
     step where one rank's sequence is text only (no image) does not hang the vision groups.
     One sequence per batch, pairs and texts half and half: with seed 0 such a step occurs."""
     proc = _mm1_train(curated, tmp_path, nproc=2, steps=4, **{
-        "checkpoint.every": 4, "parallel.fsdp": "true", "parallel.activation_checkpointing": "true",
+        "checkpoint.every": 4, "parallel.dp_shard": 2, "parallel.activation_checkpointing": "full",
         "data.batch_size": 1, "data.weights": "{pair: 0.5, text: 0.5}",
         "validation.outs": f"[{curated[0]}]", "validation.every": 4, "validation.batches": 2})
     assert proc.returncode == 0, proc.stderr[-4000:]

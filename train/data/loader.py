@@ -37,10 +37,11 @@ class LoaderConfig:
     image_size: int = 378
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    pin_memory: bool = False  # page-locked batches (CUDA: asynchronous copies to the device)
 
 
 def collate(packed: list[Any], preprocess: Any) -> dict[str, Any]:
-    """Sequences -> tensors: tokens, doc_ids, positions, labels [B, S]; images [N, 3, H, W] in
+    """Sequences -> tensors: tokens, doc_ids, positions, labels, token_mask [B, S]; images [N, 3, H, W] in
     placeholder order (row by row); the kinds; token counts per kind."""
     images = [preprocess(data) for p in packed for data in p.images]
     return {
@@ -48,6 +49,8 @@ def collate(packed: list[Any], preprocess: Any) -> dict[str, Any]:
         "doc_ids": torch.tensor([p.doc_ids for p in packed], dtype=torch.long),
         "positions": torch.tensor([p.positions for p in packed], dtype=torch.long),
         "labels": torch.tensor([p.labels for p in packed], dtype=torch.long),
+        # True for real tokens; the padding run at each sequence's end is False (MoE never routes it)
+        "token_mask": torch.tensor([[True] * (len(p.tokens) - p.n_pad) + [False] * p.n_pad for p in packed]),
         "images": torch.stack(images) if images else None,
         "kinds": [p.kind for p in packed],
         "text_tokens": sum(p.n_text_tokens for p in packed),
@@ -110,7 +113,7 @@ class Loader:
         # holding torch, gloo or Dask threads (why plain fork is not used either). The server is
         # started once per process and keeps the environment it was started with.
         self.loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers, persistent_workers=False,
-                                 multiprocessing_context="forkserver" if cfg.workers else None)
+                                 pin_memory=cfg.pin_memory, multiprocessing_context="forkserver" if cfg.workers else None)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.close()

@@ -115,7 +115,10 @@ def build_attention_mask(doc_ids: Tensor | None, backend: Literal["sdpa", "flex"
     def document_causal(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         return (q >= kv) & (segment[b, q] == segment[b, kv])
 
-    return create_block_mask(document_causal, batch, None, seq, seq, device=segment.device)
+    # on CUDA the mask is built by a compiled function (eager construction evaluates the mask
+    # for every (query, key) pair in Python-dispatched ops, milliseconds per layer call at 4096)
+    return create_block_mask(document_causal, batch, None, seq, seq, device=segment.device,
+                             _compile=segment.is_cuda)
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:

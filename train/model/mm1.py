@@ -9,8 +9,14 @@ embeddings before the decoder runs. Any number of images per sequence works (MM1
 
 The loss is next-token cross-entropy over text targets only (`text_labels`): a position whose
 next token is an image placeholder, padding, or the first token of another packed document
-predicts nothing. MoE auxiliary losses (load balance, router z) are returned unweighted and
-added with their coefficients to `loss` in `total_loss`.
+predicts nothing. With labels, the forward returns the loss as a SUM over the batch's targets
+(`loss_sum`) and their count (`n_targets`), so the trainer can divide by the targets of a whole
+optimizer step (every micro-batch, every rank) and the weight of a token does not depend on what
+shares its micro-batch; `loss` is the batch's mean, for reading. The full-vocabulary logits are
+never held for every position: the output projection and the cross-entropy run in chunks of
+positions, each recomputed in backward (`chunked_cross_entropy`). MoE auxiliary losses (load
+balance, router z, each summed over the MoE layers) are returned unweighted; `aux_total` is their
+weighted sum, and `total_loss` = `loss` + `aux_total` (the per-batch objective).
 """
 
 from __future__ import annotations
@@ -26,12 +32,43 @@ from train.model.config import MM1Config
 IGNORE = -100
 
 
+CE_CHUNK = 2048  # positions per chunk of the output projection + cross-entropy
+
+
 @dataclass
 class MM1Output:
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None  # the language-model loss over text targets
+    logits: torch.Tensor | None  # [B, S, vocab]; None when labels were given (the loss is chunked)
+    loss: torch.Tensor | None = None  # the mean language-model loss over the batch's text targets
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    total_loss: torch.Tensor | None = None  # loss + weighted auxiliary losses (what to backpropagate)
+    total_loss: torch.Tensor | None = None  # loss + aux_total
+    loss_sum: torch.Tensor | None = None  # the LM loss summed over the batch's text targets (fp32)
+    n_targets: torch.Tensor | None = None  # how many targets that sum covers
+    aux_total: torch.Tensor | None = None  # the weighted MoE auxiliary losses (0 for a dense decoder)
+
+
+def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          chunk: int = CE_CHUNK) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the targets of `labels` [N] (IGNORE: none) for hidden
+    states [N, D] and the output projection `weight` [vocab, D]. Each chunk of `chunk` positions
+    is projected, scored in fp32 and dropped; backward recomputes its logits (activation
+    checkpointing per chunk), so at most one chunk's [chunk, vocab] logits live at a time
+    instead of [N, vocab] fp32 (800 MB for one 4096-token sequence at a 50k vocabulary), for
+    about a third more output-projection FLOPs. No host synchronisation."""
+    from torch.utils.checkpoint import checkpoint
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        h, y = hidden[start:start + chunk], labels[start:start + chunk]
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            total = total + checkpoint(_ce_sum, h, weight, y, use_reentrant=False)
+        else:
+            total = total + _ce_sum(h, weight, y)
+    return total
 
 
 def text_labels(tokens: torch.Tensor, image_token_id: int, doc_ids: torch.Tensor | None = None,
@@ -108,18 +145,26 @@ class MM1(nn.Module):
         return embeds
 
     def forward(self, tokens: torch.Tensor, images: torch.Tensor | None = None, *,
-                doc_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> MM1Output:
+                doc_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                token_mask: torch.Tensor | None = None) -> MM1Output:
         """`tokens` [B, S] with `n_tokens` placeholders per image; `images` [N, 3, H, W] in the
         placeholders' order; `doc_ids` [B, S] for packed sequences; `labels` [B, S] aligned with
-        tokens (IGNORE where there is no target; `text_labels` makes them)."""
-        out = self.decoder(embeds=self.embed(tokens, images), doc_ids=doc_ids)
+        tokens (IGNORE where there is no target; `text_labels` makes them); `token_mask` [B, S]
+        (True: a real token, False: padding, which MoE layers never route). With labels the
+        logits are not returned (see the module docstring)."""
+        out = self.decoder(embeds=self.embed(tokens, images), doc_ids=doc_ids, token_mask=token_mask,
+                           project=labels is None)
         result = MM1Output(logits=out.logits, aux_losses=out.aux_losses)
         if labels is not None:
-            result.loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-            result.total_loss = result.loss
+            flat = labels.flatten()
+            result.loss_sum = chunked_cross_entropy(out.hidden.flatten(0, 1), self.decoder.output_weight, flat)
+            result.n_targets = (flat != IGNORE).sum()
+            result.loss = result.loss_sum / result.n_targets.clamp(min=1)
+            result.aux_total = result.loss_sum.new_zeros(())
             moe = self.cfg.decoder.moe
             if moe is not None and out.aux_losses:
                 from train.model.moe import aux_loss
 
-                result.total_loss = result.loss + aux_loss(out.aux_losses, moe)
+                result.aux_total = aux_loss(out.aux_losses, moe)
+            result.total_loss = result.loss + result.aux_total
         return result

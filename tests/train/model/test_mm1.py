@@ -38,12 +38,34 @@ def test_two_images_in_one_sequence_forward_and_backward(tiny):
     tokens = _sequence(tiny, 2)
     labels = text_labels(tokens, tiny.image_token_id)
     out = tiny(tokens, _images(tiny, 2), labels=labels)
-    assert out.logits.shape == (1, tokens.shape[1], tiny.cfg.decoder.vocab_size)
-    assert torch.isfinite(out.loss)
+    assert out.logits is None  # with labels the loss is computed in chunks, the logits never held whole
+    assert torch.isfinite(out.loss) and int(out.n_targets) == int((labels != IGNORE).sum())
+    assert torch.allclose(out.loss, out.loss_sum / out.n_targets)
     out.total_loss.backward()
     for part in (tiny.vision, tiny.connector, tiny.decoder):  # the tiny tower trains
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
     tiny.zero_grad()
+
+
+def test_the_chunked_loss_equals_the_full_cross_entropy(tiny):
+    """The chunked projection + cross-entropy (chunks of 7 positions here) gives the loss and the
+    gradients of the whole-logits cross-entropy."""
+    import torch.nn.functional as F
+
+    from train.model.mm1 import chunked_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(30, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 50, (30,), generator=gen)
+    labels[::4] = IGNORE
+    ours = chunked_cross_entropy(hidden, weight, labels, chunk=7)
+    g_ours = torch.autograd.grad(ours, (hidden, weight))
+    full = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=IGNORE, reduction="sum")
+    g_full = torch.autograd.grad(full, (hidden, weight))
+    torch.testing.assert_close(ours, full)
+    for a, b in zip(g_ours, g_full):
+        torch.testing.assert_close(a, b)
 
 
 def test_image_embeddings_replace_the_placeholders(tiny):
