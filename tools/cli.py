@@ -69,7 +69,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from train.recipe import RecipeError, load_train_recipe, parse_override
-    from train.trainer import Diverged, train
+    from train.trainer import Diverged, StartError, train
 
     try:
         overrides = dict(parse_override(o) for o in args.override)
@@ -85,6 +85,9 @@ def _train(args: argparse.Namespace) -> int:
     except Diverged as exc:
         print(f"mm1 train: {exc}", file=sys.stderr)
         return exc.exit_code
+    except StartError as exc:
+        print(f"mm1 train: {exc}", file=sys.stderr)
+        return 2
     print(f"trained {recipe.name} to step {final['step']}: loss {final['loss']:.4f}, "
           f"{final['skipped']} steps skipped -> {run_dir}")
     return 0

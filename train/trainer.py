@@ -71,6 +71,12 @@ STOP_AFTER_ENV = "MM1_STOP_AFTER_STEP"
 
 
 
+class StartError(ValueError):
+    """The run cannot start: the mesh does not fit the world or the model, or the initial weights
+    (a checkpoint) do not fit the model. The message names the key and what was expected;
+    `mm1 train` prints it and exits with status 2 on every rank."""
+
+
 class Diverged(RuntimeError):
     """`max_bad_steps` consecutive steps had a non-finite loss or gradient on some rank."""
 
@@ -229,10 +235,16 @@ def build_model(recipe: TrainRecipe, cfg, dims: ParallelDims, device: torch.devi
     else:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        full = {}
+        full, error = {}, [None]
         if dist.get_rank() == 0:
-            full = state if state is not None else initial_state(recipe, cfg)
-            _check_state(model, full)
+            try:
+                full = state if state is not None else initial_state(recipe, cfg)
+                _check_state(model, full)
+            except ValueError as e:
+                error = [str(e)]
+        dist.broadcast_object_list(error, src=0)  # every rank fails alike, none waits for a broadcast
+        if error[0] is not None:
+            raise StartError(error[0])
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     if dims.fsdp:
         join_image_path(model, device)
@@ -514,11 +526,16 @@ def train(recipe: TrainRecipe, run_dir: str | Path, *, resume: bool = True) -> d
     nan_at, stop_after = _env_hooks(d.rank)
     try:
         tokenizer = TextTokenizer.from_file(recipe.data.tokenizer)
-        cfg = model_config(recipe, tokenizer._tok.get_vocab_size(), tokenizer.image_id)
-        moe = cfg.decoder.moe
-        dims = dims_for(recipe.parallel, d.world, moe.n_experts if moe is not None else None)
         autocast = d.device.type == "cuda" and recipe.precision == "bf16"
-        model = build_model(recipe, cfg, dims, d.device, bf16=autocast)
+        try:
+            cfg = model_config(recipe, tokenizer._tok.get_vocab_size(), tokenizer.image_id)
+            moe = cfg.decoder.moe
+            dims = dims_for(recipe.parallel, d.world, moe.n_experts if moe is not None else None)
+            model = build_model(recipe, cfg, dims, d.device, bf16=autocast)
+        except StartError:
+            raise
+        except ValueError as e:  # every rank raises it: the checks are on data all ranks share
+            raise StartError(f"{recipe.name}: cannot start on {d.world} rank(s): {e}") from None
         n_params = sum(p.numel() for p in model.parameters())
         model.train()
         peak = mm1_peak_lr(n_params) if recipe.optim.lr == "mm1" else float(recipe.optim.lr)
