@@ -73,7 +73,9 @@ class DataSection(_Strict):
 
 
 class OptimSection(_Strict):
-    lr: float | Literal["mm1"] = "mm1"  # "mm1": exp(-0.4214 ln N - 0.5535), N = total parameters
+    # "mm1": exp(-0.4214 ln N - 0.5535), N = the parameters every token trains (all of a dense
+    # model; an MoE's without the experts a token skips: its active count)
+    lr: float | Literal["mm1"] = "mm1"
     warmup: int = Field(2000, ge=0)  # MM1: 2000 steps of linear warmup
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # cosine to this fraction of the peak (MM1: 10%)
     # torch's AdamW multiplies the decay by the learning rate: weight_decay=0.1 is MM1's

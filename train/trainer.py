@@ -213,6 +213,19 @@ def _upcycled(cfg, decoder: dict[str, torch.Tensor], state: dict[str, torch.Tens
     return out
 
 
+def _inactive_expert_params(cfg) -> int:
+    """Parameters of the experts a token does not run through (0 for a dense model): MM1's lr
+    rule is fitted on dense models, where N is what every token trains; for an MoE that is the
+    active count (recipes/train/mm1-3b-moe.yaml argues it)."""
+    from train.model.moe import moe_param_counts
+
+    moe = cfg.decoder.moe
+    if moe is None:
+        return 0
+    total, active = moe_param_counts(cfg.decoder)
+    return sum(total - active for layer in range(cfg.decoder.n_layers) if cfg.decoder.is_moe_layer(layer))
+
+
 def build_model(recipe: TrainRecipe, cfg, dims: ParallelDims, device: torch.device, *,
                 state: dict[str, torch.Tensor] | None = None, bf16: bool = False) -> nn.Module:
     """The training model: built on the meta device, parallelized (train/parallelize.py), then
@@ -537,8 +550,9 @@ def train(recipe: TrainRecipe, run_dir: str | Path, *, resume: bool = True) -> d
         except ValueError as e:  # every rank raises it: the checks are on data all ranks share
             raise StartError(f"{recipe.name}: cannot start on {d.world} rank(s): {e}") from None
         n_params = sum(p.numel() for p in model.parameters())
+        n_active = n_params - _inactive_expert_params(cfg)
         model.train()
-        peak = mm1_peak_lr(n_params) if recipe.optim.lr == "mm1" else float(recipe.optim.lr)
+        peak = mm1_peak_lr(n_active) if recipe.optim.lr == "mm1" else float(recipe.optim.lr)
         optimizer = build_optimizer(model, recipe.optim, peak)
         o = recipe.optim
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -553,8 +567,8 @@ def train(recipe: TrainRecipe, run_dir: str | Path, *, resume: bool = True) -> d
             ckpt.restore_rng(extra["rng"])
             log.info("resumed from %s at step %d", latest, step)
         if d.rank == 0:
-            log.info("%s: %s, %.1fM parameters, peak lr %.3g, %d steps, world %d on %s, mesh dp_replicate=%d "
-                     "dp_shard=%d ep=%d", recipe.name, recipe.model.name, n_params / 1e6, peak, recipe.steps,
+            log.info("%s: %s, %.1fM parameters (%.1fM active), peak lr %.3g, %d steps, world %d on %s, mesh dp_replicate=%d "
+                     "dp_shard=%d ep=%d", recipe.name, recipe.model.name, n_params / 1e6, n_active / 1e6, peak, recipe.steps,
                      d.world, d.device, dims.dp_replicate, dims.dp_shard, dims.ep)
 
         return _loop(recipe, run_dir, d, dims, model, optimizer, scheduler, step, skipped, losses, loader_state,

@@ -136,3 +136,21 @@ def test_initial_weights_of_another_shape_fail_naming_the_key():
     del state["connector.pos_embed"]
     with pytest.raises(ValueError, match=r"missing \['connector.pos_embed'\].*decoder.norm.weight: \(65,\), expected \(64,\)"):
         build_model(recipe, cfg, ONE, torch.device("cpu"), state=state)
+
+
+def test_the_mm1_lr_rule_counts_an_moe_by_its_active_parameters():
+    """`lr: mm1` on an MoE size: N = the parameters every token trains (the decoder's active
+    count from the registry, plus the tower and the connector), not the total."""
+    from train.model.mm1 import MM1
+    from train.model.registry import decoder_param_counts
+    from train.trainer import _inactive_expert_params
+
+    recipe = load_train_recipe(ROOT / "recipes" / "train" / "mm1-3b-moe.yaml",
+                               {"model.decoder_checkpoint": None, "model.vision_checkpoint": None})
+    cfg = model_config(recipe, 50_000, 49_999)
+    with torch.device("meta"):
+        model = MM1(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    image_side = sum(p.numel() for p in model.vision.parameters()) + sum(p.numel() for p in model.connector.parameters())
+    assert total - _inactive_expert_params(cfg) == decoder_param_counts(cfg.decoder)["active"] + image_side
+    assert _inactive_expert_params(model_config(_recipe(), 512, 511)) == 0

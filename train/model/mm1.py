@@ -134,10 +134,12 @@ class MM1(nn.Module):
     def embed(self, tokens: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
         embeds = self.decoder.embed(tokens)
         slots = tokens == self.image_token_id
-        n_slots = int(slots.sum())
         n_images = 0 if images is None else images.shape[0]
-        if n_slots != n_images * self.n_image_tokens:
-            raise ValueError(f"{n_slots} image placeholder tokens for {n_images} images of "
+        if tokens.is_cuda:  # checked on the device: reading the count would stall the host every batch
+            torch._assert_async(slots.sum() == n_images * self.n_image_tokens,
+                                "image placeholder tokens do not match the images given")
+        elif int(slots.sum()) != n_images * self.n_image_tokens:
+            raise ValueError(f"{int(slots.sum())} image placeholder tokens for {n_images} images of "
                              f"{self.n_image_tokens} tokens each")
         if n_images:
             image_embeds = self.image_embeddings(images).to(embeds.dtype)
