@@ -5,8 +5,10 @@ expert and back by all-to-all.
 - `apply_expert_parallel` turns each layer's stacked expert weights (w1, w3 [E, H, D], w2
   [E, D, H]) into DTensors of the same global shape, Shard(0) over the mesh's "ep" dimension
   and Replicate() over any other (state-dict names and shapes unchanged);
-- `expert_parameters` lists those DTensors: FSDP leaves them alone, and the trainer all-reduces
-  their gradients over the mesh's other dimensions (the replicas of each expert shard);
+- `expert_parameters` lists those DTensors: FSDP leaves them alone; the trainer all-reduces
+  their gradients over the replicas of each expert shard, or, when they are split over those
+  replicas too (FSDP-style, so that a rank holds 1 / world of the experts), they arrive
+  reduce-scattered (`gather_expert_shards`);
 - `dispatch` / `combine` are the exchange the MoE forward runs (identity without a group).
 
 Routing, capacity included, happens on each rank over its own tokens before anything is sent,
@@ -34,36 +36,106 @@ def _moe_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
 
 
-def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh, ep_dim: str = "ep") -> None:
+def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh, ep_dim: str = "ep",
+                          replica_dim: str | None = None) -> None:
     """Shard the experts of every MoE layer of `model` (an MM1, a Decoder, or one MoE layer) over
     `mesh`'s `ep_dim` dimension, in place: w1, w2, w3 become DTensor parameters (Shard(0) over
     `ep_dim`, Replicate() over the other dimensions), and each layer gets `ep_group`, `ep_size`
-    and `ep_rank`. The values come from the mesh's first rank (`distribute_tensor` scatters
-    them); meta-device weights stay on the meta device (then `to_empty` and init or load). Call
-    it once, before the optimizer is built. Raises ValueError when `ep_dim` is not a mesh
-    dimension or the ep size does not divide a layer's expert count."""
+    and `ep_rank`. With `replica_dim` (the mesh dimension over which the ranks hold the same
+    experts) each expert weight is also split along its dim 1 over that dimension (Shard(1)),
+    FSDP-style: a rank keeps 1 / world of the experts' weights, gradients and optimizer states,
+    gathers its experts whole for each forward and reduce-scatters their gradients
+    (`gather_expert_shards`). The values come from the mesh's first rank (`distribute_tensor`
+    scatters them); meta-device weights stay on the meta device (then `to_empty` and init or
+    load). Call it once, before the optimizer is built. Raises ValueError when `ep_dim` is not a
+    mesh dimension, the ep size does not divide a layer's expert count, or the replicas do not
+    divide the weights' dim 1."""
     names = mesh.mesh_dim_names or ()
     if ep_dim not in names:
         raise ValueError(f"the mesh has dimensions {names}, none named {ep_dim!r}")
     ep = mesh.size(names.index(ep_dim))
+    replicas = mesh.size(names.index(replica_dim)) if replica_dim is not None else 1
     layers = _moe_layers(model)
     for layer in layers:
         if layer.moe.n_experts % ep:
             n_experts = layer.moe.n_experts
             raise ValueError(f"parallel.ep={ep} does not divide the {n_experts} experts of an MoE layer")
-    placements = [Shard(0) if name == ep_dim else Replicate() for name in names]
+        for name in EXPERT_WEIGHTS:
+            if getattr(layer, name).shape[1] % replicas:
+                raise ValueError(f"the {replicas} replicas of each expert shard do not divide {name}'s dim 1 "
+                                 f"({getattr(layer, name).shape[1]}): choose parallel.ep so that world / ep does")
+    placements = [Shard(0) if name == ep_dim else Shard(1) if name == replica_dim and replicas > 1 else Replicate()
+                  for name in names]
     group, rank = mesh.get_group(ep_dim), mesh.get_local_rank(ep_dim)
+    replica_group = mesh.get_group(replica_dim) if replicas > 1 else None
     for layer in layers:
         for name in EXPERT_WEIGHTS:
             full = getattr(layer, name).detach()
             setattr(layer, name, nn.Parameter(distribute_tensor(full, mesh, placements)))
         layer.ep_group, layer.ep_size, layer.ep_rank = group, ep, rank
+        layer.replica_group = replica_group
+        layer.replica_sync = True
+        layer.replica_grads = {}
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The expert weights `apply_expert_parallel` sharded (DTensors), in module order; empty when
     it was not applied."""
     return [getattr(m, name) for m in _moe_layers(model) if m.ep_group is not None for name in EXPERT_WEIGHTS]
+
+
+def experts_shard_replicas(model: nn.Module) -> bool:
+    """The expert weights are split over their replicas too (their gradients arrive summed)."""
+    return any(getattr(m, "replica_group", None) is not None for m in _moe_layers(model))
+
+
+def set_expert_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Reduce-scatter the replica-sharded experts' gradients in this backward (the last
+    micro-batch of an accumulation), or accumulate them whole until then."""
+    for m in _moe_layers(model):
+        m.replica_sync = enabled
+
+
+class _GatherShards(torch.autograd.Function):
+    """A rank's dim-1 shard of a weight -> the whole weight (all-gather over the replicas); its
+    backward reduce-scatters (sums) the whole gradient back to the shard, in fp32, or, while the
+    layer's `replica_sync` is off, keeps it whole in the layer's buffer and returns zeros, to be
+    added into the reduce-scatter of the accumulation's last backward."""
+
+    @staticmethod
+    def forward(ctx, shard: Tensor, layer: nn.Module, name: str) -> Tensor:
+        group = layer.replica_group
+        ctx.layer, ctx.name, ctx.dtype = layer, name, shard.dtype
+        n = dist.get_world_size(group)
+        front = shard.transpose(0, 1).contiguous()  # dim 1 first: all_gather_into_tensor joins dim 0
+        whole = front.new_empty((front.shape[0] * n, *front.shape[1:]))
+        dist.all_gather_into_tensor(whole, front, group=group)
+        return whole.transpose(0, 1).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        layer, name = ctx.layer, ctx.name
+        grad = grad.float()
+        held = layer.replica_grads.pop(name, None)
+        if held is not None:
+            grad = grad + held
+        group = layer.replica_group
+        n = dist.get_world_size(group)
+        if not layer.replica_sync:
+            layer.replica_grads[name] = grad
+            return grad.new_zeros((grad.shape[0], grad.shape[1] // n, *grad.shape[2:])).to(ctx.dtype), None, None
+        front = grad.transpose(0, 1).contiguous()
+        mine = front.new_empty((front.shape[0] // n, *front.shape[1:]))
+        dist.reduce_scatter_tensor(mine, front, group=group)
+        return mine.transpose(0, 1).contiguous().to(ctx.dtype), None, None
+
+
+def gather_expert_shards(layer: nn.Module, name: str, shard: Tensor) -> Tensor:
+    """This rank's experts of `layer`'s weight `name`, whole, from its replica shard (bf16 under
+    autocast: half the traffic, the matmuls run in bf16 anyway; gradients reduce in fp32)."""
+    if torch.is_autocast_enabled(shard.device.type):
+        shard = shard.to(torch.get_autocast_dtype(shard.device.type))
+    return _GatherShards.apply(shard, layer, name)
 
 
 class _AllToAll(torch.autograd.Function):

@@ -3,9 +3,12 @@ train/model/ is written for one device, and this step wraps it, in torchtitan's 
 
 1. expert parallelism (MoE sizes with `parallel.ep` > 1): each MoE layer's stacked expert
    weights become DTensors sharded over the expert mesh's "ep" dimension
-   (train/expert_parallel.py); tokens reach their experts by all-to-all. FSDP leaves these
-   weights alone (`ignored_params`): their gradients are all-reduced over the expert replicas
-   by `sync_gradients`.
+   (train/expert_parallel.py); tokens reach their experts by all-to-all. When the world holds
+   several replicas of each expert shard (world > ep), each is also split over them along its
+   dim 1 and gathered for the forward (FSDP-style: a rank keeps 1 / world of the experts'
+   weights, gradients and AdamW states; gradients reduce-scattered in the last micro-batch's
+   backward). FSDP itself leaves these weights alone (`ignored_params`); `sync_gradients`
+   finishes their mean.
 2. activation checkpointing per block of the decoder and of the vision tower
    (`checkpoint_wrapper`, non-reentrant): "full" wraps every block, "selective" every
    `ac_every`-th (memory traded for less recomputation). The wrapper's state-dict hooks keep the
@@ -102,7 +105,9 @@ def parallelize(model: nn.Module, cfg: ParallelSection, dims: ParallelDims, devi
     if dims.ep > 1:
         from train.expert_parallel import apply_expert_parallel, expert_parameters
 
-        apply_expert_parallel(model, dims.expert_mesh(device.type), "ep")
+        # with replicas (world > ep) each expert shard is also split over them, FSDP-style
+        apply_expert_parallel(model, dims.expert_mesh(device.type), "ep",
+                              replica_dim="ep_replicate" if dims.world > dims.ep else None)
         ignored = set(expert_parameters(model))
     apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
     if cfg.compile:
@@ -117,8 +122,11 @@ def parallelize(model: nn.Module, cfg: ParallelSection, dims: ParallelDims, devi
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """FSDP: reduce-scatter gradients in this backward (the last micro-batch of an accumulation)
     or keep them unsharded and accumulate locally (the others). No-op without FSDP."""
+    from train.expert_parallel import set_expert_gradient_sync
+
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(enabled)
+    set_expert_gradient_sync(model, enabled)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -130,7 +138,8 @@ def sync_gradients(model: nn.Module, dims: ParallelDims) -> None:
     reduced and divide by the world size, as FSDP's own mean does for the rest. That is every
     dense gradient on a replicated mesh (dp_shard 1), and the expert weights' gradients under
     expert parallelism, summed over the ranks that hold the same experts (each already holds the
-    contributions of its whole expert group's tokens, through the all-to-all).
+    contributions of its whole expert group's tokens, through the all-to-all), unless the
+    experts are split over those ranks (then the sum came with the reduce-scatter).
 
     A parameter without a gradient on this rank (an unused MoE expert, an image path in a
     text-only batch) joins with zeros, so every rank makes the same calls in the same order and
@@ -139,18 +148,20 @@ def sync_gradients(model: nn.Module, dims: ParallelDims) -> None:
         return
     experts, replicas = set(), None
     if dims.ep > 1:
-        from train.expert_parallel import expert_parameters
+        from train.expert_parallel import expert_parameters, experts_shard_replicas
 
-        experts = set(expert_parameters(model))
-        # ranks holding the same experts: the expert mesh's other dimension
-        replicas = next(iter(experts)).device_mesh.get_group("ep_replicate") if dims.world > dims.ep else None
+        experts = {id(p) for p in expert_parameters(model)}
+        # the ranks holding the same experts (the expert mesh's other dimension), unless the
+        # experts are split over them too: then their gradients arrived reduce-scattered
+        if dims.world > dims.ep and not experts_shard_replicas(model):
+            replicas = expert_parameters(model)[0].device_mesh.get_group("ep_replicate")
     for p in model.parameters():
-        if not p.requires_grad or not (p in experts or dims.replicated):
+        if not p.requires_grad or not (id(p) in experts or dims.replicated):
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         g = _local(p.grad)
-        if p not in experts:
+        if id(p) not in experts:
             dist.all_reduce(g, op=dist.ReduceOp.SUM)
         elif replicas is not None:
             dist.all_reduce(g, op=dist.ReduceOp.SUM, group=replicas)

@@ -7,7 +7,8 @@ SPEC: {"state": {model name: file of a saved fp32 state dict}, "batches": {model
 the micro-batches}, "steps": 5, "layouts": [{"name", "model", "dp_replicate", "dp_shard",
 "ep", "capacity_factor" (MoE: a float, or null for dropless), "activation_checkpointing"}, ...]}.
 Every layout runs `steps` steps of the same global batch split over this world: rank r takes
-micro-batches [r * accum, (r + 1) * accum) of each step, accum = 4 / world. Rank 0 writes, per
+micro-batches [r * accum, (r + 1) * accum) of each step, accum = global / world (global: the
+layout's "global", 4 by default). Rank 0 writes, per
 layout, each step's loss and grad norm, and the MoE routing of every micro-batch of the last
 step (gathered from every rank, in micro-batch order)."""
 
@@ -66,10 +67,17 @@ def run_layout(layout: dict, spec: dict, rank: int, world: int) -> dict:
     optimizer = build_optimizer(model, recipe.optim, 1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s + 1, 0, 5, 0.1))
     batches = torch.load(spec["batches"][layout["model"]], weights_only=True)
-    accum = GLOBAL // world
-    out = {"loss": [], "grad_norm": [], "routing": []}
+    per_step = layout.get("global", GLOBAL)
+    accum = per_step // world
+    from train.expert_parallel import expert_parameters
+
+    experts = expert_parameters(model)
+    out = {"loss": [], "grad_norm": [], "routing": [],
+           # how the expert weights are laid out, and what one rank holds of the first one
+           "expert_placements": str(experts[0].placements) if experts else None,
+           "expert_local_shape": list(experts[0].to_local().shape) if experts else None}
     for step in range(spec["steps"]):
-        mine = batches[step * GLOBAL + rank * accum: step * GLOBAL + (rank + 1) * accum]
+        mine = batches[step * per_step + rank * accum: step * per_step + (rank + 1) * accum]
         routing = []
         if routed:
             # the routing of each micro-batch, read after its forward (a hook on the last MoE layer)

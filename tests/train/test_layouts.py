@@ -6,8 +6,9 @@ gradient norm agree with one process within 1e-6 relative, steps 2-5 within 1e-5
 - dense `tiny`: 1 process x accumulation 4; 2 ranks x 2 (FSDP); 4 x 1 (FSDP), HSDP 2 x 2 with
   selective activation checkpointing, and 4 replicas (no sharding);
 - `tiny-moe`, dropless and at capacity factor 1.25: 1 process; ep=2 over 2 processes; ep=2 over 4
-  (dp_shard=4) and under HSDP 2 x 2; the routing of every micro-batch of the last step equal to
-  one process's (flips counted, expected 0).
+  (dp_shard=4) and under HSDP 2 x 2, where the 2 replicas of each expert shard also split it
+  (and, with accumulation 2, hold its gradients until the last backward); the routing of every
+  micro-batch of the last step equal to one process's (flips counted, expected 0).
 
 The micro-batches spread kinds unevenly (a text sequence with ~60 targets beside pair sequences
 with ~10 and heavy padding), so a per-micro-batch mean would weigh tokens differently per layout.
@@ -31,7 +32,8 @@ SEQ, IMAGE_ID, PAD, N_IMG = 64, 511, 0, 4
 
 MOE = [{"model": "tiny-moe", "capacity_factor": cf, "tag": tag} for cf, tag in ((None, "dropless"), (1.25, "cap"))]
 LAYOUTS = {
-    1: [{"name": "dense", "model": "tiny"}] + [{"name": f"moe-{m['tag']}", **m} for m in MOE],
+    1: [{"name": "dense", "model": "tiny"}] + [{"name": f"moe-{m['tag']}", **m} for m in MOE]
+       + [{"name": "moe-dropless-global8", "global": 8, **MOE[0]}],
     2: [{"name": "dense-fsdp2", "model": "tiny", "dp_shard": 2}]
        + [{"name": f"moe-{m['tag']}-ep2", "dp_shard": 2, "ep": 2, **m} for m in MOE],
     4: [{"name": "dense-fsdp4", "model": "tiny", "dp_shard": 4},
@@ -39,7 +41,9 @@ LAYOUTS = {
          "activation_checkpointing": "selective"},
         {"name": "dense-replicated", "model": "tiny", "dp_replicate": -1, "dp_shard": 1}]
        + [{"name": f"moe-{m['tag']}-ep2-fsdp4", "dp_shard": 4, "ep": 2, **m} for m in MOE]
-       + [{"name": f"moe-{m['tag']}-ep2-hsdp", "dp_replicate": 2, "dp_shard": 2, "ep": 2, **m} for m in MOE],
+       + [{"name": f"moe-{m['tag']}-ep2-hsdp", "dp_replicate": 2, "dp_shard": 2, "ep": 2, **m} for m in MOE]
+       # accumulation with experts split over their replicas: gradients held until the last backward
+       + [{"name": "moe-dropless-ep2-fsdp4-accum2", "dp_shard": 4, "ep": 2, "global": 8, **MOE[0]}],
 }
 
 
@@ -87,7 +91,7 @@ def layouts(tmp_path_factory):
         torch.save({k: v.float() for k, v in model.state_dict().items()}, tmp / f"{name}.pt")
         spec["state"][name] = str(tmp / f"{name}.pt")
         torch.manual_seed(0)
-        torch.save(_micro_batches(5), tmp / f"{name}-batches.pt")
+        torch.save(_micro_batches(10), tmp / f"{name}-batches.pt")
         spec["batches"][name] = str(tmp / f"{name}-batches.pt")
     procs = {}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -121,13 +125,19 @@ def test_dense_layouts_train_as_one_process(layouts, name):
 
 @pytest.mark.parametrize("name", [l["name"] for w in (2, 4) for l in LAYOUTS[w] if l["model"] == "tiny-moe"])
 def test_expert_parallel_layouts_train_as_one_process(layouts, name):
-    ref = layouts["moe-" + ("dropless" if "dropless" in name else "cap")]
+    ref = layouts["moe-dropless-global8" if name.endswith("accum2") else "moe-" + ("dropless" if "dropless" in name
+                                                                                 else "cap")]
     got = layouts[name]
     _close(got["loss"], ref["loss"])
     _close(got["grad_norm"], ref["grad_norm"])
     flips = sum(a != b for mb, rb in zip(got["routing"], ref["routing"], strict=True)
                 for la, lb in zip(mb, rb, strict=True) for ta, tb in zip(la, lb, strict=True) for a, b in zip(ta, tb))
-    assert len(got["routing"]) == 4 and flips == 0
+    assert len(got["routing"]) == len(ref["routing"]) and flips == 0
+    # tiny-moe's w1 is [4 experts, 128, 64]: ep=2 keeps 2 experts a rank; on 4 ranks the 2 replicas
+    # of each expert shard split it along dim 1 too (a rank holds 1/4 of the experts' weights)
+    four_ranks = name.endswith(("fsdp4", "hsdp", "accum2"))
+    assert got["expert_local_shape"] == ([2, 64, 64] if four_ranks else [2, 128, 64])
+    assert ("Shard(dim=1)" in got["expert_placements"]) == four_ranks
 
 
 def test_the_loss_weighs_every_target_token_alike(layouts, tmp_path):

@@ -242,7 +242,12 @@ class MoEFeedForward(nn.Module):
 
     def local_weights(self) -> tuple[Tensor, Tensor, Tensor]:
         """(w1, w2, w3) of the experts this rank computes (all of them without expert parallelism)."""
-        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
+        local = tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
+        if getattr(self, "replica_group", None) is None:
+            return local
+        from train.expert_parallel import gather_expert_shards
+
+        return tuple(gather_expert_shards(self, name, w) for name, w in zip(("w1", "w2", "w3"), local))
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         bsz, seq, dim = x.shape
