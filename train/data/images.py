@@ -35,11 +35,14 @@ class BadImage(ValueError):
 
 
 class ImagePreprocessor:
-    """`__call__(bytes) -> float32 tensor [3, image_size, image_size]`, normalised by mean/std."""
+    """`__call__(bytes) -> float32 tensor [3, image_size, image_size]`, normalised by mean/std;
+    with `uint8=True`, the resized pixels as uint8 instead (a quarter of the bytes through the
+    loader's queues, pinned memory and the host-to-device copy), to be normalised on the device
+    (`normalize`, or the vision tower itself: `VisionEncoder.forward` takes uint8 images)."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
                  resize_mode: str = "squash", interpolation: str = "bicubic",
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, uint8: bool = False):
         if image_size < 1:
             raise ValueError(f"image_size {image_size} < 1")
         if resize_mode not in RESIZE_MODES:
@@ -52,6 +55,7 @@ class ImagePreprocessor:
         self.resize_mode = resize_mode
         self.interpolation = interpolation
         self.max_pixels = max_pixels
+        self.uint8 = uint8
         self.mean = torch.tensor([float(m) for m in mean]).view(3, 1, 1)
         self.std = torch.tensor([float(s) for s in std]).view(3, 1, 1)
 
@@ -130,6 +134,14 @@ class ImagePreprocessor:
     def __call__(self, data: bytes) -> torch.Tensor:
         img = self.resize(self.decode(data))
         s = self.image_size
-        pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(s, s, 3)
-        x = pixels.permute(2, 0, 1).to(torch.float32).div_(255.0)
-        return (x - self.mean) / self.std
+        pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(s, s, 3).permute(2, 0, 1)
+        if self.uint8:
+            return pixels.contiguous()
+        return normalize(pixels, self.mean, self.std)
+
+
+def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [..., 3, H, W] -> float32 (x / 255 - mean) / std, on the pixels' device (mean
+    and std: [3, 1, 1] or broadcastable)."""
+    x = pixels.to(torch.float32).div_(255.0)
+    return (x - mean.to(x.device)) / std.to(x.device)

@@ -139,7 +139,19 @@ class VisionEncoder(nn.Module):
         and device, `requires_grad` untouched)."""
         self.load_state_dict(_tower_state_dict(self.cfg, self.cfg.pretrained, self), strict=True)
 
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 pixels [N, 3, S, S] (the loader's, resized) -> the tower's input, normalised by
+        its preprocessing's mean and std on the images' device; float images pass unchanged."""
+        if images.dtype != torch.uint8:
+            return images
+        from train.data.images import normalize
+
+        pp = self.preprocess_cfg
+        return normalize(images, torch.tensor(pp["mean"]).view(3, 1, 1), torch.tensor(pp["std"]).view(3, 1, 1))
+
     def forward(self, images: Tensor) -> Tensor:
+        """Images [N, 3, S, S]: float (normalised) or uint8 (normalised here, on the device)."""
+        images = self.normalize(images)
         t = self.tower
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"images of {tuple(images.shape[-2:])}, the tower takes {self.image_size} px")

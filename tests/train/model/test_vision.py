@@ -132,6 +132,24 @@ def test_preprocess_gives_the_tower_size():
     assert enc(x[None]).shape == (1, 16, 64)
 
 
+def test_uint8_images_are_normalised_by_the_tower_like_the_loaders_floats():
+    """The loader may ship resized uint8 pixels (a quarter of the bytes); the tower normalises
+    them on their device with its own mean/std, giving exactly the loader's float path."""
+    import io
+
+    from train.data.images import ImagePreprocessor
+
+    enc = _encoder()
+    buf = io.BytesIO()
+    Image.new("RGB", (90, 70), (200, 30, 90)).save(buf, "PNG")
+    pp = enc.preprocess_cfg
+    as_float = ImagePreprocessor(56, pp["mean"], pp["std"])(buf.getvalue())
+    as_uint8 = ImagePreprocessor(56, pp["mean"], pp["std"], uint8=True)(buf.getvalue())
+    assert as_uint8.dtype == torch.uint8 and as_uint8.shape == (3, 56, 56)
+    assert torch.equal(enc.normalize(as_uint8[None])[0], as_float)
+    torch.testing.assert_close(enc(as_uint8[None]), enc(as_float[None]))
+
+
 def test_mm1_vit_h_on_meta_counts_and_takes_dfn5b_preprocessing():
     """The default config (ViT-H/14 at 378 px, DFN-5B): built on meta, nothing is allocated and
     the tag is not fetched, but its preprocessing (squash resize, bicubic) is still used."""
