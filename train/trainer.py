@@ -52,6 +52,7 @@ import resource
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -173,43 +174,67 @@ def model_config(recipe: TrainRecipe, vocab: int, image_token_id: int):
     return replace(cfg, decoder=decoder, image_token_id=image_token_id)
 
 
-def initial_state(recipe: TrainRecipe, cfg) -> dict[str, torch.Tensor]:
-    """The whole model's initial weights, fp32, on CPU (rank 0 alone builds them): random under
-    the recipe's seed, then the decoder from the Hugging Face checkpoint and the tower from its
-    open_clip tag or file, when the recipe names them. The same seed gives the same weights
-    whatever the mesh: they are drawn once, here, then broadcast and sharded."""
-    from train.model.mm1 import MM1
+def initial_parts(recipe: TrainRecipe, cfg) -> Iterator[dict[str, torch.Tensor]]:
+    """The model's initial weights, fp32, on CPU, one part at a time (rank 0 alone makes them):
+    the tower, the connector, then the decoder's embedding, each block and its head
+    (`Decoder.init_pieces`), so that no more than one decoder block is ever held beside the
+    checkpoint (an MoE block upcycled into 64 experts is 4.8B parameters; the whole 3B-MoE, 262
+    GB). Random parts are drawn under the recipe's seed, in that order; the decoder comes from
+    the Hugging Face checkpoint and the tower from its open_clip tag or file when the recipe
+    names them. The same seed gives the same weights whatever the mesh: drawn once, here, then
+    broadcast and sharded. `n_parts(cfg)` parts."""
+    from train.model.connector import build_connector
+    from train.model.decoder import Decoder
+    from train.model.vision import VisionEncoder, vision_state_dict
 
     torch.manual_seed(recipe.seed)
-    model = MM1(replace(cfg, vision=replace(cfg.vision, pretrained=None)))
-    state = {k: v.float() for k, v in model.state_dict().items()}
+    vision = VisionEncoder(replace(cfg.vision, pretrained=None))
     if cfg.vision.pretrained is not None:
-        from train.model.vision import vision_state_dict
+        yield {f"vision.{k}": v.float() for k, v in vision_state_dict(cfg.vision, cfg.vision.pretrained).items()}
+    else:
+        yield {f"vision.{k}": v.float() for k, v in vision.state_dict().items()}
+    connector = build_connector(cfg.connector, vision.width, vision.grid, cfg.decoder.dim)
+    connector.init_weights()
+    yield {f"connector.{k}": v.float() for k, v in connector.state_dict().items()}
+    del vision, connector
 
-        state.update({f"vision.{k}": v.float() for k, v in vision_state_dict(cfg.vision, cfg.vision.pretrained).items()})
+    hf = None
     if recipe.model.decoder_checkpoint:
         from train.model.hf import read_hf_decoder
 
-        _, decoder = read_hf_decoder(recipe.model.decoder_checkpoint)
-        state.update(_upcycled(cfg, {f"decoder.{k}": v.float() for k, v in decoder.items()}, state))
-    return state
+        _, hf = read_hf_decoder(recipe.model.decoder_checkpoint, dtype=None)  # as stored; cast per part
+    with torch.device("meta"):
+        decoder = Decoder(cfg.decoder)
+    for name, module, init in decoder.init_pieces():
+        prefix = f"{name}." if name else ""
+        module.to_empty(device="cpu")
+        init()  # drawn even when the checkpoint replaces it: the routers' draws stay in place
+        part = {f"{prefix}{k}": v.float() for k, v in module.state_dict().items()}
+        module.to_empty(device="meta")
+        if hf is not None:
+            part = _from_checkpoint(cfg, part, hf)
+        yield {f"decoder.{k}": v for k, v in part.items()}
 
 
-def _upcycled(cfg, decoder: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A dense checkpoint's FFN weights copied into every expert of an MoE layer (sparse upcycling,
-    Komatsuzaki et al. 2023); the routers keep their random init."""
-    out = dict(decoder)
-    for layer in range(cfg.decoder.n_layers):
-        if not cfg.decoder.is_moe_layer(layer):
-            continue
-        prefix = f"decoder.layers.{layer}.feed_forward"
-        for w in ("w1", "w2", "w3"):
-            dense = out.pop(f"{prefix}.{w}.weight", None)
-            if dense is not None:
-                out[f"{prefix}.{w}"] = dense.unsqueeze(0).expand_as(state[f"{prefix}.{w}"]).clone()
-    missing = [k for k in state if k.startswith("decoder.") and k not in out and ".router." not in k]
-    if missing:
-        raise ValueError(f"model.decoder_checkpoint lacks {missing[:3]} (expected by {cfg.name})")
+def n_parts(cfg) -> int:
+    """How many parts `initial_parts` yields: tower, connector, embedding, blocks, head."""
+    return 2 + 1 + cfg.decoder.n_layers + 1
+
+
+def _from_checkpoint(cfg, part: dict[str, torch.Tensor], hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A decoder part's tensors taken from the checkpoint (`hf`, our names), fp32; a dense FFN
+    copied into every expert of an MoE layer (sparse upcycling, Komatsuzaki et al. 2023); the
+    routers keep their random init. A tensor the checkpoint lacks is an error naming it."""
+    out = {}
+    for key, random_init in part.items():
+        if key in hf:
+            out[key] = hf.pop(key).float()
+        elif ".feed_forward.w" in key and f"{key}.weight" in hf:  # an expert stack from a dense FFN
+            out[key] = hf.pop(f"{key}.weight").float().unsqueeze(0).expand_as(random_init).clone()
+        elif ".router." in key:
+            out[key] = random_init
+        else:
+            raise ValueError(f"model.decoder_checkpoint lacks decoder.{key} (expected by {cfg.name})")
     return out
 
 
@@ -230,8 +255,8 @@ def build_model(recipe: TrainRecipe, cfg, dims: ParallelDims, device: torch.devi
                 state: dict[str, torch.Tensor] | None = None, bf16: bool = False) -> nn.Module:
     """The training model: built on the meta device, parallelized (train/parallelize.py), then
     allocated on `device` and filled with the initial weights: `state` if given (rank 0's counts;
-    a full fp32 state dict), else `initial_state(recipe, cfg)`, built on rank 0 only and
-    broadcast into every rank's shards. Parameters are fp32 (the master weights) whatever the
+    a full fp32 state dict), else `initial_parts(recipe, cfg)`, made on rank 0 only, part by
+    part, and broadcast into every rank's shards. Parameters are fp32 (the master weights) whatever the
     checkpoints' dtypes; bf16 is only what FSDP gathers for compute. Under FSDP the image path
     joins every forward (`join_image_path`)."""
     from train.model.mm1 import MM1
@@ -241,24 +266,30 @@ def build_model(recipe: TrainRecipe, cfg, dims: ParallelDims, device: torch.devi
         model = MM1(cfg)
     parallelize(model, recipe.parallel, dims, device, bf16=bf16)
     model.to_empty(device=device)
-    if dims.world == 1 or not dist.is_initialized():
-        full = state if state is not None else initial_state(recipe, cfg)
-        _check_state(model, full)
-        model.load_state_dict(full)
-    else:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        full, error = {}, [None]
-        if dist.get_rank() == 0:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    rank0 = dims.world == 1 or not dist.is_initialized() or dist.get_rank() == 0
+    parts = (iter([state]) if state is not None else initial_parts(recipe, cfg)) if rank0 else None
+    count = 1 if state is not None else n_parts(cfg)
+    if dims.world > 1 and dist.is_initialized():
+        shared = [count]
+        dist.broadcast_object_list(shared, src=0)  # rank 0 decides: a given `state` is one part
+        count = shared[0]
+    seen: set[str] = set()
+    for i in range(count):
+        part, error = {}, None
+        if rank0:
             try:
-                full = state if state is not None else initial_state(recipe, cfg)
-                _check_state(model, full)
+                part = next(parts)
+                _check_part(expected, part, seen, last=i == count - 1)
             except ValueError as e:
-                error = [str(e)]
-        dist.broadcast_object_list(error, src=0)  # every rank fails alike, none waits for a broadcast
-        if error[0] is not None:
-            raise StartError(error[0])
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+                error = str(e)
+        if dims.world > 1 and dist.is_initialized():
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)  # every rank fails alike, none waits for a broadcast
+            error = shared[0]
+        if error is not None:
+            raise StartError(error)
+        _load_part(model, part, dims)
     if dims.fsdp:
         join_image_path(model, device)
     bad = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
@@ -267,18 +298,32 @@ def build_model(recipe: TrainRecipe, cfg, dims: ParallelDims, device: torch.devi
     return model
 
 
-def _check_state(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
-    """The initial state fits the model: the same names and shapes, or an error naming them."""
-    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(mine) - set(full))
-    extra = sorted(set(full) - set(mine))
-    wrong = [f"{k}: {tuple(full[k].shape)}, expected {mine[k]}" for k in mine if k in full
-             and tuple(full[k].shape) != mine[k]]
+def _check_part(expected: dict[str, tuple], part: dict[str, torch.Tensor], seen: set[str], last: bool) -> None:
+    """A part of the initial weights fits the model: known names, the right shapes; after the
+    last part, every tensor had its value. Else an error naming them."""
+    extra = sorted(set(part) - set(expected))
+    wrong = [f"{k}: {tuple(v.shape)}, expected {expected[k]}" for k, v in part.items()
+             if k in expected and tuple(v.shape) != expected[k]]
+    seen.update(part)
+    missing = sorted(set(expected) - seen) if last else []
     if missing or extra or wrong:
         raise ValueError("the initial weights do not fit the model: "
                          + "; ".join(filter(None, [f"missing {missing[:3]}" if missing else "",
                                                     f"unexpected {extra[:3]}" if extra else "",
                                                     f"wrong shape {wrong[:3]}" if wrong else ""])))
+
+
+def _load_part(model: nn.Module, part: dict[str, torch.Tensor], dims: ParallelDims) -> None:
+    """Copy one part of the initial weights into the (possibly sharded) model: in one process
+    directly, on several ranks from rank 0's copy by broadcast, each rank keeping its shards."""
+    if dims.world == 1 or not dist.is_initialized():
+        missing, unexpected = model.load_state_dict(part, strict=False)
+        assert not unexpected, unexpected
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, part, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                               strict=False))
 
 
 NO_DECAY = ("tok_embeddings.weight", "positional_embedding", "class_embedding", "pos_embed")

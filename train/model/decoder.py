@@ -16,6 +16,7 @@ adds up over its MoE layers and hands back unweighted (the trainer weights them 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -147,13 +148,32 @@ class Decoder(nn.Module):
         residual stream (attention wo, FFN w2), whose std shrinks by sqrt(2 * n_layers) so the
         residual's variance does not grow with depth (GPT-2's rule). Norms start at 1. Consumes
         the RNG in a fixed order: deterministic under `torch.manual_seed`."""
-        nn.init.trunc_normal_(self.tok_embeddings.weight, std=std, a=-3 * std, b=3 * std)
+        for _, _, init in self.init_pieces(std):
+            init()
+
+    def init_pieces(self, std: float = 0.02) -> list[tuple[str, nn.Module, Callable[[], None]]]:
+        """`init_weights` in pieces, in its RNG order: (state-dict prefix, module, its init) for
+        the embedding, each block, then the final norm and output head. A module built on the
+        meta device can be materialised, initialised and read one piece at a time (the trainer's
+        initial state of a decoder too big to hold twice)."""
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for layer in self.layers:
-            layer.reset_parameters(std, out_std)
-        self.norm.reset_parameters()
-        if self.output is not None:
-            nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
+
+        def normal(w: Tensor) -> None:
+            nn.init.trunc_normal_(w, std=std, a=-3 * std, b=3 * std)
+
+        pieces: list[tuple[str, nn.Module, Callable[[], None]]] = [
+            ("tok_embeddings", self.tok_embeddings, lambda: normal(self.tok_embeddings.weight))]
+        for i, layer in enumerate(self.layers):
+            pieces.append((f"layers.{i}", layer, lambda layer=layer: layer.reset_parameters(std, out_std)))
+        head = nn.ModuleDict({"norm": self.norm} | ({"output": self.output} if self.output is not None else {}))
+
+        def init_head() -> None:
+            self.norm.reset_parameters()
+            if self.output is not None:
+                normal(self.output.weight)
+
+        pieces.append(("", head, init_head))
+        return [(name, module, torch.no_grad()(init)) for name, module, init in pieces]
 
     def embed(self, tokens: Tensor) -> Tensor:
         """Token embeddings [B, S, D] for `tokens` [B, S]: what `forward(embeds=...)` expects."""

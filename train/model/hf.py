@@ -223,15 +223,16 @@ def _read_tensors(folder: Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (single or sharded) in {folder}")
 
 
-def read_hf_decoder(path: str | Path) -> tuple[DecoderConfig, dict[str, Tensor]]:
+def read_hf_decoder(path: str | Path, dtype: torch.dtype | None = torch.float32) -> tuple[DecoderConfig, dict[str, Tensor]]:
     """The DecoderConfig of a local Hugging Face checkpoint folder and its weights as our
     decoder's state dict, fp32 on CPU whatever the checkpoint stores (master weights and optimizer
-    states are fp32), no module built: for one rank to read and broadcast. ValueError, naming
-    the folder, for a config the decoder cannot reproduce or tensors that do not fit it."""
-    return _read(Path(path), torch.float32)
+    states are fp32; `dtype=None`: as stored, for a caller that casts a part at a time), no module
+    built: for one rank to read and broadcast. ValueError, naming the folder, for a config the
+    decoder cannot reproduce or tensors that do not fit it."""
+    return _read(Path(path), dtype)
 
 
-def _read(folder: Path, dtype: torch.dtype) -> tuple[DecoderConfig, dict[str, Tensor]]:
+def _read(folder: Path, dtype: torch.dtype | None) -> tuple[DecoderConfig, dict[str, Tensor]]:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face checkpoint folder)")
     try:
@@ -243,8 +244,8 @@ def _read(folder: Path, dtype: torch.dtype) -> tuple[DecoderConfig, dict[str, Te
     return cfg, {k: _cast(sd.pop(k), dtype) for k in list(sd)}
 
 
-def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return (t.to(dtype) if t.is_floating_point() else t).contiguous()
+def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return (t.to(dtype) if t.is_floating_point() and dtype is not None else t).contiguous()
 
 
 def load_hf_decoder(
