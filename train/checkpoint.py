@@ -351,17 +351,30 @@ def save_checkpoint(run_dir: Path, step: int, *, model: nn.Module, optimizer: to
 def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any | None) -> dict[str, Any]:
     """Load a complete checkpoint into `model`, `optimizer` and `scheduler` (in place), restore this
-    rank's RNG states, and return this rank's `extra`. Every rank calls it. The world size must
-    match the one that saved (the per-rank loader states assume it). Raises CheckpointError for an
-    unfinished folder, a foreign file, a pickle where JSON belongs or non-DCP classes in metadata."""
+    rank's RNG states, and return this rank's `extra`. Every rank calls it. Raises CheckpointError
+    for an unfinished folder, a foreign file, a pickle where JSON belongs or non-DCP classes in
+    metadata.
+
+    Any world size may load any checkpoint: DCP reshards model and optimizer tensors. Per-rank
+    extras: every rank reads every saved rank's `extra-rank{r}.json` (a few KB each) and, when
+    `extra` holds a dict under "loader", adds `extra["loader"]["ranks"]`: the list of all saved
+    ranks' loader states, from which `train.data.loader.Loader` continues the epoch on another
+    layout (another world size or worker count; on the same layout it uses its own state and
+    continues exactly). A rank that existed at save time gets its own `extra` and RNG states. A
+    new rank (rank >= the saved world size) gets rank 0's `extra` (the step and counters are the
+    same on every rank) and no saved RNG state: Python's, NumPy's and torch's generators (CUDA
+    included) are seeded from blake2b("{step}:{rank}"), so new ranks differ from each other and
+    from the old ones, and a rerun of the same resume draws the same numbers."""
     path = Path(path)
     rank, world = _rank_world()
     marker = check_checkpoint(path)
-    if marker["world_size"] != world:
-        raise CheckpointError(f"{path.name} was saved by {marker['world_size']} ranks, loading on {world}: "
-                              "per-rank loader states cannot be reassigned")
+    saved_world = int(marker["world_size"])
     state = _read_json(path / STATE)
-    mine = _read_json(path / f"extra-rank{rank}.json")
+    saved = [_read_json(path / f"extra-rank{r}.json") for r in range(saved_world)]
+    mine = saved[rank] if rank < saved_world else saved[0]
+    extra = mine["extra"]
+    if isinstance(extra, dict) and isinstance(extra.get("loader"), dict):
+        extra = {**extra, "loader": {**extra["loader"], "ranks": [s["extra"].get("loader") for s in saved]}}
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     to_load = {"model": model_sd, "optim": optim_sd}
@@ -374,8 +387,21 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
         if state["scheduler"] is None:
             raise CheckpointError(f"{path.name} holds no scheduler state")
         scheduler.load_state_dict(state["scheduler"])
-    restore_rng(mine["rng"])
-    return mine["extra"]
+    if rank < saved_world:
+        restore_rng(mine["rng"])
+    else:
+        seed_new_rank(int(state["step"]), rank)
+    return extra
+
+
+def seed_new_rank(step: int, rank: int) -> None:
+    """A rank added on resume: its generators seeded from (step, rank) (see `load_checkpoint`)."""
+    import hashlib
+
+    seed = int.from_bytes(hashlib.blake2b(f"{step}:{rank}".encode(), digest_size=8).digest(), "little") >> 1
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # CUDA devices too
 
 
 def read_state(path: Path) -> dict[str, Any]:

@@ -56,6 +56,9 @@ class DataSection(_Strict):
     workers: int = Field(2, ge=0)  # DataLoader worker processes per rank
     batch_size: int = Field(1, ge=1)  # sequences per micro-batch per rank
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
+    # bad samples (undecodable images, broken members, bad JSON) are skipped and counted; a loader
+    # slot that has skipped more than this share of the samples it tried (after 1,000) stops the run
+    max_skipped_fraction: float | None = Field(0.01, ge=0.0, le=1.0)
 
     @field_validator("weights")
     @classmethod

@@ -369,11 +369,11 @@ def _loader(recipe: TrainRecipe, model: nn.Module, outs: list[str], d: Distribut
     mixture = MixtureConfig(outs=tuple(outs), tokenizer=r.tokenizer, seq_len=r.seq_len, weights=dict(r.weights),
                             n_image_tokens=recipe.n_image_tokens, max_images=r.max_images,
                             caption_ratio=r.caption_ratio, buffer_size=r.buffer_size, seed=recipe.seed,
-                            repeat=repeat)
-    pp = model.vision.preprocess_cfg
-    cfg = LoaderConfig(mixture, batch_size=r.batch_size, steps=steps, workers=r.workers,
-                       image_size=model.vision.image_size, image_mean=tuple(pp["mean"]), image_std=tuple(pp["std"]),
-                       pin_memory=d.device.type == "cuda")
+                            repeat=repeat, max_skipped_fraction=r.max_skipped_fraction)
+    # the tower's own preprocessing (size, resize mode, interpolation, mean/std); uint8 images,
+    # pinned on CUDA, normalised on the device by the tower
+    cfg = LoaderConfig.for_tower(mixture, model.vision.preprocess_cfg, batch_size=r.batch_size, steps=steps,
+                                 workers=r.workers, pin_memory=d.device.type == "cuda")
     return Loader(cfg, rank=d.rank, world=d.world, state=state)
 
 
@@ -690,6 +690,9 @@ def _loop(recipe, run_dir, d, dims, model, optimizer, scheduler, step, skipped, 
                       "mfu": model_flops / dt / d.world / peak if peak else None,
                       "hfu": hw_flops / dt / d.world / peak if peak else None,
                       "tower_flops_share": tower_flops / model_flops if model_flops else None,
+                      # bad samples skipped by this rank's loader workers, cumulative, by kind/reason
+                      "data_skipped": micro[-1].get("skipped", {}),
+                      "data_dropped_on_reshard": micro[-1].get("dropped_on_reshard", 0),
                       "memory_gib": _peak_memory_gib(d.device)}
             if recipe.validation.outs and step % recipe.validation.every == 0:
                 val = validate(model, recipe, d, autocast)

@@ -9,11 +9,21 @@ its workers round robin in order (`in_order`), so batch b comes from worker b mo
 With `steps`, every rank yields exactly that many batches (the mixture repeats its passes, so
 no rank runs dry first); without, a rank's loader ends when its slots' streams do.
 
-Every batch carries its worker's mixture state as of after that batch. The loader keeps, per
-worker, the state of the last batch handed to the trainer: that is the checkpoint
-(`state_dict`). Restoring starts each worker from its saved state and rotates the worker roles so
-that the first batch comes from the worker whose turn it was: the batches that follow are the
-ones an uninterrupted run would have produced, whatever the prefetching did.
+Every batch carries its worker's mixture state as of after that batch (positional, a few KB:
+`train/data/mixture.py`). The loader keeps, per worker, the state of the last batch handed to the
+trainer: that is the checkpoint (`state_dict`). Restoring on the same layout (world size and
+workers) starts each worker from its saved state and rotates the worker roles so that the first
+batch comes from the worker whose turn it was: the batches that follow are the ones an
+uninterrupted run would have produced, whatever the prefetching did. On another layout the state
+must carry every saved rank's state (`state["ranks"]`, which `train.checkpoint.load_checkpoint`
+adds): each new slot continues the epoch from all of them (`Mixture.resume`); buffered samples
+are dropped and counted (`dropped_on_reshard`).
+
+Bad samples never stop a run: they are skipped in the workers and counted. Each batch carries
+`skipped` ({"<kind>/<reason>": n}, cumulative over this rank's workers) and `dropped_on_reshard`;
+the trainer logs them with its step metrics (`Loader.stats()` gives the same at any time). Weights
+that name a source without samples, an output listed twice or a manifest that cannot be read fail
+here, before any worker starts.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from train.data.mixture import Mixture, MixtureConfig
+from train.data.mixture import Mixture, MixtureConfig, source_shards
 
 
 @dataclass(frozen=True)
@@ -37,7 +47,26 @@ class LoaderConfig:
     image_size: int = 378
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    resize_mode: str = "squash"  # "squash" | "shortest_crop" (train/data/images.py): the tower's own
+    interpolation: str = "bicubic"
+    uint8: bool = False  # images as resized uint8 [N, 3, S, S], normalised on the device by the tower
     pin_memory: bool = False  # page-locked batches (CUDA: asynchronous copies to the device)
+
+    @classmethod
+    def for_tower(cls, mixture: MixtureConfig, preprocess_cfg: dict[str, Any], **kw: Any) -> "LoaderConfig":
+        """The images as the tower wants them: its size, resize mode, interpolation, mean and std
+        (an open_clip `preprocess_cfg`); shipped as uint8 and normalised on the device."""
+        from train.data.images import OPEN_CLIP_RESIZE
+
+        size = preprocess_cfg["size"]
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        mode = OPEN_CLIP_RESIZE.get(preprocess_cfg.get("resize_mode", "shortest"))
+        if mode is None:
+            raise ValueError(f"the tower's resize_mode {preprocess_cfg['resize_mode']!r} is not supported by the "
+                             f"loader (only {tuple(OPEN_CLIP_RESIZE)})")
+        return cls(mixture, image_size=int(size), image_mean=tuple(preprocess_cfg["mean"]),
+                   image_std=tuple(preprocess_cfg["std"]), resize_mode=mode,
+                   interpolation=preprocess_cfg.get("interpolation", "bicubic"), uint8=True, **kw)
 
 
 def collate(packed: list[Any], preprocess: Any) -> dict[str, Any]:
@@ -62,8 +91,23 @@ def collate(packed: list[Any], preprocess: Any) -> dict[str, Any]:
 class _Batches(IterableDataset):
     """What each DataLoader worker runs: its slot's mixture, batched."""
 
-    def __init__(self, cfg: LoaderConfig, rank: int, world: int, states: dict[int, Any], rotation: int):
+    def __init__(self, cfg: LoaderConfig, rank: int, world: int, states: dict[int, Any], rotation: int,
+                 sources: dict[str, Any], old_slots: list[dict[str, Any] | None] | None = None,
+                 old_layout: tuple[int, int] | None = None):
         self.cfg, self.rank, self.world, self.states, self.rotation = cfg, rank, world, states, rotation
+        self.sources, self.old_slots, self.old_layout = sources, old_slots, old_layout
+
+    def _old_states(self) -> list[dict[str, Any]]:
+        """Every slot's saved state of the old layout; a worker that never yielded a batch is
+        its mixture as constructed."""
+        old_world, old_workers = self.old_layout
+        out = []
+        for slot, state in enumerate(self.old_slots):
+            if state is None:
+                state = Mixture(self.cfg.mixture, slot=slot, n_slots=old_world * old_workers,
+                                sources=self.sources).state_dict()
+            out.append(state)
+        return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from train.data.images import ImagePreprocessor
@@ -72,10 +116,15 @@ class _Batches(IterableDataset):
         n_workers = max(1, self.cfg.workers)
         # a restored loader rotates roles: worker w plays the part of worker (w + rotation) % W
         role = ((info.id if info else 0) + self.rotation) % n_workers
-        mixture = Mixture(self.cfg.mixture, slot=self.rank * n_workers + role, n_slots=self.world * n_workers)
+        mixture = Mixture(self.cfg.mixture, slot=self.rank * n_workers + role, n_slots=self.world * n_workers,
+                          sources=self.sources)
         if role in self.states:
             mixture.load_state_dict(self.states[role])
-        preprocess = ImagePreprocessor(self.cfg.image_size, self.cfg.image_mean, self.cfg.image_std)
+        elif self.old_slots is not None:
+            mixture.resume(self._old_states())
+        preprocess = ImagePreprocessor(self.cfg.image_size, self.cfg.image_mean, self.cfg.image_std,
+                                       resize_mode=self.cfg.resize_mode, interpolation=self.cfg.interpolation,
+                                       uint8=self.cfg.uint8)
         while True:
             packed = []
             for _ in range(self.cfg.batch_size):
@@ -88,22 +137,46 @@ class _Batches(IterableDataset):
             batch = collate(packed, preprocess)
             batch["worker"] = role
             batch["state"] = mixture.state_dict()
+            batch["skipped"] = mixture.skipped()
+            batch["dropped_on_reshard"] = int(mixture.stats.get("dropped_on_reshard", 0))
             yield batch
 
 
 class Loader:
-    """Batches for one rank; `state_dict()` after any batch, `Loader(..., state=...)` to resume."""
+    """Batches for one rank; `state_dict()` after any batch, `Loader(..., state=...)` to resume
+    (the same layout: exactly; another: `state["ranks"]` needed, see the module docstring)."""
 
     def __init__(self, cfg: LoaderConfig, rank: int = 0, world: int = 1, state: dict[str, Any] | None = None):
         self.cfg, self.rank, self.world = cfg, rank, world
         n_workers = max(1, cfg.workers)
         state = state or {}
+        sources = source_shards(cfg.mixture)  # bad weights or outputs fail here, not in a worker
         self.batches = int(state.get("batches", 0))
-        self.worker_states: dict[int, Any] = {int(k): v for k, v in state.get("workers", {}).items()}
-        if state and (state.get("rank"), state.get("world"), state.get("workers_n")) != (rank, world, n_workers):
-            raise ValueError(f"loader state of rank {state.get('rank')}/{state.get('world')} with "
-                             f"{state.get('workers_n')} workers cannot resume rank {rank}/{world} with {n_workers}")
-        dataset = _Batches(cfg, rank, world, self.worker_states, rotation=self.batches % n_workers)
+        self.worker_states: dict[int, Any] = {}
+        self.worker_stats: dict[int, tuple[dict[str, int], int]] = {}
+        old_slots, old_layout, rotation = None, None, self.batches % n_workers
+        if state and (state.get("rank"), state.get("world"), state.get("workers_n")) == (rank, world, n_workers):
+            self.worker_states = {int(k): v for k, v in state.get("workers", {}).items()}
+            if state.get("reshard_from"):  # resharded, and some worker had not yielded since
+                old_layout = tuple(state["reshard_from"]["layout"])
+                old_slots = state["reshard_from"]["slots"]
+        elif state:
+            ranks = state.get("ranks")
+            if ranks is None and state.get("world") == 1:
+                ranks = [state]
+            if ranks is None or len(ranks) != state.get("world"):
+                raise ValueError(f"loader state of rank {state.get('rank')}/{state.get('world')} with "
+                                 f"{state.get('workers_n')} workers cannot resume rank {rank}/{world} with "
+                                 f"{n_workers} without every saved rank's state (state['ranks'], which "
+                                 "train.checkpoint.load_checkpoint adds)")
+            old_layout = (int(state["world"]), int(state["workers_n"]))
+            old_slots = [r.get("workers", {}).get(str(w)) for r in ranks for w in range(old_layout[1])]
+            if old_layout == (world, n_workers):  # the same layout seen from another rank's file
+                self.worker_states = {int(k): v for k, v in ranks[rank].get("workers", {}).items()}
+                old_slots, old_layout = None, None
+        dataset = _Batches(cfg, rank, world, self.worker_states, rotation=rotation, sources=sources,
+                           old_slots=old_slots, old_layout=old_layout)
+        self._reshard_from = None if old_slots is None else {"layout": list(old_layout), "slots": old_slots}
         # forkserver, not spawn: a spawned worker leaves through interpreter finalisation
         # (sys.exit), and a worker stopped mid-prefetch still has its queue's feeder thread inside
         # torch's C++ tensor pickling; finalisation pthread_exit()s that thread inside a noexcept
@@ -115,13 +188,27 @@ class Loader:
         self.loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers, persistent_workers=False,
                                  pin_memory=cfg.pin_memory, multiprocessing_context="forkserver" if cfg.workers else None)
 
+    def stats(self) -> dict[str, Any]:
+        """This rank's data counters: samples skipped by "<kind>/<reason>" and samples dropped by a
+        resume on another layout, summed over the workers' latest batches (cumulative)."""
+        skipped: dict[str, int] = {}
+        dropped = 0
+        for worker_skipped, worker_dropped in self.worker_stats.values():
+            for k, n in worker_skipped.items():
+                skipped[k] = skipped.get(k, 0) + n
+            dropped += worker_dropped
+        return {"skipped": dict(sorted(skipped.items())), "dropped_on_reshard": dropped}
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.close()
         self._iterator = iter(self.loader)
         for batch in self._iterator:
             if self.cfg.steps is not None and self.batches >= self.cfg.steps:
                 break
-            self.worker_states[batch.pop("worker")] = batch.pop("state")
+            worker = batch.pop("worker")
+            self.worker_states[worker] = batch.pop("state")
+            self.worker_stats[worker] = (batch["skipped"], batch["dropped_on_reshard"])
+            batch.update(self.stats())
             self.batches += 1
             yield batch
         self.close()
@@ -142,5 +229,8 @@ class Loader:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able: the batches handed out and each worker's state after its last one."""
-        return {"rank": self.rank, "world": self.world, "workers_n": max(1, self.cfg.workers),
-                "batches": self.batches, "workers": {str(k): v for k, v in self.worker_states.items()}}
+        state = {"rank": self.rank, "world": self.world, "workers_n": max(1, self.cfg.workers),
+                 "batches": self.batches, "workers": {str(k): v for k, v in self.worker_states.items()}}
+        if self._reshard_from is not None and len(self.worker_states) < max(1, self.cfg.workers):
+            state["reshard_from"] = self._reshard_from  # until every worker has a state of its own
+        return state

@@ -54,12 +54,49 @@ class BadSample(ValueError):
     """A sample that cannot be turned into tokens; the caller counts it by `reason` and skips it.
 
     `reason` is a short stable code (`bad_json`, `bad_text`, `missing_member`, `bad_segment`,
-    `no_text`), the message carries the specifics, like curate's drop reasons."""
+    `no_text`, `bad_image`, `image_too_large`), the message carries the specifics, like curate's drop reasons."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # what shards hold; Pillow's other plugins are never reached
+
+
+def check_image(data: bytes, max_pixels: int) -> None:
+    """Raise `BadSample` unless `data` decodes as a JPEG, PNG or WebP of at most `max_pixels`.
+
+    The size is checked on the header before any pixel is decoded (a decompression bomb costs
+    nothing); then the whole image is decoded, a JPEG at 1/8 scale (Pillow's draft mode: every
+    entropy-coded byte is still read, so a truncated or damaged stream fails, for about a tenth of
+    the cost of a full decode). Run in the loader's workers when a sample is read, so a bad image
+    is skipped before it is packed instead of failing a batch in `collate`."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            with img:
+                w, h = img.size
+                if w < 1 or h < 1:
+                    raise BadSample("bad_image", f"empty image {w}x{h}")
+                if w * h > max_pixels:
+                    raise BadSample("image_too_large", f"{w}x{h} > max_pixels {max_pixels}")
+                if img.format == "JPEG":
+                    img.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+                img.load()
+    except BadSample:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadSample("image_too_large", str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - any failure to parse untrusted bytes
+        raise BadSample("bad_image", f"cannot decode: {exc}") from None
 
 
 class TextTokenizer:

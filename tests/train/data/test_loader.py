@@ -65,8 +65,9 @@ def test_one_pass_over_two_ranks_and_two_workers_sees_every_sample_once(curated)
         for worker in range(2):
             mixture = Mixture(cfg, slot=rank * 2 + worker, n_slots=4)
             for packed in mixture:
-                for ref in packed.samples:
-                    seen[(ref["sample"]["kind"], ref["sample"]["key"], ref["chunk"])] += 1
+                for ref in packed.samples:  # positional: [shard, row, chunk] in its source
+                    sample = mixture.sample_of(packed.source, ref)
+                    seen[(sample.kind, sample.key, ref[2])] += 1
     from train.data.shards import list_samples
 
     out = cfg.outs[0]
@@ -96,8 +97,8 @@ def test_restore_continues_exactly_through_worker_processes(curated):
         assert (batch["images"] is None) == (expected["images"] is None)
         if batch["images"] is not None:
             assert torch.equal(batch["images"], expected["images"])
-    with pytest.raises(ValueError, match="cannot resume rank 1/2"):
-        Loader(cfg, rank=1, world=2, state=states[4])
+    with pytest.raises(ValueError, match="without every saved rank's state"):  # another layout needs them all
+        Loader(cfg, rank=1, world=2, state={**states[4], "world": 2})
 
 
 def test_a_loader_stopped_mid_prefetch_ends_its_workers_cleanly(curated):
@@ -149,8 +150,8 @@ def test_corrupt_samples_are_counted_and_skipped(curated, tmp_path):
     mixture = Mixture(_cfg(curated, outs=(str(copy),), weights={"pair": 1.0}), slot=0, n_slots=1)
     sequences = [next(mixture) for _ in range(6)]
     assert all(p.kind == "pair" for p in sequences)
-    assert mixture.streams["pair"].stats["corrupt"] >= 1  # the damaged sample, once per pass
-    assert mixture.streams["pair"].stats["read"] > mixture.streams["pair"].stats["corrupt"]
+    assert mixture.skipped()["pair/sidecar_mismatch"] >= 1  # the damaged sample, once per pass
+    assert mixture.streams["pair"].stats["read"] > mixture.skipped()["pair/sidecar_mismatch"]
 
 
 def test_throughput_benchmark_runs_at_toy_size(curated):
@@ -175,3 +176,25 @@ def test_weights_per_source(curated):
         Mixture(_cfg(curated, weights={"pair:elsewhere": 1.0}), slot=0, n_slots=1)
     with pytest.raises(ValueError, match="expected one of"):
         Mixture(_cfg(curated, weights={"pairs": 1.0}), slot=0, n_slots=1)
+
+
+def test_the_loader_takes_the_towers_preprocessing():
+    """Size, resize mode, interpolation, mean and std come from the tower's open_clip
+    preprocess_cfg (DFN-5B's ViT-H-14-378 squashes; open_clip's default crops the shortest side);
+    images travel as uint8 for the tower to normalise on the device."""
+    import open_clip
+
+    from train.data.loader import LoaderConfig
+    from train.data.mixture import MixtureConfig
+
+    mix = MixtureConfig(outs=("unused",), tokenizer="unused", seq_len=64, n_image_tokens=4)
+    dfn = open_clip.get_pretrained_cfg("ViT-H-14-378-quickgelu", "dfn5b")
+    cfg = LoaderConfig.for_tower(mix, {**dfn, "size": (378, 378)}, batch_size=2)
+    assert (cfg.image_size, cfg.resize_mode, cfg.interpolation, cfg.uint8, cfg.batch_size) == \
+        (378, "squash", "bicubic", True, 2)
+    assert cfg.image_mean == tuple(dfn["mean"])
+    default = {"size": (56, 56), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear",
+               "resize_mode": "shortest"}
+    assert LoaderConfig.for_tower(mix, default).resize_mode == "shortest_crop"
+    with pytest.raises(ValueError, match="resize_mode 'longest' is not supported"):
+        LoaderConfig.for_tower(mix, {**default, "resize_mode": "longest"})
