@@ -609,7 +609,6 @@ def train(recipe: TrainRecipe, run_dir: str | Path, *, resume: bool = True) -> d
         if latest is not None:
             extra = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler)
             step, skipped, loader_state = int(extra["step"]), int(extra.get("skipped", 0)), extra["loader"]
-            ckpt.restore_rng(extra["rng"])
             log.info("resumed from %s at step %d", latest, step)
         if d.rank == 0:
             log.info("%s: %s, %.1fM parameters (%.1fM active), peak lr %.3g, %d steps, world %d on %s, mesh dp_replicate=%d "
@@ -707,7 +706,9 @@ def _loop(recipe, run_dir, d, dims, model, optimizer, scheduler, step, skipped, 
             if consecutive >= recipe.max_bad_steps:
                 raise Diverged(f"{consecutive} consecutive non-finite steps (last: step {step})")
             if not bad and (step % recipe.checkpoint.every == 0 or step == recipe.steps):
-                extra = {"loader": loader.state_dict(), "rng": ckpt.capture_rng(), "step": step, "skipped": skipped}
+                # the RNG states are saved and restored per rank by train/checkpoint.py (a rank
+                # that did not exist at save time is seeded from (step, rank) there)
+                extra = {"loader": loader.state_dict(), "step": step, "skipped": skipped}
                 ckpt.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
                                      extra=extra, keep=recipe.checkpoint.keep, description=description)
             if stop_after == step:
