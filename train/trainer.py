@@ -301,16 +301,17 @@ def build_model(recipe: TrainRecipe, cfg, dims: ParallelDims, device: torch.devi
 def _check_part(expected: dict[str, tuple], part: dict[str, torch.Tensor], seen: set[str], last: bool) -> None:
     """A part of the initial weights fits the model: known names, the right shapes; after the
     last part, every tensor had its value. Else an error naming them."""
+    from train.model.fit import misfit_message
+
     extra = sorted(set(part) - set(expected))
-    wrong = [f"{k}: {tuple(v.shape)}, expected {expected[k]}" for k, v in part.items()
+    wrong = [f"{k}: found {list(v.shape)}, expected {list(expected[k])}" for k, v in part.items()
              if k in expected and tuple(v.shape) != expected[k]]
     seen.update(part)
     missing = sorted(set(expected) - seen) if last else []
-    if missing or extra or wrong:
-        raise ValueError("the initial weights do not fit the model: "
-                         + "; ".join(filter(None, [f"missing {missing[:3]}" if missing else "",
-                                                    f"unexpected {extra[:3]}" if extra else "",
-                                                    f"wrong shape {wrong[:3]}" if wrong else ""])))
+    message = misfit_message("the initial weights do not fit the model:", wrong=wrong, missing=missing,
+                             unexpected=extra)
+    if message:
+        raise ValueError(message)
 
 
 def _load_part(model: nn.Module, part: dict[str, torch.Tensor], dims: ParallelDims) -> None:

@@ -134,8 +134,10 @@ def test_initial_weights_of_another_shape_fail_naming_the_key():
     state = MM1(cfg).state_dict()
     state["decoder.norm.weight"] = torch.ones(65)
     del state["connector.pos_embed"]
-    with pytest.raises(ValueError, match=r"missing \['connector.pos_embed'\].*decoder.norm.weight: \(65,\), expected \(64,\)"):
+    with pytest.raises(ValueError) as err:
         build_model(recipe, cfg, ONE, torch.device("cpu"), state=state)
+    assert "decoder.norm.weight: found [65], expected [64]" in str(err.value)
+    assert "missing (1): ['connector.pos_embed']" in str(err.value)
 
 
 def test_the_mm1_lr_rule_counts_an_moe_by_its_active_parameters():

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from train.model.attention import Backend
 from train.model.config import DecoderConfig
+from train.model.fit import misfit_message
 from train.model.decoder import Decoder
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -170,17 +171,11 @@ def from_hf_state_dict(cfg: DecoderConfig, sd: Mapping[str, Tensor], *, origin: 
     unexpected = [k for k in sd if k not in known and not k.endswith(_IGNORED_SUFFIXES)]
     wrong = [f"{theirs}: found {list(sd[theirs].shape)}, expected {list(shapes[ours])}"
              for ours, theirs in names.items() if theirs in sd and sd[theirs].shape != shapes[ours]]
-    if missing or unexpected or wrong:
-        lines = [f"{origin} does not fit its config ({cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads}/"
-                 f"{cfg.kv_heads} heads, FFN {cfg.hidden}, vocab {cfg.vocab_size}):"]
-        lines += [f"  {w}" for w in wrong[:8]]
-        if len(wrong) > 8:
-            lines.append(f"  ... and {len(wrong) - 8} more of another shape")
-        if missing:
-            lines.append(f"  missing ({len(missing)}): {missing[:8]}")
-        if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): {unexpected[:8]}")
-        raise ValueError("\n".join(lines))
+    message = misfit_message(f"{origin} does not fit its config ({cfg.n_layers} layers, dim {cfg.dim}, "
+                             f"{cfg.n_heads}/{cfg.kv_heads} heads, FFN {cfg.hidden}, vocab {cfg.vocab_size}):",
+                             wrong=wrong, missing=missing, unexpected=unexpected)
+    if message:
+        raise ValueError(message)
     return {ours: sd[theirs] for ours, theirs in names.items()}
 
 

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from train.model.config import VisionConfig
+from train.model.fit import misfit_message
 
 _SCHEMES = ("hf-hub:", "local-dir:")  # open_clip names whose weights come with the name
 
@@ -257,15 +258,9 @@ def _select_tower(clip_sd: Mapping[str, Tensor], encoder: VisionEncoder, origin:
              for k, v in expected.items() if k in found and found[k].shape != v.shape]
     missing = [f"visual.{k}" for k in expected if k not in found]
     unexpected = [f"visual.{k}" for k in found if k not in expected and not _droppable(k, encoder)]
-    if wrong or missing or unexpected:
-        lines = [where + ":"] + [f"  {w}" for w in wrong[:8]]
-        if len(wrong) > 8:
-            lines.append(f"  ... and {len(wrong) - 8} more of another shape")
-        if missing:
-            lines.append(f"  missing ({len(missing)}): {missing[:8]}")
-        if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): {unexpected[:8]}")
-        raise ValueError("\n".join(lines))
+    message = misfit_message(where + ":", wrong=wrong, missing=missing, unexpected=unexpected)
+    if message:
+        raise ValueError(message)
     return {f"tower.{k}": _fp32(found[k]) for k in expected}
 
 
