@@ -104,12 +104,7 @@ def test_load_balance_is_one_for_evenly_spread_tokens_and_larger_when_collapsed(
     torch.testing.assert_close(aux["load_balance"], torch.tensor(1.0))
 
     # Collapse: a direction every token shares sends all of them to experts 0 and 1.
-    w = torch.zeros(EXPERTS, DIM)
-    w[0, 0] = w[1, 0] = 20.0
-    m.router.weight.copy_(w)
-    x = torch.randn(1, 32, DIM)
-    x[..., 0] = 1.0
-    _, aux = m(x)
+    _, aux = m(_collapse(m, 32))
     assert m.last_stats["tokens_per_expert"].tolist() == [32, 32] + [0] * (EXPERTS - 2)
     assert aux["load_balance"] > 1.0
     torch.testing.assert_close(aux["load_balance"], torch.tensor(EXPERTS / 2), atol=1e-3, rtol=0)
@@ -202,14 +197,21 @@ def test_capacity_drops_overflow_first_choices_first_and_dropped_slots_contribut
     assert (y.reshape(-1, DIM)[fully_dropped] == 0).all()
 
 
-@torch.no_grad()
-def test_dropless_never_drops_even_when_the_router_collapses():
-    m = build(capacity_factor=None)
+def _collapse(m, n_tokens: int) -> torch.Tensor:
+    """Point m's router at experts 0 and 1 along a direction every one of `n_tokens` random
+    tokens shares (returned [1, n_tokens, DIM]): a collapsed router."""
     w = torch.zeros(EXPERTS, DIM)
     w[0, 0] = w[1, 0] = 20.0
     m.router.weight.copy_(w)
-    x = torch.randn(1, 40, DIM)
+    x = torch.randn(1, n_tokens, DIM)
     x[..., 0] = 1.0
+    return x
+
+
+@torch.no_grad()
+def test_dropless_never_drops_even_when_the_router_collapses():
+    m = build(capacity_factor=None)
+    x = _collapse(m, 40)
     y, _ = m(x)
     r = m.route(x.reshape(-1, DIM))
     assert bool(r.kept.all()) and torch.equal(r.kept_counts, r.counts)
