@@ -52,7 +52,11 @@ class DataSection(_Strict):
     caption_ratio: float = Field(1.0, ge=0.0, le=1.0)  # pairs: probability of the alt-text
     n_image_tokens: int | None = Field(None, ge=1)  # None: the model connector's n_tokens
     max_images: int = Field(16, ge=0)
-    buffer_size: int = Field(64, ge=1)
+    # the weights are shares of the non-padding tokens (text and image placeholders) a loader
+    # slot emits; "mixed": a sequence may hold samples of several kinds (the room pairs leave is
+    # filled); "per_kind": each sequence holds one source's samples
+    packing: Literal["mixed", "per_kind"] = "mixed"
+    buffer_size: int = Field(32, ge=1)  # items a packer chooses from
     workers: int = Field(2, ge=0)  # DataLoader worker processes per rank
     batch_size: int = Field(1, ge=1)  # sequences per micro-batch per rank
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step

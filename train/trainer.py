@@ -370,7 +370,7 @@ def _loader(recipe: TrainRecipe, model: nn.Module, outs: list[str], d: Distribut
     mixture = MixtureConfig(outs=tuple(outs), tokenizer=r.tokenizer, seq_len=r.seq_len, weights=dict(r.weights),
                             n_image_tokens=recipe.n_image_tokens, max_images=r.max_images,
                             caption_ratio=r.caption_ratio, buffer_size=r.buffer_size, seed=recipe.seed,
-                            repeat=repeat, max_skipped_fraction=r.max_skipped_fraction)
+                            repeat=repeat, max_skipped_fraction=r.max_skipped_fraction, packing=r.packing)
     # the tower's own preprocessing (size, resize mode, interpolation, mean/std); uint8 images,
     # pinned on CUDA, normalised on the device by the tower
     cfg = LoaderConfig.for_tower(mixture, model.vision.preprocess_cfg, batch_size=r.batch_size, steps=steps,
@@ -543,10 +543,11 @@ def validate(model: nn.Module, recipe: TrainRecipe, d: Distributed, autocast: bo
             labels = batch["labels"].to(d.device)
             per_token = F.cross_entropy(out.logits.float().transpose(1, 2), labels, ignore_index=IGNORE,
                                         reduction="none")
-            counted = (labels != IGNORE).sum(1)
-            for row, kind in enumerate(batch["kinds"]):
-                sums[kind][0] += float(per_token[row].sum())
-                sums[kind][1] += float(counted[row])
+            token_kinds = batch["token_kinds"].to(d.device)
+            for i, kind in enumerate(KINDS):  # a sequence may hold several kinds: by token
+                mine = (token_kinds == i) & (labels != IGNORE)
+                sums[kind][0] += float(per_token[mine].sum())
+                sums[kind][1] += float(mine.sum())
     model.train()
     flat = _all_reduce([x for k in KINDS for x in sums[k]], "sum", d)
     return {f"val/{k}": flat[2 * i] / flat[2 * i + 1] for i, k in enumerate(KINDS) if flat[2 * i + 1] > 0}

@@ -20,12 +20,33 @@ Each kind is packed alone (a sequence holds one kind), at `--seq-len` and `--max
 The mixture line weighs the kinds' efficiencies by their share of sequences (45/45/10 in MM1).
 
     python -m tools.bench.packing [--out CURATED] [--samples 4000] [--seq-len 4096]
-                                  [--max-images 16] [--buffers 64] [--seed 0]
+                                  [--max-images 16] [--buffers 32] [--seed 0]
+
+`--realistic` packs the MM1 mixture across kinds instead, from fixed, stated length
+distributions rather than the demo's few samples, through the loader's own `Mixer` (weights
+45/45/10 as shares of tokens) in both packing modes, `mixed` and `per_kind`:
+
+- pairs: an image (`--image-tokens`), a caption and an end token; the caption is the alt-text
+  (lognormal, median 15 tokens, sigma 0.8) with probability `caption_ratio` 0.5, else a VeCap
+  synthetic caption (lognormal, median 70, sigma 0.35);
+- interleaved documents: images as OBELICS reports them (a mean of about 2.5 a document, at
+  least 1 and at most 30: geometric with p 0.4, redrawn above 30), text lognormal with median
+  640 and sigma 0.7 (mean about 820 tokens), cut into windows like the tokenizer cuts them;
+- text documents: lognormal, median 1,000 tokens, sigma 1.0 (mean about 1,650; a long tail cut
+  into 4,096-token windows).
+
+Reported per mode: padding (pad tokens / all tokens), the delivered mixture (shares of non-pad
+tokens), the largest deviation of a source's share from its weight over any window of 1,000
+consecutive sequences, and the bound: the fewest sequences any packing of the same tokens and
+images needs (max(tokens / seq_len, images / max_images) rounded up; per kind for `per_kind`).
+
+    python -m tools.bench.packing --realistic [--sequences 5000] [--buffers 32] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -168,6 +189,146 @@ def run(out: str | Path, samples: int = 4000, seq_len: int = 4096, max_images: i
     }
 
 
+# --realistic: the MM1 mixture across kinds -------------------------------------------------------
+
+REALISTIC = {
+    "pair": "image + caption + end; caption: alt-text lognormal(median 15, sigma 0.8) with probability "
+            "caption_ratio, else VeCap lognormal(median 70, sigma 0.35)",
+    "doc": "images geometric(p 0.4) on 1..30 (mean ~2.5, OBELICS), text lognormal(median 640, sigma 0.7; "
+           "mean ~820), + end",
+    "text": "lognormal(median 1000, sigma 1.0; mean ~1650) + end",
+}
+WINDOW = 1000  # sequences: the delivered mixture is checked over every window of this many
+
+
+def _lognormal(rng: random.Random, median: float, sigma: float) -> int:
+    return max(1, round(rng.lognormvariate(math.log(median), sigma)))
+
+
+def realistic_sample(kind: str, rng: random.Random, caption_ratio: float = 0.5) -> tuple[int, int]:
+    """(text tokens with the end token, images) of one sample drawn from the stated distributions."""
+    if kind == "pair":
+        alt = rng.random() < caption_ratio
+        return (_lognormal(rng, 15, 0.8) if alt else _lognormal(rng, 70, 0.35)) + 1, 1
+    if kind == "doc":
+        images = 31
+        while images > 30:
+            images = 1
+            while rng.random() >= 0.4:
+                images += 1
+        return _lognormal(rng, 640, 0.7) + 1, images
+    return _lognormal(rng, 1000, 1.0) + 1, 0
+
+
+class _Synthetic:
+    """A source's endless stream of chunks (`Item`s with a positional ref), for the Mixer."""
+
+    def __init__(self, kind: str, seed: int, seq_len: int, max_images: int, n_image_tokens: int,
+                 caption_ratio: float):
+        self.kind, self.rng = kind, random.Random(f"{seed}:{kind}")
+        self.args = (seq_len, max_images, n_image_tokens)
+        self.caption_ratio, self.pending, self.n = caption_ratio, [], 0
+
+    def __call__(self) -> Item:
+        if not self.pending:
+            text, images = realistic_sample(self.kind, self.rng, self.caption_ratio)
+            self.pending = windows(text, images, *self.args)
+        n, k = self.pending.pop(0)
+        self.n += 1
+        return Item(tokens=[IMAGE_TOKEN] * (k * self.args[2]) + [TEXT_TOKEN] * (n - k * self.args[2]),
+                    images=[None] * k, ref=[self.n])
+
+
+def mix(packing: str, sequences: int, *, seq_len: int = 4096, max_images: int = 16, n_image_tokens: int = 144,
+        buffer: int = 64, caption_ratio: float = 0.5, weights: dict[str, float] | None = None,
+        seed: int = 0) -> dict[str, Any]:
+    """`sequences` sequences of the realistic MM1 mixture through `train.data.mixture.Mixer`."""
+    from train.data.mixture import MM1_WEIGHTS as WEIGHTS, Mixer
+
+    weights = dict(weights or WEIGHTS)
+    streams = {k: _Synthetic(k, seed, seq_len, max_images, n_image_tokens, caption_ratio) for k in weights}
+
+    def make_packer() -> Packer:
+        return Packer(seq_len, image_token_id=IMAGE_TOKEN, pad_id=PAD, n_image_tokens=n_image_tokens,
+                      max_images=max_images, buffer_size=buffer)
+
+    mixer = Mixer(weights, packing, make_packer, lambda name: streams[name]())
+    names = list(mixer.weights)
+    rows: list[list[int]] = []  # per sequence: tokens of each source
+    pad = images = 0
+    per_source = {n: [0, 0] for n in names}  # tokens, images
+    start = time.perf_counter()
+    for _ in range(sequences):
+        seq = next(mixer)
+        row = dict.fromkeys(names, 0)
+        for name, (n, k) in zip(seq.sources, seq.sizes):
+            row[name] += n
+            per_source[name][0] += n
+            per_source[name][1] += k
+        rows.append([row[n] for n in names])
+        pad += seq.n_pad
+        images += len(seq.images)
+    seconds = time.perf_counter() - start
+    tokens = sum(t for t, _ in per_source.values())
+    if packing == "mixed":
+        least = max(math.ceil(tokens / seq_len), math.ceil(images / max_images))
+    else:  # each kind packed apart: the fewest sequences of each, added
+        least = sum(max(math.ceil(t / seq_len), math.ceil(k / max_images)) for t, k in per_source.values())
+    total = dict(zip(names, (sum(col) for col in zip(*rows))))
+    share_sum = sum(total.values())
+    return {
+        "sequences": sequences, "seconds": seconds, "sequences_per_s": sequences / seconds,
+        "padding": pad / (sequences * seq_len),
+        "bound_padding": 1 - tokens / (least * seq_len),
+        "mixture": {n: total[n] / share_sum for n in names},
+        "max_window_deviation": window_deviation(rows, [mixer.weights[n] / sum(mixer.weights.values()) for n in names]),
+        "images_per_seq": images / sequences,
+        "samples_per_seq": sum(s.n for s in streams.values()) / sequences,
+    }
+
+
+def window_deviation(rows: list[list[int]], weights: list[float], window: int = WINDOW) -> float:
+    """The largest |share - weight| of any source over any `window` consecutive rows (rows: tokens
+    of each source per sequence); over all rows when there are fewer."""
+    window = min(window, len(rows))
+    worst = 0.0
+    sums = [sum(r[i] for r in rows[:window]) for i in range(len(weights))]
+    for end in range(window, len(rows) + 1):
+        if end > window:
+            for i in range(len(weights)):
+                sums[i] += rows[end - 1][i] - rows[end - 1 - window][i]
+        total = sum(sums)
+        worst = max(worst, max(abs(s / total - w) for s, w in zip(sums, weights)))
+    return worst
+
+
+def realistic(sequences: int = 5000, seq_len: int = 4096, max_images: int = 16, n_image_tokens: int = 144,
+              buffer: int = 64, caption_ratio: float = 0.5, seed: int = 0) -> dict[str, Any]:
+    modes = {m: mix(m, sequences, seq_len=seq_len, max_images=max_images, n_image_tokens=n_image_tokens,
+                    buffer=buffer, caption_ratio=caption_ratio, seed=seed) for m in ("mixed", "per_kind")}
+    return {
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}, {platform.python_implementation()} "
+                   f"{platform.python_version()}",
+        "seq_len": seq_len, "max_images": max_images, "n_image_tokens": n_image_tokens, "buffer": buffer,
+        "caption_ratio": caption_ratio, "seed": seed, "weights": {"pair": 0.45, "doc": 0.45, "text": 0.10},
+        "distributions": REALISTIC, **modes, "bound_padding": modes["mixed"]["bound_padding"],
+    }
+
+
+def print_realistic(r: dict[str, Any]) -> None:
+    print(f"machine: {r['machine']}")
+    print(f"seq_len {r['seq_len']}, {r['n_image_tokens']} tokens an image, at most {r['max_images']} images, "
+          f"buffer {r['buffer']}, caption_ratio {r['caption_ratio']}, weights {r['weights']} (shares of tokens)")
+    for kind, what in r["distributions"].items():
+        print(f"  {kind}: {what}")
+    print("mode | padding | bound | pair | doc | text | worst 1000-seq window | images/seq | sequences/s")
+    for mode in ("mixed", "per_kind"):
+        x = r[mode]
+        print(f"{mode} | {x['padding']:.2%} | {x['bound_padding']:.2%} | "
+              + " | ".join(f"{x['mixture'][k]:.2%}" for k in ("pair", "doc", "text"))
+              + f" | {x['max_window_deviation'] * 100:.2f} pt | {x['images_per_seq']:.2f} | {x['sequences_per_s']:.0f}")
+
+
 def print_table(r: dict[str, Any]) -> None:
     print(f"machine: {r['machine']}")
     print(f"{r['samples']} samples per kind, seq_len {r['seq_len']}, at most {r['max_images']} images per "
@@ -196,9 +357,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--max-images", type=int, default=16)
     parser.add_argument("--image-tokens", type=int, default=144)
-    parser.add_argument("--buffers", type=int, nargs="+", default=[64])
+    parser.add_argument("--buffers", type=int, nargs="+", default=[32])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--realistic", action="store_true",
+                        help="pack the MM1 mixture across kinds from the stated distributions, both modes")
+    parser.add_argument("--sequences", type=int, default=5000, help="--realistic: sequences per mode")
+    parser.add_argument("--caption-ratio", type=float, default=0.5, help="--realistic: alt-text probability")
+    parser.add_argument("--json", type=Path, help="--realistic: also write the results here")
     args = parser.parse_args(argv)
+    if args.realistic:
+        r = realistic(args.sequences, args.seq_len, args.max_images, args.image_tokens, args.buffers[0],
+                      args.caption_ratio, args.seed)
+        print_realistic(r)
+        if args.json:
+            args.json.write_text(json.dumps(r, indent=1))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out if args.out is not None else build_demo(Path(tmp))
         print_table(run(out, args.samples, args.seq_len, args.max_images, args.image_tokens,

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from train.data.mixture import Mixture, MixtureConfig, source_shards
+from train.data.mixture import KINDS, Mixture, MixtureConfig, source_shards
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,14 @@ class LoaderConfig:
                    interpolation=preprocess_cfg.get("interpolation", "bicubic"), uint8=True, **kw)
 
 
+def _token_kinds(p: Any) -> list[int]:
+    sizes = [KINDS.index(k) for k in p.kinds]
+    out: list[int] = []
+    for kind, (n_tokens, _) in zip(sizes, p.sizes):
+        out += [kind] * n_tokens
+    return out + [-1] * (len(p.tokens) - len(out))
+
+
 def collate(packed: list[Any], preprocess: Any) -> dict[str, Any]:
     """Sequences -> tensors: tokens, doc_ids, positions, labels, token_mask [B, S]; images [N, 3, H, W] in
     placeholder order (row by row); the kinds; token counts per kind."""
@@ -81,7 +89,9 @@ def collate(packed: list[Any], preprocess: Any) -> dict[str, Any]:
         # True for real tokens; the padding run at each sequence's end is False (MoE never routes it)
         "token_mask": torch.tensor([[True] * (len(p.tokens) - p.n_pad) + [False] * p.n_pad for p in packed]),
         "images": torch.stack(images) if images else None,
-        "kinds": [p.kind for p in packed],
+        "kinds": [p.kind for p in packed],  # a row's kind, "mixed" when it holds several
+        # each token's kind (its index in KINDS; -1 for padding), for per-kind losses
+        "token_kinds": torch.tensor([_token_kinds(p) for p in packed], dtype=torch.int8),
         "text_tokens": sum(p.n_text_tokens for p in packed),
         "image_tokens": sum(p.n_image_tokens for p in packed),
         "pad_tokens": sum(p.n_pad for p in packed),

@@ -8,15 +8,25 @@ end.
 
 Rule (streaming best fit over a bounded buffer, deterministic): the oldest buffered item always
 opens the next sequence, so an item goes out at the latest right after every older one (bounded
-delay, and the stream's order is roughly kept); then the subset of the other buffered items that fills the
-most of the remaining space within the remaining image budget joins it (among equal fills, the
-one that keeps older items: a newer item is left out whenever the same fill is reachable without
-it); the rest is padding. The subset is found exactly (a subset-sum over the buffer), not by
-adding the longest item that fits until none does: that greedy rule leaves on average half the
-shortest item's length empty, 4% of a 4096-token sequence for 600-token documents, while the
-exact fill reaches the bound the tokens and the image cap set (tools/bench/packing.py). The
-buffer must hold more items than one sequence takes (MM1 pairs: 16 per sequence), or `ready()`
-cuts sequences short; 64 is the default.
+delay, and the stream's order is roughly kept); then the subset of the other buffered items that
+fills the most of the remaining space within the remaining image budget joins it; among equal
+fills, the one with the most images (then the one that keeps older items: a newer item is left out
+whenever the same fill is reachable without it); the rest is padding. The subset is found exactly
+(a subset-sum over the buffer), not by adding the longest item that fits until none does: that
+greedy rule leaves on average half the shortest item's length empty, 4% of a 4096-token sequence
+for 600-token documents, while the exact fill reaches the bound the tokens and the image cap set
+(tools/bench/packing.py).
+
+Why the most images: when kinds share sequences (`train/data/mixture.py`, `mixed`), a full
+sequence can usually be made many ways, and the one with the fewest images takes the text-heavy
+items (documents, text) and leaves the pairs (an image for ~200 tokens) behind. The buffer then
+fills with pairs, and the sequences that follow hit the 16-image cap with room to spare: 4.5%
+padding on the MM1 mixture, against 0.01% when each full sequence takes as many images as it can
+(tools/bench/packing.py --realistic). On one kind alone the rule changes little.
+
+The buffer must hold more items than one sequence takes (MM1 pairs: 16 per sequence), or
+`ready()` cuts sequences short; 32 is the default (a larger buffer fills no better, and lets the
+mixture's sources drift further from their weights before it comes back: tools/bench/packing.py).
 
 Attention and loss never cross samples: `doc_ids` numbers the packed samples 0, 1, 2... and the
 padding run takes the next id (its own document, so no sample attends to it and the model's
@@ -32,7 +42,7 @@ lone token) are skipped when added and counted in `stats["skipped_items"]`: no s
 a target is ever emitted.
 
 Resuming: `state_dict()` is plain JSON. It holds the buffered items' token lists and refs (at
-most `buffer_size` x `seq_len` ints: 64 x 4096 = 262,144 ints, under 2 MB as JSON, in every
+most `buffer_size` x `seq_len` ints: 32 x 4096 = 131,072 ints, under 1 MB as JSON, in every
 checkpoint), never their images: images are bytes or tensors, and are re-read by ref through the
 `images` callable given to `load_state_dict`. Tokens are stored rather than re-derived because
 tokenization may draw random choices (alt-text or synthetic caption) that a re-read would redo
@@ -79,6 +89,7 @@ class Packed:
     n_image_tokens: int
     n_pad: int
     samples: list[Any]  # the refs of the packed items, in packed order
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (tokens, images) of each packed item
 
 
 @dataclass
@@ -95,7 +106,7 @@ class Packer:
     and `pop()` until it returns None."""
 
     def __init__(self, seq_len: int, *, image_token_id: int, pad_id: int, n_image_tokens: int,
-                 max_images: int = 16, buffer_size: int = 64) -> None:
+                 max_images: int = 16, buffer_size: int = 32) -> None:
         if seq_len < 1 or n_image_tokens < 1 or max_images < 0 or buffer_size < 1:
             raise ValueError(f"bad packer sizes: seq_len={seq_len}, n_image_tokens={n_image_tokens}, "
                              f"max_images={max_images}, buffer_size={buffer_size}")
@@ -138,16 +149,17 @@ class Packer:
     def _has_target(self, tokens: list[int]) -> bool:
         return any(t != self.image_token_id for t in tokens[1:])
 
-    def add(self, item: PackItem) -> None:
+    def add(self, item: PackItem) -> bool:
         """Buffer one item (validated: `ValueError` if no sequence could hold it); an item
-        without a single target token is skipped and counted instead."""
+        without a single target token is skipped and counted instead. True if it was buffered."""
         tokens, images = list(item.tokens), list(item.images)
         self._check(tokens, images, item.ref)
         self.stats["items"] += 1
         if not self._has_target(tokens):
             self.stats["skipped_items"] += 1
-            return
+            return False
         self._buffer.append(_Entry(tokens, images, item.ref))
+        return True
 
     def flush(self) -> None:
         """The stream has ended (or is paused for good): `ready()` stays true until the buffer is
@@ -187,9 +199,8 @@ class Packer:
                 if reach[j]:
                     grown[j + k] |= (reach[j] << n) & mask
             reach = grown
-        # the fullest fill; of equal fills, the one using fewer images
-        fill, images = max(((r.bit_length() - 1, -j) for j, r in enumerate(reach) if r))
-        images = -images
+        # the fullest fill; of equal fills, the one with the most images (module docstring)
+        fill, images = max(((r.bit_length() - 1, j) for j, r in enumerate(reach) if r))
         chosen = []
         for i in range(len(history) - 1, -1, -1):
             if (history[i][images] >> fill) & 1:
@@ -225,7 +236,8 @@ class Packer:
         labels.extend([IGNORE] * n_pad)
         return Packed(tokens=tokens, doc_ids=doc_ids, positions=positions, labels=labels, images=images,
                       n_text_tokens=n_text, n_image_tokens=n_image, n_pad=n_pad,
-                      samples=[e.ref for e in entries])
+                      samples=[e.ref for e in entries],
+                      sizes=[(len(e.tokens), len(e.images)) for e in entries])
 
     def pop(self) -> Packed | None:
         """The next sequence by the packing rule, or None when the buffer is empty. Does not wait
