@@ -4,11 +4,12 @@ The loader assigns shards, not samples, to its (rank, worker) slots (`train/data
 "By shard"): a process reads the manifest (one entry per shard) and the sidecars of the shards it
 opens, so its memory and start-up should not grow with the corpus. This benchmark builds a
 synthetic curated output per size: a manifest and a parquet sidecar for every shard (10,000 text
-samples a shard), all hard links to one real shard written by curate's own `ShardWriter`, and real
+samples a shard), all hard links to one real shard written by curate's own `ShardWriter`, real
 tars only for the shards the measured slot opens (links too: the disk cost of a size is its
-manifest). Then, in a fresh process per size, it times one loader slot (slot 0 of 64: 8 ranks x 8
-workers) from interpreter start until its stream has yielded 1,000 samples, and reads the
-process's peak RSS.
+manifest), and an empty placeholder file for every other tar, so that `list_shards`' check that
+each listed tar exists passes (the slot never opens them). Then, in a fresh process per size, it
+times one loader slot (slot 0 of 64: 8 ranks x 8 workers) from interpreter start until its
+stream has yielded 1,000 samples, and reads the process's peak RSS.
 
     python -m tools.bench.loader_index --samples 1000000 10000000 --json F
 
@@ -63,8 +64,12 @@ def build_output(out: Path, template_root: Path, template: dict, n_samples: int,
         name, sidecar = f"text/{k:05d}.tar", f"text/{k:05d}.parquet"
         os.link(template_root / template["sidecar"], out / sidecar)
         shards.append({**template, "name": name, "sidecar": sidecar})
-    for j, _, _ in shard_plan(n_shards, seed=0, epoch=0, slot=0, n_slots=slots):  # the measured slot's tars
-        os.link(template_root / template["name"], out / shards[j]["name"])
+    opened = {j for j, _, _ in shard_plan(n_shards, seed=0, epoch=0, slot=0, n_slots=slots)}
+    for j, shard in enumerate(shards):  # the measured slot's tars; empty placeholders for the others
+        if j in opened:
+            os.link(template_root / template["name"], out / shard["name"])
+        else:
+            (out / shard["name"]).touch()
     manifest = {"format_version": FORMAT_VERSION, "name": f"bench-{n_samples}", "code_version": "bench",
                 "recipe": {}, "recipe_hash": "0" * 16, "input_fingerprint": "f" * 16,
                 "kinds": {"text": {"shards": shards, "count": n_shards * per_shard,

@@ -5,9 +5,10 @@ data offset, size; see `curate/contract.py`), so the reader never scans a tar.
 
 What training uses (the index that scales, "By shard" below):
 
-- `list_shards` reads the manifests only: one `ShardInfo` (name, sidecar, count) per shard, and
-  the withdrawn keys. An output listed twice is refused; a manifest that cannot be read fails
-  with its path.
+- `list_shards` reads the manifests: one `ShardInfo` (name, sidecar, count) per shard, and the
+  withdrawn keys. An output listed twice is refused; a manifest that cannot be read fails with its
+  path; a tar or sidecar the manifest lists but the output lacks fails with its path, found by one
+  listing per folder (never one request per shard).
 - `shard_plan` gives one slot (slot = rank * workers + worker) its work items for one pass, from
   a permutation of all shards seeded by (seed, epoch), identical on every rank; with fewer shards
   than slots, slots share a shard by key stride.
@@ -27,6 +28,11 @@ Whole listings, for tools and tests on small outputs:
 
 Reading:
 
+- On an fsspec URL, every read (manifest, sidecar, byte range, folder listing) is retried on a
+  transient store error (a connection reset, a timeout, a 5xx; `_transient`) with bounded
+  exponential backoff, counted in `RETRIES` (a stream's `stats["retried"]`, never a skip) and
+  logged rate-limited. When the tries run out it raises `StoreUnavailable` naming the URL: a
+  store that stays down stops the run; it is not a bad sample. A missing object is not transient.
 - `read_sample` reads one sample's members by offset (one read for the sample's contiguous span;
   on an fsspec URL one range request) and checks each member's ustar header, so a sidecar that
   disagrees with its tar, a damaged header or a truncated tar is a `CorruptSample`, never garbage.
@@ -42,10 +48,14 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
+import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from functools import lru_cache
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -61,10 +71,28 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # What `read_sample` returns: KEY.jpg, KEY.txt, KEY.json, KEY.<i>.<img ext> (doc images).
 _RETURNED_EXT = re.compile(r"^(?:jpg|jpeg|png|webp|txt|json|\d+\.(?:jpg|jpeg|png|webp))$")
 
+# Transient store errors: tries per read, and the backoff between them (doubling from
+# RETRY_FIRST_S up to RETRY_MAX_S, each wait scaled by a random 0.5-1 so that a thousand workers
+# do not come back in step). 6 tries wait at most 0.25 + 0.5 + 1 + 2 + 4 = 7.75 s: a blip (a load
+# balancer dropping connections, a burst of 503 SlowDown) clears within that, and every rank
+# waits on a stalled worker at its next collective, so a longer outage is better ended: it stops
+# the run (StoreUnavailable), which resumes from its checkpoint. These tries come on top of the
+# client's own (botocore: 5 attempts a call by default; s3fs: a few for dropped connections).
+RETRY_ATTEMPTS = 6
+RETRY_FIRST_S = 0.25
+RETRY_MAX_S = 4.0
+MISSING_NAMED = 5  # missing shard files named in list_shards' error (then how many more)
+
 
 class CorruptSample(ValueError):
     """A sample whose bytes cannot be trusted: a member short or missing, a tar header that does
     not name the member the sidecar promises, a damaged header, a missing tar."""
+
+
+class StoreUnavailable(OSError):
+    """The object store kept failing one read (RETRY_ATTEMPTS tries of transient errors): an
+    infrastructure failure that stops the run, never a bad sample. Names the URL and the last
+    error (also its `__cause__`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +110,116 @@ class SampleRef:
     def from_dict(cls, d: dict[str, Any]) -> "SampleRef":
         members = tuple((str(n), int(o), int(s)) for n, o, s in d["members"])
         return cls(kind=d["kind"], out=d["out"], shard=d["shard"], key=d["key"], members=members)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transient store errors
+# ---------------------------------------------------------------------------------------------
+
+
+class RateLimitedLog:
+    """Logs the first `first` events of each reason, then every `every`-th (a bad shard of 10,000
+    samples must not flood the log)."""
+
+    def __init__(self, logger: logging.Logger, first: int = 10, every: int = 1000):
+        self.logger, self.first, self.every = logger, first, every
+        self.seen: Counter[str] = Counter()
+
+    def __call__(self, reason: str, msg: str, *args: Any) -> None:
+        self.seen[reason] += 1
+        n = self.seen[reason]
+        if n <= self.first or n % self.every == 0:
+            self.logger.warning(f"[{reason} #{n}] " + msg, *args)
+
+
+RETRIES: Counter[str] = Counter()  # transient store errors retried by this process, by read ("range", ...)
+_retry_log = RateLimitedLog(log, first=10, every=100)
+_jitter = random.Random()  # its own generator: the training's seeded `random` state stays untouched
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_T = TypeVar("_T")
+
+
+@lru_cache(maxsize=1)
+def _client_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP clients' transient errors that are not OSErrors, as they come out of s3fs and the
+    other fsspec backends. Read against a failing server (tools/s3_server.py `FlakyProxy`, botocore's
+    retries off): aiohttp re-sends a GET or HEAD once after a reset connection; a second reset
+    comes out of s3fs as botocore's EndpointConnectionError (a botocore ConnectionError, not an
+    OSError, and not retried by s3fs); a 5xx comes out as an OSError caused by a ClientError
+    (`_http_status`)."""
+    found: list[type[BaseException]] = []
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError  # refused, reset, connect timeout
+        from botocore.exceptions import HTTPClientError  # connection closed mid-answer, read timeout
+        from botocore.parsers import ResponseParserError  # a throttling proxy's garbled answer (as s3fs)
+
+        found += [BotoConnectionError, HTTPClientError, ResponseParserError]
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientConnectionError, ClientPayloadError  # gcsfs, adlfs, http; a body cut short
+
+        found += [ClientConnectionError, ClientPayloadError]
+    except ImportError:
+        pass
+    try:
+        from urllib3.exceptions import IncompleteRead, ProtocolError  # botocore's synchronous client
+
+        found += [IncompleteRead, ProtocolError]
+    except ImportError:
+        pass
+    from http.client import IncompleteRead as HTTPIncompleteRead
+
+    return (*found, HTTPIncompleteRead)
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status of a botocore ClientError that is `exc` or caused it (s3fs turns a
+    ClientError into an OSError with the ClientError as its cause), else None."""
+    for e in (exc, exc.__cause__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(status, int):
+                return status
+    return None
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether another try may succeed: a 5xx, 408 or 429 answer; a connection error or timeout
+    (ConnectionError, TimeoutError, the HTTP clients' own, `_client_errors`); any other OSError
+    but a missing file, a permission refused or a path of the wrong type (a 404 stays a 404)."""
+    if isinstance(exc, (StoreUnavailable, *_PERMANENT)):
+        return False
+    status = _http_status(exc)
+    if status is not None:
+        return status >= 500 or status in (408, 429)
+    return isinstance(exc, (OSError, *_client_errors()))  # ConnectionError, TimeoutError are OSErrors
+
+
+def _retrying(what: str, url: str, call: Callable[[], _T]) -> _T:
+    """`call()`, tried again after a transient store error (`_transient`), RETRY_ATTEMPTS tries in
+    all with exponential backoff; each retry is counted in `RETRIES[what]` and logged
+    (rate-limited). Any other error propagates at once. When every try failed, raises
+    StoreUnavailable naming `url`, the tries and the last error."""
+    start = time.monotonic()
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - sorted by _transient; the rest re-raised as is
+            if not _transient(exc):
+                raise
+            status = _http_status(exc)
+            error = f"{type(exc).__name__}: {exc}" + (f" (HTTP {status})" if status else "")
+            if attempt == RETRY_ATTEMPTS:
+                raise StoreUnavailable(f"{url}: the store failed {attempt} tries in {time.monotonic() - start:.1f}s "
+                                       f"({what}); last error: {error}") from exc
+            wait = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (attempt - 1)) * _jitter.uniform(0.5, 1.0)
+            RETRIES[what] += 1
+            _retry_log("store_retry", "%s %s: %s; try %d of %d in %.2fs", what, url, error, attempt + 1,
+                       RETRY_ATTEMPTS, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,9 +245,13 @@ def _manifest(out: str) -> dict[str, Any]:
     import fsspec
 
     url = _location(out, MANIFEST)
-    try:
+
+    def read() -> Any:
         with fsspec.open(url, "rb") as f:
-            manifest = json.load(f)
+            return json.load(f)
+
+    try:
+        manifest = _retrying("manifest", url, read)
     except FileNotFoundError:
         raise FileNotFoundError(f"{url}: no manifest; is {out} a finished curation output?") from None
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -122,8 +264,11 @@ def _read_sidecar(location: str, columns: list[str]):
         return pq.read_table(location, columns=columns)
     import fsspec
 
-    with fsspec.open(location, "rb") as f:
-        return pq.read_table(f, columns=columns)
+    def read():
+        with fsspec.open(location, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    return _retrying("sidecar", location, read)
 
 
 def _read_range(location: str, start: int, end: int) -> bytes:
@@ -135,8 +280,43 @@ def _read_range(location: str, start: int, end: int) -> bytes:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(location)
-    size = fs.size(path)  # some backends refuse a range past the end instead of shortening it
-    return fs.cat_file(path, start=min(start, size), end=min(end, size)) if start < size else b""
+
+    def read() -> bytes:
+        size = fs.size(path)  # some backends refuse a range past the end instead of shortening it
+        return fs.cat_file(path, start=min(start, size), end=min(end, size)) if start < size else b""
+
+    return _retrying("range", location, read)
+
+
+def _missing(out: str, relatives: list[str]) -> list[str]:
+    """Those of `relatives` (file paths under `out`) that `out` lacks, from one listing per folder:
+    os.scandir locally, the store's `ls` on a URL (retried as a read is), never a request per
+    file. A folder that does not exist lacks all its files."""
+    folders: dict[str, list[str]] = {}
+    for rel in relatives:
+        folders.setdefault(rel.rpartition("/")[0], []).append(rel)
+    if _is_url(out):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(out)
+    missing = []
+    for folder, rels in folders.items():
+        try:
+            if _is_url(out):
+                path = root.rstrip("/") + "/" + folder if folder else root
+
+                def listing(path: str = path) -> set[str]:
+                    fs.invalidate_cache(path)  # what is there now, not what this process saw before
+                    return {p.rstrip("/").rpartition("/")[2] for p in fs.ls(path, detail=False)}
+
+                present = _retrying("listing", _location(out, folder) if folder else out, listing)
+            else:
+                with os.scandir(os.path.join(out, folder)) as entries:
+                    present = {e.name for e in entries}
+        except (FileNotFoundError, NotADirectoryError):
+            present = set()
+        missing += [rel for rel in rels if rel.rpartition("/")[2] not in present]
+    return missing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,11 +548,15 @@ class ShardInfo:
     count: int
 
 
-def list_shards(outs: list[str] | tuple[str, ...], kind: str) -> tuple[list[ShardInfo], dict[str, dict[str, set[str]]]]:
+def list_shards(outs: list[str] | tuple[str, ...], kind: str,
+                check_files: bool = True) -> tuple[list[ShardInfo], dict[str, dict[str, set[str]]]]:
     """The shards of `kind` in these outputs (manifest order, output by output) and, per output,
-    the withdrawn keys by tar name. Reads the manifests only. The same output listed twice is a
-    ValueError (its samples would be read twice an epoch); a manifest that cannot be read fails
-    here with its path."""
+    the withdrawn keys by tar name. Reads the manifests, and lists the shard folders to check that
+    every tar and sidecar a manifest lists exists (`_missing`: one listing per folder). The same
+    output listed twice is a ValueError (its samples would be read twice an epoch); a manifest
+    that cannot be read fails here with its path; missing shard files are a FileNotFoundError
+    naming the first MISSING_NAMED of them and how many there are; a store that stays down is
+    StoreUnavailable. `check_files=False` skips the listing (the manifests alone)."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     seen: set[str] = set()
@@ -386,7 +570,7 @@ def list_shards(outs: list[str] | tuple[str, ...], kind: str) -> tuple[list[Shar
         seen.add(canonical)
         try:
             manifest = _manifest(out)
-        except FileNotFoundError:
+        except (FileNotFoundError, StoreUnavailable):
             raise  # names the path already
         except ValueError as exc:
             if not isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
@@ -395,10 +579,19 @@ def list_shards(outs: list[str] | tuple[str, ...], kind: str) -> tuple[list[Shar
         except Exception as exc:  # noqa: BLE001 - a permission error, a broken encoding: name the file
             raise ValueError(f"{_location(out, MANIFEST)}: manifest cannot be read: {exc}") from None
         withdrawn[out] = withdrawn_keys(manifest, kind)
+        listed = []
         for shard in manifest.get("kinds", {}).get(kind, {}).get("shards", []):
             _location(out, shard["name"])  # refuse a tar name outside the output before trusting it
             _location(out, shard["sidecar"])
-            shards.append(ShardInfo(kind, out, shard["name"], shard["sidecar"], int(shard["count"])))
+            listed.append(ShardInfo(kind, out, shard["name"], shard["sidecar"], int(shard["count"])))
+        files = [f for s in listed for f in (s.name, s.sidecar)]
+        missing = _missing(out, files) if check_files else []
+        if missing:
+            named = ", ".join(_location(out, m) for m in missing[:MISSING_NAMED])
+            more = f" and {len(missing) - MISSING_NAMED} more" if len(missing) > MISSING_NAMED else ""
+            raise FileNotFoundError(f"{out}: {len(missing)} of the {len(files)} {kind} shard files (tars, sidecars) "
+                                    f"its manifest lists are missing: {named}{more}; an unfinished copy?")
+        shards += listed
     return shards, withdrawn
 
 
@@ -428,21 +621,6 @@ def _reason(exc: CorruptSample) -> str:
     return "sidecar_mismatch"
 
 
-class RateLimitedLog:
-    """Logs the first `first` events of each reason, then every `every`-th (a bad shard of 10,000
-    samples must not flood the log)."""
-
-    def __init__(self, logger: logging.Logger, first: int = 10, every: int = 1000):
-        self.logger, self.first, self.every = logger, first, every
-        self.seen: Counter[str] = Counter()
-
-    def __call__(self, reason: str, msg: str, *args: Any) -> None:
-        self.seen[reason] += 1
-        n = self.seen[reason]
-        if n <= self.first or n % self.every == 0:
-            self.logger.warning(f"[{reason} #{n}] " + msg, *args)
-
-
 class ShardStream:
     """One slot's samples of one source, by shard (module docstring, "By shard").
 
@@ -453,7 +631,10 @@ class ShardStream:
     memory and start-up depend on the number of shards, not of samples. Withdrawn keys never enter
     the buffer. A sample that cannot be read (`CorruptSample`) is skipped and counted in
     `stats["skipped/<reason>"]` (logged with shard and key, rate-limited); a missing sidecar or
-    tar is fatal (FileNotFoundError naming the path): that is a broken output, not a bad sample.
+    tar is fatal (FileNotFoundError naming the path; `list_shards` finds them first, this is the
+    second line): that is a broken output, not a bad sample. Transient store errors retried while
+    this stream read are counted in `stats["retried"]` (from `RETRIES`); a store that stays down
+    raises StoreUnavailable.
 
     `state_dict()` is small and positional: {"epoch", "plan" (None: this slot's `shard_plan`,
     else the explicit items of a resharded pass), "next", "open": [[item, row]...], "rr", "buffer":
@@ -560,6 +741,15 @@ class ShardStream:
         return self
 
     def __next__(self) -> Sample:
+        before = RETRIES.total()
+        try:
+            return self._next()
+        finally:
+            retried = RETRIES.total() - before  # this process reads one stream at a time
+            if retried:
+                self.stats["retried"] += retried
+
+    def _next(self) -> Sample:
         while True:
             self._fill()
             if not self.buffer:  # this slot's pass is over

@@ -21,7 +21,8 @@ from curate.commit import Storage
 from curate.contract import FORMAT_VERSION, MANIFEST, image_digest, read_sidecars, record_schema
 from curate.pack import ShardWriter
 from train.data.shards import (
-    CorruptSample, SampleRef, SampleStream, assign, list_samples, read_sample,
+    MISSING_NAMED, CorruptSample, SampleRef, SampleStream, ShardStream, assign, list_samples, list_shards,
+    read_sample,
 )
 
 PAIR_SHARDS = [4, 3]  # samples per pair shard
@@ -153,6 +154,48 @@ def test_list_samples_refuses_a_tar_outside_the_output(output: Path) -> None:
     _edit_manifest(output, lambda m: m["kinds"]["text"]["shards"][0].update(name="../elsewhere.tar"))
     with pytest.raises(ValueError, match="outside the output"):
         list_samples([str(output)], "text")
+
+
+# ---------------------------------------------------------------------------------------------
+# list_shards: a tar or sidecar the manifest lists but the output lacks fails at list time
+# ---------------------------------------------------------------------------------------------
+
+
+def test_list_shards_names_a_missing_tar_and_a_missing_sidecar(output: Path) -> None:
+    (output / "pairs" / "00000.tar").unlink()
+    (output / "pairs" / "00001.parquet").unlink()
+    for out in (str(output), output.resolve().as_uri()):  # os.scandir; the fsspec listing (file://)
+        with pytest.raises(FileNotFoundError) as err:
+            list_shards([out], "pair")
+        message = str(err.value)
+        assert message.startswith(f"{out}: 2 of the 4 pair shard files")
+        assert f"{out}/pairs/00000.tar," in message and message.count(f"{out}/pairs/00001.parquet") == 1
+        assert f"{out}/pairs/00001.tar" not in message and "more" not in message
+    assert sum(s.count for s in list_shards([str(output)], "text")[0]) == N_TEXTS  # other kinds still list
+    shutil.rmtree(output / "docs")
+    with pytest.raises(FileNotFoundError, match=r"2 of the 2 doc shard files.*docs/00000\.tar, .*docs/00000\.parquet"):
+        list_shards([str(output)], "doc")
+
+
+def test_list_shards_names_the_first_missing_files_and_counts_the_rest(output: Path) -> None:
+    extra = [{"name": f"text/{k:05d}.tar", "sidecar": f"text/{k:05d}.parquet", "count": 1, "bytes": 1}
+             for k in range(100, 107)]
+    _edit_manifest(output, lambda m: m["kinds"]["text"]["shards"].extend(extra))
+    with pytest.raises(FileNotFoundError) as err:
+        list_shards([str(output)], "text")
+    message = str(err.value)
+    assert "14 of the 16 text shard files" in message and f"and {14 - MISSING_NAMED} more" in message
+    assert message.count(str(output / "text")) == MISSING_NAMED
+
+
+def test_a_shard_lost_after_listing_still_fails_with_its_path_when_opened(output: Path) -> None:
+    listed = list_shards([str(output)], "pair")
+    (output / "pairs" / "00000.parquet").unlink()
+    (output / "pairs" / "00001.tar").unlink()
+    for j, missing in ((0, "pairs/00000.parquet: sidecar of pairs/00000.tar"), (1, "pairs/00001.tar: shard listed")):
+        stream = ShardStream(*listed, seed=0, slot=j, n_slots=2, shuffle=False)
+        with pytest.raises(FileNotFoundError, match=missing):
+            next(stream)
 
 
 # ---------------------------------------------------------------------------------------------
