@@ -612,6 +612,12 @@ def train(recipe: TrainRecipe, run_dir: str | Path, *, resume: bool = True) -> d
             extra = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler)
             step, skipped, loader_state = int(extra["step"]), int(extra.get("skipped", 0)), extra["loader"]
             log.info("resumed from %s at step %d", latest, step)
+            # the next step's lr from this recipe's schedule: the saved groups hold the old one's,
+            # which differs when `steps` (the cosine's length) or the warmup changed
+            factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * factor
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         if d.rank == 0:
             log.info("%s: %s, %.1fM parameters (%.1fM active), peak lr %.3g, %d steps, world %d on %s, mesh dp_replicate=%d "
                      "dp_shard=%d ep=%d", recipe.name, recipe.model.name, n_params / 1e6, n_active / 1e6, peak, recipe.steps,
@@ -694,6 +700,7 @@ def _loop(recipe, run_dir, d, dims, model, optimizer, scheduler, step, skipped, 
                       # bad samples skipped by this rank's loader workers, cumulative, by kind/reason
                       "data_skipped": micro[-1].get("skipped", {}),
                       "data_dropped_on_reshard": micro[-1].get("dropped_on_reshard", 0),
+                      "data_retried": micro[-1].get("retried", 0),
                       "memory_gib": _peak_memory_gib(d.device)}
             if recipe.validation.outs and step % recipe.validation.every == 0:
                 val = validate(model, recipe, d, autocast)

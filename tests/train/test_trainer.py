@@ -1,7 +1,8 @@
 """The trainer end to end on the demo's curated output (curated by the real runner) with the tiny
 MM1 (random weights: mechanics only): the loss falls in one process; two torchrun processes
 (gloo, CPU) agree on the loss, and a NaN injected on one rank skips the step on both without a
-hang, keeping non-finite weights out of the checkpoints; a run killed after step 10 and resumed
+hang, keeping non-finite weights out of the checkpoints, and their checkpoint resumes on one
+process (the loader's epoch resharded from 2 slots to 1); a run killed after step 10 and resumed
 from its step-8 checkpoint repeats an uninterrupted run's losses exactly.
 
 Subprocesses run `python -m tools.cli train` (torchrun for two ranks); their metrics.jsonl
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +49,21 @@ def _mm1_train(curated, run_dir: Path, *, nproc: int = 1, env: dict | None = Non
 def _records(path: Path) -> dict[int, dict]:
     """step -> its record (the last one written: a resumed run rewrites the steps it repeats)."""
     return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def _lists_under(state, keys: tuple[str, ...]) -> list[list]:
+    """The lists of items under `keys` anywhere in a loader slot's state (its packers' buffers,
+    its pending chunks), or under a per-source dict there, whatever the nesting."""
+    found = []
+    if isinstance(state, dict):
+        for k, v in state.items():
+            if k in keys and isinstance(v, list):
+                found.append(v)
+            elif k in keys and isinstance(v, dict):
+                found += [x for x in v.values() if isinstance(x, list)]
+            else:
+                found += _lists_under(v, keys)
+    return found
 
 
 def test_the_loss_falls_in_one_process(curated, tmp_path):
@@ -128,14 +146,73 @@ def test_a_nan_on_one_rank_skips_the_step_on_both(two_ranks):
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
 
 
+def test_a_two_rank_checkpoint_resumes_on_one_process(curated, two_ranks, tmp_path):
+    """Issue 20: the 2-process run (2 ranks x 1 loader worker: 2 slots) continues from its step-6
+    checkpoint in one process to step 8 (a copy: the tests above read the run as it was). It
+    resumes, not restarts: steps 7-8 only are appended, the skipped step counted by the 2 ranks
+    is carried. The loader continues the epoch on 1 slot and reports `data_dropped_on_reshard`:
+    the samples both ranks' slots held in buffers at step 6 (shuffle buffers, packer buffers,
+    pending chunks: what the new layout cannot place), bounded from the saved states without
+    relying on the mixer's own layout of them. The lr follows the new schedule (8 steps) from
+    step 7 on. Step 8 is checkpointed by the one rank."""
+    from train.checkpoint import read_state
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_ranks, run_dir)
+    proc = _mm1_train(curated, run_dir, steps=8, **{"checkpoint.every": 2})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"resumed from {run_dir / 'step-00000006'} at step 6" in proc.stderr
+    assert "loader resharded from 2 slots to 1" in proc.stderr
+
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6, 7, 8]  # 7 and 8 appended to rank 0's 1-6
+    assert (run_dir / "metrics.rank1.jsonl").read_text() == (two_ranks / "metrics.rank1.jsonl").read_text()
+    new = {r["step"]: r for r in lines[6:]}
+    for r in new.values():
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and not r["skipped"]
+        assert r["skipped_total"] == 1  # step 3, skipped on both ranks, comes from the checkpoint
+        assert r["targets"] == r["rank_targets"]  # one rank now
+    # the lr follows this run's 8-step schedule from the first resumed step (the checkpoint's
+    # optimizer holds the 6-step cosine's value)
+    from train.schedule import lr_lambda
+
+    o = load_train_recipe(DEMO_TRAIN).optim
+    for step in (7, 8):
+        assert new[step]["lr"] == pytest.approx(o.lr * lr_lambda(step, o.warmup, 8, o.min_lr_ratio))
+
+    # the count the loader logged and reported, against the two saved slots' states: at least the
+    # positions in their shuffle buffers (never drawn), at most those plus every item of theirs
+    # that waited in a packer buffer or pending (a sample counts once, and may have several items)
+    logged = re.search(r"loader resharded from 2 slots to 1: (\d+) buffered samples dropped", proc.stderr)
+    dropped = new[7]["data_dropped_on_reshard"]
+    assert logged and int(logged[1]) == dropped == new[8]["data_dropped_on_reshard"]
+    shuffled = waiting = 0
+    for rank in (0, 1):
+        extra = json.loads((run_dir / "step-00000006" / f"extra-rank{rank}.json").read_text())["extra"]
+        slot = dict(extra["loader"]["workers"]["0"])  # 1 worker a rank: slot = rank
+        shuffled += sum(len(stream["buffer"]) for stream in slot.pop("streams").values())
+        waiting += sum(map(len, _lists_under(slot, ("buffer", "pending"))))
+    assert 0 < shuffled <= dropped <= shuffled + waiting, (shuffled, dropped, waiting)
+    assert all(r["data_dropped_on_reshard"] == 0 for r in lines[:6])
+
+    assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-00000006", "step-00000008"]  # keep 2
+    final = run_dir / "step-00000008"
+    assert read_state(final)["step"] == 8 and json.loads((final / "COMPLETE").read_text())["world_size"] == 1
+    assert not (final / "extra-rank1.json").exists()
+    loader = json.loads((final / "extra-rank0.json").read_text())["extra"]["loader"]
+    assert (loader["world"], loader["batches"]) == (1, 8) and "reshard_from" not in loader
+    assert loader["workers"]["0"]["stats"]["dropped_on_reshard"] == dropped  # the count survives the next resume
+
+
 def test_fsdp2_with_activation_checkpointing_on_cpu(curated, tmp_path):
     """FSDP2 (per block, vision tower, connector, root) with activation checkpointing runs on CPU
     with gloo (torch 2.14): 2 ranks take steps with one finite, agreed loss, and checkpoint; a
     step where one rank's sequence is text only (no image) does not hang the vision groups.
-    One sequence per batch, pairs and texts half and half: with seed 0 such a step occurs."""
+    One sequence per batch of one source (data.packing per_kind: mixed packing puts an image in
+    nearly every sequence), pairs and texts half and half: with seed 0 such a step occurs."""
     proc = _mm1_train(curated, tmp_path, nproc=2, steps=4, **{
         "checkpoint.every": 4, "parallel.dp_shard": 2, "parallel.activation_checkpointing": "full",
-        "data.batch_size": 1, "data.weights": "{pair: 0.5, text: 0.5}",
+        "data.batch_size": 1, "data.weights": "{pair: 0.5, text: 0.5}", "data.packing": "per_kind",
         "validation.outs": f"[{curated[0]}]", "validation.every": 4, "validation.batches": 2})
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = _records(tmp_path / "metrics.jsonl"), _records(tmp_path / "metrics.rank1.jsonl")

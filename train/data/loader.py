@@ -149,6 +149,7 @@ class _Batches(IterableDataset):
             batch["state"] = mixture.state_dict()
             batch["skipped"] = mixture.skipped()
             batch["dropped_on_reshard"] = int(mixture.stats.get("dropped_on_reshard", 0))
+            batch["retried"] = sum(int(st.stats.get("retried", 0)) for st in mixture.streams.values())
             yield batch
 
 
@@ -163,7 +164,7 @@ class Loader:
         sources = source_shards(cfg.mixture)  # bad weights or outputs fail here, not in a worker
         self.batches = int(state.get("batches", 0))
         self.worker_states: dict[int, Any] = {}
-        self.worker_stats: dict[int, tuple[dict[str, int], int]] = {}
+        self.worker_stats: dict[int, tuple[dict[str, int], int, int]] = {}
         old_slots, old_layout, rotation = None, None, self.batches % n_workers
         if state and (state.get("rank"), state.get("world"), state.get("workers_n")) == (rank, world, n_workers):
             self.worker_states = {int(k): v for k, v in state.get("workers", {}).items()}
@@ -199,15 +200,17 @@ class Loader:
                                  pin_memory=cfg.pin_memory, multiprocessing_context="forkserver" if cfg.workers else None)
 
     def stats(self) -> dict[str, Any]:
-        """This rank's data counters: samples skipped by "<kind>/<reason>" and samples dropped by a
-        resume on another layout, summed over the workers' latest batches (cumulative)."""
+        """This rank's data counters: samples skipped by "<kind>/<reason>", samples dropped by a
+        resume on another layout, and reads retried after a transient store error, summed over the
+        workers' latest batches (cumulative; retries since each worker started)."""
         skipped: dict[str, int] = {}
-        dropped = 0
-        for worker_skipped, worker_dropped in self.worker_stats.values():
+        dropped = retried = 0
+        for worker_skipped, worker_dropped, worker_retried in self.worker_stats.values():
             for k, n in worker_skipped.items():
                 skipped[k] = skipped.get(k, 0) + n
             dropped += worker_dropped
-        return {"skipped": dict(sorted(skipped.items())), "dropped_on_reshard": dropped}
+            retried += worker_retried
+        return {"skipped": dict(sorted(skipped.items())), "dropped_on_reshard": dropped, "retried": retried}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.close()
@@ -217,7 +220,7 @@ class Loader:
                 break
             worker = batch.pop("worker")
             self.worker_states[worker] = batch.pop("state")
-            self.worker_stats[worker] = (batch["skipped"], batch["dropped_on_reshard"])
+            self.worker_stats[worker] = (batch["skipped"], batch["dropped_on_reshard"], batch["retried"])
             batch.update(self.stats())
             self.batches += 1
             yield batch

@@ -113,7 +113,8 @@ def source_shards(cfg: MixtureConfig) -> dict[str, tuple[str, list[Any], dict[st
     each kind every output holds."""
     from train.data.shards import list_shards
 
-    list_shards(cfg.outs, "pair")  # the same output twice, a missing manifest: refused whatever is weighted
+    # the same output twice, a missing manifest: refused whatever is weighted (files: only the weighted kinds')
+    list_shards(cfg.outs, "pair", check_files=False)
     sources = {}
     for name, weight in sorted(cfg.weights.items()):
         if weight <= 0:
@@ -122,7 +123,8 @@ def source_shards(cfg: MixtureConfig) -> dict[str, tuple[str, list[Any], dict[st
         shards, withdrawn = list_shards(outs, kind)
         live = sum(s.count for s in shards) - sum(len(k) for w in withdrawn.values() for k in w.values())
         if live <= 0:
-            held = {out: {k: sum(s.count for s in list_shards([out], k)[0]) for k in KINDS} for out in cfg.outs}
+            held = {out: {k: sum(s.count for s in list_shards([out], k, check_files=False)[0]) for k in KINDS}
+                    for out in cfg.outs}
             raise ValueError(f"source {name!r} has weight {weight} but no {kind} samples in {outs}; "
                              f"samples by kind in each output: {held}")
         sources[name] = (kind, shards, withdrawn)

@@ -201,16 +201,27 @@ def test_a_stream_of_only_unreadable_samples_stops_instead_of_spinning(curated, 
 
 
 def test_mm1_train_resumes_on_another_worker_count(curated, tmp_path):
-    """The whole path (checkpoint -> load_checkpoint -> Loader): a run saved with 2 loader
-    workers continues with 1 and finishes its steps (the epoch continues; buffers are counted)."""
+    """The whole path (checkpoint -> load_checkpoint -> Loader), on a copy of the demo with a
+    corrupt JPEG, a truncated member and bad JSON: a run saved with 2 loader workers continues
+    with 1 and trains to its last step (the epoch continues; buffers are counted), the bad pairs
+    skipped and counted in metrics.jsonl."""
     from tests.train.test_trainer import _mm1_train, _records
 
-    first = _mm1_train(curated, tmp_path / "run", **{"steps": 2, "checkpoint.every": 2, "data.workers": 2})
+    out, tokenizer = curated
+    copy = tmp_path / "curated"
+    shutil.copytree(out, copy)
+    _corrupt(copy)
+    data = (copy, tokenizer)
+    first = _mm1_train(data, tmp_path / "run", **{"steps": 2, "checkpoint.every": 2, "data.workers": 2})
     assert first.returncode == 0, first.stderr[-4000:]
-    again = _mm1_train(curated, tmp_path / "run", **{"steps": 4, "checkpoint.every": 2, "data.workers": 0})
+    again = _mm1_train(data, tmp_path / "run", **{"steps": 4, "checkpoint.every": 2, "data.workers": 0})
     assert again.returncode == 0, again.stderr[-4000:]
     assert "resumed from" in again.stderr and "loader resharded from 2 slots to 1" in again.stderr
-    assert sorted(_records(tmp_path / "run" / "metrics.jsonl")) == [1, 2, 3, 4]
+    records = _records(tmp_path / "run" / "metrics.jsonl")
+    assert sorted(records) == [1, 2, 3, 4]
+    skipped = records[4]["data_skipped"]  # every pair is read within 4 steps; docs maybe not yet
+    assert skipped.get("pair/bad_image", 0) >= 1 and skipped.get("pair/truncated", 0) >= 1, skipped
+    assert set(skipped) <= {"pair/bad_image", "pair/truncated", "doc/bad_json"}
 
 
 def test_skip_logs_are_rate_limited_per_reason(caplog):
