@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 
-from curate.commit import location, parquet_file, read_table
+from curate.engine.commit import location, parquet_file, read_table
 
 FORMAT_VERSION = 1
 
@@ -97,6 +97,7 @@ RECORD_SCHEMAS: dict[str, pa.Schema] = {
 }
 
 DROP_COLUMNS = ("drop_stage", "drop_reason", "drop_detail")
+DUPLICATE = "duplicate"  # the drop reason of every dedup stage (exact, near, minhash, segments)
 # Columns that hold payload bytes: cleared on dropped rows, never copied into sidecars.
 HEAVY_COLUMNS = ("image", "images", "html")
 
@@ -435,7 +436,7 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
 def withdrawn_keys(manifest: dict[str, Any], kind: str) -> dict[str, set[str]]:
     """Tar name -> keys of samples that are in that tar but no longer in the output: a
     `--retry-failed` round recovered a sample that makes a shipped one a duplicate, and finished
-    tars are never rewritten (curate/retry.py). The ledger has them as dropped. Readers of the
+    tars are never rewritten (curate/engine/retry.py). The ledger has them as dropped. Readers of the
     shards (train/, stats, report) skip these keys; stock webdataset readers do not see them."""
     out: dict[str, set[str]] = {}
     for w in manifest.get("kinds", {}).get(kind, {}).get("withdrawn", []):

@@ -57,7 +57,7 @@ class OutputConfig(_Strict):
     @field_validator("path")
     @classmethod
     def _location(cls, v: str) -> str:
-        from curate.commit import check_url, is_url
+        from curate.engine.commit import check_url, is_url
 
         if is_url(v):
             check_url(v)

@@ -47,16 +47,16 @@ def loopback_only():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """(vlm folder, llm folder): tools.tiny_models' LLaVA-architecture VLM and Llama chat model,
+    """(vlm folder, llm folder): tools.demo.tiny_models' LLaVA-architecture VLM and Llama chat model,
     RANDOM weights built from configs (mechanics only), saved as ordinary model folders."""
-    from tools.tiny_models import build_tiny_lm, build_tiny_vlm
+    from tools.demo.tiny_models import build_tiny_lm, build_tiny_vlm
 
     root = tmp_path_factory.mktemp("tiny_models")
     return build_tiny_vlm(root / "vlm"), build_tiny_lm(root / "llm")
 
 
 class ChatServerProcess:
-    """tools.chat_server in its own process on 127.0.0.1, with its control endpoints."""
+    """tools.servers.chat in its own process on 127.0.0.1, with its control endpoints."""
 
     def __init__(self, vlm, llm, tmp, max_batch: int = 16):
         import subprocess
@@ -65,7 +65,7 @@ class ChatServerProcess:
 
         port_file = tmp / "port"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tools.chat_server", "--vlm", str(vlm), "--llm", str(llm),
+            [sys.executable, "-m", "tools.servers.chat", "--vlm", str(vlm), "--llm", str(llm),
              "--port-file", str(port_file), "--max-batch", str(max_batch)],
             stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "w"))
         deadline = time.monotonic() + 180  # a bound against a hang, not a timing
@@ -116,7 +116,7 @@ def demo_output(tmp_path_factory):
     from pathlib import Path
 
     from curate.recipe import load_recipe
-    from curate.runner import run_recipe
+    from curate.engine.driver import run_recipe
     from tools.demo import DEMO_RECIPE, demo_inputs, demo_overrides
 
     root = tmp_path_factory.mktemp("demo")
@@ -129,7 +129,7 @@ def demo_output(tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3-compatible server process (moto's server mode) on 127.0.0.1 for the session."""
-    from tools.s3_server import S3Server
+    from tools.servers.s3 import S3Server
 
     server = S3Server(log=tmp_path_factory.mktemp("s3_server") / "moto.log")
     yield server
@@ -140,7 +140,7 @@ def s3_server(tmp_path_factory):
 def s3(s3_server, monkeypatch):
     """'s3://<a fresh bucket>' on the loopback server, with this process's environment (and so
     every process it starts: Dask workers, torchrun ranks) pointed at the server."""
-    from tools.s3_server import forget_clients
+    from tools.servers.s3 import forget_clients
 
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 def _curate(args: argparse.Namespace) -> int:
     from curate.recipe import load_recipe
-    from curate.retry import RetryError, retry_failed
-    from curate.runner import run_recipe
+    from curate.engine.retry import RetryError, retry_failed
+    from curate.engine.driver import run_recipe
 
     if args.retry_failed and args.restart:
         raise RetryError("--retry-failed and --restart exclude each other")
@@ -32,7 +32,7 @@ def _curate(args: argparse.Namespace) -> int:
     else:
         manifest = run_recipe(recipe, restart=args.restart, progress=not args.no_progress)
     c = manifest["counts"]
-    from curate.commit import location
+    from curate.engine.commit import location
 
     out = location(recipe.output.path)
     print(f"curated {c['inputs']} inputs: {c['kept']} kept, {c['dropped']} dropped -> {out}")
@@ -190,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("distributed", "tornado", "bokeh"):
         logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose else logging.ERROR)
     from curate.recipe import RecipeError
-    from curate.retry import RetryError
-    from curate.runner import ResumeError
+    from curate.engine.retry import RetryError
+    from curate.engine.driver import ResumeError
 
     try:
         return args.func(args)

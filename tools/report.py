@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.commit import is_url, location, read_schema, read_table
+from curate.engine.commit import is_url, location, read_schema, read_table
 
 from curate.contract import KINDS, inside, iter_ledger, read_manifest, withdrawn_keys
 from tools.stats import compute_stats

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.commit import location, read_schema, read_table
+from curate.engine.commit import location, read_schema, read_table
 
 from curate.contract import IMAGE_EXTENSIONS, KINDS, iter_ledger, read_manifest, withdrawn_keys
 

@@ -15,7 +15,7 @@ What is checked (each failure is one error naming the file, the key and expected
   the same key may name a pair and a doc; the ledger tells them apart by shard);
 - ledger: no id twice, outcome in {kept, dropped}, dropped rows have a reason, every kept row names
   a (shard, key) some sidecar holds and every sidecar key is kept exactly once or withdrawn by the
-  manifest (a `--retry-failed` round, curate/retry.py), never both; ledger totals and per
+  manifest (a `--retry-failed` round, curate/engine/retry.py), never both; ledger totals and per
   stage/reason drop counts equal the manifest's;
 - no stray entries in the kind folders or ledger/ that the manifest does not name (pairs/sizes.json
   excepted, and it must equal the manifest's counts), no leftover `*.tmp` anywhere under OUT (on
@@ -52,7 +52,7 @@ import pyarrow.compute as pc
 from pandas.util import hash_array
 from webdataset import tariterators
 
-from curate.commit import TMP_SUFFIX, is_url, location, parquet_file, read_table
+from curate.engine.commit import TMP_SUFFIX, is_url, location, parquet_file, read_table
 from curate.contract import (
     IMAGE_EXTENSIONS, KIND_DIRS, KINDS, LEDGER_DIR, SIZES_JSON, is_safe_member, read_manifest, shard_stem, sizes_json,
 )

@@ -17,17 +17,17 @@ from curate.stages.base import (
 )
 
 # Imported to register their stages, one module a line.
-from curate.stages import clip  # noqa: F401
-from curate.stages import filters  # noqa: F401
-from curate.stages import dedup  # noqa: F401
+from curate.stages import clip_score  # noqa: F401
+from curate.stages import pair_filters  # noqa: F401
+from curate.stages import exact_dedup  # noqa: F401
 from curate.stages import download  # noqa: F401
-from curate.stages import extract  # noqa: F401
+from curate.stages import html_extract  # noqa: F401
 from curate.stages import image  # noqa: F401
-from curate.stages import language  # noqa: F401
+from curate.stages import language_filter  # noqa: F401
 from curate.stages import phash  # noqa: F401
-from curate.stages import decontaminate  # noqa: F401
-from curate.stages import scores  # noqa: F401
-from curate.stages import semantic  # noqa: F401
+from curate.stages import eval_decontaminate  # noqa: F401
+from curate.stages import score_filter  # noqa: F401
+from curate.stages import semantic_dedup  # noqa: F401
 from curate.stages import text_quality  # noqa: F401
 from curate.stages import minhash  # noqa: F401
 from curate.stages import segment_dedup  # noqa: F401

@@ -2,7 +2,7 @@
 
 Network I/O runs on a thread pool inside the task (`threads` requests in flight), apart from the
 CPU work of decoding and resizing, which the `image` stage does next on the downloaded bytes.
-Every request goes through `curate.fetch.Fetcher`: one injectable resolver, a total deadline,
+Every request goes through `curate.web.fetcher.Fetcher`: one injectable resolver, a total deadline,
 a byte cap, checked redirects, and non-public addresses refused unless the recipe allows them.
 A failure is a drop with the fetcher's stable code (`http_404`, `timeout`, `too_large`,
 `blocked`, `dns_error`, `connection_error`, `bad_url`, `opted_out`, ...) and never stops the task.
@@ -16,13 +16,13 @@ Politeness (DESIGN.md, "Fetching from the web"):
   requests is the row's `attempts`; a row that failed after several has the last failure's
   detail plus " (after N attempts)". Jitter changes timing only, never a ledger field.
 - `X-Robots-Tag` opt-outs (noai, noimageai, noindex, and `none`; unscoped or scoped to
-  `robots_agent`) end as `opted_out` with no bytes kept (curate/fetch.py).
+  `robots_agent`) end as `opted_out` with no bytes kept (curate/web/fetcher.py).
 - With `respect_robots_txt`, each origin's robots.txt is fetched once per worker process and
   matched for `robots_agent` before a URL, and every redirect hop, is requested; a disallowed
-  row is `robots_disallowed` with `attempts` 0 when its own URL was disallowed (curate/robots.py
+  row is `robots_disallowed` with `attempts` 0 when its own URL was disallowed (curate/web/robots.py
   says how a missing or unreachable robots.txt is read).
 
-Per-host limits (`max_per_host`, `max_rate_per_host`; curate/domains.py) hold for every request,
+Per-host limits (`max_per_host`, `max_rate_per_host`; curate/web/hosts.py) hold for every request,
 redirect hops included, each under its own host, across the cluster. The rows of a batch are
 fetched in an order that interleaves their hosts round robin (`interleave_by_host`), so a batch
 with many rows of one slow or rate-limited host does not park every thread on that host's slots
@@ -50,8 +50,8 @@ import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
 from curate.contract import image_digest
-from curate.domains import DomainLimiter, LimitedFetcher, interleave_by_host
-from curate.fetch import (
+from curate.web.hosts import DomainLimiter, LimitedFetcher, interleave_by_host
+from curate.web.fetcher import (
     CONNECTION_ERROR,
     TIMEOUT,
     Fetcher,
@@ -60,7 +60,7 @@ from curate.fetch import (
     Resolver,
     StaticResolver,
 )
-from curate.robots import ROBOTS_DISALLOWED, RobotsCache
+from curate.web.robots import ROBOTS_DISALLOWED, RobotsCache
 from curate.documents import (
     EMPTY_DOCUMENT,
     dump_json,
@@ -126,7 +126,7 @@ class DownloadStage(RowStage):
         backoff_s: float = Field(0.5, ge=0, json_schema_extra={"execution_only": True})
         max_backoff_s: float = Field(30.0, ge=0)
         respect_robots_txt: bool = True
-        # cluster-wide, per host (curate/domains.py: one distributed.Semaphore per host, each
+        # cluster-wide, per host (curate/web/hosts.py: one distributed.Semaphore per host, each
         # lease held >= max_per_host / max_rate_per_host s); timing only, so execution-only
         max_per_host: int = Field(8, ge=1, json_schema_extra={"execution_only": True})
         max_rate_per_host: float | None = Field(None, gt=0, json_schema_extra={"execution_only": True})

@@ -55,7 +55,7 @@ doc's text) groups rows that share any band key, transitively, and keeps one per
 datatrove, LSH candidates are duplicates: there is no verification step, because only band keys
 reach the stage (an estimate of the Jaccard from the full signature would need all `bands * rows`
 values a row in every shuffle, 8x the volume, to trim pairs the curve already makes rare).
-Mechanics are `curate.stages.neardup`'s: band_pairs (one band column: each row's keys exploded
+Mechanics are `curate.engine.near_groups`'s: band_pairs (one band column: each row's keys exploded
 into one row per band, the band being in the key), components, keep_best. A bucket over
 `max_bucket` rows (boilerplate shared by thousands of pages) is chained in id order; every row
 in it shares that key, so the chain puts them in one component exactly as all pairs would. Keep
@@ -79,7 +79,7 @@ from pydantic import Field
 from curate.contract import conform
 from curate.documents import record_text, table_kind, words
 from curate.stages.base import STAGE_ERROR, Drop, GlobalStage, RowStage, StageConfig, register
-from curate.stages.neardup import DEFAULT_MAX_BUCKET, DEFAULT_WINDOW, band_pairs, components, keep_best
+from curate.engine.near_groups import DEFAULT_MAX_BUCKET, DEFAULT_WINDOW, band_pairs, components, keep_best
 
 MERSENNE = np.uint64((1 << 61) - 1)
 _SHIFT61 = np.uint64(61)

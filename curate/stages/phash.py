@@ -35,7 +35,7 @@ Contract of `phash`, for each live pair (doc images can reuse `phash_bytes` late
 Dropped rows (here or earlier) get `image_phash` 0, never null: see `PhashStage.process` for why.
 
 `near_dedup` (a GlobalStage) groups rows whose `image_phash` values are within `max_distance`
-bits (transitively) and keeps one per group: see `curate.stages.neardup` for the mechanics and
+bits (transitively) and keeps one per group: see `curate.engine.near_groups` for the mechanics and
 the keep rule, and `NearDedupConfig` for the banding.
 """
 
@@ -61,7 +61,7 @@ from curate.stages.image import (
     describe_decode_error,
     oriented_rgb,
 )
-from curate.stages.neardup import (
+from curate.engine.near_groups import (
     DEFAULT_MAX_BUCKET,
     DEFAULT_WINDOW,
     hamming_band_keys,
@@ -197,7 +197,7 @@ class PhashStage(RowStage):
     def process(self, table: pa.Table) -> pa.Table:
         """As RowStage's, then 0 in `image_phash` for the rows that carry no hash (dropped here or
         before). Why: pandas reads an int64 column holding nulls as float64, which keeps 53 bits,
-        and the runner reads a global stage's input with pandas (`curate.runner.read_live`), so one
+        and the runner reads a global stage's input with pandas (`curate.engine.driver.read_live`), so one
         null in a partition file would round every hash in it and near_dedup would compare
         garbage. Dropped rows never reach a global stage, a sidecar or the ledger's columns: the 0
         is never read."""
@@ -226,7 +226,7 @@ class NearDedupConfig(StageConfig):
     """Near-duplicate dedup on `image_phash`.
 
     `bands`: the hash is cut into this many blocks, and every combination of
-    `bands - max_distance` blocks is one band key (`curate.stages.neardup.hamming_band_masks`).
+    `bands - max_distance` blocks is one band key (`curate.engine.near_groups.hamming_band_masks`).
     Any two hashes within `max_distance` bits share at least one key exactly (pigeonhole: at most
     `max_distance` blocks hold a differing bit), so no pair within the distance is missed, for
     any `bands > max_distance`. `bands = max_distance + 1` is classic banding: fewest keys (5 for
@@ -237,7 +237,7 @@ class NearDedupConfig(StageConfig):
     chance collisions negligible (14 thousand candidates there, 10.9x for 10x the rows) for 7x
     more rows in the banding shuffle, and was faster end to end at 100k rows (10.5 s vs 17 s).
 
-    `max_bucket` and `window` bound what one band key can cost (`curate.stages.neardup`): a key
+    `max_bucket` and `window` bound what one band key can cost (`curate.engine.near_groups`): a key
     shared by more than `max_bucket` rows (thousands of blank images) pairs each row with its
     next `window` rows in hash order only, so identical hashes still form one group.
     """

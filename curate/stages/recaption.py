@@ -8,7 +8,7 @@ each live pair with image bytes:
 - adds columns, rewriting none: `caption_alt` (the alt-text as it came, = `caption`),
   `caption_synthetic` (the captioner's, cleaned), `caption_vecap` (the fusion, or the synthetic
   caption where a guard refused the fusion), `vecap_fallback` (null when the fusion was kept,
-  else the code: curate/vecap.py lists them), `caption_model`, `caption_prompt_hash`,
+  else the code: curate/captions/vecap.py lists them), `caption_model`, `caption_prompt_hash`,
   `fusion_model`, `fusion_prompt_hash` (what made them), and `txt_source`: which of `alt`,
   `synthetic`, `vecap` the sample's KEY.txt holds (the recipe's `txt`, or the next available:
   vecap -> synthetic -> alt). All reach the sidecar and KEY.json; the trainer samples between
@@ -27,7 +27,7 @@ Documents (`docs: true`): every image segment of a live doc gets `caption_synthe
 `caption_vecap` and `vecap_fallback` keys in its segment (its `alt` is the alt-text); a doc is
 never dropped for a caption (`caption_unavailable` is recorded in the segment instead).
 
-Cost: results are cached (curate/caption_cache.py) by (image sha256, captioner id, prompt hash)
+Cost: results are cached (curate/captions/cache.py) by (image sha256, captioner id, prompt hash)
 and (alt-text + synthetic caption, fusion model id, prompt hash) in `cache_dir`, shared by all
 workers: a killed or repeated run makes no model call for what it already generated. Identical
 images or inputs within a batch are generated once.
@@ -41,9 +41,9 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from curate import vecap
-from curate.caption_cache import Cached, GenerationCache, namespace_of
-from curate.generation import ChatCompletions, Generated, TransformersLM, TransformersVLM
+from curate.captions import vecap
+from curate.captions.cache import Cached, GenerationCache, namespace_of
+from curate.captions.generation import ChatCompletions, Generated, TransformersLM, TransformersVLM
 from curate.stages.base import RowStage, StageConfig, register
 
 CAPTION_UNAVAILABLE = "caption_unavailable"
@@ -64,7 +64,7 @@ class GeneratorConfig(BaseModel):
     # name stands for other weights on another server.
     base_url: str | None = Field(None, json_schema_extra=_EXEC)
     model_id: str | None = None  # the name in the cache and metadata (default: derived, generation.py)
-    prompt: str | None = None  # default: curate/vecap.py's
+    prompt: str | None = None  # default: curate/captions/vecap.py's
     max_new_tokens: int = Field(128, ge=1, le=4096)
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # execution only: where and how fast, not what

@@ -37,7 +37,7 @@ from pydantic import Field
 
 from curate.documents import load_segments, paragraphs
 from curate.stages.base import Drop, GlobalStage, RowStage, StageConfig, register
-from curate.stages.dedup import DUPLICATE
+from curate.contract import DUPLICATE
 
 HASH_COLUMN = "paragraph_hashes"
 

@@ -28,7 +28,7 @@ from pydantic import Field, field_validator
 
 from curate.documents import record_text, words
 from curate.stages.base import Drop, Filter, StageConfig, register
-from curate.stages.decontaminate import EVAL_OVERLAP
+from curate.stages.eval_decontaminate import EVAL_OVERLAP
 
 log = logging.getLogger("mm1.curate")
 

@@ -32,9 +32,9 @@ import yaml
 
 from curate.contract import LEDGER_DIR, read_manifest
 from curate.recipe import Recipe, parse_recipe
-from curate.runner import run_recipe
+from curate.engine.driver import run_recipe
 from tools.bench.partition_memory import build_folder
-from tools.demo_data import build_demo_inputs
+from tools.demo.data import build_demo_inputs
 
 BULK_IMAGES = 120
 BULK_PER_PARTITION = 10

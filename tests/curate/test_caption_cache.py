@@ -1,4 +1,4 @@
-"""The generation cache (curate/caption_cache.py): round trips, namespaces, the on-disk layout,
+"""The generation cache (curate/captions/cache.py): round trips, namespaces, the on-disk layout,
 real multi-process writers racing compactions, readers that outlive a compaction, and the LRU
 bound on the buckets a process keeps."""
 
@@ -10,7 +10,7 @@ import multiprocessing as mp
 
 import pyarrow.parquet as pq
 
-from curate.caption_cache import Cached, GenerationCache, namespace_of
+from curate.captions.cache import Cached, GenerationCache, namespace_of
 
 NS = "ns0123456789abcd"
 

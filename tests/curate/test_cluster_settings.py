@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from curate.recipe import parse_recipe
-from curate.runner import WORKER_CONFIG, _Cluster
+from curate.engine.driver import WORKER_CONFIG, _Cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 

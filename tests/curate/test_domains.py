@@ -1,6 +1,6 @@
-"""Per-domain politeness (curate/domains.py): limits that hold for the whole cluster.
+"""Per-domain politeness (curate/web/hosts.py): limits that hold for the whole cluster.
 
-Loopback HTTP servers (tools.demo_server.LoopbackHTTPServer, threads of this process) record, per
+Loopback HTTP servers (tools.demo.server.LoopbackHTTPServer, threads of this process) record, per
 request, when it arrived and how many requests were in flight at once; every answer waits a little
 so that requests overlap when nothing stops them. The requests come from thread pools inside Dask
 tasks on BOTH processes of a real LocalCluster (as the download stage sends them), or from plain
@@ -10,7 +10,7 @@ Timing: the limiter bounds when leases are GRANTED; the server sees a request a 
 scheduler's reply, a thread waking, the TCP connect), and that delay varies, so two starts
 granted H = N / R apart may arrive closer together. A 1-second window at the server can then
 catch one extra start per lease: N * ceil((1 s + delay) / H) = 2 * 6 = 12 for N = 2, R = 10/s
-(see the module docstring of curate.domains). Hence the tolerance of N on the rate. Everything
+(see the module docstring of curate.web.hosts). Hence the tolerance of N on the rate. Everything
 else is a lower bound on spacing or a generous bound on waiting.
 """
 
@@ -31,9 +31,9 @@ from typing import Any
 import cloudpickle
 import pytest
 
-from curate import domains
-from curate.domains import DomainLimiter, LimitedFetcher, close_idle, host_key, interleave_by_host
-from tools.demo_server import LoopbackHTTPServer
+from curate.web import hosts as domains
+from curate.web.hosts import DomainLimiter, LimitedFetcher, close_idle, host_key, interleave_by_host
+from tools.demo.server import LoopbackHTTPServer
 
 WAIT = 120  # seconds: many times what any step here takes; only a hang reaches it
 N = 2  # max_concurrency in the rate tests
@@ -439,7 +439,7 @@ def test_interleave_by_host() -> None:
 
 
 class FakeFetcher:
-    """Counts concurrent fetches per host; like curate.fetch, asks its `gate` (robots.txt) first,
+    """Counts concurrent fetches per host; like curate.web.fetcher, asks its `gate` (robots.txt) first,
     then sends its one request inside `slot(host)` when given one."""
 
     def __init__(self, serve_s: float = 0.05) -> None:

@@ -1,6 +1,6 @@
 """The URL-list path end to end, on loopback, under failure (issue 4).
 
-One real HTTP server (tools.demo_server.LoopbackHTTPServer, in a thread of this process) serves
+One real HTTP server (tools.demo.server.LoopbackHTTPServer, in a thread of this process) serves
 60 distinct real photographs (crops of scikit-image's bundled samples, JPEG and a few PNG, many
 sizes), each after a small fixed delay, plus the failures web data is full of: a body dripped
 slower than the deadline, bodies over the byte cap (with a Content-Length, without one read to
@@ -51,8 +51,8 @@ from skimage import data as skdata
 
 from curate.contract import LEDGER_DIR, read_ledger, read_manifest
 from curate.recipe import parse_recipe
-from curate.runner import run_recipe
-from tools.demo_server import LoopbackHTTPServer
+from curate.engine.driver import run_recipe
+from tools.demo.server import LoopbackHTTPServer
 from tools.verify import verify
 
 BIN = Path(sys.executable).parent
@@ -532,7 +532,7 @@ def test_external_scheduler_gives_the_clean_run_bytes(clean, output_checks, exte
     # The external workers did the downloads (each built the stages), not a LocalCluster.
     with Client(external_scheduler, timeout=WAIT) as client:
         loaded = client.run(
-            lambda: sorted(s.name for s in __import__("curate.tasks").tasks._STAGE_CACHE.values()))
+            lambda: sorted(s.name for s in __import__("curate.engine.steps").tasks._STAGE_CACHE.values()))
     assert len(loaded) == 2 and all(loaded.values()), loaded
     assert any("download" in names for names in loaded.values()), loaded
     _assert_same_output(clean, out, output_checks)

@@ -19,7 +19,7 @@ import pytest
 
 from curate.contract import KIND_DIRS, read_ledger, read_manifest, read_sidecars, shard_urls
 from curate.recipe import load_recipe
-from curate.runner import run_recipe
+from curate.engine.driver import run_recipe
 from tools.demo import DEMO_RECIPE, demo_inputs, demo_overrides
 from tools.stats import compute_stats
 from tools.verify import verify
@@ -217,7 +217,7 @@ def test_documents_keep_their_images_and_lose_repeated_paragraphs(demo):
     every kind."""
     import webdataset as wds
 
-    from tools.demo_docs import COOKIE_NOTICE
+    from tools.demo.docs import COOKIE_NOTICE
 
     out = demo["out"]
     samples = list(wds.WebDataset(shard_urls(out, "doc"), shardshuffle=False))

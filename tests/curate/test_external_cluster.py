@@ -33,7 +33,7 @@ def test_external_scheduler_gives_the_localcluster_shards(reference, external_sc
 
     # The external workers did the work (each loaded the stages), not a LocalCluster of the driver.
     with Client(scheduler, timeout=WAIT) as client:
-        stages_loaded = client.run(lambda: len(__import__("curate.tasks").tasks._STAGE_CACHE))
+        stages_loaded = client.run(lambda: len(__import__("curate.engine.steps").tasks._STAGE_CACHE))
     assert len(stages_loaded) == 2 and all(stages_loaded.values()), stages_loaded
 
     reference.assert_same_output(out)

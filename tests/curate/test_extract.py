@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from curate.extract import (
+from curate.html_segments import (
     EMPTY_DOCUMENT,
     NOT_HTML,
     ExtractOptions,

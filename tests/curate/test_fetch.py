@@ -1,4 +1,4 @@
-"""curate.fetch against real servers on loopback: a threaded HTTP server with routes for every
+"""curate.web.fetcher against real servers on loopback: a threaded HTTP server with routes for every
 behaviour the web has (redirect chains and loops, lying lengths, endless bodies, drips, gzip bombs,
 idle-closed keep-alive connections), a TLS server with a throwaway certificate, and a canary
 listener that proves a blocked address is never dialled.
@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from curate.fetch import (
+from curate.web.fetcher import (
     Fetcher,
     FetchPolicy,
     ResolveError,
@@ -38,7 +38,7 @@ from curate.fetch import (
     address_class,
     parse_retry_after,
 )
-from curate.fetch import _Watchdog
+from curate.web.fetcher import _Watchdog
 
 LOOPBACK = ("127.0.0.0/8",)
 DRIP_LIMIT_S = 30.0  # a dripping handler gives up on its own after this long
@@ -581,7 +581,7 @@ def test_eight_threads_share_one_fetcher(base):
 
 
 class SlotLog:
-    """A `slot` for `Fetcher.fetch` (what curate.domains.DomainLimiter.slot is in the stage): records
+    """A `slot` for `Fetcher.fetch` (what curate.web.hosts.DomainLimiter.slot is in the stage): records
     every slot entered and left, in order, and makes each caller wait `wait_s` for its slot (a
     busy host)."""
 
@@ -719,14 +719,14 @@ def test_https_with_sni_and_hostname_check(tls_server):
 def test_legacy_ipv4_spellings_are_literals_checked_as_such(host, ip):
     """Pure: the static resolver (no DNS) reads them as the C resolver would, and the address
     class follows the decoded address, so none slips past the guard as a 'name'."""
-    from curate.fetch import StaticResolver, address_class
+    from curate.web.fetcher import StaticResolver, address_class
 
     assert StaticResolver({}).resolve(host, 80) == [ip]
     assert address_class(ip) is not None
 
 
 def test_legacy_spelling_of_a_blocked_address_is_refused_without_connecting():
-    from curate.fetch import Fetcher, FetchPolicy, StaticResolver
+    from curate.web.fetcher import Fetcher, FetchPolicy, StaticResolver
 
     with Fetcher(FetchPolicy(deadline_s=2), StaticResolver({})) as fetcher:
         result = fetcher.fetch("http://167772161:8080/x.jpg")  # 10.0.0.1

@@ -1,6 +1,6 @@
-"""curate/generation.py: the transformers backends on tiny RANDOM-weight models built from configs
+"""curate/captions/generation.py: the transformers backends on tiny RANDOM-weight models built from configs
 (mechanics only: what they write is noise) and the chat-completions client against a real
-server process on loopback (tools/chat_server.py over the same models), its failure modes
+server process on loopback (tools/servers/chat.py over the same models), its failure modes
 scripted on the server: 500s, 429, a 400, malformed JSON, a dropped connection, an answer
 slower than the deadline, a body dripped one byte at a time, an answer over the size cap."""
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curate.generation import ChatCompletions, TransformersLM, TransformersVLM, folder_fingerprint
+from curate.captions.generation import ChatCompletions, TransformersLM, TransformersVLM, folder_fingerprint
 
 pytestmark = pytest.mark.usefixtures("loopback_only")
 
@@ -89,7 +89,7 @@ def test_an_lm_without_a_chat_template_is_refused(tiny_models, tmp_path):
 def test_model_ids_follow_the_weights(tiny_models, tmp_path):
     """The fingerprint of a folder changes when its weights change (another seed), not when the
     same model is built again."""
-    from tools.tiny_models import build_tiny_lm
+    from tools.demo.tiny_models import build_tiny_lm
 
     again = build_tiny_lm(tmp_path / "again", seed=1)
     other = build_tiny_lm(tmp_path / "other", seed=2)

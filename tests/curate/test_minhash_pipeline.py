@@ -15,7 +15,7 @@ import pytest
 
 from curate.contract import read_ledger
 from curate.recipe import parse_recipe
-from curate.runner import run_recipe
+from curate.engine.driver import run_recipe
 from curate.stages.minhash import shingles
 from tools.bench.minhash_dedup import sentence_pool
 from tools.verify import verify

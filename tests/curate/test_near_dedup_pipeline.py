@@ -16,7 +16,7 @@ from PIL import Image
 
 from curate.contract import read_ledger, read_manifest, read_sidecars
 from curate.recipe import parse_recipe
-from curate.runner import run_recipe
+from curate.engine.driver import run_recipe
 from tools.verify import verify
 
 from skimage import data as skdata

@@ -1,4 +1,4 @@
-"""Curation outputs on an object store (DESIGN.md, "Resumability and determinism"; curate/commit.py).
+"""Curation outputs on an object store (DESIGN.md, "Resumability and determinism"; curate/engine/commit.py).
 
 The store is a real S3-compatible server process, moto's server mode, on 127.0.0.1 (the `s3`
 fixture, tests/conftest.py); s3fs talks to it through the standard AWS_* environment, as it
@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from curate.commit import ATTEMPT_NAME, fs_path, location, read_table, storage_for
+from curate.engine.commit import ATTEMPT_NAME, fs_path, location, read_table, storage_for
 from curate.contract import image_digest, record_schema
-from curate.pack import ShardWriter
+from curate.engine.pack import ShardWriter
 from curate.recipe import RecipeError, parse_recipe
 from tools.bench.partition_memory import build_folder
 from tools.stats import compute_stats
@@ -240,9 +240,9 @@ def test_inputs_on_s3_read_as_the_same_files_on_a_local_disk(s3, tmp_path):
     """WebDataset tars (the demo's, corrupt ones included) and a text corpus (jsonl split at
     byte offsets, jsonl.gz, parquet row groups) read from s3:// give the same ledger and the
     same shard bytes as the same files read from a local disk."""
-    from curate.runner import run_recipe
+    from curate.engine.driver import run_recipe
     from curate.contract import read_ledger
-    from tools.demo_data import build_demo_inputs
+    from tools.demo.data import build_demo_inputs
 
     inputs = tmp_path / "inputs"
     build_demo_inputs(inputs)
@@ -287,8 +287,8 @@ def test_on_s3_the_first_marker_of_twin_attempts_stands(s3, tmp_path):
     """Two attempts of one segment task (Dask may run one twice): on the store the first
     marker stands, so the rows the next task reads never change under it; the second
     attempt's object is unnamed and the sweep removes it."""
-    from curate.runner import plan_job
-    from curate.tasks import commit, run_segment
+    from curate.engine.driver import plan_job
+    from curate.engine.steps import commit, run_segment
 
     folder = tmp_path / "images"
     build_folder(folder, 6)

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from curate.commit import Storage
+from curate.engine.commit import Storage
 from curate.contract import image_digest, member_footprint, record_schema, sample_key
-from curate.pack import ShardWriter, plan_shards, sample_footprint
+from curate.engine.pack import ShardWriter, plan_shards, sample_footprint
 
 
 def _jpeg(arr) -> bytes:

@@ -1,6 +1,6 @@
 """The recaptioning stage inside real runs: a LocalCluster (2 worker processes on 127.0.0.1) runs
 an image folder through the image stage, exact dedup and `recaption` against a real chat server
-process on loopback (tools/chat_server.py over tiny RANDOM-weight models: mechanics only). The
+process on loopback (tools/servers/chat.py over tiny RANDOM-weight models: mechanics only). The
 ledger invariant holds; kept pairs carry the caption columns in their sidecars and KEY.json;
 KEY.txt holds the caption the recipe chose; stock webdataset reads the shards; the trainer's
 sample reader takes the alt-text from caption_alt; and a second run into another output, with
@@ -16,7 +16,7 @@ import pytest
 
 from curate.contract import read_sidecars, shard_urls
 from curate.recipe import parse_recipe
-from curate.runner import run_recipe
+from curate.engine.driver import run_recipe
 from tools.bench.partition_memory import build_folder
 
 pytestmark = pytest.mark.usefixtures("loopback_only")
@@ -85,7 +85,7 @@ def test_recaptioned_run_then_a_second_run_from_the_cache(inputs, tmp_path, chat
     # the trainer's reader: alt-text from caption_alt, whatever KEY.txt holds
     import random
 
-    from tools.demo_docs import train_tokenizer
+    from tools.demo.docs import train_tokenizer
     from train.data.samples import TextTokenizer, tokenize_sample
 
     tok = TextTokenizer.from_file(train_tokenizer(["crop of a sample photograph"] * 50, tmp_path / "tok.json"))
@@ -107,7 +107,7 @@ def test_retry_failed_asks_again_for_pairs_whose_captioner_was_down(inputs, tmp_
     execution-only: the recipe hash is the same) recovers all of them into new shards."""
     import socket
 
-    from curate.retry import retry_failed
+    from curate.engine.retry import retry_failed
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ import pytest
 
 from curate.recipe import RecipeError, load_recipe, parse_bytes, parse_recipe
 from tools.demo import demo_overrides
-from tools.demo_docs import build_doc_inputs
+from tools.demo.docs import build_doc_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes" / "curate").glob("*.yaml"))

@@ -29,8 +29,8 @@ from distributed import Client, LocalCluster
 from distributed.chaos import KillWorker
 
 from curate.recipe import parse_recipe
-from curate.runner import ResumeError, plan_job, prepare_output, run_global, run_recipe
-from curate.tasks import run_pack, run_plan, run_segment
+from curate.engine.driver import ResumeError, plan_job, prepare_output, run_global, run_recipe
+from curate.engine.steps import run_pack, run_plan, run_segment
 from tools.verify import verify
 
 BIN = Path(sys.executable).parent

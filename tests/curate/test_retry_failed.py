@@ -45,9 +45,9 @@ from skimage import data as skdata
 
 from curate.contract import read_ledger, read_manifest, withdrawn_keys
 from curate.recipe import parse_recipe
-from curate.retry import RetryError, retry_failed
-from curate.runner import run_recipe
-from tools.demo_server import LoopbackHTTPServer
+from curate.engine.retry import RetryError, retry_failed
+from curate.engine.driver import run_recipe
+from tools.demo.server import LoopbackHTTPServer
 from tools.stats import compute_stats
 from tools.verify import verify
 
@@ -253,7 +253,7 @@ def test_retry_failed_recovers_exactly_what_an_all_success_run_keeps(site, refer
     def killed(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt("killed before the round's manifest")
 
-    monkeypatch.setattr("curate.retry._write_manifest", killed)
+    monkeypatch.setattr("curate.engine.retry._write_manifest", killed)
     with pytest.raises(KeyboardInterrupt):
         retry_failed(recipe, progress=False)
     monkeypatch.undo()
@@ -346,7 +346,7 @@ def test_retry_rounds_on_s3_end_where_the_all_success_run_does(site, reference, 
     loopback, tests/conftest.py): there the global stages' decisions and a round's changes keep
     their attempts' own names and the markers name them. Two rounds end with the reference's
     outcomes and image bytes, `mm1 verify` passes on s3://, and no attempt is left unnamed."""
-    from curate.commit import ATTEMPT_NAME, fs_path, location
+    from curate.engine.commit import ATTEMPT_NAME, fs_path, location
 
     urls = _write_inputs(tmp_path / "in", site)
     out = f"{s3}/retried"

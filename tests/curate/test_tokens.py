@@ -11,7 +11,7 @@ import pytest
 from curate.documents import dump_json
 from curate.recipe import RecipeError, parse_recipe
 from curate.tokens import TokenCounter
-from tools.demo_docs import prose, train_tokenizer
+from tools.demo.docs import prose, train_tokenizer
 
 
 @pytest.fixture(scope="module")

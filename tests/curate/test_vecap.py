@@ -1,11 +1,11 @@
-"""VeCap's caption rules (curate/vecap.py): cleaning, salient tokens, the repetition guard, the
+"""VeCap's caption rules (curate/captions/vecap.py): cleaning, salient tokens, the repetition guard, the
 caption and fusion judges in their documented order, the fusion prompt and the prompt hash."""
 
 from __future__ import annotations
 
 import pytest
 
-from curate.vecap import (
+from curate.captions.vecap import (
     CAPTION_EMPTY,
     CAPTION_REPETITION,
     DEFAULT_FUSION_PROMPT,

@@ -18,12 +18,12 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from curate.commit import Storage
+from curate.engine.commit import Storage
 from curate.contract import (
     FORMAT_VERSION, KIND_DIRS, LEDGER_SCHEMA, MANIFEST, SIZES_JSON, domain_of, image_digest, record_schema,
     sizes_json,
 )
-from curate.pack import ShardWriter, shard_label
+from curate.engine.pack import ShardWriter, shard_label
 
 # id, source, url, attempts, image, (width, height), format, caption; shard cut after 3.
 PAIRS = [

@@ -9,7 +9,7 @@ from tools.bench.html_extraction import make_pages, print_table, run
 
 
 def test_pages_are_deterministic_and_extract_to_documents():
-    from curate.extract import Extracted, extract
+    from curate.html_segments import Extracted, extract
 
     pages = make_pages(5, seed=1)
     assert pages == make_pages(5, seed=1)

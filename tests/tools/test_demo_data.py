@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tools.demo_data import build_demo_inputs
+from tools.demo.data import build_demo_inputs
 
 REASONS = {
     "decode_error", "image_too_small", "aspect_ratio", "caption_too_short", "no_caption",
@@ -173,7 +173,7 @@ def test_small_and_runnable(tmp_path: Path, built: tuple[Path, dict]) -> None:
     root, _ = built
     assert sum(len(b) for b in _tree(root).values()) < 4 * 1024 * 1024
     out = subprocess.run(
-        [sys.executable, "-m", "tools.demo_data", str(tmp_path / "cli")],
+        [sys.executable, "-m", "tools.demo.data", str(tmp_path / "cli")],
         check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
     )
     summary = json.loads(out.stdout)

@@ -145,7 +145,7 @@ def stricter(tmp_path_factory):
     import yaml
 
     from curate.recipe import load_recipe
-    from curate.runner import run_recipe
+    from curate.engine.driver import run_recipe
     from tools.demo import DEMO_RECIPE, demo_inputs, demo_overrides
 
     root = tmp_path_factory.mktemp("stricter")

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from curate.commit import Storage
+from curate.engine.commit import Storage
 from curate.contract import shard_urls
 from tools.verify import verify
 

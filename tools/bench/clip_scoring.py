@@ -57,7 +57,7 @@ def run(model: str, n_images: int, batch_size: int, device: str, precision: str,
     from PIL import Image
 
     from curate.contract import record_schema
-    from curate.stages.clip import ClipScoreStage
+    from curate.stages.clip_score import ClipScoreStage
 
     images = _images(n_images)
     captions = [f"a photograph, number {i}, of something in the scikit-image samples" for i in range(n_images)]

@@ -1,4 +1,4 @@
-"""What a cluster-wide per-host slot costs: curate.domains' hand-offs against a plain
+"""What a cluster-wide per-host slot costs: curate.web.hosts' hand-offs against a plain
 `distributed.Semaphore` lease per request (the same code with MAX_HANDOFFS = 0), side by side on
 one LocalCluster.
 
@@ -23,7 +23,7 @@ from typing import Any
 
 def _task(mode: str, namespace: str, n: int, threads: int, concurrency: int) -> float:
     """Take `n` slots of one host from `threads` threads; the CPU seconds this process used."""
-    from curate import domains
+    from curate.web import hosts as domains
 
     limiter = domains.DomainLimiter(concurrency, None, namespace=namespace)
     saved = domains.MAX_HANDOFFS
@@ -46,7 +46,7 @@ def run(workers: int, threads: int, slots: int, concurrency: int, repeat: int) -
     import psutil
     from dask.distributed import Client, LocalCluster
 
-    from curate.runner import WORKER_CONFIG
+    from curate.engine.driver import WORKER_CONFIG
 
     with dask.config.set(WORKER_CONFIG):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",

@@ -15,7 +15,7 @@ the same cores, the same server and the same URLs.
   clients. Its capacity is measured by a plain concurrent GET loop (a new connection per request,
   the costlier pattern) and its CPU seconds during each run are reported.
 - Ours: `url_list` -> `download` (`--threads`, 127.0.0.0/8 allowed) -> `image` (keep_ratio 256,
-  jpg q95) -> pack, through `curate.runner.run_recipe` on a LocalCluster of `--workers`
+  jpg q95) -> pack, through `curate.engine.driver.run_recipe` on a LocalCluster of `--workers`
   processes x 1 thread, the cluster's start included in the wall time.
 - img2dataset: `img2dataset.download(...)` with the same size, mode, format and quality,
   `--workers` processes x `--threads` threads, webdataset output; its process start included.
@@ -342,7 +342,7 @@ def _child_ours(a: dict[str, Any]) -> dict[str, Any]:
     import dask
     import distributed  # noqa: F401 - its defaults merge into dask's config on first import: before ours
 
-    from curate.runner import run_recipe
+    from curate.engine.driver import run_recipe
 
     # Read by the LocalCluster's nannies in this process, and passed on to the workers they start.
     dask.config.set(a.get("dask_config") or {})
@@ -677,8 +677,8 @@ def _timed(record: dict[str, list[float]], name: str, fn: Any) -> Any:
 
 def _partition(job: Any) -> int:
     """Run partition 0's three tasks (segment, plan, pack) from scratch; its row count."""
-    from curate.runner import prepare_output
-    from curate.tasks import run_pack, run_plan, run_segment
+    from curate.engine.driver import prepare_output
+    from curate.engine.steps import run_pack, run_plan, run_segment
 
     prepare_output(job, restart=True)
     seg = run_segment(job, 0, 0)
@@ -700,10 +700,10 @@ def profile(urls: int, threads: int, per_shard: int, batch_size: int, unique: in
     import pstats
     from unittest import mock
 
-    from curate.runner import plan_job
+    from curate.engine.driver import plan_job
     from curate.stages.download import DownloadStage
     from curate.stages.image import ImageConfig, ImageStage, transform_image
-    from curate.tasks import run_segment
+    from curate.engine.steps import run_segment
 
     with tempfile.TemporaryDirectory(prefix="bench-dl-prof-") as tmp:
         root = Path(tmp)
@@ -715,7 +715,7 @@ def profile(urls: int, threads: int, per_shard: int, batch_size: int, unique: in
 
             # 1. step by step, no profiler
             steps: dict[str, list[float]] = {}
-            import curate.tasks as tasks
+            import curate.engine.steps as tasks
 
             with mock.patch.object(DownloadStage, "process", _timed(steps, "download", DownloadStage.process)), \
                     mock.patch.object(ImageStage, "process", _timed(steps, "image", ImageStage.process)), \

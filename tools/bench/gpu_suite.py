@@ -113,7 +113,7 @@ def _clip(dry: bool) -> dict[str, Any]:
 
 def _recaption(dry: bool) -> dict[str, Any]:
     from tools.bench.recaption import images, local
-    from tools.tiny_models import build_tiny_vlm
+    from tools.demo.tiny_models import build_tiny_vlm
 
     if dry:
         n, new_tokens, batches, device = 4, 2, [1, 4], "cpu"

@@ -148,7 +148,7 @@ def bench_ours(pages: list[tuple[str, bytes]], batch_size: int) -> dict[str, Any
 
     from curate.contract import record_schema
     from curate.documents import text_segments
-    from curate.stages.extract import HtmlExtract, HtmlExtractConfig
+    from curate.stages.html_extract import HtmlExtract, HtmlExtractConfig
 
     stage = HtmlExtract(HtmlExtractConfig(processes=1))
     stage.ensure_setup()

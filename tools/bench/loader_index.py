@@ -36,10 +36,10 @@ YIELD = 1000
 
 def build_template(root: Path, per_shard: int) -> tuple[dict, Path]:
     """One real text shard of `per_shard` samples (curate's writer) and a tokenizer."""
-    from curate.commit import Storage
+    from curate.engine.commit import Storage
     from curate.contract import record_schema
-    from curate.pack import ShardWriter
-    from tools.demo_docs import train_tokenizer
+    from curate.engine.pack import ShardWriter
+    from tools.demo.docs import train_tokenizer
 
     writer = ShardWriter(Storage(), root, "text", 0, record_schema("text"))
     for i in range(per_shard):

@@ -11,8 +11,8 @@ files of `--docs-per-file` records, the input of both sides:
 (a) ours, as the runner runs them: a LocalCluster of `--workers` single-threaded processes on
     127.0.0.1; per file, one task (client.map) reads the jsonl into text records and runs the
     `minhash` row stage over batches of 128 (the runner's default) and writes the intermediate
-    parquet; then `minhash_dedup.decide` over `curate.runner.read_live` of those files with the
-    task-based shuffle, its decisions written to parquet (as `curate.runner.decide_global` does).
+    parquet; then `minhash_dedup.decide` over `curate.engine.driver.read_live` of those files with the
+    task-based shuffle, its decisions written to parquet (as `curate.engine.driver.decide_global` does).
     Cluster start-up is reported apart: a run starts it once, not per stage.
 (b) datatrove 0.10.1: JsonlReader + MinhashDedupSignature (`--workers` tasks), MinhashDedupBuckets
     (one task per bucket, `--workers` at a time: it needs tasks divisible by the buckets),
@@ -177,7 +177,7 @@ def run_ours(files: list[Path], work: Path, workers: int) -> dict[str, Any]:
     import dask
     from dask.distributed import Client, LocalCluster
 
-    from curate.runner import WORKER_CONFIG, read_live
+    from curate.engine.driver import WORKER_CONFIG, read_live
     from curate.stages.minhash import COLUMN, MinhashDedup, MinhashDedupConfig
 
     start = time.perf_counter()

@@ -3,7 +3,7 @@
 The rows are random 64-bit hashes plus planted near-duplicate groups (a seed and 1-4 copies with
 up to `max_distance` of its bits flipped each), written as parquet partitions and read the way
 the runner reads a global stage's input. `NearDedup.decide` runs on a LocalCluster of `--workers`
-single-threaded processes with the task-based shuffle (as `curate.runner.decide_global` does),
+single-threaded processes with the task-based shuffle (as `curate.engine.driver.decide_global` does),
 and its decisions are counted on the cluster. The planted groups are the only pairs within the
 distance (unrelated random hashes are ~32 bits apart; the chance of two within 4 bits is ~1e-14
 a pair), so the expected drop count is known and checked. For reference, a brute-force all-pairs
@@ -54,7 +54,7 @@ def synthetic(n: int, max_distance: int, seed: int = 0, planted_fraction: float 
 
 def brute_force_pairs(hashes: np.ndarray, max_distance: int, block: int = 512) -> int:
     """Pairs within `max_distance` bits, by comparing every pair (numpy, blocks of rows)."""
-    from curate.stages.neardup import hamming_distance
+    from curate.engine.near_groups import hamming_distance
 
     found = 0
     for start in range(0, len(hashes), block):
@@ -69,7 +69,7 @@ def run(sizes: list[int], workers: int, bands: int | None, max_distance: int) ->
     import dask.dataframe as dd
     from dask.distributed import Client, LocalCluster
 
-    from curate.runner import WORKER_CONFIG
+    from curate.engine.driver import WORKER_CONFIG
     from curate.stages.phash import NearDedup
 
     stage = NearDedup(NearDedup.Config(max_distance=max_distance, bands=bands))

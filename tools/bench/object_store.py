@@ -2,7 +2,7 @@
 
 What it shows: how many requests the commit protocol costs per partition on a store (what S3 bills
 and rate-limits), and how the wall time compares with a local disk. The store is moto's S3 server
-(`tools.s3_server`, a single Python process on 127.0.0.1): its latency and throughput are not
+(`tools.servers.s3`, a single Python process on 127.0.0.1): its latency and throughput are not
 S3's, so the wall-time ratio says what this server costs, not what AWS would; the request counts
 are the protocol's own and carry over to any store.
 
@@ -77,7 +77,7 @@ def count_requests(log: Path, start: int) -> Counter[str]:
 
 def run(images: Path, out: str, per_partition: int, workers: int) -> dict[str, Any]:
     from curate.recipe import parse_recipe
-    from curate.runner import _Cluster, run_recipe
+    from curate.engine.driver import _Cluster, run_recipe
 
     recipe = parse_recipe(recipe_data(images, out, per_partition, workers), "<bench recipe>")
     cluster = _Cluster(recipe)  # started apart: its start is not the storage's cost
@@ -93,7 +93,7 @@ def run(images: Path, out: str, per_partition: int, workers: int) -> dict[str, A
 
 def bench(n_images: int, per_partition: int, workers: int) -> dict[str, Any]:
     from tools.bench.partition_memory import build_folder
-    from tools.s3_server import S3Server
+    from tools.servers.s3 import S3Server
 
     with tempfile.TemporaryDirectory(prefix="bench-object-store-") as tmp:
         root = Path(tmp)

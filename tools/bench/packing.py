@@ -148,7 +148,7 @@ def bound(units: list[tuple[int, int]], seq_len: int, max_images: int) -> float:
 def build_demo(root: Path) -> Path:
     """Curate the demo inputs under `root`; the output folder."""
     from curate.recipe import load_recipe
-    from curate.runner import run_recipe
+    from curate.engine.driver import run_recipe
     from tools.demo import DEMO_RECIPE, demo_inputs, demo_overrides
 
     with demo_inputs(root):

@@ -67,8 +67,8 @@ def _recipe(folder: Path, out: Path, n: int, batch_size: int):
 
 def child(mode: str, folder: str, out: str, n: int, batch_size: int) -> None:
     """Run in a fresh interpreter: process one partition, print peak RSS (MiB) as JSON."""
-    from curate.runner import plan_job, prepare_output
-    from curate.tasks import run_pack, run_plan, run_segment
+    from curate.engine.driver import plan_job, prepare_output
+    from curate.engine.steps import run_pack, run_plan, run_segment
 
     recipe = _recipe(Path(folder), Path(out), n, batch_size)
     job = plan_job(recipe)

@@ -1,15 +1,15 @@
 """Recaptioning throughput: captions/s of the local (transformers) backend batched vs one image at a
 time, and of the server backend against a chat-completions server as client concurrency grows.
 
-- local: `curate.generation.TransformersVLM` over the same images with `batch_size` 1 and each
+- local: `curate.captions.generation.TransformersVLM` over the same images with `batch_size` 1 and each
   of `--batches`, greedy, `--new-tokens` tokens each (the tiny model never ends early, so every
   caption is exactly that long: equal work per caption on every side).
-- server: `tools/chat_server.py` in its own process over the same model (it batches requests
+- server: `tools/servers/chat.py` in its own process over the same model (it batches requests
   that arrive together, up to `--max-batch`, as vLLM and SGLang do), and
-  `curate.generation.ChatCompletions` at each of `--concurrency`; the server's largest batch is
+  `curate.captions.generation.ChatCompletions` at each of `--concurrency`; the server's largest batch is
   reported beside.
 
-By default the model is tools/tiny_models.py's LLaVA-architecture VLM (RANDOM weights, built in a
+By default the model is tools/demo/tiny_models.py's LLaVA-architecture VLM (RANDOM weights, built in a
 temporary folder): the numbers are real for that model, whose per-token compute is tiny, so they
 show the batching and concurrency overheads, not a real captioner's speed. `--vlm PATH` measures a
 real model (with `--device cuda` on a GPU machine).
@@ -52,7 +52,7 @@ def images(n: int, side: int = 96) -> list[bytes]:
 
 
 def local(vlm: str, pics: list[bytes], batch: int, new_tokens: int, device: str) -> dict[str, Any]:
-    from curate.generation import TransformersVLM
+    from curate.captions.generation import TransformersVLM
 
     model = TransformersVLM(vlm, device=device, batch_size=batch, max_new_tokens=new_tokens)
     model.caption(pics[:batch], "Describe this image.")  # load and warm up
@@ -68,7 +68,7 @@ def local(vlm: str, pics: list[bytes], batch: int, new_tokens: int, device: str)
 class _Server:
     def __init__(self, vlm: str, max_batch: int, device: str, tmp: Path):
         port_file = tmp / "port"
-        self.proc = subprocess.Popen([sys.executable, "-m", "tools.chat_server", "--vlm", vlm, "--port-file",
+        self.proc = subprocess.Popen([sys.executable, "-m", "tools.servers.chat", "--vlm", vlm, "--port-file",
                                       str(port_file), "--max-batch", str(max_batch), "--device", device],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
@@ -91,7 +91,7 @@ class _Server:
 
 
 def served(server: _Server, pics: list[bytes], concurrency: int, new_tokens: int) -> dict[str, Any]:
-    from curate.generation import ChatCompletions
+    from curate.captions.generation import ChatCompletions
 
     client = ChatCompletions(f"http://127.0.0.1:{server.port}/v1", "vlm", concurrency=concurrency,
                              timeout_s=600, retries=0, max_tokens=new_tokens)
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         vlm = args.vlm
         if vlm is None:
-            from tools.tiny_models import build_tiny_vlm
+            from tools.demo.tiny_models import build_tiny_vlm
 
             vlm = str(build_tiny_vlm(Path(tmp) / "vlm"))
         for batch in [1, *args.batches]:

@@ -85,8 +85,8 @@ def run(sizes: list[int], workers: int, dim: int, threshold: float) -> list[dict
     import dask
     from dask.distributed import Client, LocalCluster
 
-    from curate.runner import WORKER_CONFIG, read_live
-    from curate.stages.semantic import SemanticDedup
+    from curate.engine.driver import WORKER_CONFIG, read_live
+    from curate.stages.semantic_dedup import SemanticDedup
 
     stage = SemanticDedup(SemanticDedup.Config(threshold=threshold))
     with dask.config.set(WORKER_CONFIG):

@@ -3,7 +3,7 @@ file, in one run.
 
 - ours: the jsonl read into Arrow batches of `text` records (`--batch-size` rows), each batch
   through `GopherQuality`, `GopherRepetition`, `FineWebQuality` and `C4Quality` via
-  `process(table)` as `curate.tasks.run_segment` runs row stages, and written to parquet (zstd),
+  `process(table)` as `curate.engine.steps.run_segment` runs row stages, and written to parquet (zstd),
   one process;
 - datatrove: `LocalPipelineExecutor(pipeline=[JsonlReader, GopherQualityFilter,
   GopherRepetitionFilter, FineWebQualityFilter, C4QualityFilter, JsonlWriter], tasks=1,

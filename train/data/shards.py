@@ -142,7 +142,7 @@ _T = TypeVar("_T")
 @lru_cache(maxsize=1)
 def _client_errors() -> tuple[type[BaseException], ...]:
     """The HTTP clients' transient errors that are not OSErrors, as they come out of s3fs and the
-    other fsspec backends. Read against a failing server (tools/s3_server.py `FlakyProxy`, botocore's
+    other fsspec backends. Read against a failing server (tools/servers/s3.py `FlakyProxy`, botocore's
     retries off): aiohttp re-sends a GET or HEAD once after a reset connection; a second reset
     comes out of s3fs as botocore's EndpointConnectionError (a botocore ConnectionError, not an
     OSError, and not retried by s3fs); a 5xx comes out as an OSError caused by a ClientError

@@ -14,8 +14,8 @@ from skimage import data
 
 from curate.contract import read_ledger
 from curate.recipe import parse_recipe
-from curate.runner import run_recipe
-from tools.demo_server import LoopbackHTTPServer
+from curate.engine.driver import run_recipe
+from tools.demo.server import LoopbackHTTPServer
 from tools.verify import verify
 
 PHOTOS = {"astronaut": data.astronaut, "coffee": data.coffee, "chelsea": data.chelsea, "rocket": data.rocket}

@@ -12,7 +12,7 @@ import pytest
 
 from curate.contract import read_ledger, read_sidecars, shard_urls
 from curate.recipe import parse_recipe
-from curate.runner import run_recipe
+from curate.engine.driver import run_recipe
 from curate.sources import build_source
 from curate.sources.obelics import ObelicsConfig
 from tools.verify import verify

@@ -20,7 +20,7 @@ from warcio.warcwriter import WARCWriter
 
 from curate.contract import read_ledger, read_manifest
 from curate.recipe import parse_recipe
-from curate.runner import run_recipe
+from curate.engine.driver import run_recipe
 from curate.sources import build_source
 from curate.sources.warc import WarcConfig
 from tools.verify import verify

@@ -1,4 +1,4 @@
-"""The CLIP scoring stage (curate/stages/clip.py) on a tiny open_clip model built from a config.
+"""The CLIP scoring stage (curate/stages/clip_score.py) on a tiny open_clip model built from a config.
 
 Every model here has RANDOM weights: these tests check mechanics (columns, shapes, determinism,
 batching, bad input, loading a checkpoint by path, errors at recipe load), never score quality.
@@ -19,7 +19,7 @@ from skimage import data as skdata
 
 from curate.contract import record_schema
 from curate.recipe import RecipeError, parse_recipe
-from curate.stages.clip import ClipScoreStage
+from curate.stages.clip_score import ClipScoreStage
 
 
 # A ViT-B-32-shaped CLIP shrunk to a few thousand parameters (random weights).

@@ -14,7 +14,7 @@ from PIL import Image
 
 from curate.contract import record_schema
 from curate.recipe import RecipeError, parse_recipe
-from curate.stages.decontaminate import EvalDecontaminate, list_eval_images
+from curate.stages.eval_decontaminate import EvalDecontaminate, list_eval_images
 
 from skimage import data as skdata
 

@@ -8,7 +8,7 @@ import dask.dataframe as dd
 import pandas as pd
 import pytest
 
-from curate.stages.dedup import ExactDedup, UrlDedup, normalize_url
+from curate.stages.exact_dedup import ExactDedup, UrlDedup, normalize_url
 
 
 def _frame():

@@ -16,9 +16,9 @@ from skimage import data
 from curate.contract import encode_sample, record_schema
 from curate.documents import dump_json
 from curate.stages.download import DownloadStage
-from curate.stages.filters import AspectRatioFilter
+from curate.stages.pair_filters import AspectRatioFilter
 from curate.stages.image import ImageStage
-from tools.demo_server import serve
+from tools.demo.server import serve
 
 pytestmark = pytest.mark.usefixtures("loopback_only")
 

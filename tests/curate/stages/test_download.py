@@ -14,7 +14,7 @@ from skimage import data
 from curate.contract import image_digest, record_schema
 from curate.recipe import parse_recipe
 from curate.stages.download import DownloadStage, sniff_image_format
-from tools.demo_server import serve
+from tools.demo.server import serve
 
 
 @pytest.fixture(scope="module")

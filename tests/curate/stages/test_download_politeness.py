@@ -1,6 +1,6 @@
 """The download stage as a good citizen (issue 5): retries, X-Robots-Tag opt-outs, robots.txt.
 
-Each test starts its own real HTTP server on 127.0.0.1 (tools.demo_server.LoopbackHTTPServer, no
+Each test starts its own real HTTP server on 127.0.0.1 (tools.demo.server.LoopbackHTTPServer, no
 reverse lookup) whose handler counts the requests for every (host, path), so "fetched exactly
 once" and "never requested" are read off the server, not the client. Several host names map to
 127.0.0.1 through the stage's `hosts:` map (no DNS is asked; a module guard fails any lookup and any
@@ -26,10 +26,10 @@ import pytest
 from PIL import Image
 
 from curate.contract import record_schema
-from curate.fetch import x_robots_opt_out
+from curate.web.fetcher import x_robots_opt_out
 from curate.stages import download
 from curate.stages.download import DownloadStage, is_transient
-from tools.demo_server import LoopbackHTTPServer
+from tools.demo.server import LoopbackHTTPServer
 
 HOSTS = ("img.test", "rules.test", "down.test", "norobots.test", "slowrobots.test", "limited.test")
 ROBOTS = {  # per host: (status, body); a host not named here answers 404

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from curate.contract import record_schema
 from curate.stages import STAGES, build_stage
-from curate.stages.extract import HtmlExtract, HtmlExtractConfig
+from curate.stages.html_extract import HtmlExtract, HtmlExtractConfig
 
 MB = 1024 * 1024
 GOOD = b"<html lang='fr'><head><title>Bonjour</title></head><body><p>Un chat noir.</p><img src='/chat.jpg' alt='chat'></body></html>"
@@ -267,7 +267,7 @@ def test_children_stop_with_close_and_with_garbage_collection():
 def test_children_exit_when_their_parent_dies_abruptly():
     code = textwrap.dedent("""
         import os, sys
-        from curate.stages.extract import HtmlExtract, HtmlExtractConfig
+        from curate.stages.html_extract import HtmlExtract, HtmlExtractConfig
         s = HtmlExtract(HtmlExtractConfig())
         s.ensure_setup()
         print(s.pool.pids()[0], flush=True)
@@ -304,7 +304,7 @@ def test_curation_run_extracts_inside_dask_worker_processes(tmp_path, output_che
     multiprocessing refuses to start children; the stage's exec'd children work there."""
     from curate.contract import read_ledger
     from curate.recipe import parse_recipe
-    from curate.runner import run_recipe
+    from curate.engine.driver import run_recipe
 
     pages = tmp_path / "pages"
     pages.mkdir()

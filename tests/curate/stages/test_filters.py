@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from curate.contract import record_schema
 from curate.stages import STAGES, build_stage
-from curate.stages.filters import (
+from curate.stages.pair_filters import (
     AspectRatioConfig,
     AspectRatioFilter,
     CaptionLengthConfig,

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-import curate.stages.language as language
+import curate.stages.language_filter as language
 from curate.contract import record_schema
-from curate.stages.language import LanguageConfig, LanguageFilter
+from curate.stages.language_filter import LanguageConfig, LanguageFilter
 
 CAPTIONS: dict[str, list[str]] = {
     "en": [

@@ -20,7 +20,7 @@ import pytest
 from pydantic import ValidationError
 
 from curate.contract import record_schema
-from curate.runner import PARTITION_COLUMN, read_live
+from curate.engine.driver import PARTITION_COLUMN, read_live
 from curate.stages.minhash import (
     COLUMN,
     MinhashConfig,
@@ -203,7 +203,7 @@ def local_cluster():
 
     import dask
 
-    from curate.runner import WORKER_CONFIG
+    from curate.engine.driver import WORKER_CONFIG
 
     with dask.config.set(WORKER_CONFIG):  # the runner's worker settings, as a real run has them
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
@@ -216,7 +216,7 @@ def local_cluster():
 
 def _live(table: pa.Table, npartitions: int, folder: Path):
     """`table` written as `npartitions` intermediate files and read back as the runner reads a
-    global stage's input (`curate.runner.read_live`)."""
+    global stage's input (`curate.engine.driver.read_live`)."""
     folder.mkdir(parents=True)
     bounds = np.linspace(0, table.num_rows, npartitions + 1).astype(int)
     files = []

@@ -1,4 +1,4 @@
-"""The generic near-duplicate machinery (curate/stages/neardup.py) through Dask's synchronous
+"""The generic near-duplicate machinery (curate/engine/near_groups.py) through Dask's synchronous
 scheduler: banding finds every pair within the distance and never builds a bucket's square,
 components cross partitions, and the keep rule equals a brute-force reference whatever the
 partitioning."""
@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from curate.stages import neardup
-from curate.stages.neardup import (
+from curate.engine import near_groups as neardup
+from curate.engine.near_groups import (
     band_pairs,
     components,
     hamming_band_keys,

@@ -1,4 +1,4 @@
-"""Score rules (curate/stages/scores.py): the threshold filter, and the exact top fraction through
+"""Score rules (curate/stages/score_filter.py): the threshold filter, and the exact top fraction through
 Dask, equal to the same rule computed on all scores at once, ties and nulls included, whatever
 the partitioning and however many histogram passes it takes."""
 
@@ -14,7 +14,7 @@ import pytest
 
 from curate.recipe import RecipeError, parse_recipe
 from curate.stages.base import build_stage
-from curate.stages.scores import ScoreFilter, ScoreTopFraction, find_cutoff, key_score, score_keys
+from curate.stages.score_filter import ScoreFilter, ScoreTopFraction, find_cutoff, key_score, score_keys
 
 
 def _reference(frame: pd.DataFrame, fraction: float) -> set[str]:

@@ -17,7 +17,7 @@ import pytest
 from curate.contract import record_schema
 from curate.documents import dump_json
 from curate.stages.segment_dedup import HASH_COLUMN, NO_HASH, ParagraphDedup, ParagraphHash, paragraph_digest
-from curate.tasks import apply_decision
+from curate.engine.steps import apply_decision
 
 COOKIE = "We use cookies to improve your experience on this site."
 PITCH = "Subscribe to our newsletter for weekly updates and offers."

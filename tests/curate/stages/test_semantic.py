@@ -1,4 +1,4 @@
-"""Semantic dedup (curate/stages/semantic.py) on synthetic embeddings: the Dask result equals a
+"""Semantic dedup (curate/stages/semantic_dedup.py) on synthetic embeddings: the Dask result equals a
 brute-force all-pairs reference (components of pairs at or above the threshold, keep the highest
 score then the smallest id), whatever the partitioning. Mechanics only: no model is involved."""
 
@@ -13,7 +13,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from curate.stages.base import build_stage
-from curate.stages.semantic import SemanticDedup, simhash_bands
+from curate.stages.semantic_dedup import SemanticDedup, simhash_bands
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -98,8 +98,8 @@ def test_embedding_decontamination_drops_what_matches_the_eval_set(tmp_path):
 
     from curate.contract import record_schema
     from curate.recipe import RecipeError, parse_recipe
-    from curate.stages.clip import ClipScoreStage
-    from curate.stages.semantic import EmbeddingDecontaminate
+    from curate.stages.clip_score import ClipScoreStage
+    from curate.stages.semantic_dedup import EmbeddingDecontaminate
 
     tiny = {"embed_dim": 32,
             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},

@@ -23,7 +23,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from curate.contract import encode_sample
-from tools.demo_docs import SPECIAL_TOKENS, prose, train_tokenizer
+from tools.demo.docs import SPECIAL_TOKENS, prose, train_tokenizer
 from train.data.images import BadImage, ImagePreprocessor
 from train.data.samples import (
     BadSample, TextTokenizer, Tokenized, has_loss_target, split_parts, tokenize_sample,

@@ -17,9 +17,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from curate.commit import Storage
+from curate.engine.commit import Storage
 from curate.contract import FORMAT_VERSION, MANIFEST, image_digest, read_sidecars, record_schema
-from curate.pack import ShardWriter
+from curate.engine.pack import ShardWriter
 from train.data.shards import (
     MISSING_NAMED, CorruptSample, SampleRef, SampleStream, ShardStream, assign, list_samples, list_shards,
     read_sample,

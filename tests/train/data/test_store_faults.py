@@ -1,6 +1,6 @@
 """The reader on a misbehaving object store: a small real output (tests/train/data/test_shards.py's
 `build_output`) on the session's loopback S3 server (moto; tests/conftest.py `s3_server`), read
-through `FlakyProxy` (tools/s3_server.py), which answers 503 or resets the connection by rule.
+through `FlakyProxy` (tools/servers/s3.py), which answers 503 or resets the connection by rule.
 
 botocore's own retries are off (`NO_RETRIES`: AWS_MAX_ATTEMPTS=1), so every fault reaches the
 reader; the exact retry counts below show that the setting takes effect (a botocore retry would
@@ -21,7 +21,7 @@ import pytest
 from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
 
 from tests.train.data.test_shards import build_output
-from tools.s3_server import NO_RETRIES, Fault, FlakyProxy, forget_clients
+from tools.servers.s3 import NO_RETRIES, Fault, FlakyProxy, forget_clients
 from train.data import shards
 from train.data.shards import (
     RETRIES, RETRY_ATTEMPTS, CorruptSample, RateLimitedLog, ShardStream, StoreUnavailable, _transient,

@@ -4,8 +4,8 @@ It runs moto's server mode (`pip install 'moto[server]'`, in the dev extra) as i
 bound to 127.0.0.1, and gives the environment that points boto3, s3fs and every process started
 from it (Dask workers, torchrun ranks, DataLoader workers) at it:
 
-    python -m tools.s3_server            # prints the environment, serves until Ctrl-C
-    eval "$(python -m tools.s3_server --print-env)"   # (in another shell, while it runs)
+    python -m tools.servers.s3            # prints the environment, serves until Ctrl-C
+    eval "$(python -m tools.servers.s3 --print-env)"   # (in another shell, while it runs)
 
 The credentials are moto's dummies. AWS_EC2_METADATA_DISABLED keeps botocore from asking the
 instance metadata address (169.254.169.254) for credentials: all traffic stays on loopback.

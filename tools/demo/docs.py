@@ -38,7 +38,7 @@ LOGO = "logo.jpg"  # the site's logo, at the end of every article: doc_image_ded
 TOKENIZER_VOCAB = 2048
 SPECIAL_TOKENS = ["<|endoftext|>", "<|image|>", "<|pad|>"]
 
-# (topic, images on the page as (file under img/, alt text)); the files are tools/demo_web.py's
+# (topic, images on the page as (file under img/, alt text)); the files are tools/demo/web.py's
 PAGES: list[tuple[str, list[tuple[str, str]]]] = [
     ("assignment", [("astronaut_crop.jpg", "An astronaut in an orange suit")]),
     ("attribute-access", [("rocket_web.jpg", "A rocket on its launch pad")]),
@@ -150,7 +150,7 @@ def _truncated_record(uri: str) -> bytes:
 
 def _write_logo(path: Path) -> None:
     """The site's logo, served beside the demo's images: scikit-image's own logo, 160 px."""
-    from tools.demo_data import _Images, encode, fit
+    from tools.demo.data import _Images, encode, fit
 
     logo = _Images().get("logo")
     if logo is None:
@@ -203,7 +203,7 @@ def _texts(root: Path) -> dict[str, Any]:
 def build_doc_inputs(root: Path, base: str) -> dict[str, Any]:
     """(Re)create the WARC, the text corpus, the eval set and the tokenizer under `root`, for
     the image server at `base` (http://127.0.0.1:PORT). Returns per source the expected inputs,
-    kept count and drop reasons, as tools/demo_data.py does for the pairs."""
+    kept count and drop reasons, as tools/demo/data.py does for the pairs."""
     root = Path(root)
     for sub in ("warc", "texts", "eval", "tokenizer"):
         if (root / sub).exists():

@@ -1,6 +1,6 @@
 """Per-partition tasks: what a Dask worker runs, and the job description they share.
 
-Each task commits its outputs by the protocol of `curate.commit` and ends by writing its done
+Each task commits its outputs by the protocol of `curate.engine.commit` and ends by writing its done
 marker; run again, it returns the marker without doing anything (Dask may run a task twice,
 even at once: every write is idempotent). The three tasks, per partition:
 
@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.commit import Storage, parquet_file, parquet_files, read_schema, read_table, relative, storage_for
+from curate.engine.commit import Storage, parquet_file, parquet_files, read_schema, read_table, relative, storage_for
 from curate.documents import EMPTY_DOCUMENT, is_empty, load_segments, remove_segments, segment_counts
 from curate.contract import (
     HEAVY_COLUMNS,
@@ -41,7 +41,7 @@ from curate.contract import (
     sample_key,
     unpackable,
 )
-from curate.pack import ShardWriter, plan_shards, sample_footprint, shard_label
+from curate.engine.pack import ShardWriter, plan_shards, sample_footprint, shard_label
 from curate.recipe import Recipe
 from curate.tokens import TokenCounter
 from curate.sources.base import Partition, build_source, fingerprint
@@ -95,7 +95,7 @@ class Job:
     segments: list[Segment]
     partitions: list[Partition] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)  # record kind per partition
-    # 0: the run itself; r > 0: the r-th `--retry-failed` round (curate/retry.py), whose tasks
+    # 0: the run itself; r > 0: the r-th `--retry-failed` round (curate/engine/retry.py), whose tasks
     # read only the ids listed in `retry_ids(p)` and keep their files under _work/retry<r>/
     round: int = 0
 

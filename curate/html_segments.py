@@ -57,8 +57,8 @@ Rules, and why:
   characters. Language: `lang` or `xml:lang` of `<html>`, when it looks like a BCP 47 tag.
 * `empty_document`: neither a text nor an image segment.
 
-The stage (curate/stages/extract.py) runs this in a child process with a timeout and a memory
-limit; `serve` below is that child's loop (run as `python -m curate.extract`).
+The stage (curate/stages/html_extract.py) runs this in a child process with a timeout and a memory
+limit; `serve` below is that child's loop (run as `python -m curate.html_segments`).
 """
 
 from __future__ import annotations
@@ -485,7 +485,7 @@ def extract(html: bytes, url: str | None, charset: str | None = None,
 
 
 # ---------------------------------------------------------------------------------------------
-# The sandboxed child: `python -m curate.extract READ_FD WRITE_FD MAX_MEMORY_MB`
+# The sandboxed child: `python -m curate.html_segments READ_FD WRITE_FD MAX_MEMORY_MB`
 # ---------------------------------------------------------------------------------------------
 # Protocol, one request at a time, over two pipes, JSON and raw bytes only (the parent never
 # unpickles what the child, which parses hostile input, sends back):

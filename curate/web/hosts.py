@@ -14,7 +14,7 @@ worker process (and the driver, through its client) draws from the same `max_con
     fetcher.fetch(url)                         # of every fetch, each redirect hop under its own host
 
 Each request is one lease. `LimitedFetcher` hands `limiter.slot` to `Fetcher.fetch`, which takes
-a slot of each hop's own host around that hop's exchange only (curate/fetch.py): a redirect chain
+a slot of each hop's own host around that hop's exchange only (curate/web/fetcher.py): a redirect chain
 A -> A -> A is three leases of A, a hop from A to B is limited under B, and a hop refused before
 sending (robots.txt, a blocked address) takes none. A fetch holds one slot at a time (hop N's is
 given back before hop N+1 asks), so slots never nest for one host in one thread; `slot` raises
@@ -473,11 +473,11 @@ class DomainLimiter:
 
 class LimitedFetcher:
     """A fetcher (anything whose `fetch(url, ..., slot=...)` holds `slot(host)` around each
-    request it sends, as `curate.fetch.Fetcher` does) whose every request holds a slot of
+    request it sends, as `curate.web.fetcher.Fetcher` does) whose every request holds a slot of
     `limiter` for its own host: one lease per request, every redirect hop included, each hop
     under the host it goes to. A hop refused without sending (robots.txt, a blocked address, a
     bad URL) takes no slot. Waiting for a slot does not count against the fetch's deadline, on
-    any hop (curate/fetch.py), so a busy host never turns into a spurious `timeout`.
+    any hop (curate/web/fetcher.py), so a busy host never turns into a spurious `timeout`.
     Other attributes are the wrapped fetcher's.
 
     A fetch holds at most one slot at a time, and none while its gate runs, so a robots.txt

@@ -2,7 +2,7 @@
 
 Builds the demo inputs from images that ship in pip packages, serves part of them from a real
 HTTP server on 127.0.0.1 behind a URL list and behind the pages of a WARC crawl (whose prose,
-like a text corpus's, comes from CPython's own help topics: tools/demo_docs.py), curates all
+like a text corpus's, comes from CPython's own help topics: tools/demo/docs.py), curates all
 three kinds with recipes/curate/demo.yaml on a LocalCluster bound to 127.0.0.1, prints
 `mm1 stats`, runs `mm1 verify`, says where the shards, the stats and the ledger are, and trains
 the tiny MM1 for a few dozen steps on them (recipes/train/demo.yaml, CPU).
@@ -20,16 +20,16 @@ from typing import Any
 import yaml
 
 from curate.recipe import load_recipe
-from curate.runner import run_recipe
-from tools.demo_data import build_demo_inputs
-from tools.demo_docs import build_doc_inputs
-from tools.demo_server import serve
-from tools.demo_web import build_www, write_url_list
+from curate.engine.driver import run_recipe
+from tools.demo.data import build_demo_inputs
+from tools.demo.docs import build_doc_inputs
+from tools.demo.server import serve
+from tools.demo.web import build_www, write_url_list
 from tools.stats import compute_stats, format_stats
 from tools.verify import verify
 
-DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "curate" / "demo.yaml"
-TRAIN_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "train" / "demo.yaml"
+DEMO_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "curate" / "demo.yaml"
+TRAIN_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "train" / "demo.yaml"
 
 
 def _index(items: list[dict[str, Any]], key: str, value: str) -> int:
@@ -65,7 +65,7 @@ def demo_overrides(root: Path) -> dict[str, str]:
 def demo_inputs(root: Path) -> Iterator[dict[str, Any]]:
     """Build every demo input under `root/inputs` and serve the web part while the block runs.
     Yields the summary: expected inputs, kept, and drop reasons over all four sources."""
-    from tools.tiny_models import build_tiny_lm, build_tiny_vlm
+    from tools.demo.tiny_models import build_tiny_lm, build_tiny_vlm
 
     inputs = Path(root) / "inputs"
     summary = build_demo_inputs(inputs)

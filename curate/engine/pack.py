@@ -1,7 +1,7 @@
 """Packing records into WebDataset tars + parquet sidecars: the only code that writes tars.
 
 A shard is written under an attempt-unique temporary name, hashed while it is written, and then
-published (see `curate.commit`). Tars are deterministic: members in sample order, fixed
+published (see `curate.engine.commit`). Tars are deterministic: members in sample order, fixed
 mtime/uid/gid/mode, ustar format, regular files with safe names only. Shard boundaries are
 planned before writing (`plan_shards`), by sample count and bytes, so shard numbers can be
 assigned globally before any shard exists.
@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.commit import Storage, location, relative
+from curate.engine.commit import Storage, location, relative
 from curate.tokens import TokenCounter
 from curate.contract import (
     encode_sample,

@@ -5,7 +5,7 @@ recaptioning stage's real loading and generation code (AutoProcessor, AutoModelF
 AutoModelForCausalLM, chat templates, batched greedy generate) runs in tests and the demo with
 nothing downloaded. RANDOM WEIGHTS: what they write is noise; they test mechanics, not quality.
 
-    python -m tools.tiny_models OUT_DIR      # OUT_DIR/vlm and OUT_DIR/llm
+    python -m tools.demo.tiny_models OUT_DIR      # OUT_DIR/vlm and OUT_DIR/llm
 
 Building is deterministic for a seed (the same bytes each time), so a demo run's caption cache
 stays valid when the demo rebuilds them.

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tools.demo_data import JPEG_QUALITY, _Images, chain, crop, encode, fit
+from tools.demo.data import JPEG_QUALITY, _Images, chain, crop, encode, fit
 
 DEMO_HOST = "images.demo.test"  # mapped to 127.0.0.1 by the demo recipe's static resolver
 

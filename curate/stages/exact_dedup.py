@@ -17,9 +17,9 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar, Literal
 
+from curate.contract import DUPLICATE
 from curate.stages.base import GlobalStage, StageConfig, register
 
-DUPLICATE = "duplicate"
 DEFAULT_PORTS: dict[str, str] = {"http": "80", "https": "443", "ws": "80", "wss": "443", "ftp": "21"}
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 

@@ -35,7 +35,7 @@ import time
 import urllib.parse
 from urllib.robotparser import Entry, RobotFileParser, RuleLine
 
-from curate.fetch import (
+from curate.web.fetcher import (
     BAD_URL,
     BLOCKED,
     DNS_ERROR,

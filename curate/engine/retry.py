@@ -3,7 +3,7 @@ failures (timeouts, connection errors, 429, 5xx), and fold what comes back into 
 output without rewriting a finished shard.
 
 A round of retries, `r` (1 for the first, then 2, ...), works under `_work/retry<r>/` and runs
-the run's own tasks (`curate.tasks`) on a `Job` whose `round` is r:
+the run's own tasks (`curate.engine.steps`) on a `Job` whose `round` is r:
 
     select  per partition: the ledger rows dropped for a transient reason -> ids/<p>.parquet
     seg*    per partition with ids: the source read again, only those ids, through every row
@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.commit import dask_url, parquet_file, parquet_files, read_schema, read_table, relative
+from curate.engine.commit import dask_url, parquet_file, parquet_files, read_schema, read_table, relative
 from curate.contract import (
     KIND_DIRS,
     LEDGER_DIR,
@@ -61,11 +61,11 @@ from curate.contract import (
     read_manifest,
     sizes_json,
 )
-from curate.pack import ShardWriter, shard_label
+from curate.engine.pack import ShardWriter, shard_label
 from curate.recipe import Recipe
 from curate.stages.base import GlobalStage, build_stage
 from curate.stages.download import is_transient
-from curate.tasks import (
+from curate.engine.steps import (
     PARTITION_COLUMN,
     Job,
     LedgerRows,
@@ -244,7 +244,7 @@ def _read_dir(path: Path, columns: list[str] | None = None) -> Any:
 
     if not parquet_files(path):
         return None
-    from curate.runner import EXACT_INTEGERS
+    from curate.engine.driver import EXACT_INTEGERS
 
     url, opts = dask_url(path)
     ddf = dd.read_parquet(url, columns=columns, arrow_to_pandas=EXACT_INTEGERS, storage_options=opts)
@@ -273,7 +273,7 @@ def retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) ->
     done = storage.read_marker(marker_path)
     if done is not None:
         return done
-    # the task-based shuffle for every join here too (see curate.runner.decide_global)
+    # the task-based shuffle for every join here too (see curate.engine.driver.decide_global)
     with dask.config.set({"dataframe.shuffle.method": "tasks"}):
         marker = _retry_global(job, seg, state, parts)
     storage.write_marker(marker_path, marker)
@@ -283,7 +283,7 @@ def retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) ->
 def _retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) -> dict[str, Any]:
     import dask.dataframe as dd
 
-    from curate.runner import decide_global, global_state, live_schema, read_live
+    from curate.engine.driver import decide_global, global_state, live_schema, read_live
 
     storage = job.storage
     stage = build_stage(job.segments[seg].global_stage)
@@ -370,7 +370,7 @@ def _publish_changes(job: Job, seg: int, stage: GlobalStage, state: dict[str, st
 def retry_failed(recipe: Recipe, *, progress: bool = True, client: Any = None) -> dict[str, Any]:
     """Run one retry round over a finished output of `recipe` (see the module docstring) and
     return the new manifest; with nothing to retry, the manifest as it is."""
-    from curate.runner import _Cluster, _map, _segment_resources, _check_resources, plan_job, prepare_output
+    from curate.engine.driver import _Cluster, _map, _segment_resources, _check_resources, plan_job, prepare_output
 
     job0 = plan_job(recipe)
     try:
@@ -461,7 +461,7 @@ def _changed_partitions(job: Job) -> set[int]:
 
 def _write_manifest(job: Job, manifest: dict[str, Any], packs: list[dict[str, Any]],
                     globals_: list[dict[str, Any]]) -> dict[str, Any]:
-    from curate.runner import code_version
+    from curate.engine.driver import code_version
 
     storage = job.storage
     m = dict(manifest)

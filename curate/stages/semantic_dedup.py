@@ -1,7 +1,7 @@
 """Embedding-based stages: semantic image dedup, and eval-set decontamination by embedding.
 
 `semantic_dedup`: images whose embeddings (from `clip_score`) are closer than a cosine threshold
-are one group; one is kept per group. A global stage through Dask (curate/stages/neardup.py's
+are one group; one is kept per group. A global stage through Dask (curate/engine/near_groups.py's
 four steps), never an all-pairs matrix.
 
 Candidates by random-hyperplane LSH (SimHash): `bands` x `bits_per_band` fixed random
@@ -23,7 +23,7 @@ Each candidate pair is then verified exactly: cosine of the two (normalised) emb
 
 `embedding_decontaminate` (below) drops pairs whose image embedding is within a cosine threshold
 of an evaluation image embedded by the same model: the semantic counterpart of the perceptual-hash
-`eval_decontaminate` (curate/stages/decontaminate.py), which catches re-encoded and resized
+`eval_decontaminate` (curate/stages/eval_decontaminate.py), which catches re-encoded and resized
 copies; this one also catches crops, flips and re-photographs, as far as the model sees them.
 
 Keep rule: the highest `score_column` in the group (e.g. the CLIP score: the best-captioned of
@@ -43,9 +43,9 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.stages.base import GlobalStage, RowStage, StageConfig, register
-from curate.stages.clip import ClipScoreStage
-from curate.stages.decontaminate import EVAL_OVERLAP, EvalSetConfig, list_eval_images
-from curate.stages.neardup import near_duplicate_decisions
+from curate.stages.clip_score import ClipScoreStage
+from curate.stages.eval_decontaminate import EVAL_OVERLAP, EvalSetConfig, list_eval_images
+from curate.engine.near_groups import near_duplicate_decisions
 
 _COLUMN = r"^[a-z][a-z0-9_]*$"
 

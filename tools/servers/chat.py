@@ -2,7 +2,7 @@
 recaptioning stage's `openai` backend talks to at scale (vLLM, SGLang), here in one process on
 loopback so tests, the demo and the benchmarks run a real server with nothing downloaded.
 
-    python -m tools.chat_server --vlm MODEL_DIR [--llm MODEL_DIR] [--port 0] [--port-file F]
+    python -m tools.servers.chat --vlm MODEL_DIR [--llm MODEL_DIR] [--port 0] [--port-file F]
         [--max-batch 16] [--batch-window-ms 5]
 
 - `POST /v1/chat/completions`: `{"model", "messages", "max_tokens"}`; the last message's content is
@@ -87,7 +87,7 @@ class ChatServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], vlm: str | None, llm: str | None, *, max_batch: int = 16,
                  window_ms: float = 5.0, device: str = "cpu"):
         super().__init__(address, _Handler)
-        from curate.generation import TransformersLM, TransformersVLM
+        from curate.captions.generation import TransformersLM, TransformersVLM
 
         self.lock = threading.Lock()
         self.script: list[dict[str, Any]] = []

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from curate.stages.dedup import DUPLICATE
+from curate.contract import DUPLICATE
 
 # A verification: the left and right rows of candidate pairs (the columns a caller asked for,
 # aligned by position) -> a boolean array, True where the pair is a near duplicate. Vectorised:

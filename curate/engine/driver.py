@@ -1,8 +1,8 @@
 """The Dask runner: turns a recipe into per-partition futures and global passes, and accounts for
 every input.
 
-A run is a fixed sequence of steps, each committed per partition (see `curate.commit` and the
-tasks in `curate.tasks`):
+A run is a fixed sequence of steps, each committed per partition (see `curate.engine.commit` and the
+tasks in `curate.engine.steps`):
 
     seg0   per partition: source -> row stages up to the first global stage -> intermediate
     global per global stage: a Dask dataframe pass over small columns -> drop decisions
@@ -26,7 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from curate.commit import (
+from curate.engine.commit import (
     ObjectStorage,
     dask_url,
     fs_path,
@@ -42,7 +42,7 @@ from curate.contract import FORMAT_VERSION, KIND_DIRS, LEDGER_DIR, MANIFEST, SIZ
 from curate.recipe import Recipe
 from curate.sources.base import build_source
 from curate.stages.base import GlobalStage, build_stage
-from curate.tasks import (
+from curate.engine.steps import (
     PARTITION_COLUMN,
     SEGMENTS_COLUMN,
     WORK,

@@ -10,7 +10,7 @@ Contracts (DESIGN.md, "Fetching from the web"):
 - `deadline_s` bounds the whole request (connect, TLS, redirects, headers, body). Each socket call
   gets the time left as its timeout, and one watchdog thread shuts the socket down at the deadline,
   so a server dripping one byte at a time cannot stretch a request.
-- Politeness slots (`fetch(url, slot=...)`, curate.domains.LimitedFetcher): every request -- every
+- Politeness slots (`fetch(url, slot=...)`, curate.web.hosts.LimitedFetcher): every request -- every
   redirect hop -- is sent inside a slot of ITS OWN host, `slot(host)`, taken after that hop's gate
   and address checks (a hop refused without sending takes none) and held until the hop's response
   is done with (body read, or drained and the connection pooled or closed). Hops run one after
@@ -35,7 +35,7 @@ Contracts (DESIGN.md, "Fetching from the web"):
 
 Drop codes: bad_url, dns_error, blocked, too_many_redirects, timeout, too_large, bad_content,
 connection_error, opted_out, and http_<status> for a final status outside 2xx. A caller's `gate`
-(robots.txt, see curate/robots.py) may end a fetch with its own code before a hop is requested.
+(robots.txt, see curate/web/robots.py) may end a fetch with its own code before a hop is requested.
 """
 
 from __future__ import annotations
@@ -213,12 +213,12 @@ class FetchResult:
 
 
 # A fetch's gate: called with each hop's URL before it is resolved or dialled; a (code, detail)
-# answer ends the fetch as a failure with that code (robots.txt: curate.robots.RobotsCache.gate).
+# answer ends the fetch as a failure with that code (robots.txt: curate.web.robots.RobotsCache.gate).
 Gate = Callable[[str], "tuple[str, str] | None"]
 
 # A fetch's politeness slot: called with the host of each request about to be sent (the hop's
 # target host: lower case, IDNA-encoded, or a normalised IP literal) and held around that one
-# request; may block until the host is free (curate.domains.DomainLimiter.slot). An OSError it
+# request; may block until the host is free (curate.web.hosts.DomainLimiter.slot). An OSError it
 # raises (a TimeoutError of a slot with a timeout) ends the fetch as `timeout` or
 # `connection_error` "waiting for a slot for HOST"; anything else propagates to the caller.
 Slot = Callable[[str], AbstractContextManager[object]]

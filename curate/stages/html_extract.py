@@ -1,7 +1,7 @@
 """`html_extract`: a doc's raw page -> its segments, parsed in sandboxed child processes.
 
 Contract, for each live `doc` row:
-- `html` not null: the page is extracted by `curate.extract.extract` (see its docstring for the
+- `html` not null: the page is extracted by `curate.html_segments.extract` (see its docstring for the
   rules) and the row gets `segments` (JSON, curate.documents' layout, images without an index
   yet), `title` and `html_lang` (the `<html lang>`); or the row is dropped:
   `too_large`      the page is over `max_html_bytes` (checked before anything parses it);
@@ -17,7 +17,7 @@ Contract, for each live `doc` row:
 
 Why a child process: HTML is hostile input and libxml2 is C. A page that makes the parser run
 forever, allocate without bound, or crash must cost one row, never the Dask worker, which runs
-many tasks on threads. Each child is a fresh interpreter (`python -m curate.extract`, started by
+many tasks on threads. Each child is a fresh interpreter (`python -m curate.html_segments`, started by
 subprocess: exec, never fork, and it works from Dask's daemonic worker processes, where
 multiprocessing refuses to start children) with RLIMIT_AS set to `max_memory_mb`; it answers
 one page at a time over two pipes in JSON and raw bytes (nothing the child sends is unpickled).
@@ -49,7 +49,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 import curate
-from curate.extract import EMPTY_DOCUMENT, PARSE_ERROR
+from curate.html_segments import EMPTY_DOCUMENT, PARSE_ERROR
 from curate.stages.base import Drop, RowStage, StageConfig, register
 
 TOO_LARGE = "too_large"
@@ -110,7 +110,7 @@ class _Child:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "curate.extract", str(request_read), str(reply_write), str(max_memory_mb)],
+                [sys.executable, "-m", "curate.html_segments", str(request_read), str(reply_write), str(max_memory_mb)],
                 pass_fds=(request_read, reply_write), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 env=env, close_fds=True,
             )

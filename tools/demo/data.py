@@ -14,7 +14,7 @@ samples each source holds and which reason each bad input is expected to get.
 Images come only from files shipped inside the installed packages (nothing is downloaded): a
 scikit-image image whose file is not in the local bundle is skipped, never fetched.
 
-    python -m tools.demo_data ROOT     # builds under ROOT and prints the summary as JSON
+    python -m tools.demo.data ROOT     # builds under ROOT and prints the summary as JSON
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from curate.pack import add_member
+from curate.engine.pack import add_member
 
 JPEG_QUALITY = 90
 WEBP_QUALITY = 85
@@ -628,7 +628,7 @@ def _good_bounds(root: Path, bad: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m tools.demo_data ROOT", file=sys.stderr)
+        print("usage: python -m tools.demo.data ROOT", file=sys.stderr)
         return 2
     print(json.dumps(build_demo_inputs(Path(argv[0])), indent=2))
     return 0

@@ -39,7 +39,7 @@ from pydantic import Field, field_validator
 
 from curate.stages.base import Drop, Filter, StageConfig, register
 from curate.stages.image import MISSING_IMAGE
-from curate.stages.neardup import hamming_band_keys, hamming_band_masks, hamming_distance
+from curate.engine.near_groups import hamming_band_keys, hamming_band_masks, hamming_distance
 from curate.stages.phash import BITS, DEFAULT_MAX_DISTANCE, DEFAULT_MAX_PIXELS, phash_bytes
 
 EVAL_OVERLAP = "eval_overlap"

@@ -1,0 +1,1 @@
+"""Captions: generation backends, VeCap's rules, the caption cache."""

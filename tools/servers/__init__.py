@@ -1,0 +1,1 @@
+"""Loopback servers for tests and the demo: an S3-compatible store, an OpenAI-compatible chat server."""
