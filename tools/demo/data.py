@@ -123,7 +123,7 @@ def _sklearn_image(filename: str) -> Image.Image | None:
         return im.convert("RGB")
 
 
-class _Images:
+class DemoImages:
     """Loads each original once; `get` returns None for one that is not bundled locally."""
 
     def __init__(self) -> None:
@@ -372,7 +372,7 @@ WDS_SAMPLES_PER_SHARD = 10_000
 # ---------------------------------------------------------------------------------------------
 
 
-def _render(images: _Images, item: Item) -> tuple[bytes, Image.Image, tuple[int, int]] | None:
+def _render(images: DemoImages, item: Item) -> tuple[bytes, Image.Image, tuple[int, int]] | None:
     original = images.get(item.src)
     if original is None:
         return None
@@ -388,7 +388,7 @@ def _json_line(obj: dict[str, Any]) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
-def _build_folder(root: Path, images: _Images) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+def _build_folder(root: Path, images: DemoImages) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     folder = root / "folder"
     folder.mkdir(parents=True)
     written: dict[str, bytes] = {}
@@ -457,7 +457,7 @@ def _build_folder(root: Path, images: _Images) -> tuple[dict[str, Any], list[dic
     }, bad, related
 
 
-def _build_mapped(root: Path, images: _Images) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _build_mapped(root: Path, images: DemoImages) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     mapped = root / "mapped"
     mapped.mkdir(parents=True)
     rows: list[str] = []
@@ -490,7 +490,7 @@ def _build_mapped(root: Path, images: _Images) -> tuple[dict[str, Any], list[dic
     }, bad
 
 
-def _build_wds(root: Path, images: _Images) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+def _build_wds(root: Path, images: DemoImages) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     wds = root / "wds"
     wds.mkdir(parents=True)
     shards: list[str] = []
@@ -567,7 +567,7 @@ def build_demo_inputs(root: Path) -> dict[str, Any]:
     for sub in ("folder", "mapped", "wds"):
         if (root / sub).exists():
             shutil.rmtree(root / sub)
-    images = _Images()
+    images = DemoImages()
     folder, folder_bad, folder_related = _build_folder(root, images)
     mapped, mapped_bad = _build_mapped(root, images)
     wds, wds_bad, wds_related = _build_wds(root, images)

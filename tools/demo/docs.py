@@ -150,9 +150,9 @@ def _truncated_record(uri: str) -> bytes:
 
 def _write_logo(path: Path) -> None:
     """The site's logo, served beside the demo's images: scikit-image's own logo, 160 px."""
-    from tools.demo.data import _Images, encode, fit
+    from tools.demo.data import DemoImages, encode, fit
 
-    logo = _Images().get("logo")
+    logo = DemoImages().get("logo")
     if logo is None:
         return  # not bundled: the pages' logo is then a dead link, removed as such
     flat = Image.new("RGB", logo.size, (255, 255, 255))

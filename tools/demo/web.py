@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tools.demo.data import JPEG_QUALITY, _Images, chain, crop, encode, fit
+from tools.demo.data import JPEG_QUALITY, DemoImages, chain, crop, encode, fit
 
 DEMO_HOST = "images.demo.test"  # mapped to 127.0.0.1 by the demo recipe's static resolver
 
@@ -37,7 +37,7 @@ def build_www(root: Path, folder: Path) -> Path:
     if www.exists():
         shutil.rmtree(www)
     www.mkdir(parents=True)
-    images = _Images()
+    images = DemoImages()
     for name, src, transform, fmt in WWW_IMAGES:
         original = images.get(src)
         if original is not None:

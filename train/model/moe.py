@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from train.expert_parallel import combine, dispatch
+from train.model.expert_exchange import combine, dispatch, gather_expert_shards
 from train.model.config import DecoderConfig, MoEConfig
 
 
@@ -245,8 +245,6 @@ class MoEFeedForward(nn.Module):
         local = tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
         if getattr(self, "replica_group", None) is None:
             return local
-        from train.expert_parallel import gather_expert_shards
-
         return tuple(gather_expert_shards(self, name, w) for name, w in zip(("w1", "w2", "w3"), local))
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
