@@ -11,6 +11,7 @@ Anything else is a 404.
 from __future__ import annotations
 
 import http.server
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,11 +70,16 @@ class LoopbackHTTPServer(http.server.ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+PORT_ENV = "MM1_DEMO_PORT"  # pin the port (reproducing a demo byte for byte: the port is in the crawl)
+
+
 @contextmanager
 def serve(www: Path) -> Iterator[str]:
-    """Serve `www` on 127.0.0.1 (a free port) in a thread; yields the base URL."""
+    """Serve `www` on 127.0.0.1 in a thread; yields the base URL. The port is a free one, or
+    $MM1_DEMO_PORT: the URLs (and so the WARC's bytes and the doc ids' offsets) contain it, so two
+    demos compare byte for byte only on the same port."""
     handler = type("DemoHandler", (_Handler,), {"www": Path(www)})
-    server = LoopbackHTTPServer(("127.0.0.1", 0), handler)
+    server = LoopbackHTTPServer(("127.0.0.1", int(os.environ.get(PORT_ENV, "0"))), handler)
     thread = threading.Thread(target=server.serve_forever, name="demo-http", daemon=True)
     thread.start()
     try:
