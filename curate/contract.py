@@ -1,7 +1,9 @@
 """The data contract: record schemas, shard layout, sidecars, manifest and ledger.
 
 This is the one module that `train/` and `tools/` import from `curate/`. It holds what a
-curated output *is* on disk, so a reader never has to know how it was produced:
+curated output *is* on disk, so a reader never has to know how it was produced, and re-exports
+the two modules a reader needs with it: the storage seam (curate/storage.py: locations, reads
+with their store retries) and the typed manifest (curate/manifest.py: `Manifest`):
 
     OUT/pairs/00000.tar  00000.parquet  sizes.json   WebDataset: KEY.jpg KEY.txt KEY.json
     OUT/docs/00000.tar   00000.parquet               WebDataset: KEY.json KEY.0.jpg KEY.1.jpg ...
@@ -20,22 +22,33 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow as pa
 
-from curate.engine.commit import location, parquet_file, read_table
-
-FORMAT_VERSION = 1
+# Re-exported: train/ and tools/ reach the storage seam, the manifest's type and the recipe reading
+# (curate/recipe_io.py, shared by curate and train recipes) through here.
+from curate.manifest import (  # noqa: F401
+    FORMAT_VERSION, MANIFEST, KindEntry, Manifest, ManifestError, ShardEntry, WithdrawnEntry, manifest_path,
+    read_manifest, sizes_json, withdrawn_keys,
+)
+from curate.recipe_io import RecipeError, parse_override, read_recipe_yaml, validate_recipe  # noqa: F401
+from curate.storage import (  # noqa: F401
+    RETRIES, RETRY_ATTEMPTS, RateLimitedLog, StoreUnavailable, check_url, dask_url, exists, fs_path, inside,
+    is_transient_error, is_url, join, list_names, location, missing_files, open_read, parquet_file, parquet_files,
+    read_json, read_range, read_schema, read_table, relative, retrying,
+)
 
 KINDS: tuple[str, ...] = ("pair", "doc", "text")
 KIND_DIRS: dict[str, str] = {"pair": "pairs", "doc": "docs", "text": "text"}
 
-MANIFEST = "manifest.json"
 LEDGER_DIR = "ledger"
 SIZES_JSON = "sizes.json"  # open_clip's loader reads it from beside the tars
+# A local attempt's file before its rename (NAME.<12 hex>.tmp, curate/engine/commit.py): never part
+# of a finished output.
+TMP_SUFFIX = ".tmp"
 
 # ---------------------------------------------------------------------------------------------
 # Record schemas (between stages)
@@ -343,23 +356,11 @@ def sidecar_row(kind: str, row: dict[str, Any], key: str, members: list[dict[str
     return out
 
 
-def inside(out: str | Path, relative: str) -> Path:
-    """`out / relative` (a local path, or a UPath on an object store), refusing names from a
-    manifest that would leave the output folder."""
-    rel = PurePosixPath(relative)
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise ValueError(f"{out}: manifest names {relative!r}, outside the output folder")
-    return location(out) / rel.as_posix()
-
-
 def read_sidecars(out: str | Path, kind: str, columns: list[str] | None = None) -> pa.Table:
     """All sidecars of one kind, in shard order (only the shards the manifest names). Loads them
-    whole: for big outputs iterate `read_manifest(out)["kinds"][kind]["shards"]` instead."""
-    manifest = read_manifest(out)
-    tables = [
-        read_table(inside(out, shard["sidecar"]), columns=columns)
-        for shard in manifest["kinds"].get(kind, {}).get("shards", [])
-    ]
+    whole: for big outputs iterate `Manifest.read(out).shards(kind)` instead."""
+    manifest = Manifest.read(out)
+    tables = [read_table(inside(out, shard.sidecar), columns=columns) for shard in manifest.shards(kind)]
     if not tables:
         return sidecar_schema(kind).empty_table() if columns is None else pa.table({c: [] for c in columns})
     return pa.concat_tables(tables, promote_options="default")
@@ -400,8 +401,7 @@ def domain_of(url: str | None) -> str | None:
 
 
 def ledger_files(out: str | Path) -> list[Path]:
-    manifest = read_manifest(out)
-    return [inside(out, name) for name in manifest["ledger"]]
+    return [inside(out, name) for name in Manifest.read(out).ledger]
 
 
 def read_ledger(out: str | Path, columns: list[str] | None = None) -> pa.Table:
@@ -418,38 +418,10 @@ def iter_ledger(out: str | Path, columns: list[str] | None = None) -> Iterator[p
 
 
 # ---------------------------------------------------------------------------------------------
-# Manifest
+# Manifest (its type and reading: curate/manifest.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def read_manifest(out: str | Path) -> dict[str, Any]:
-    path = location(out) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no manifest; is {out} a finished curation output?") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
-    return manifest
-
-
-def withdrawn_keys(manifest: dict[str, Any], kind: str) -> dict[str, set[str]]:
-    """Tar name -> keys of samples that are in that tar but no longer in the output: a
-    `--retry-failed` round recovered a sample that makes a shipped one a duplicate, and finished
-    tars are never rewritten (curate/engine/retry.py). The ledger has them as dropped. Readers of the
-    shards (train/, stats, report) skip these keys; stock webdataset readers do not see them."""
-    out: dict[str, set[str]] = {}
-    for w in manifest.get("kinds", {}).get(kind, {}).get("withdrawn", []):
-        out.setdefault(w["shard"], set()).add(w["key"])
-    return out
 
 
 def shard_urls(out: str | Path, kind: str) -> list[str]:
     """Local paths of the tars of one kind, in order: what a WebDataset reader is given."""
-    manifest = read_manifest(out)
-    return [str(inside(out, s["name"])) for s in manifest["kinds"].get(kind, {}).get("shards", [])]
-
-
-def sizes_json(shards: list[dict[str, Any]]) -> dict[str, int]:
-    """open_clip's `sizes.json`: tar basename -> sample count."""
-    return {Path(s["name"]).name: int(s["count"]) for s in shards}
+    return [str(inside(out, s.name)) for s in Manifest.read(out).shards(kind)]

@@ -1,61 +1,15 @@
 """HTML page -> interleaved segments (OBELICS-style), as a pure function of the page's bytes.
 
-`extract(html, url, charset)` returns an `Extracted` (the doc's segments in reading order, the
-page title, the declared language) or a `Rejected` (a stable drop code and a detail). It never
-raises on bad input: hostile bytes are a rejection or a best-effort document.
+`extract(html, url, charset, options)` returns an `Extracted` (the doc's segments in reading order,
+the page title, the declared language, the codec used) or a `Rejected` (`not_html`,
+`empty_document` or `parse_error`, and a detail). It never raises on bad input: hostile bytes are a
+rejection or a best-effort document. Segments follow curate/documents.py before images are
+fetched: `{"type": "text", "text": ...}` per paragraph-like block (or per run of blocks between two
+images with `ExtractOptions.merge_paragraphs`) and `{"type": "image", "url": ..., "alt": ...}` per
+kept http(s) `<img>`, in reading order. The parser resolves no entity and opens no network.
 
-The segments follow curate/documents.py before images are fetched:
-
-    {"type": "text", "text": "..."}        one per paragraph-like block, whitespace collapsed
-    {"type": "image", "url": "https://...", "alt": "..."}
-
-Rules, and why:
-
-* Decoding. The bytes decide before any label: a byte-order mark wins; else bytes that decode as
-  strict UTF-8 are UTF-8 (non-ASCII UTF-8 practically never arises by chance from a legacy
-  encoding, and mislabelled pages are common: "shift_jis" on a UTF-8 page); else the HTTP
-  `charset` hint, else a `<meta charset>` / `<meta http-equiv content-type>` in the first 4 KiB,
-  decoded with replacement characters; else UTF-8 with replacement. Latin-1 and ASCII labels mean
-  windows-1252 (as browsers read them); labels that are no text charset (UTF-7, escape codecs,
-  UTF-16/32 without a BOM) are ignored. A decoding never fails: the worst is U+FFFD.
-* Not HTML. A payload with a binary signature (PNG, JPEG, GIF, WebP, PDF, ZIP, gzip, ...), or
-  NUL bytes in its first KiB without a UTF-16/32 BOM, is `not_html`. Plain text is kept: the
-  parser wraps it in a paragraph.
-* Parsing. lxml's libxml2 HTML parser (`etree.HTMLParser`) with network access off, comments
-  and processing instructions removed and `huge_tree` off: libxml2 then caps a text node at
-  10 MB and nesting at 256 levels, where it stops and keeps the page before that point, so
-  `<div>` x 100000 costs nothing. The HTML parser resolves no entities, and a DOCTYPE's internal
-  subset is cut before parsing anyway: neither `SYSTEM "file://..."` entities (XXE) nor nested
-  ones (billion laughs) can expand; `&name;` stays literal text. The page is re-encoded to
-  UTF-8 and parsed with that encoding forced, so a `<meta charset>` cannot make libxml2 decode
-  it a second time. C0 control characters (but tab, LF, CR, FF) are removed.
-* Simplification. Removed with their subtree: script, style, noscript, template, iframe, svg,
-  math, form (and its controls), nav, header, footer, aside, object, embed, canvas, audio,
-  video, dialog, head; elements marked `hidden`, `aria-hidden="true"`, or styled
-  `display:none` / `visibility:hidden`; elements whose `role` is navigation, banner,
-  contentinfo, complementary, search, menu, menubar or dialog; and elements whose class or id
-  has a boilerplate token (`BOILERPLATE_WORDS`: menu, nav, footer, sidebar, cookie, banner,
-  advert/ads, share, social, comment, breadcrumb, popup, newsletter, related, ...). Tokens are
-  the lower-cased class/id split on non-alphanumerics; a token matches a word it equals, or,
-  for words of six letters or more, one it starts with ("sidebarleft"). html, body, main and
-  article are never removed for their class (sites put "has-sidebar" on <body>).
-* Blocks. Each paragraph, heading, list item, table cell, caption, quote, `pre`, `div` ... is a
-  block; inline markup (links, bold, spans, unknown tags) merges into the surrounding block's
-  text. Every block with text becomes one text segment: a segment is a paragraph, the unit the
-  paragraph-level stages (exact-paragraph dedup, quality rules) remove with a reason. With
-  `ExtractOptions.merge_paragraphs` the blocks between two images form one segment instead,
-  joined by "\\n\\n" (OBELICS' layout). Whitespace runs collapse to one space; `<br>` is a line
-  break inside its paragraph; `pre` keeps its line breaks.
-* Images. `<img>` gives an image segment at its place in the text (a paragraph around it is
-  split). Its address is `src`, or when that is missing or a `data:` URI, `data-src` /
-  `data-lazy-src` / `data-original` (lazy loaders), or else the largest `srcset` candidate.
-  It is resolved against the page URL and the first `<base href>` (itself resolved against the
-  page URL); only http(s) URLs of at most 2048 characters are kept (no `data:`, `javascript:`,
-  `blob:`, relative URLs on a page without URL). An image whose declared `width` or `height` is
-  0 or 1 is a tracking pixel and skipped. `alt` is kept, whitespace collapsed ("" when absent).
-* Title: the first `<title>` (in <head> if there is one), whitespace collapsed, at most 1000
-  characters. Language: `lang` or `xml:lang` of `<html>`, when it looks like a BCP 47 tag.
-* `empty_document`: neither a text nor an image segment.
+The rules and why (decoding, what is not HTML, the parser's limits, the boilerplate removed,
+blocks, image addresses, title and language): docs/html_extraction.md.
 
 The stage (curate/stages/html_extract.py) runs this in a child process with a timeout and a memory
 limit; `serve` below is that child's loop (run as `python -m curate.html_segments`).
@@ -66,10 +20,16 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import resource
 import sys
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 from urllib.parse import urljoin, urlsplit
+
+from lxml import etree
+
+from curate.documents import dump_json
 
 NOT_HTML = "not_html"
 EMPTY_DOCUMENT = "empty_document"
@@ -79,25 +39,11 @@ SNIFF_BYTES = 4096
 MAX_URL_CHARS = 2048
 MAX_TITLE_CHARS = 1000
 
-_BINARY_SIGNATURES: tuple[tuple[bytes, str], ...] = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"%PDF-", "PDF"),
-    (b"PK\x03\x04", "ZIP"),
-    (b"\x1f\x8b", "gzip"),
-    (b"BZh", "bzip2"),
-    (b"\xfd7zXZ\x00", "xz"),
-    (b"(\xb5/\xfd", "zstd"),
-    (b"7z\xbc\xaf\x27\x1c", "7z"),
-    (b"\x00\x00\x01\x00", "ICO"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-    (b"OggS", "Ogg"),
-    (b"ID3", "MP3"),
-    (b"\x7fELF", "ELF"),
-    (b"wOFF", "WOFF"),
+_BINARY_SIGNATURES: tuple[tuple[bytes, str], ...] = (  # tried in this order
+    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"%PDF-", "PDF"), (b"PK\x03\x04", "ZIP"), (b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+    (b"(\xb5/\xfd", "zstd"), (b"7z\xbc\xaf\x27\x1c", "7z"), (b"\x00\x00\x01\x00", "ICO"), (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"), (b"OggS", "Ogg"), (b"ID3", "MP3"), (b"\x7fELF", "ELF"), (b"wOFF", "WOFF"),
     (b"wOF2", "WOFF2"),
 )
 _BOMS: tuple[tuple[bytes, str], ...] = (  # UTF-32 first: its LE mark starts with UTF-16's
@@ -207,7 +153,7 @@ def meta_charset(data: bytes) -> str | None:
 
 
 def decode_html(data: bytes, hint: str | None = None) -> tuple[str, str]:
-    """(text, codec used): see the module docstring for the order. Never raises."""
+    """(text, codec used): the order is in docs/html_extraction.md ("Decoding"). Never raises."""
     for bom, name in _BOMS:
         if data.startswith(bom):
             return data.decode(name, errors="replace").lstrip("\ufeff"), name
@@ -244,8 +190,6 @@ def _cut_internal_subset(text: str) -> str:
 
 
 def _parser() -> Any:
-    from lxml import etree
-
     # etree's parser, not lxml.html's: same libxml2 parser, without lxml.html's per-element
     # Python class lookup (a fifth of the walk's time)
     return etree.HTMLParser(encoding="utf-8", no_network=True, remove_comments=True, remove_pis=True,
@@ -412,8 +356,6 @@ def _base_url(root: Any, url: str | None) -> str | None:
 
 def segments_of(root: Any, base: str | None, options: ExtractOptions) -> list[dict[str, str]]:
     """Walk the parsed DOM in document order (iteratively: no recursion limit) into segments."""
-    from lxml import etree
-
     body = root.find("body")
     start = body if body is not None else root
     out = _Segmenter(options.merge_paragraphs)
@@ -457,9 +399,8 @@ def extract(html: bytes, url: str | None, charset: str | None = None,
             options: ExtractOptions | None = None) -> Extracted | Rejected:
     """The segments, title and language of one page, or why there is no document. Pure: the
     result depends on the arguments only; never raises on bad input (a parser failure is
-    `parse_error` with the message). Runs in a sandboxed child in the pipeline (the stage)."""
-    from lxml import etree
-
+    `parse_error` with the message). Runs in a sandboxed child in the pipeline (the stage);
+    the rules: docs/html_extraction.md."""
     options = options or ExtractOptions()
     why = binary_kind(html)
     if why:
@@ -512,11 +453,6 @@ def _peak_mib() -> str:
 def serve(read_fd: int, write_fd: int, max_memory_mb: int) -> None:
     """The child's loop: extract pages until the parent closes the pipe (then exit). After a
     parse error it answers and exits, so the next page gets a fresh address space."""
-    import resource
-    from multiprocessing.connection import Connection
-
-    from curate.documents import dump_json
-
     _parser()  # lxml loaded before the limit: the limit is for the pages
     if max_memory_mb > 0:
         limit = max_memory_mb * 1024 * 1024

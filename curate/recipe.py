@@ -14,33 +14,20 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import curate.sources  # noqa: F401  (registers the sources)
 import curate.stages  # noqa: F401  (registers the stages)
 from curate.contract import MAX_SAMPLES_PER_SHARD, record_schema
+from curate.storage import check_url, is_url
+from curate.recipe_io import RecipeError, read_recipe_yaml, validate_recipe
 from curate.sources.base import SOURCES
 from curate.stages.base import STAGES, GlobalStage
+from curate.tokens import check_tokenizer_path
+from curate.units import parse_bytes
 
-
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message names the file and the key."""
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(value: int | str) -> int:
-    """`1000`, `"512MB"`, `"1GiB"` -> bytes."""
-    if isinstance(value, int):
-        return value
-    m = _SIZE.match(str(value))
-    if not m:
-        raise ValueError(f"expected a byte size like 1000, '512MB' or '1GiB', got {value!r}")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+__all__ = ["ClusterConfig", "ExecutionConfig", "OutputConfig", "Recipe", "RecipeError", "TokenizerConfig",
+           "load_recipe", "parse_recipe"]
 
 
 class _Strict(BaseModel):
@@ -57,8 +44,6 @@ class OutputConfig(_Strict):
     @field_validator("path")
     @classmethod
     def _location(cls, v: str) -> str:
-        from curate.engine.commit import check_url, is_url
-
         if is_url(v):
             check_url(v)
         return v
@@ -97,8 +82,6 @@ class TokenizerConfig(_Strict):
     @field_validator("path")
     @classmethod
     def _exists(cls, value: str) -> str:
-        from curate.tokens import check_tokenizer_path
-
         return check_tokenizer_path(value)
 
 
@@ -193,54 +176,11 @@ def _drop_execution_only(cfg: BaseModel, dumped: dict[str, Any]) -> None:
             _drop_execution_only(getattr(cfg, name), dumped[name])
 
 
-def _format_errors(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        got = err.get("input")
-        got_txt = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-        lines.append(f"  {loc}: {err['msg']}{got_txt}")
-    return "\n".join(lines)
-
-
 def parse_recipe(data: Any, origin: str = "<recipe>") -> Recipe:
-    if not isinstance(data, dict):
-        raise RecipeError(f"{origin}: a recipe is a mapping of keys, got {type(data).__name__}")
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(f"{origin}: invalid recipe\n{_format_errors(exc)}") from None
-
-
-def _set_dotted(data: dict, dotted: str, value: Any, origin: Path) -> None:
-    """Set `a.b.0.c` in nested dicts/lists (list items by index)."""
-    node: Any = data
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise RecipeError(f"{origin}: override {dotted!r}: no list item {part!r}")
-            node = node[int(part)]
-        else:
-            node = node.setdefault(part, {})
-    if isinstance(node, list):
-        if not leaf.isdigit() or int(leaf) >= len(node):
-            raise RecipeError(f"{origin}: override {dotted!r}: no list item {leaf!r}")
-        node[int(leaf)] = value
-    else:
-        node[leaf] = value
+    """`data` (a mapping, as YAML reads it) validated; RecipeError naming `origin` and each key."""
+    return validate_recipe(Recipe, data, origin)
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read a YAML recipe (safe_load), apply dotted-key overrides, validate."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
-    if isinstance(data, dict):
-        for dotted, value in (overrides or {}).items():
-            _set_dotted(data, dotted, value, path)
-    return parse_recipe(data, str(path))
+    """Read a YAML recipe (safe_load), apply dotted-key overrides, validate (curate/recipe_io.py)."""
+    return parse_recipe(read_recipe_yaml(path, overrides), str(path))

@@ -27,17 +27,18 @@ import json
 import math
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image
 
-from curate.engine.commit import is_url, location, read_schema, read_table
-
-from curate.contract import KINDS, inside, iter_ledger, read_manifest, withdrawn_keys
+from curate.contract import (
+    KINDS, Manifest, inside, is_url, iter_ledger, location, read_range, read_schema, read_table,
+)
+from tools.report_html import Run, render
 from tools.stats import compute_stats
 
 DEFAULT_WEIGHTS = {"pair": 0.45, "doc": 0.45, "text": 0.10}  # MM1's mixture
@@ -48,29 +49,12 @@ SCORE_BINS = 40
 _DUP_OF = re.compile(r"\b(?:as|of)\s+(\S+?)(?=[\s,;()]|$)")
 
 
-@dataclass
-class Run:
-    """Everything one output's report shows."""
-
-    out: Path
-    stats: dict[str, Any]
-    manifest: dict[str, Any]
-    stage_order: list[str]
-    funnel: dict[str, list[dict[str, Any]]]  # kind -> [{stage, dropped, remaining}]
-    examples: dict[str, list[dict[str, Any]]]  # "stage/reason" -> ledger rows
-    dup_groups: dict[str, dict[int, int]]  # stage -> {group size: groups}
-    languages: dict[str, dict[str, int]]  # kind -> {language: samples}
-    scores: dict[str, dict[str, Any]]  # "kind/column" -> {edges, counts, thresholds}
-    mixture: list[dict[str, Any]]
-    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-
-
 # ---------------------------------------------------------------------------------------------
 # the ledger pass: funnel, examples, duplicate groups
 
 
-def _stage_order(manifest: dict[str, Any]) -> list[str]:
-    stages = [s.get("name") or s["kind"] for s in manifest.get("recipe", {}).get("stages", [])]
+def _stage_order(manifest: Manifest) -> list[str]:
+    stages = [s.get("name") or s["kind"] for s in (manifest.recipe or {}).get("stages", [])]
     return ["source", *stages, "pack"]
 
 
@@ -110,16 +94,16 @@ def _ledger_pass(out: Path, stage_order: list[str]) -> tuple[dict, dict, dict]:
 # sidecar columns: scores (with the recipe's thresholds), languages
 
 
-def _thresholds(manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+def _thresholds(manifest: Manifest) -> dict[str, list[dict[str, Any]]]:
     """score column -> the cuts the recipe made on it: a score_filter's min_score, a
     score_top_fraction's cutoff (from the manifest's summary of that pass)."""
     cuts: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for s in manifest.get("recipe", {}).get("stages", []):
+    for s in (manifest.recipe or {}).get("stages", []):
         name = s.get("name") or s["kind"]
         if s["kind"] == "score_filter" and s.get("min_score") is not None:
             cuts[s.get("column", "clip_score")].append({"value": float(s["min_score"]), "label": f"{name} ≥ {s['min_score']}"})
         if s["kind"] == "score_top_fraction":
-            summary = manifest.get("global", {}).get(name, {}).get("summary", {})
+            summary = (manifest.global_stages or {}).get(name, {}).get("summary", {})
             if summary.get("cutoff_score") is not None:
                 cuts[s.get("column", "clip_score")].append({
                     "value": float(summary["cutoff_score"]),
@@ -127,19 +111,19 @@ def _thresholds(manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return cuts
 
 
-def _columns(out: Path, manifest: dict[str, Any], kind: str) -> tuple[dict[str, list[np.ndarray]], Counter]:
+def _columns(out: Path, manifest: Manifest, kind: str) -> tuple[dict[str, list[np.ndarray]], Counter]:
     floats: dict[str, list[np.ndarray]] = defaultdict(list)
     langs: Counter = Counter()
-    withdrawn = withdrawn_keys(manifest, kind)
-    for shard in manifest["kinds"].get(kind, {}).get("shards", []):
-        path = inside(out, shard["sidecar"])
+    withdrawn = manifest.withdrawn_keys(kind)
+    for shard in manifest.shards(kind):
+        path = inside(out, shard.sidecar)
         schema = read_schema(path)
         names = [f.name for f in schema if pa.types.is_floating(f.type)]
         wanted = names + (["language"] if "language" in schema.names else [])
         if not wanted:
             continue
         t = read_table(path, columns=wanted + ["key"])
-        gone = withdrawn.get(shard["name"])
+        gone = withdrawn.get(shard.name)
         if gone:
             t = t.filter(pc.invert(pc.is_in(t["key"], pa.array(sorted(gone), pa.string()))))
         for n in names:
@@ -210,9 +194,7 @@ def mixture(stats: dict[str, Any], *, seq_len: int, image_tokens: int, max_image
 def _member(tar: Path, members: list[dict[str, Any]], name_end: str) -> bytes | None:
     for m in members:
         if m["name"].endswith(name_end):
-            with tar.open("rb") as f:
-                f.seek(int(m["offset"]))
-                return f.read(int(m["size"]))
+            return read_range(tar, int(m["offset"]), int(m["offset"]) + int(m["size"]))
     return None
 
 
@@ -220,8 +202,6 @@ def thumbnail(data: bytes | None) -> str | None:
     """A small JPEG data: URI of image bytes, or None when they do not decode (or are too big)."""
     if not data:
         return None
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > MAX_THUMB_PIXELS:
@@ -239,29 +219,29 @@ def _text(data: bytes | None, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + " …"
 
 
-def sample_kept(out: Path, manifest: dict[str, Any], kind: str, n: int, seed: int) -> list[dict[str, Any]]:
-    shards = manifest["kinds"].get(kind, {}).get("shards", [])
-    counts = np.array([int(s["count"]) for s in shards], dtype=np.int64)
+def sample_kept(out: Path, manifest: Manifest, kind: str, n: int, seed: int) -> list[dict[str, Any]]:
+    shards = manifest.shards(kind)
+    counts = np.array([int(s.count) for s in shards], dtype=np.int64)
     if not counts.sum() or n <= 0:
         return []
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(int(counts.sum()), size=min(n, int(counts.sum())), replace=False))
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    withdrawn = withdrawn_keys(manifest, kind)
+    withdrawn = manifest.withdrawn_keys(kind)
     out_rows: list[dict[str, Any]] = []
     for s_idx in np.unique(np.searchsorted(starts, picks, side="right") - 1):
         shard = shards[int(s_idx)]
         rows_here = [int(p - starts[s_idx]) for p in picks if starts[s_idx] <= p < starts[s_idx] + counts[s_idx]]
-        path = inside(out, shard["sidecar"])
+        path = inside(out, shard.sidecar)
         names = read_schema(path).names
         cols = [c for c in ("key", "id", "url", "members", "caption", "caption_synthetic", "caption_vecap",
                             "vecap_fallback", "language", "clip_score", "token_count", "n_images", "title")
                 if c in names]
         table = read_table(path, columns=cols)
-        tar = inside(out, shard["name"])
+        tar = inside(out, shard.name)
         for i in rows_here:
             r = {c: table[c][i].as_py() for c in cols}
-            if r["key"] in withdrawn.get(shard["name"], set()):
+            if r["key"] in withdrawn.get(shard.name, set()):
                 continue
             members = r.pop("members") or []
             if kind == "pair":
@@ -281,7 +261,7 @@ def sample_kept(out: Path, manifest: dict[str, Any], kind: str, n: int, seed: in
                 r["segments"] = segs
             else:
                 r["text"] = _text(_member(tar, members, ".txt"), 1200)
-            r["shard"] = shard["name"]
+            r["shard"] = shard.name
             out_rows.append(r)
     return out_rows
 
@@ -292,14 +272,14 @@ def sample_kept(out: Path, manifest: dict[str, Any], kind: str, n: int, seed: in
 def collect(out: str | Path, *, samples: int = 12, seed: int = 0, seq_len: int = 4096, image_tokens: int = 144,
             max_images: int = 16, weights: dict[str, float] | None = None) -> Run:
     out = location(out)
-    manifest = read_manifest(out)
+    manifest = Manifest.read(out)
     stats = compute_stats(out)
     order = _stage_order(manifest)
     funnel, examples, groups = _ledger_pass(out, order)
     cuts = _thresholds(manifest)
     scores, languages = {}, {}
     for kind in KINDS:
-        if kind not in manifest["kinds"]:
+        if kind not in manifest.kinds:
             continue
         floats, langs = _columns(out, manifest, kind)
         for name, h in _score_histograms(floats, cuts).items():
@@ -311,7 +291,7 @@ def collect(out: str | Path, *, samples: int = 12, seed: int = 0, seq_len: int =
               mixture=mixture(stats, seq_len=seq_len, image_tokens=image_tokens, max_images=max_images,
                               weights=weights or DEFAULT_WEIGHTS))
     for kind in KINDS:
-        if kind in manifest["kinds"]:
+        if kind in manifest.kinds:
             run.samples[kind] = sample_kept(out, manifest, kind, samples, seed)
     return run
 
@@ -319,8 +299,6 @@ def collect(out: str | Path, *, samples: int = 12, seed: int = 0, seq_len: int =
 def build_report(outs: list[str | Path], path: str | Path | None = None, **options: Any) -> Path:
     """Write the report of one output (or two, compared) and return its path (default:
     `OUT/report.html`, or `OUT_A/report-vs-<OUT_B name>.html`)."""
-    from tools.report_html import render
-
     if not 1 <= len(outs) <= 2:
         raise ValueError("a report shows one output, or two side by side")
     runs = [collect(o, **options) for o in outs]

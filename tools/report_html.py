@@ -1,7 +1,7 @@
-"""The HTML of `mm1 report` (tools/report.py collects what it shows): one page, no script, inline
-CSS and SVG, thumbnails as data: URIs, and a Content-Security-Policy that allows nothing else, so
-the page can make no network request whatever a caption or a URL in the data says. Every string
-from the data is escaped.
+"""The HTML of `mm1 report`: `render` turns `Run`s (what the page shows of one output, which
+tools/report.py collects) into one page, no script, inline CSS and SVG, thumbnails as data: URIs,
+and a Content-Security-Policy that allows nothing else, so the page can make no network request
+whatever a caption or a URL in the data says. Every string from the data is escaped.
 
 A number that `mm1 stats` also reports is rendered as `<span data-stat="PATH" data-value="V">`,
 PATH being its place in `compute_stats`' dict (`outcomes.kept`, `kinds.pair.width.p50`,
@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import html
 import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from tools.report import Run
+from curate.contract import Manifest
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'none'; base-uri 'none'; form-action 'none'"
 COLORS = ("#2f6db5", "#d9822b")
@@ -38,6 +40,23 @@ td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}.cards{display:flex
 .muted{color:#778}.bad{color:#a33}details{margin:3px 0}summary{cursor:pointer}code{font-size:12px}
 .delta-up{color:#1a7f37}.delta-down{color:#a33}
 """
+
+
+@dataclass
+class Run:
+    """Everything one output's report shows."""
+
+    out: Path
+    stats: dict[str, Any]  # tools.stats.compute_stats
+    manifest: Manifest
+    stage_order: list[str]
+    funnel: dict[str, list[dict[str, Any]]]  # kind -> [{stage, dropped, remaining}]
+    examples: dict[str, list[dict[str, Any]]]  # "stage/reason" -> ledger rows
+    dup_groups: dict[str, dict[int, int]]  # stage -> {group size: groups}
+    languages: dict[str, dict[str, int]]  # kind -> {language: samples}
+    scores: dict[str, dict[str, Any]]  # "kind/column" -> {edges, counts, thresholds}
+    mixture: list[dict[str, Any]]
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def esc(value: Any) -> str:
@@ -330,7 +349,7 @@ def changes(a: Run, b: Run) -> str:
             delta = f'<span class="{cls}">{vb - va:+,}</span>'
         out.append(f"<tr><td>{esc(name)}</td><td class=n>{fmt(va)}</td><td class=n>{fmt(vb)}</td><td class=n>{delta}</td></tr>")
     out.append("</table>")
-    recipe_a, recipe_b = a.manifest.get("recipe", {}), b.manifest.get("recipe", {})
+    recipe_a, recipe_b = a.manifest.recipe or {}, b.manifest.recipe or {}
     if recipe_a != recipe_b:
         diff = [f"<li><code>stages.{i}</code>: {esc(json.dumps(sa, sort_keys=True))} → {esc(json.dumps(sb, sort_keys=True))}</li>"
                 for i, (sa, sb) in enumerate(zip(recipe_a.get("stages", []), recipe_b.get("stages", []))) if sa != sb]
@@ -362,4 +381,4 @@ def render(runs: list[Run]) -> str:
             f"<nav>{nav}</nav><main>{''.join(body)}</main></body></html>\n")
 
 
-__all__ = ["render"]
+__all__ = ["Run", "render"]

@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.engine.commit import location, read_schema, read_table
-
-from curate.contract import IMAGE_EXTENSIONS, KINDS, iter_ledger, read_manifest, withdrawn_keys
+from curate.contract import (
+    IMAGE_EXTENSIONS, KINDS, Manifest, ShardEntry, inside, iter_ledger, location, read_schema, read_table,
+)
 
 PERCENTILES = (5, 25, 50, 75, 95)
 TOP_DOMAINS = 20
@@ -129,14 +129,14 @@ def _image_member_sizes(members: pa.ChunkedArray) -> tuple[np.ndarray, list[str]
 
 
 def _read_sidecar(path: Path, columns: list[str], withdrawn: set[str] | None) -> pa.Table:
-    """A sidecar's columns, without the samples a retry round withdrew (see withdrawn_keys)."""
+    """A sidecar's columns, without the samples a retry round withdrew (KindEntry.withdrawn_keys)."""
     if not withdrawn:
         return read_table(path, columns=columns)
     t = read_table(path, columns=[*columns, "key"])
     return t.filter(pc.invert(pc.is_in(t["key"], pa.array(sorted(withdrawn), pa.string())))).select(columns)
 
 
-def _kind_stats(out: Path, kind: str, shards: list[dict[str, Any]],
+def _kind_stats(out: Path, kind: str, shards: tuple[ShardEntry, ...],
                 withdrawn: dict[str, set[str]] | None = None) -> dict[str, Any]:
     acc: dict[str, Counts] = {}
     formats: dict[str, int] = {}
@@ -149,8 +149,8 @@ def _kind_stats(out: Path, kind: str, shards: list[dict[str, Any]],
     captions: dict[str, dict[str, int]] = {}
     tokenizers: set[str] = set()
     for shard in shards:
-        path = out / shard["sidecar"]
-        gone = withdrawn.get(shard["name"])
+        path = inside(out, shard.sidecar)
+        gone = withdrawn.get(shard.name)
         schema = read_schema(path)
         floats = [f.name for f in schema if pa.types.is_floating(f.type)]
         if "token_count" in schema.names:  # a recipe with a tokenizer: what the trainer will pack
@@ -289,29 +289,29 @@ def compute_stats(out: str | Path) -> dict[str, Any]:
     under `domains.without_url`.
     """
     out = location(out)
-    manifest = read_manifest(out)
+    manifest = Manifest.read(out)
     kinds: dict[str, Any] = {}
     for kind in KINDS:
-        entry = manifest["kinds"].get(kind)
+        entry = manifest.kinds.get(kind)
         if entry is None:
             continue
-        shards = entry.get("shards", [])
-        withdrawn = withdrawn_keys(manifest, kind)
+        shards = entry.shards
+        withdrawn = entry.withdrawn_keys()
         kinds[kind] = {
             "shards": len(shards),
             # samples of the output: the tars' samples less those a retry round withdrew
-            "samples": sum(int(s["count"]) for s in shards) - sum(len(k) for k in withdrawn.values()),
+            "samples": sum(int(s.count) for s in shards) - sum(len(k) for k in withdrawn.values()),
             "withdrawn": sum(len(k) for k in withdrawn.values()),
-            "tar_bytes": sum(int(s["bytes"]) for s in shards),
-            "per_shard": [{"name": s["name"], "samples": int(s["count"]) - len(withdrawn.get(s["name"], ())),
-                           "tar_bytes": int(s["bytes"])} for s in shards],
+            "tar_bytes": sum(int(s.bytes) for s in shards),
+            "per_shard": [{"name": s.name, "samples": int(s.count) - len(withdrawn.get(s.name, ())),
+                           "tar_bytes": int(s.bytes)} for s in shards],
             **_kind_stats(out, kind, shards, withdrawn),
         }
     return {
         "out": str(out),
-        "name": manifest.get("name"),
-        "recipe_hash": manifest.get("recipe_hash"),
-        "code_version": manifest.get("code_version"),
+        "name": manifest.name,
+        "recipe_hash": manifest.recipe_hash,
+        "code_version": manifest.code_version,
         "totals": {
             "shards": sum(k["shards"] for k in kinds.values()),
             "samples": sum(k["samples"] for k in kinds.values()),

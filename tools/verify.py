@@ -52,9 +52,10 @@ import pyarrow.compute as pc
 from pandas.util import hash_array
 from webdataset import tariterators
 
-from curate.engine.commit import TMP_SUFFIX, is_url, location, parquet_file, read_table
 from curate.contract import (
-    IMAGE_EXTENSIONS, KIND_DIRS, KINDS, LEDGER_DIR, SIZES_JSON, is_safe_member, read_manifest, shard_stem, sizes_json,
+    IMAGE_EXTENSIONS, KIND_DIRS, KINDS, LEDGER_DIR, SIZES_JSON, TMP_SUFFIX, KindEntry, Manifest, ManifestError,
+    ShardEntry, is_safe_member, is_url, location, open_read, parquet_file, read_json, read_table, shard_stem,
+    sizes_json,
 )
 
 _KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -107,7 +108,7 @@ def _repeated(hashes: list[np.ndarray]) -> set[int]:
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open_read(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -118,82 +119,67 @@ def _sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _malformed(manifest: Any) -> str | None:
-    """The first structural problem of the manifest (wrong types), before any field is trusted."""
-    kinds = manifest.get("kinds") if isinstance(manifest, dict) else None
-    if not isinstance(kinds, dict) or not all(
-        isinstance(e, dict) and isinstance(e.get("shards", []), list) and all(isinstance(s, dict) for s in e.get("shards", []))
-        for e in kinds.values()
-    ):
-        return "`kinds` must map each kind to {shards: [objects], count, bytes}"
-    if not isinstance(manifest.get("ledger"), list) or not all(isinstance(x, str) for x in manifest["ledger"]):
-        return "`ledger` must be a list of relative paths"
-    for name in ("counts", "drops"):
-        value = manifest.get(name)
-        if not isinstance(value, dict) or not all(isinstance(v, int) for v in value.values()):
-            return f"`{name}` must map names to integers"
-    return None
-
-
-def _manifest_shards(manifest: dict[str, Any], err: _Errors) -> list[tuple[str, dict[str, Any]]]:
-    """The shard entries whose names are exactly what the contract says (others are not opened)."""
-    shards = []
+def _manifest_shards(manifest: Manifest, err: _Errors) -> list[tuple[str, ShardEntry]]:
+    """The shard entries whose names are exactly what the contract says (others are not opened).
+    The manifest's structure is checked when it is read (`Manifest.from_dict`); its values here."""
+    shards: list[tuple[str, ShardEntry]] = []
     n_withdrawn = 0
-    for kind, entry in manifest.get("kinds", {}).items():
+    for kind, entry in manifest.kinds.items():
         if kind not in KINDS:
             err.add("manifest", f"manifest: unknown kind {kind!r}, expected one of {KINDS}")
             continue
         seen: set[int] = set()
-        for s in entry.get("shards", []):
-            n = s.get("shard")
+        for s in entry.shards:
+            n = s.shard
             stem = f"{KIND_DIRS[kind]}/{shard_stem(n)}" if isinstance(n, int) and n >= 0 else None
-            if stem is None or s.get("name") != f"{stem}.tar" or s.get("sidecar") != f"{stem}.parquet":
-                err.add("manifest", f"manifest: {kind} shard {n!r} is named {s.get('name')!r} / "
-                        f"{s.get('sidecar')!r}, expected {stem}.tar / {stem}.parquet; not opened")
+            if stem is None or s.name != f"{stem}.tar" or s.sidecar != f"{stem}.parquet":
+                err.add("manifest", f"manifest: {kind} shard {n!r} is named {s.name!r} / "
+                        f"{s.sidecar!r}, expected {stem}.tar / {stem}.parquet; not opened")
                 continue
             if n in seen:
                 err.add("manifest", f"manifest: {kind} shard {n} listed twice")
                 continue
             seen.add(n)
-            if not all(isinstance(s.get(k), int) and s[k] >= 0 for k in ("count", "bytes")):
-                err.add("manifest", f"manifest: {s['name']} count/bytes {s.get('count')!r}/{s.get('bytes')!r} "
+            if not all(isinstance(v, int) and v >= 0 for v in (s.count, s.bytes)):
+                err.add("manifest", f"manifest: {s.name} count/bytes {s.count!r}/{s.bytes!r} "
                         "are not non-negative integers; not opened")
                 continue
-            if s.get("kind") != kind:
-                err.add("manifest", f"manifest: {s['name']} has kind {s.get('kind')!r}, listed under {kind!r}")
+            if s.kind != kind:
+                err.add("manifest", f"manifest: {s.name} has kind {s.kind!r}, listed under {kind!r}")
             shards.append((kind, s))
-        withdrawn = _withdrawn(kind, entry, {s["name"] for k, s in shards if k == kind}, err)
+        withdrawn = _withdrawn(kind, entry, {s.name for k, s in shards if k == kind}, err)
         n_withdrawn += len(withdrawn)
         for what in ("count", "bytes"):
-            total = sum(s[what] for k, s in shards if k == kind)
+            total = sum(getattr(s, what) for k, s in shards if k == kind)
             total -= len(withdrawn) if what == "count" else 0
-            if entry.get(what) != total:
+            if getattr(entry, what) != total:
                 less = f" less {len(withdrawn)} withdrawn" if withdrawn and what == "count" else ""
-                err.add("manifest", f"manifest: kinds.{kind}.{what} is {entry.get(what)}, its shards sum to {total}{less}")
-    counts = manifest.get("counts", {})
-    kept = sum(s["count"] for _, s in shards) - n_withdrawn
+                err.add("manifest", f"manifest: kinds.{kind}.{what} is {getattr(entry, what)}, "
+                        f"its shards sum to {total}{less}")
+    counts = manifest.counts
+    kept = sum(s.count for _, s in shards) - n_withdrawn
     if counts.get("inputs") != counts.get("kept", 0) + counts.get("dropped", 0):
         err.add("manifest", f"manifest: counts.inputs {counts.get('inputs')} != kept {counts.get('kept')} "
                 f"+ dropped {counts.get('dropped')}")
     if counts.get("kept") != kept:
         err.add("manifest", f"manifest: counts.kept is {counts.get('kept')}, the kinds' counts sum to {kept}")
-    if sum(manifest.get("drops", {}).values()) != counts.get("dropped"):
-        err.add("manifest", f"manifest: drops sum to {sum(manifest.get('drops', {}).values())}, "
+    if sum(manifest.drops.values()) != counts.get("dropped"):
+        err.add("manifest", f"manifest: drops sum to {sum(manifest.drops.values())}, "
                 f"counts.dropped is {counts.get('dropped')}")
     return shards
 
 
-def _withdrawn(kind: str, entry: dict[str, Any], tars: set[str], err: _Errors) -> list[str]:
+def _withdrawn(kind: str, entry: KindEntry, tars: set[str], err: _Errors) -> list[str]:
     """The "shard/key" refs a retry round withdrew (samples in a tar, no longer in the output):
     each must name a listed tar of its kind, once."""
     refs: list[str] = []
-    for w in entry.get("withdrawn", []):
-        if not isinstance(w, dict) or not all(isinstance(w.get(k), str) for k in ("shard", "key", "id")):
-            err.add("manifest", f"manifest: kinds.{kind}.withdrawn entry {w!r} is not {{shard, key, id}}")
-        elif w["shard"] not in tars:
-            err.add("manifest", f"manifest: withdrawn {w['shard']}/{w['key']} names a tar the manifest lacks")
+    for w in entry.withdrawn or ():
+        if not all(isinstance(v, str) for v in (w.shard, w.key, w.id)):
+            err.add("manifest", f"manifest: kinds.{kind}.withdrawn entry {w.to_dict()!r} is not {{shard, key, id}}")
+        elif w.shard not in tars:
+            err.add("manifest", f"manifest: withdrawn {w.shard}/{w.key} names a tar the manifest lacks")
         else:
-            refs.append(f"{w['shard']}/{w['key']}")
+            refs.append(f"{w.shard}/{w.key}")
     for ref, n in Counter(refs).items():
         if n > 1:
             err.add("manifest", f"manifest: withdrawn {ref} listed {n} times")
@@ -227,10 +213,10 @@ def _temporaries(out: Path) -> list[str]:
     return found
 
 
-def _check_layout(out: Path, manifest: dict[str, Any], shards: list[tuple[str, dict[str, Any]]], err: _Errors) -> None:
+def _check_layout(out: Path, manifest: Manifest, shards: list[tuple[str, ShardEntry]], err: _Errors) -> None:
     """Stray entries in the kind folders and ledger/, leftover temporaries, pairs/sizes.json."""
-    named = {s.get(k) for e in manifest.get("kinds", {}).values() for s in e.get("shards", []) for k in ("name", "sidecar")}
-    named |= set(manifest.get("ledger", []))
+    named = {name for e in manifest.kinds.values() for s in e.shards for name in (s.name, s.sidecar)}
+    named |= set(manifest.ledger)
     named.add(f"{KIND_DIRS['pair']}/{SIZES_JSON}")
     for folder in [*KIND_DIRS.values(), LEDGER_DIR]:
         if not (out / folder).is_dir():
@@ -245,11 +231,11 @@ def _check_layout(out: Path, manifest: dict[str, Any], shards: list[tuple[str, d
                 err.add("stray", f"{rel}: not a regular file")
     for path in _temporaries(out):
         err.add("tmp", f"{path}: leftover temporary file")
-    if "pair" in manifest.get("kinds", {}):
+    if "pair" in manifest.kinds:
         rel = f"{KIND_DIRS['pair']}/{SIZES_JSON}"
         expected = sizes_json([s for kind, s in shards if kind == "pair"])
         try:
-            found = json.loads((out / rel).read_text())
+            found = read_json(out / rel)
         except (OSError, ValueError) as exc:
             err.add("sizes", f"{rel}: unreadable ({exc})")
         else:
@@ -304,7 +290,7 @@ def _sample_errors(kind: str, key: str, sample: dict[str, Any]) -> list[str]:
 
 def _wds_samples(path: Path, on_error: Any) -> Iterator[dict[str, Any]]:
     """Raw samples of one tar through webdataset's own tar iterators (no decoding)."""
-    with path.open("rb") as f:
+    with open_read(path) as f:
         files = tariterators.tar_file_expander([{"url": str(path), "stream": f}], handler=on_error)
         yield from tariterators.group_by_keys(files, handler=on_error)
 
@@ -352,7 +338,7 @@ def _check_headers(out: Path, name: str, sidecar: str, idx: _Index, err: _Errors
     listed = set(idx.names)
     size = (out / name).stat().st_size
     try:
-        with (out / name).open("rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
+        with open_read(out / name) as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
             for ti in tf:
                 checked["members"] += 1
                 if not ti.isreg():
@@ -408,7 +394,7 @@ def _check_samples(
 
     count = 0
     seen: set[str] = set()
-    with (out / name).open("rb") as raw:
+    with open_read(out / name) as raw:
         for sample in _wds_samples(out / name, on_error):
             key = sample["__key__"]
             count += 1
@@ -444,18 +430,18 @@ def _check_samples(
 
 
 def _check_tar(
-    out: Path, kind: str, s: dict[str, Any], err: _Errors, checked: Counter[str], byte_checks: int | None,
+    out: Path, kind: str, s: ShardEntry, err: _Errors, checked: Counter[str], byte_checks: int | None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Check one tar against its sidecar; return hashes of its keys and of its "shard/key"s."""
-    name, sidecar = s["name"], s["sidecar"]
+    name, sidecar = s.name, s.sidecar
     try:
         idx, table = _Index.read(out / sidecar)
     except Exception as exc:  # a corrupt sidecar is a finding, not a crash
         err.add("sidecar", f"{sidecar}: unreadable ({exc})")
         return None
     checked["sidecar_rows"] += len(idx.keys)
-    if len(idx.keys) != s["count"]:
-        err.add("count", f"{sidecar}: {len(idx.keys)} rows, manifest says {s['count']}")
+    if len(idx.keys) != s.count:
+        err.add("count", f"{sidecar}: {len(idx.keys)} rows, manifest says {s.count}")
     if len(idx.row_of) != len(idx.keys):
         dups = sorted(k for k, n in Counter(idx.keys).items() if n > 1)
         err.add("keys", f"{sidecar}: keys repeated within the shard: {dups[:5]}")
@@ -464,8 +450,8 @@ def _check_tar(
     _check_headers(out, name, sidecar, idx, err, checked)
     count = _check_samples(out, kind, name, sidecar, idx, err, checked, byte_checks)
     checked["samples"] += count
-    if count != s["count"]:
-        err.add("count", f"{name}: webdataset reads {count} samples, manifest says {s['count']}")
+    if count != s.count:
+        err.add("count", f"{name}: webdataset reads {count} samples, manifest says {s.count}")
     return _hash(table["key"]), _hash(_refs(name, table["key"]))
 
 
@@ -474,11 +460,11 @@ def _refs(name: str, keys: pa.ChunkedArray) -> pa.Array:
     return pc.fill_null(pc.binary_join_element_wise(pa.scalar(name), keys.combine_chunks(), "/"), "")
 
 
-def _sidecar_keys(out: Path, shards: list[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str, str, pa.ChunkedArray]]:
+def _sidecar_keys(out: Path, shards: list[tuple[str, ShardEntry]]) -> Iterator[tuple[str, str, pa.ChunkedArray]]:
     """(kind, tar name, keys) of every readable sidecar: the exact second pass behind hash suspects."""
     for kind, s in shards:
         try:
-            yield kind, s["name"], read_table(out / s["sidecar"], columns=["key"])["key"]
+            yield kind, s.name, read_table(out / s.sidecar, columns=["key"])["key"]
         except Exception:  # already reported by the first pass
             continue
 
@@ -495,12 +481,12 @@ def _ledger_batches(out: Path, files: list[str]) -> Iterator[tuple[str, pa.Table
 
 
 def _check_ledger(
-    out: Path, manifest: dict[str, Any], shards: list[tuple[str, dict[str, Any]]], sidecar_refs: list[np.ndarray],
+    out: Path, manifest: Manifest, shards: list[tuple[str, ShardEntry]], sidecar_refs: list[np.ndarray],
     err: _Errors, checked: Counter[str],
 ) -> None:
     """Ledger rows against themselves, the manifest counts and the sidecars (via `sidecar_refs`)."""
     files = []
-    for rel in manifest.get("ledger", []):
+    for rel in manifest.ledger:
         p = Path(rel)
         if p.is_absolute() or len(p.parts) != 2 or p.parts[0] != LEDGER_DIR or not p.name.endswith(".parquet"):
             err.add("ledger", f"manifest: ledger file {rel!r} is not ledger/*.parquet; not opened")
@@ -508,13 +494,12 @@ def _check_ledger(
             err.add("ledger", f"{rel}: missing or not a regular file")
         else:
             files.append(rel)
-    tars = pa.array(sorted(s["name"] for _, s in shards), pa.string())
+    tars = pa.array(sorted(s.name for _, s in shards), pa.string())
     totals: Counter[str] = Counter()
     drops: Counter[str] = Counter()
     id_hashes: list[np.ndarray] = []
     # a sidecar sample is owned by exactly one kept ledger row, or withdrawn by the manifest
-    withdrawn = [f"{w['shard']}/{w['key']}" for e in manifest.get("kinds", {}).values()
-                 for w in e.get("withdrawn", []) if isinstance(w, dict)]
+    withdrawn = [f"{w.shard}/{w.key}" for e in manifest.kinds.values() for w in e.withdrawn or ()]
     kept_hashes: list[np.ndarray] = [_hash(pa.array(withdrawn, pa.string()))] if withdrawn else []
     try:
         for rel, t in _ledger_batches(out, files):
@@ -540,12 +525,12 @@ def _check_ledger(
     except Exception as exc:  # a corrupt ledger file is a finding
         err.add("ledger", f"ledger: unreadable ({exc})")
         return
-    counts = manifest.get("counts", {})
+    counts = manifest.counts
     found = {"inputs": sum(totals.values()), "kept": totals["kept"], "dropped": totals["dropped"]}
     for what, n in found.items():
         if counts.get(what) != n:
             err.add("totals", f"ledger: {n} {what}, manifest counts.{what} says {counts.get(what)}")
-    expected = manifest.get("drops", {})
+    expected = manifest.drops
     for reason in sorted(set(drops) | set(expected)):
         if drops.get(reason, 0) != expected.get(reason, 0):
             err.add("totals", f"ledger: {drops.get(reason, 0)} drops {reason}, manifest drops says {expected.get(reason, 0)}")
@@ -612,18 +597,18 @@ def verify(out: str | Path, *, byte_checks_per_shard: int | None = None, max_err
     err = _Errors(max_errors_per_check)
     checked: Counter[str] = Counter()
     try:
-        manifest = read_manifest(out)
+        manifest = Manifest.read(out)
+    except ManifestError as exc:  # a structure that is not the contract's: nothing in it is trusted
+        return VerifyReport(ok=False, errors=[f"manifest: {exc.problem}"], checked={})
     except (OSError, ValueError) as exc:
         return VerifyReport(ok=False, errors=[f"manifest: {exc}"], checked={})
-    if problem := _malformed(manifest):
-        return VerifyReport(ok=False, errors=[f"manifest: {problem}"], checked={})
     shards = _manifest_shards(manifest, err)
     key_hashes: dict[str, list[np.ndarray]] = {}
     refs: list[np.ndarray] = []
     for kind, s in shards:
         checked["shards"] += 1
-        ok_tar = _check_file(out, s["name"], s.get("bytes"), s.get("sha256"), err)
-        ok_side = _check_file(out, s["sidecar"], None, s.get("sidecar_sha256"), err)
+        ok_tar = _check_file(out, s.name, s.bytes, s.sha256, err)
+        ok_side = _check_file(out, s.sidecar, None, s.sidecar_sha256, err)
         if ok_tar and ok_side and (found := _check_tar(out, kind, s, err, checked, byte_checks_per_shard)):
             key_hashes.setdefault(kind, []).append(found[0])
             refs.append(found[1])

@@ -9,19 +9,19 @@ apply, checkpointing, validation and logging. Relative paths are taken from the 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# the YAML reading, overrides and error format shared with curation recipes
+from curate.contract import RecipeError, parse_override, read_recipe_yaml, validate_recipe
+from train.data.mixture import KINDS
+from train.model.registry import REGISTRY, get_config
 
-_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
-
-
-class RecipeError(ValueError):
-    """A training recipe that cannot run; the message names the file and the key."""
+__all__ = ["CheckpointSection", "DataSection", "LogSection", "ModelSection", "OptimSection", "ParallelSection",
+           "RecipeError", "TrainRecipe", "ValidationSection", "load_train_recipe", "parse_override",
+           "parse_train_recipe"]
 
 
 class _Strict(BaseModel):
@@ -37,8 +37,6 @@ class ModelSection(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, value: str) -> str:
-        from train.model.registry import REGISTRY
-
         if value not in REGISTRY:
             raise ValueError(f"unknown model size {value!r}; known: {sorted(REGISTRY)}")
         return value
@@ -67,8 +65,6 @@ class DataSection(_Strict):
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: dict[str, float]) -> dict[str, float]:
-        from train.data.mixture import KINDS
-
         for name, w in value.items():
             if name.partition(":")[0] not in KINDS:
                 raise ValueError(f"weight {name!r}: expected one of {KINDS} or '<kind>:<output>'")
@@ -174,8 +170,6 @@ class TrainRecipe(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainRecipe":
-        from train.model.registry import get_config
-
         cfg = get_config(self.model.name)
         n_tokens = cfg.connector.n_tokens
         moe = cfg.decoder.moe
@@ -191,77 +185,15 @@ class TrainRecipe(_Strict):
 
     @property
     def n_image_tokens(self) -> int:
-        from train.model.registry import get_config
-
         return self.data.n_image_tokens or get_config(self.model.name).connector.n_tokens
 
 
-def _format_errors(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        got = err.get("input")
-        got_txt = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-        lines.append(f"  {loc}: {err['msg']}{got_txt}")
-    return "\n".join(lines)
-
-
 def parse_train_recipe(data: Any, origin: str = "<recipe>") -> TrainRecipe:
-    if not isinstance(data, dict):
-        raise RecipeError(f"{origin}: a recipe is a mapping of keys, got {type(data).__name__}")
-    try:
-        return TrainRecipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(f"{origin}: invalid training recipe\n{_format_errors(exc)}") from None
-
-
-def _set_dotted(data: dict, dotted: str, value: Any, origin: str) -> None:
-    """Set `a.b.c` in nested mappings (a list item by its index)."""
-    node: Any = data
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise RecipeError(f"{origin}: override {dotted!r}: no list item {part!r}")
-            node = node[int(part)]
-        elif isinstance(node, dict):
-            node = node.setdefault(part, {})
-        else:
-            raise RecipeError(f"{origin}: override {dotted!r}: {part!r} is not a mapping")
-    if isinstance(node, list):
-        if not leaf.isdigit() or int(leaf) >= len(node):
-            raise RecipeError(f"{origin}: override {dotted!r}: no list item {leaf!r}")
-        node[int(leaf)] = value
-    elif isinstance(node, dict):
-        node[leaf] = value
-    else:
-        raise RecipeError(f"{origin}: override {dotted!r}: cannot set inside a {type(node).__name__}")
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`key.path=value` (the value read as YAML: `3e-3` is a float, `[a, b]` a list) -> (key, value)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise RecipeError(f"override {text!r}: expected key.path=value")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"override {text!r}: the value is not valid YAML: {exc}") from None
-    if isinstance(value, str) and _FLOAT.match(value):
-        value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
-    return key.strip(), value
+    """`data` (a mapping, as YAML reads it) validated; RecipeError naming `origin` and each key."""
+    return validate_recipe(TrainRecipe, data, origin, what="training recipe")
 
 
 def load_train_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainRecipe:
-    """Read a YAML training recipe (safe_load), apply dotted-key overrides, validate."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
-    if isinstance(data, dict):
-        for dotted, value in (overrides or {}).items():
-            _set_dotted(data, dotted, value, str(path))
-    return parse_train_recipe(data, str(path))
+    """Read a YAML training recipe (safe_load), apply dotted-key overrides (`parse_override` reads
+    them from the command line), validate (curate/recipe_io.py)."""
+    return parse_train_recipe(read_recipe_yaml(path, overrides), str(path))

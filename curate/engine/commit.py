@@ -1,8 +1,9 @@
 """The commit protocol: how a task's output becomes visible, exactly once, whatever happens.
 
 Outputs live on a local disk or on an object store (any fsspec URL: s3://, gs://, memory://);
-`location(path_or_url)` turns either into a path object (`pathlib.Path`, or a `upath.UPath` on
-the store) and `storage_for(path)` gives the storage that commits there.
+`location(path_or_url)` (curate/storage.py, the storage seam, which also holds the reads) turns
+either into a path object (`pathlib.Path`, or a `upath.UPath` on the store) and
+`storage_for(path)` gives the storage that commits there.
 
 1. Every output is first written under a name unique to the attempt.
 2. It is published:
@@ -36,112 +37,14 @@ import uuid
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+from curate.contract import TMP_SUFFIX
+# The locations and reads live in the storage seam; re-exported here for the engine's modules.
+from curate.storage import (  # noqa: F401
+    check_url, dask_url, fs_path, is_url, location, parquet_file, parquet_files, read_schema, read_table, relative,
+)
 
-TMP_SUFFIX = ".tmp"
 # an attempt's own name on an object store: NAME.<12 hex>[.EXT]
 ATTEMPT_NAME = re.compile(r"^(?P<stem>[^.]+)\.(?P<attempt>[0-9a-f]{12})(?P<ext>\.[A-Za-z0-9]+)?$")
-# a listing cache would let one process miss what another just wrote (s3fs caches listings)
-_STORE_OPTIONS = {"use_listings_cache": False}
-
-
-# ---------------------------------------------------------------------------------------------
-# Locations
-# ---------------------------------------------------------------------------------------------
-
-
-def is_url(path: Any) -> bool:
-    """An fsspec URL of a store (not a plain path, not file://)."""
-    if isinstance(path, Path):
-        return False
-    if hasattr(path, "protocol"):  # a UPath
-        return getattr(path, "protocol") not in ("", "file", "local")
-    s = str(path)
-    return "://" in s and not s.startswith("file://")
-
-
-def location(path: Any, **storage_options: Any) -> Path:
-    """A local path as a `pathlib.Path`, an fsspec URL as a `upath.UPath` (same operators: `/`,
-    `.name`, `.parent`, `.exists()`, `.open()`, `.iterdir()`, `.rglob()`)."""
-    if is_url(path):
-        if hasattr(path, "protocol"):
-            return path
-        from upath import UPath
-
-        return UPath(str(path), **{**_STORE_OPTIONS, **storage_options})
-    s = str(path)
-    return Path(s[len("file://"):] if s.startswith("file://") else s)
-
-
-def check_url(url: str) -> None:
-    """Fail now, with what to install, when no fsspec implementation serves `url`'s protocol or
-    it cannot be written to."""
-    import fsspec
-
-    protocol = str(url).split("://", 1)[0]
-    try:
-        cls = fsspec.get_filesystem_class(protocol)
-    except ValueError:
-        raise ValueError(f"{url!r}: no fsspec filesystem is known for {protocol}://") from None
-    except ImportError as exc:
-        extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(protocol)
-        hint = f" (pip install 'mm1-pipeline[{extra}]')" if extra else ""
-        raise ValueError(f"{url!r}: {protocol}:// needs a package that is not installed{hint}: {exc}") from None
-    if protocol in ("http", "https") or getattr(cls, "read_only", False):
-        raise ValueError(f"{url!r}: {protocol}:// cannot be written to")
-
-
-def relative(path: Any, root: Any) -> str:
-    """`path` under `root` as a posix relative name (what markers and the manifest record)."""
-    p, r = str(path).rstrip("/"), str(root).rstrip("/")
-    if not p.startswith(r + "/"):
-        raise ValueError(f"{path} is not under {root}")
-    return p[len(r) + 1:]
-
-
-def fs_path(path: Any) -> tuple[str, Any]:
-    """(path, filesystem) for pyarrow and fsspec: the filesystem is None on a local disk."""
-    if is_url(path):
-        return path.path, path.fs
-    return str(path), None
-
-
-def dask_url(path: Any) -> tuple[str, dict[str, Any]]:
-    """(url, storage_options) for dask's read_parquet / to_parquet."""
-    if is_url(path):
-        return str(path), dict(getattr(path, "storage_options", {}) or {})
-    return str(path), {}
-
-
-# parquet, wherever it lies ----------------------------------------------------------------------
-
-
-def read_table(path: Any, columns: list[str] | None = None) -> pa.Table:
-    """A parquet file or a folder of them (hive `key=value` folders are not turned into columns)."""
-    where, fs = fs_path(path)
-    return pq.read_table(where, columns=columns, filesystem=fs, partitioning=None)
-
-
-def parquet_file(path: Any) -> pq.ParquetFile:
-    if is_url(path):
-        return pq.ParquetFile(path.fs.open(path.path, "rb"))
-    return pq.ParquetFile(path)
-
-
-def read_schema(path: Any) -> pa.Schema:
-    if is_url(path):
-        with path.fs.open(path.path, "rb") as f:
-            return pq.read_schema(f)
-    return pq.read_schema(path)
-
-
-def parquet_files(folder: Any) -> list[Any]:
-    """The parquet files under a folder, sorted (none when it does not exist)."""
-    folder = location(folder) if not hasattr(folder, "rglob") else folder
-    if not folder.exists():
-        return []
-    return sorted((f for f in folder.rglob("*.parquet")), key=str)
 
 
 # ---------------------------------------------------------------------------------------------

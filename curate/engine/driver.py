@@ -2,14 +2,17 @@
 every input.
 
 A run is a fixed sequence of steps, each committed per partition (see `curate.engine.commit` and the
-tasks in `curate.engine.steps`):
+tasks in `curate.engine.steps`), on the cluster of `curate.engine.cluster`:
 
     seg0   per partition: source -> row stages up to the first global stage -> intermediate
     global per global stage: a Dask dataframe pass over small columns -> drop decisions
     seg1.. per partition: previous intermediate + decisions -> next row stages -> intermediate
     plan   per partition: how many shards its kept rows fill
     pack   per partition: tars + sidecars + the ledger file
-    manifest, written last by the driver from the pack markers
+    manifest, written last by the driver from the pack markers (`curate.engine.manifest`)
+
+A `--retry-failed` round (`curate.engine.retry`) runs the same steps through `run_segments` and
+`run_plans` over the partitions it retries.
 
 Everything a task writes is deterministic, so reruns skip finished work and give byte-identical
 shards; the recipe hash and the input fingerprint guard against resuming a different run.
@@ -17,13 +20,12 @@ shards; the recipe hash and the input fingerprint guard against resuming a diffe
 
 from __future__ import annotations
 
-import logging
-import subprocess
-import sys
-from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import dask
+import dask.dataframe as dd
+import pandas as pd
 import pyarrow as pa
 
 from curate.engine.commit import (
@@ -38,7 +40,9 @@ from curate.engine.commit import (
     relative,
     storage_for,
 )
-from curate.contract import FORMAT_VERSION, KIND_DIRS, LEDGER_DIR, MANIFEST, SIZES_JSON, inside, sizes_json
+from curate.contract import KIND_DIRS, LEDGER_DIR, MANIFEST, inside
+from curate.engine.cluster import check_resources, connect, run_tasks, segment_resources
+from curate.engine.manifest import write_manifest
 from curate.recipe import Recipe
 from curate.sources.base import build_source
 from curate.stages.base import GlobalStage, build_stage
@@ -48,6 +52,7 @@ from curate.engine.steps import (
     WORK,
     Job,
     ResumeError,
+    number_shards,
     run_pack,
     run_plan,
     run_segment,
@@ -55,24 +60,7 @@ from curate.engine.steps import (
     valid_marker,
 )
 
-__all__ = ["ResumeError", "plan_job", "prepare_output", "run_global", "run_recipe", "write_manifest"]
-
-log = logging.getLogger("mm1.curate")
-def code_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        v = version("mm1-pipeline")
-    except PackageNotFoundError:
-        v = "0+unknown"
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{v}+g{sha}" if sha else v
+__all__ = ["ResumeError", "plan_job", "prepare_output", "run_global", "run_plans", "run_recipe", "run_segments"]
 
 
 def plan_job(recipe: Recipe, out: Path | None = None) -> Job:
@@ -115,104 +103,6 @@ def prepare_output(job: Job, restart: bool) -> None:
     storage.remove_temporaries(job.out)
 
 
-# Dask settings for the workers of the LocalCluster we start (BENCHMARKS.md, download vs
-# img2dataset, measures each). dask's nanny exports MALLOC_TRIM_THRESHOLD_=65536 to its workers,
-# which turns off glibc's dynamic mmap threshold: every buffer over 128 KiB (each downloaded body,
-# each decoded picture) is then mmap'ed and unmapped again, 20x the page faults and +16% wall on
-# the download + resize path. `None` unsets it (glibc keeps freed memory for reuse instead: a
-# higher but flat RSS). The worker's sampling profiler (a stack sample of every thread each
-# 10 ms) costs CPU on stages with many I/O threads and we do not read its output.
-# External clusters: start `dask worker` with the same (DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED
-# =False, and MALLOC_TRIM_THRESHOLD_ unset in `distributed.nanny.pre-spawn-environ`); README.
-WORKER_CONFIG: dict[str, Any] = {
-    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
-    "distributed.worker.profile.enabled": False,
-}
-
-
-class _Cluster:
-    """A client on the recipe's scheduler, or on a LocalCluster we start (127.0.0.1 only)."""
-
-    def __init__(self, recipe: Recipe):
-        from dask.distributed import Client, LocalCluster
-
-        cfg = recipe.cluster
-        self.cluster = None
-        if cfg.address:
-            self.client = Client(cfg.address, timeout="30s")
-        else:
-            import dask
-
-            # The nannies copy the config when they start: these settings reach our workers only.
-            with dask.config.set(WORKER_CONFIG):
-                self.cluster = LocalCluster(
-                    n_workers=cfg.n_workers,
-                    threads_per_worker=cfg.threads_per_worker,
-                    processes=True,
-                    host="127.0.0.1",
-                    # The scheduler's HTTP server (health, metrics) starts even without the
-                    # dashboard: keep it on loopback, on a free port.
-                    dashboard_address="127.0.0.1:0",
-                    scheduler_kwargs={"dashboard": cfg.dashboard},
-                    memory_limit=cfg.memory_limit,
-                )
-            self.client = Client(self.cluster)
-        log.info("dask dashboard: %s", self.client.dashboard_link)
-
-    def close(self) -> None:
-        self.client.close()
-        if self.cluster is not None:
-            self.cluster.close()
-
-
-def _check_resources(client: Any, needed: dict[str, float]) -> None:
-    if not needed:
-        return
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    for name, amount in needed.items():
-        if not any(w.get("resources", {}).get(name, 0) >= amount for w in workers):
-            raise RuntimeError(
-                f"a stage needs worker resource {name}={amount}, and no worker advertises it; "
-                f"start workers with `dask worker ... --resources {name}={amount}`"
-            )
-
-
-def _map(client: Any, fn: Any, calls: list[tuple], desc: str, progress: bool,
-         resources: dict[str, float] | None = None, retries: int = 0) -> list[dict[str, Any]]:
-    """Submit `fn(*args)` for each call as futures, wait for all, return the results in order.
-
-    The futures are released on return, so a worker that dies later does not make the scheduler
-    recompute finished tasks. A task's exception is a bug in a stage: it stops the run."""
-    from dask.distributed import as_completed
-    from tqdm import tqdm
-
-    futures = [
-        client.submit(fn, *args, key=f"{fn.__name__}-r{args[0].round}-{'-'.join(map(str, args[1:3]))}-{args[0].recipe_hash}",
-                      resources=resources or None, retries=retries, pure=False)
-        for args in calls
-    ]
-    results: dict[Any, dict[str, Any]] = {}
-    bar = tqdm(total=len(futures), desc=desc, unit="part", disable=not progress, file=sys.stderr)
-    try:
-        for fut in as_completed(futures):
-            results[fut.key] = fut.result()
-            bar.update(1)
-        return [results[f.key] for f in futures]
-    except BaseException:
-        client.cancel(futures)
-        raise
-    finally:
-        bar.close()
-
-
-def _segment_resources(job: Job, seg: int) -> dict[str, float]:
-    needed: dict[str, float] = {}
-    for cfg in job.segments[seg].row_stages:
-        for k, v in cfg.resources.items():
-            needed[k] = max(needed.get(k, 0), v)
-    return needed
-
-
 def _count_rows(folder: Path) -> int:
     return sum(parquet_file(f).metadata.num_rows for f in parquet_files(folder))
 
@@ -234,8 +124,6 @@ def decide_global(stage: GlobalStage, live: Any, decisions_dir: Path, input_dir:
     `decisions_dir`, one `_partition=<p>` folder per partition, and `live` itself under
     `input_dir`, in one pass over the input. Returns the number of drops and the two folders
     as published (on an object store, the attempt's own names: the marker must record them)."""
-    import dask
-
     storage = storage_for(decisions_dir)
     tmp, tmp_input = storage.attempt_path(decisions_dir), storage.attempt_path(input_dir)
     (tmp_url, opts), (input_url, _) = dask_url(tmp), dask_url(tmp_input)
@@ -258,8 +146,6 @@ def decide_global(stage: GlobalStage, live: Any, decisions_dir: Path, input_dir:
 
 
 def _nullable_int64(dtype: pa.DataType) -> Any:
-    import pandas as pd
-
     return pd.Int64Dtype() if dtype == pa.int64() else None
 
 
@@ -271,8 +157,6 @@ EXACT_INTEGERS: dict[str, Any] = {"types_mapper": _nullable_int64}
 def read_live(files: list[Path], columns: list[str]) -> Any:
     """The rows of these intermediate files that no stage dropped, with `columns` (+ id and
     partition): what a global stage decides over."""
-    import dask.dataframe as dd
-
     urls = [dask_url(f) for f in files]
     ddf = dd.read_parquet([u for u, _ in urls], columns=["id", PARTITION_COLUMN, "drop_reason", *columns],
                           split_row_groups=False, arrow_to_pandas=EXACT_INTEGERS,
@@ -321,47 +205,9 @@ def _removes_segments(decisions: Path) -> bool:
 
 
 def global_state(job: Job, decisions: Path, inputs: Path) -> dict[str, str]:
+    """Where a global stage's decisions and inputs live, relative to the output (its manifest
+    entry's `state`: the next segment and a retry round read them)."""
     return {"decisions": relative(decisions, job.out), "input": relative(inputs, job.out)}
-
-
-def write_manifest(job: Job, packs: list[dict[str, Any]], globals_: list[dict[str, Any]]) -> dict[str, Any]:
-    storage = job.storage
-    kinds: dict[str, dict[str, Any]] = {}
-    for kind in sorted(set(job.kinds)):
-        shards = sorted(
-            (s for m in packs if m["kind"] == kind for s in m["shards"]), key=lambda s: s["shard"]
-        )
-        kinds[kind] = {
-            "shards": shards,
-            "count": sum(s["count"] for s in shards),
-            "bytes": sum(s["bytes"] for s in shards),
-        }
-        if kind == "pair":
-            storage.write_json(job.out / KIND_DIRS[kind] / SIZES_JSON, sizes_json(shards))
-    drops: Counter[str] = Counter()
-    for m in packs:
-        drops.update(m["drops"])
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "name": job.recipe.name,
-        "code_version": code_version(),
-        "recipe": job.recipe.model_dump(mode="json"),
-        "recipe_hash": job.recipe_hash,
-        "input_fingerprint": job.input_fingerprint(),
-        "kinds": kinds,
-        "ledger": sorted(m["ledger"] for m in packs),
-        "counts": {
-            "partitions": len(job.partitions),
-            "inputs": sum(m["inputs"] for m in packs),
-            "kept": sum(m["kept"] for m in packs),
-            "dropped": sum(m["dropped"] for m in packs),
-        },
-        "drops": dict(sorted(drops.items())),  # "stage/reason" -> count
-        "global": {g["stage"]: {k: v for k, v in g.items() if k not in ("recipe_hash", "fingerprint", "step")}
-                   for g in globals_},
-    }
-    storage.write_json(job.out / MANIFEST, manifest)
-    return manifest
 
 
 def run_recipe(
@@ -379,15 +225,8 @@ def run_recipe(
     if not is_url(job.out):
         job.out.mkdir(parents=True, exist_ok=True)
     prepare_output(job, restart)
-    own = None
-    if client is None:
-        own = _Cluster(recipe)
-        client = own.client
-    try:
+    with connect(recipe, client) as client:
         manifest = _execute(job, client, progress)
-    finally:
-        if own is not None:
-            own.close()
     job.storage.remove_temporaries(job.out)
     if not recipe.execution.keep_intermediate:
         # the row data goes; global stages' decisions and inputs (small columns) stay for
@@ -413,34 +252,49 @@ def remove_unnamed(job: Job, manifest: dict[str, Any]) -> None:
     storage.remove_unnamed(job.round_dir, named)
 
 
+def run_segments(client: Any, job: Job, parts: list[int], progress: bool,
+                 global_pass: Callable[[Job, int], dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """Every segment's row stages over partitions `parts`, each segment followed by its global
+    stage through `global_pass(job, seg)` (None: the stage is not run in this round). Returns
+    the global passes' markers, in segment order."""
+    retries = job.recipe.execution.task_retries
+    label = "retry " if job.round else ""
+    globals_: list[dict[str, Any]] = []
+    for seg, segment in enumerate(job.segments):
+        resources = segment_resources(job, seg)
+        check_resources(client, resources)
+        run_tasks(client, run_segment, [(job, seg, p) for p in parts], f"{label}segment {seg}", progress,
+                  resources, retries)
+        if segment.global_stage is not None:
+            marker = global_pass(job, seg)
+            if marker is not None:
+                globals_.append(marker)
+    return globals_
+
+
+def run_plans(client: Any, job: Job, parts: list[int], progress: bool) -> dict[int, list[int]]:
+    """The shard cut of each partition in `parts`: partition -> samples per shard."""
+    plans = run_tasks(client, run_plan, [(job, p) for p in parts], "retry plan" if job.round else "plan",
+                      progress, retries=job.recipe.execution.task_retries)
+    return {p: plan["shard_counts"] for p, plan in zip(parts, plans)}
+
+
 def _execute(job: Job, client: Any, progress: bool) -> dict[str, Any]:
     n = len(job.partitions)
-    retries = job.recipe.execution.task_retries
     storage = job.storage
-    globals_: list[dict[str, Any]] = []
     packs = storage.read_markers([job.marker("pack", p) for p in range(n)])
     if all(packs):  # finished earlier: only the manifest is (re)written, unless it exists
         manifest = storage.read_marker(job.out / MANIFEST)
         if manifest is not None and manifest.get("recipe_hash") == job.recipe_hash and \
                 manifest.get("input_fingerprint") == job.input_fingerprint():
             return manifest  # may hold --retry-failed rounds: never rebuilt from round 0's packs
-        for seg, s in enumerate(job.segments):
-            if s.global_stage is not None:
-                globals_.append(storage.read_marker(job.marker(f"global{seg}")) or {})
+        globals_ = [storage.read_marker(job.marker(f"global{seg}")) or {}
+                    for seg, s in enumerate(job.segments) if s.global_stage is not None]
         return write_manifest(job, packs, globals_)
-    for seg in range(len(job.segments)):
-        resources = _segment_resources(job, seg)
-        _check_resources(client, resources)
-        _map(client, run_segment, [(job, seg, p) for p in range(n)], f"segment {seg}", progress,
-             resources, retries)
-        if job.segments[seg].global_stage is not None:
-            globals_.append(run_global(job, seg))
-    plans = _map(client, run_plan, [(job, p) for p in range(n)], "plan", progress, retries=retries)
-    first: list[int] = []
-    next_shard: Counter[str] = Counter()
-    for p, plan in enumerate(plans):
-        first.append(next_shard[job.kinds[p]])
-        next_shard[job.kinds[p]] += len(plan["shard_counts"])
-    packs = _map(client, run_pack, [(job, p, first[p], plans[p]["shard_counts"]) for p in range(n)],
-                 "pack", progress, retries=retries)
+    parts = list(range(n))
+    globals_ = run_segments(client, job, parts, progress, run_global)
+    counts = run_plans(client, job, parts, progress)
+    first = number_shards(job, counts)
+    packs = run_tasks(client, run_pack, [(job, p, first[p], counts[p]) for p in parts], "pack", progress,
+                      retries=job.recipe.execution.task_retries)
     return write_manifest(job, packs, globals_)

@@ -1,6 +1,6 @@
 """Near-duplicate grouping through Dask: candidate pairs by banding, verification, connected
 components, one kept per group. Independent of what the rows are compared on: perceptual hashes
-(`curate.stages.phash`) and embeddings use the same four steps.
+(`curate.stages.near_dedup`) and embeddings use the same four steps.
 
     live ──band_pairs──► candidates ──verify_pairs──► edges ──components──► groups ──keep_best──► drops
     [id, bands...]       [id_a, id_b]                 [id_a, id_b]          [id, group]          decisions

@@ -1,4 +1,5 @@
-"""Packing records into WebDataset tars + parquet sidecars: the only code that writes tars.
+"""Packing records into WebDataset tars + parquet sidecars (the only code that writes tars), and
+the ledger rows the pack step writes beside them.
 
 A shard is written under an attempt-unique temporary name, hashed while it is written, and then
 published (see `curate.engine.commit`). Tars are deterministic: members in sample order, fixed
@@ -22,19 +23,26 @@ import pyarrow.parquet as pq
 from curate.engine.commit import Storage, location, relative
 from curate.tokens import TokenCounter
 from curate.contract import (
+    KIND_DIRS,
+    LEDGER_SCHEMA,
+    domain_of,
     encode_sample,
     is_safe_member,
     member_footprint,
     sample_key,
+    shard_stem,
     sidecar_path,
     sidecar_row,
     sidecar_schema,
     tar_path,
-    KIND_DIRS,
 )
+from curate.documents import segment_counts
 
 TAR_MTIME = 0  # fixed, so a rerun gives byte-identical tars
 TAR_END = 2 * 512
+# Rows per row group of a ledger file: fixed, so the ledger's bytes do not depend on the
+# execution-only batch size (a run resumed with another batch size stays byte-identical).
+LEDGER_ROWS_PER_GROUP = 1024
 
 
 class _HashingWriter(io.RawIOBase):
@@ -72,6 +80,27 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: int = TAR_MT
 
 def sample_footprint(sizes: Iterable[int]) -> int:
     return sum(member_footprint(s) for s in sizes)
+
+
+def row_footprint(kind: str, row: dict[str, Any]) -> int:
+    """Bytes the sample takes in a tar, from the row without its payload bytes (the plan reads
+    no image: their sizes are columns)."""
+    stub = dict(row)
+    if kind == "pair":
+        stub["image"] = b""
+        payload = [row["image_nbytes"] or 0]
+    elif kind == "doc":
+        n = len(row.get("image_formats") or [])
+        stub["images"] = [b""] * n
+        payload = list(row.get("image_nbytes_list") or [0] * n)
+    else:
+        payload = []
+    sizes = [len(data) for _, data in encode_sample(kind, stub, sample_key(0, 0))]
+    if kind == "pair":
+        sizes[0] = payload[0]
+    elif kind == "doc":
+        sizes[1:] = payload
+    return sample_footprint(sizes)
 
 
 def plan_shards(footprints: Iterable[int], max_samples: int, max_bytes: int) -> list[int]:
@@ -172,4 +201,45 @@ class ShardWriter:
 
 
 def shard_label(kind: str, shard: int) -> str:
-    return f"{KIND_DIRS[kind]}/{shard:05d}.tar"
+    """The shard's name in the ledger: `<kind dir>/<shard>.tar`."""
+    return f"{KIND_DIRS[kind]}/{shard_stem(shard)}.tar"
+
+
+def ledger_row(kind: str, row: dict[str, Any], shard: str | None, key: str | None) -> dict[str, Any]:
+    """The ledger's record of one row's outcome: kept in `shard` under `key`, or dropped."""
+    segments_total, segments_dropped = segment_counts(kind, row)
+    attempts = row.get("attempts")
+    return {
+        "id": row["id"],
+        "kind": kind,
+        "source": row["source"],
+        "url": row.get("url"),
+        "domain": domain_of(row.get("url")),
+        "outcome": "dropped" if row.get("drop_reason") else "kept",
+        "stage": row.get("drop_stage"),
+        "drop_reason": row.get("drop_reason"),
+        "drop_detail": row.get("drop_detail"),
+        "attempts": 1 if attempts is None else attempts,
+        "shard": shard,
+        "key": key,
+        "segments_total": segments_total,
+        "segments_dropped": segments_dropped,
+    }
+
+
+class LedgerRows:
+    """Ledger rows written to an open parquet writer in row groups of LEDGER_ROWS_PER_GROUP, so a
+    ledger file's bytes never depend on the batch size. `close()` writes what is left."""
+
+    def __init__(self, writer: pq.ParquetWriter):
+        self.writer, self.buffer = writer, []
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.buffer.append(row)
+        if len(self.buffer) >= LEDGER_ROWS_PER_GROUP:
+            self.close()
+
+    def close(self) -> None:
+        if self.buffer:
+            self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=LEDGER_SCHEMA))
+            self.buffer = []

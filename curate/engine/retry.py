@@ -3,7 +3,8 @@ failures (timeouts, connection errors, 429, 5xx), and fold what comes back into 
 output without rewriting a finished shard.
 
 A round of retries, `r` (1 for the first, then 2, ...), works under `_work/retry<r>/` and runs
-the run's own tasks (`curate.engine.steps`) on a `Job` whose `round` is r:
+the run's own steps (`curate.engine.steps`, driven by `curate.engine.driver.run_segments` and
+`run_plans`) on a `Job` whose `round` is r, over the partitions it retries:
 
     select  per partition: the ledger rows dropped for a transient reason -> ids/<p>.parquet
     seg*    per partition with ids: the source read again, only those ids, through every row
@@ -23,11 +24,13 @@ the run's own tasks (`curate.engine.steps`) on a `Job` whose `round` is r:
     plan, pack per partition touched: the recovered kept rows go into NEW shards, numbered after
             the kind's last shard; the partition's ledger file is written anew (a new name,
             `ledger/<p>.r<r>.parquet`) with the retried and the changed rows updated and the
-            attempts of both runs added up.
-    manifest  written last: the commit point of the round (new shards, ledger files, withdrawn
-            samples, counts, the global stages' new results and where their state lives, and a
-            `retries` entry). Files of the round that the manifest does not name yet are ignored
-            by readers, and a killed round resumes from its task markers when run again.
+            attempts of both runs added up (the run's pack step, `steps.run_pack`, with
+            `amend_ledger` as its ledger writer).
+    manifest  written last, the round's amendment of the committed one (`curate.engine.manifest`):
+            the commit point of the round (new shards, ledger files, withdrawn samples, counts,
+            the global stages' new results and where their state lives, and a `retries` entry).
+            Files of the round that the manifest does not name yet are ignored by readers, and a
+            killed round resumes from its task markers when run again.
 
 Equal to a run where everything succeeded the first time: the same kept set, the same image
 bytes per sample, and the same ledger outcome (kept, or dropped at the same stage with the same
@@ -41,47 +44,42 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections import Counter
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import dask
+import dask.dataframe as dd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.engine.commit import dask_url, parquet_file, parquet_files, read_schema, read_table, relative
-from curate.contract import (
-    KIND_DIRS,
-    LEDGER_DIR,
-    LEDGER_SCHEMA,
-    MANIFEST,
-    SIZES_JSON,
-    inside,
-    read_manifest,
-    sizes_json,
+from curate.engine.cluster import connect, run_tasks
+from curate.engine.commit import dask_url, parquet_file, parquet_files, read_table, relative
+from curate.contract import LEDGER_DIR, LEDGER_SCHEMA, inside, read_manifest
+from curate.engine.driver import (
+    EXACT_INTEGERS,
+    decide_global,
+    global_state,
+    live_schema,
+    plan_job,
+    prepare_output,
+    read_live,
+    run_plans,
+    run_segments,
 )
-from curate.engine.pack import ShardWriter, shard_label
+from curate.engine.manifest import LEDGER_NAME, RETRY_COUNTS, ledger_by_partition, write_manifest
+from curate.engine.pack import LedgerRows
 from curate.recipe import Recipe
 from curate.stages.base import GlobalStage, build_stage
 from curate.stages.download import is_transient
-from curate.engine.steps import (
-    PARTITION_COLUMN,
-    Job,
-    LedgerRows,
-    _final_rows,
-    _ledger_row,
-    commit,
-    finished,
-    run_plan,
-    run_segment,
-)
+from curate.engine.steps import PARTITION_COLUMN, Job, commit, finished, number_shards, run_pack
 
-__all__ = ["RetryError", "retry_failed"]
+__all__ = ["RetryError", "amend_ledger", "retry_failed"]
 
 log = logging.getLogger("mm1.curate")
-
-_LEDGER_NAME = re.compile(r"^ledger/(\d{5})(?:\.r(\d+))?\.parquet$")
 
 
 class RetryError(RuntimeError):
@@ -139,48 +137,25 @@ def _outcome_key(row: dict[str, Any]) -> str | None:
     return f"{row['stage']}/{row['drop_reason']}" if row["outcome"] == "dropped" else None
 
 
-def run_retry_pack(job: Job, p: int, ledger: str, first_shard: int, shard_counts: list[int],
-                   retried: bool) -> dict[str, Any]:
-    """Per-partition task of a retry round: the recovered rows' new shards, and the partition's
-    ledger written anew (retried and changed rows updated, everything else as it was, in the
-    same order). Returns what changed, as deltas to the manifest's totals."""
-    done = finished(job, "pack", p)
-    if done is not None:
-        return done
+def amend_ledger(job: Job, p: int, rows: Iterator[dict[str, Any]], *, source: str) -> dict[str, Any]:
+    """A retry round's ledger writer (`steps.run_pack`'s `ledger`): partition p's ledger file
+    `source` (as the manifest names it) written anew under the round's name, in the same order,
+    the retried ids' rows replaced by `rows` (their attempts added up) and the rows this round's
+    global passes changed marked dropped. Returns what the pack marker records: the ledger, the
+    shipped samples now withdrawn, the deltas to the manifest's totals and the round's counts."""
     storage = job.storage
-    kind = job.kinds[p]
-    shards: list[dict[str, Any]] = []
-    new_rows: dict[str, dict[str, Any]] = {}  # ledger rows of the retried ids (no bytes)
-    if retried:
-        record = read_schema(job.seg_file(len(job.segments) - 1, p))
-        plan = list(shard_counts)
-        writer: ShardWriter | None = None
-        for row in _final_rows(job, p):
-            if row.get("drop_reason"):
-                new_rows[row["id"]] = _ledger_row(kind, row, None, None)
-                continue
-            if writer is None:
-                writer = ShardWriter(storage, job.out, kind, first_shard + len(shards), record,
-                                     job.token_counter())
-            key = writer.write(row)
-            new_rows[row["id"]] = _ledger_row(kind, row, shard_label(kind, writer.shard), key)
-            if writer.count == plan[len(shards)]:
-                shards.append(writer.close())
-                writer = None
-        if writer is not None or len(shards) != len(plan):
-            raise RuntimeError(f"partition {p}: packed {len(shards)} shards, planned {len(plan)}")
+    new_rows = {row["id"]: row for row in rows}  # (the recovered rows' shards are written here)
     changes = _changes(job, p)
-
     delta: Counter[str] = Counter()  # "kept", "dropped", and "drop:<stage>/<reason>"
     withdrawn: list[dict[str, str]] = []
-    counts = Counter()
-    final = job.out / LEDGER_DIR / f"{p:05d}.r{job.round}.parquet"
+    counts: Counter[str] = Counter()
+    final = job.ledger_file(p)
     tmp = storage.attempt_path(final, deterministic=True)
     with storage.open_write(tmp) as fh, pq.ParquetWriter(fh, LEDGER_SCHEMA) as out:
         ledger_rows = LedgerRows(out)
-        source = parquet_file(inside(job.out, ledger))
-        for g in range(source.num_row_groups):
-            for old in source.read_row_group(g).to_pylist():
+        earlier = parquet_file(inside(job.out, source))
+        for g in range(earlier.num_row_groups):
+            for old in earlier.read_row_group(g).to_pylist():
                 row = old
                 if old["id"] in new_rows:
                     row = new_rows.pop(old["id"])
@@ -205,15 +180,8 @@ def run_retry_pack(job: Job, p: int, ledger: str, first_shard: int, shard_counts
     if new_rows:  # an id the retry read that the ledger lacks: the source changed under us
         raise RuntimeError(f"partition {p}: retried ids not in its ledger: {sorted(new_rows)[:5]}")
     ledger_at = storage.publish(tmp, final)
-    return commit(
-        job, "pack", p,
-        kind=kind,
-        shards=shards,
-        ledger=relative(ledger_at, job.out),
-        withdrawn=withdrawn,
-        delta={k: v for k, v in sorted(delta.items()) if v},
-        **{k: counts[k] for k in ("retried", "recovered", "failed_again", "dropped", "changed")},
-    )
+    return {"ledger": relative(ledger_at, job.out), "withdrawn": withdrawn,
+            "delta": {k: v for k, v in sorted(delta.items()) if v}, **{k: counts[k] for k in RETRY_COUNTS}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,15 +189,11 @@ def run_retry_pack(job: Job, p: int, ledger: str, first_shard: int, shard_counts
 # ---------------------------------------------------------------------------------------------
 
 
-def ledger_by_partition(manifest: dict[str, Any]) -> dict[int, str]:
-    """Partition index -> the ledger file the manifest names for it."""
-    out: dict[int, str] = {}
-    for name in manifest["ledger"]:
-        m = _LEDGER_NAME.match(name)
-        if m is None:
-            raise RetryError(f"manifest names ledger file {name!r}: not ledger/<partition>[.r<round>].parquet")
-        out[int(m.group(1))] = name
-    return out
+def _ledgers(manifest: dict[str, Any]) -> dict[int, str]:
+    try:
+        return ledger_by_partition(manifest)
+    except ValueError as exc:
+        raise RetryError(str(exc)) from None
 
 
 def _global_entries(manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -240,12 +204,8 @@ def _global_entries(manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
 def _read_dir(path: Path, columns: list[str] | None = None) -> Any:
     """A parquet folder written by dask as a dask dataframe (`_partition` as int64), or None
     when it holds no file (a stage that had no rows)."""
-    import dask.dataframe as dd
-
     if not parquet_files(path):
         return None
-    from curate.engine.driver import EXACT_INTEGERS
-
     url, opts = dask_url(path)
     ddf = dd.read_parquet(url, columns=columns, arrow_to_pandas=EXACT_INTEGERS, storage_options=opts)
     if PARTITION_COLUMN in ddf.columns:
@@ -266,8 +226,6 @@ def retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) ->
     round's earlier global passes dropped) plus the retried rows that reach it now. Publishes
     the new decisions and input under the round's folder, and this round's changes to earlier
     rows under `changes<seg>`; returns the stage's new record for the manifest."""
-    import dask
-
     storage = job.storage
     marker_path = job.marker(f"global{seg}")
     done = storage.read_marker(marker_path)
@@ -281,10 +239,6 @@ def retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) ->
 
 
 def _retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) -> dict[str, Any]:
-    import dask.dataframe as dd
-
-    from curate.engine.driver import decide_global, global_state, live_schema, read_live
-
     storage = job.storage
     stage = build_stage(job.segments[seg].global_stage)
     assert isinstance(stage, GlobalStage)
@@ -325,8 +279,6 @@ def _publish_changes(job: Job, seg: int, stage: GlobalStage, state: dict[str, st
     """Earlier rows whose decision at this stage changed: dropped now and not before, or dropped
     with another detail (the id a duplicate is kept for). Written per partition under
     `changes<seg>`; raises RetryError for a row the stage dropped before and would keep now."""
-    import dask.dataframe as dd
-
     storage = job.storage
     cols = ["id", PARTITION_COLUMN, "drop_reason", "drop_detail"]
     new = _read_dir(decisions, cols)
@@ -370,8 +322,6 @@ def _publish_changes(job: Job, seg: int, stage: GlobalStage, state: dict[str, st
 def retry_failed(recipe: Recipe, *, progress: bool = True, client: Any = None) -> dict[str, Any]:
     """Run one retry round over a finished output of `recipe` (see the module docstring) and
     return the new manifest; with nothing to retry, the manifest as it is."""
-    from curate.engine.driver import _Cluster, _map, _segment_resources, _check_resources, plan_job, prepare_output
-
     job0 = plan_job(recipe)
     try:
         manifest = read_manifest(job0.out)
@@ -386,20 +336,16 @@ def retry_failed(recipe: Recipe, *, progress: bool = True, client: Any = None) -
             f"now {job0.recipe_hash}): --retry-failed retries the same recipe on the same inputs"
         )
     prepare_output(job0, restart=False)
-    ledgers = ledger_by_partition(manifest)
+    ledgers = _ledgers(manifest)
     if sorted(ledgers) != list(range(len(job0.partitions))):
         raise RetryError(f"{job0.out}: the manifest's ledger files do not cover the {len(job0.partitions)} partitions")
     job = dataclasses.replace(job0, round=len(manifest.get("retries", [])) + 1)
     _cleanup(job, manifest)
-    own = None
-    if client is None:
-        own = _Cluster(recipe)
-        client = own.client
-    try:
+    with connect(recipe, client) as client:
         n = len(job.partitions)
         retries = recipe.execution.task_retries
-        selected = _map(client, select_retry, [(job, p, ledgers[p]) for p in range(n)], "select", progress,
-                        retries=retries)
+        selected = run_tasks(client, select_retry, [(job, p, ledgers[p]) for p in range(n)], "select", progress,
+                             retries=retries)
         parts = [p for p in range(n) if selected[p]["count"]]
         if not parts:
             log.info("nothing to retry: no transient drop in %s", job.out)
@@ -407,38 +353,32 @@ def retry_failed(recipe: Recipe, *, progress: bool = True, client: Any = None) -
             return manifest
         first_seg = min(_segment_of(job, stage) for p in parts for stage in selected[p]["stages"])
         entries = _global_entries(manifest)
-        globals_: list[dict[str, Any]] = []
-        for seg, segment in enumerate(job.segments):
-            resources = _segment_resources(job, seg)
-            _check_resources(client, resources)
-            _map(client, run_segment, [(job, seg, p) for p in parts], f"retry segment {seg}", progress,
-                 resources, retries)
-            if segment.global_stage is None or seg < first_seg:
-                continue
+
+        def global_pass(job: Job, seg: int) -> dict[str, Any] | None:
+            """Global stages at or after the first segment a retried row was dropped in decide again."""
+            if seg < first_seg:
+                return None
             entry = entries.get(seg)
             if entry is None or "state" not in entry:
                 raise RetryError(
-                    f"{job.out}: the manifest keeps no state for global stage {build_stage(segment.global_stage).name!r} "
+                    f"{job.out}: the manifest keeps no state for global stage "
+                    f"{build_stage(job.segments[seg].global_stage).name!r} "
                     "(an output written before --retry-failed existed); rerun with --restart"
                 )
-            globals_.append(retry_global(job, seg, entry["state"], parts))
+            return retry_global(job, seg, entry["state"], parts)
+
+        globals_ = run_segments(client, job, parts, progress, global_pass)
         touched = sorted(set(parts) | _changed_partitions(job))
-        plans = dict(zip(parts, _map(client, run_plan, [(job, p) for p in parts], "retry plan", progress,
-                                     retries=retries)))
-        next_shard: Counter[str] = Counter({
+        plans = run_plans(client, job, parts, progress)
+        counts = {p: plans.get(p, []) for p in touched}
+        first = number_shards(job, counts, after={
             kind: max((s["shard"] for s in entry["shards"]), default=-1) + 1
             for kind, entry in manifest["kinds"].items()
         })
-        calls = []
-        for p in touched:
-            counts = plans[p]["shard_counts"] if p in plans else []
-            calls.append((job, p, ledgers[p], next_shard[job.kinds[p]], counts, p in plans))
-            next_shard[job.kinds[p]] += len(counts)
-        packs = _map(client, run_retry_pack, calls, "retry pack", progress, retries=retries)
-    finally:
-        if own is not None:
-            own.close()
-    manifest = _write_manifest(job, manifest, packs, globals_)
+        calls = [(job, p, first[p], counts[p], partial(amend_ledger, source=ledgers[p]), p in plans)
+                 for p in touched]
+        packs = run_tasks(client, run_pack, calls, "retry pack", progress, retries=retries)
+    manifest = write_manifest(job, packs, globals_, earlier=manifest)
     _cleanup(job, manifest)
     return manifest
 
@@ -459,61 +399,6 @@ def _changed_partitions(job: Job) -> set[int]:
     return out
 
 
-def _write_manifest(job: Job, manifest: dict[str, Any], packs: list[dict[str, Any]],
-                    globals_: list[dict[str, Any]]) -> dict[str, Any]:
-    from curate.engine.driver import code_version
-
-    storage = job.storage
-    m = dict(manifest)
-    kinds = {k: dict(v) for k, v in m["kinds"].items()}
-    new_shards: Counter[str] = Counter()
-    for kind, entry in kinds.items():
-        added = sorted((s for pk in packs if pk["kind"] == kind for s in pk["shards"]), key=lambda s: s["shard"])
-        gone = [w for pk in packs if pk["kind"] == kind for w in pk["withdrawn"]]
-        new_shards[kind] = len(added)
-        entry["shards"] = list(entry["shards"]) + added
-        entry["withdrawn"] = sorted(list(entry.get("withdrawn", [])) + gone, key=lambda w: (w["shard"], w["key"]))
-        entry["count"] = sum(s["count"] for s in entry["shards"]) - len(entry["withdrawn"])
-        entry["bytes"] = sum(s["bytes"] for s in entry["shards"])
-        if kind == "pair" and added:
-            storage.write_json(job.out / KIND_DIRS[kind] / SIZES_JSON, sizes_json(entry["shards"]))
-    m["kinds"] = kinds
-    names = ledger_by_partition(manifest)
-    for pk in packs:
-        names[pk["partition"]] = pk["ledger"]
-    m["ledger"] = sorted(names.values())
-    delta: Counter[str] = Counter()
-    for pk in packs:
-        delta.update(pk["delta"])
-    counts = dict(m["counts"])
-    counts["kept"] += delta["kept"]
-    counts["dropped"] += delta["dropped"]
-    m["counts"] = counts
-    drops = Counter(m["drops"])
-    for k, v in delta.items():
-        if k.startswith("drop:"):
-            drops[k[5:]] += v
-    m["drops"] = {k: v for k, v in sorted(drops.items()) if v}
-    glob = {k: dict(v) for k, v in m.get("global", {}).items()}
-    for g in globals_:
-        glob[g["stage"]] = {k: v for k, v in g.items() if k not in ("step", "changed")}
-    m["global"] = glob
-    totals = Counter()
-    for pk in packs:
-        totals.update({k: pk[k] for k in ("retried", "recovered", "failed_again", "dropped", "changed")})
-    m["retries"] = list(m.get("retries", [])) + [{
-        "round": job.round,
-        "code_version": code_version(),
-        **{k: totals[k] for k in ("retried", "recovered", "failed_again", "dropped", "changed")},
-        "withdrawn": sum(len(pk["withdrawn"]) for pk in packs),
-        "new_shards": dict(sorted((k, v) for k, v in new_shards.items() if v)),
-        "partitions": sorted(pk["partition"] for pk in packs),
-        "global": {g["stage"]: {"dropped": g["dropped"], "changed": g["changed"]} for g in globals_},
-    }]
-    storage.write_json(job.out / MANIFEST, m)
-    return m
-
-
 def _cleanup(job: Job, manifest: dict[str, Any]) -> None:
     """Remove what the committed manifest no longer names: superseded ledger files, global
     state of earlier rounds, and the working files of committed rounds. The round in progress
@@ -525,7 +410,7 @@ def _cleanup(job: Job, manifest: dict[str, Any]) -> None:
     if ledger_dir.exists():
         for f in ledger_dir.iterdir():
             rel = f"{LEDGER_DIR}/{f.name}"
-            m = _LEDGER_NAME.match(rel)
+            m = LEDGER_NAME.match(rel)
             if m and rel not in named and int(m.group(2) or 0) <= committed:
                 storage.remove(f)
     keep = {v for g in manifest.get("global", {}).values() for v in g.get("state", {}).values()}

@@ -7,7 +7,12 @@ even at once: every write is idempotent). The three tasks, per partition:
     run_segment  source (or the previous intermediate + global decisions) -> row stages ->
                  intermediate parquet, one row group per batch
     run_plan     how many shards the partition's kept rows fill (count and byte caps)
-    run_pack     tars + sidecars, globally numbered from the plan, and the partition's ledger file
+    run_pack     tars + sidecars, globally numbered from the plan (`number_shards`), and the
+                 partition's ledger file, through a ledger writer: `write_ledger` writes it anew
+                 (the run), `curate.engine.retry.amend_ledger` amends the earlier one (a retry round)
+
+A `--retry-failed` round runs the same tasks on a `Job` whose `round` is r > 0 (its files under
+`_work/retry<r>/`, its source reads limited to the ids it retries).
 
 Rows are never deleted: dropped rows travel to the end with their payload cleared and become
 ledger rows. Memory per task is bounded by the batch size, not by the partition's length.
@@ -17,16 +22,17 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.engine.commit import Storage, parquet_file, parquet_files, read_schema, read_table, relative, storage_for
-from curate.documents import EMPTY_DOCUMENT, is_empty, load_segments, remove_segments, segment_counts
+from curate.documents import EMPTY_DOCUMENT, is_empty, load_segments, remove_segments
 from curate.contract import (
     HEAVY_COLUMNS,
     inside,
@@ -35,23 +41,17 @@ from curate.contract import (
     PACK_STAGE,
     UNSUPPORTED_FORMAT,
     conform,
-    domain_of,
-    encode_sample,
     record_schema,
-    sample_key,
     unpackable,
 )
-from curate.engine.pack import ShardWriter, plan_shards, sample_footprint, shard_label
+from curate.engine.pack import LedgerRows, ShardWriter, ledger_row, plan_shards, row_footprint, shard_label
 from curate.recipe import Recipe
 from curate.tokens import TokenCounter
 from curate.sources.base import Partition, build_source, fingerprint
-from curate.stages.base import GlobalStage, Stage, build_stage
+from curate.stages.base import Drop, GlobalStage, Stage, build_stage, mark_dropped
 
 WORK = "_work"
 PARTITION_COLUMN = "_partition"
-# Rows per row group of a ledger file: fixed, so the ledger's bytes do not depend on the
-# execution-only batch size (a run resumed with another batch size stays byte-identical).
-LEDGER_ROWS_PER_GROUP = 1024
 
 
 class ResumeError(RuntimeError):
@@ -149,6 +149,11 @@ class Job:
     def retry_ids(self, p: int) -> Path:
         return self.round_dir / "ids" / f"{p:05d}.parquet"
 
+    def ledger_file(self, p: int) -> Path:
+        """Partition p's ledger file as this round writes it: `ledger/<p>.parquet`, and
+        `ledger/<p>.r<round>.parquet` in a retry round (the manifest names which one counts)."""
+        return self.out / LEDGER_DIR / (f"{p:05d}.r{self.round}.parquet" if self.round else f"{p:05d}.parquet")
+
     def token_counter(self) -> TokenCounter | None:
         """The recipe's tokenizer, for the sidecars' token counts (None: no counts)."""
         tok = self.recipe.tokenizer
@@ -182,6 +187,11 @@ def _stage(cfg: Any) -> Stage:
     if key not in _STAGE_CACHE:
         _STAGE_CACHE[key] = build_stage(cfg)
     return _STAGE_CACHE[key]
+
+
+def loaded_stages() -> list[Stage]:
+    """The stages this process has built for tasks (a worker's: which work it did)."""
+    return list(_STAGE_CACHE.values())
 
 
 def valid_marker(storage: Storage, path: Path, job: Job, fp: str) -> dict | None:
@@ -255,12 +265,11 @@ def apply_decision(kind: str, row: dict[str, Any], hit: Decision | None) -> None
         return
     stage, reason, detail, segments = hit
     if segments is None:
-        row["drop_stage"], row["drop_reason"], row["drop_detail"] = stage, reason, detail
+        mark_dropped(row, stage, Drop(reason, detail))
         return
     remove_segments(kind, row, {int(i): (reason, detail) for i in segments}, stage)
     if is_empty(kind, row):
-        row["drop_stage"], row["drop_reason"] = stage, EMPTY_DOCUMENT
-        row["drop_detail"] = f"every segment removed ({reason}: {detail})"
+        mark_dropped(row, stage, Drop(EMPTY_DOCUMENT, f"every segment removed ({reason}: {detail})"))
 
 
 def _apply_decisions(kind: str, table: pa.Table, decisions: dict[str, Decision]) -> pa.Table:
@@ -349,7 +358,7 @@ def run_segment(job: Job, seg: int, p: int) -> dict[str, Any]:
                   data=relative(data, job.out))
 
 
-def _final_rows(job: Job, p: int, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+def final_rows(job: Job, p: int, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """The rows of partition p after the last segment and the last global decisions, with rows
     that cannot be written as samples dropped at stage "pack" (plan and pack both see this)."""
     last = len(job.segments) - 1
@@ -361,13 +370,11 @@ def _final_rows(job: Job, p: int, columns: list[str] | None = None) -> Iterator[
             if kind == "doc" and not row.get("drop_reason"):
                 unfetched_images(row)
             if not row.get("drop_reason") and is_empty(kind, row):
-                row["drop_stage"], row["drop_reason"], row["drop_detail"] = (
-                    PACK_STAGE, EMPTY_DOCUMENT, "nothing left to write")
+                mark_dropped(row, PACK_STAGE, Drop(EMPTY_DOCUMENT, "nothing left to write"))
             if not row.get("drop_reason"):
                 problem = unpackable(kind, row)
                 if problem:
-                    row["drop_stage"], row["drop_reason"], row["drop_detail"] = (
-                        PACK_STAGE, UNSUPPORTED_FORMAT, problem)
+                    mark_dropped(row, PACK_STAGE, Drop(UNSUPPORTED_FORMAT, problem))
             yield row
 
 
@@ -383,28 +390,7 @@ def unfetched_images(row: dict[str, Any]) -> None:
     if gone:
         remove_segments("doc", row, gone, PACK_STAGE)
         if is_empty("doc", row):
-            row["drop_stage"], row["drop_reason"], row["drop_detail"] = (
-                PACK_STAGE, EMPTY_DOCUMENT, "every segment removed (images never fetched)")
-
-
-def _footprint(kind: str, row: dict[str, Any]) -> int:
-    """Bytes the sample takes in a tar, from the row without its payload bytes."""
-    stub = dict(row)
-    if kind == "pair":
-        stub["image"] = b""
-        payload = [row["image_nbytes"] or 0]
-    elif kind == "doc":
-        n = len(row.get("image_formats") or [])
-        stub["images"] = [b""] * n
-        payload = list(row.get("image_nbytes_list") or [0] * n)
-    else:
-        payload = []
-    sizes = [len(data) for _, data in encode_sample(kind, stub, sample_key(0, 0))]
-    if kind == "pair":
-        sizes[0] = payload[0]
-    elif kind == "doc":
-        sizes[1:] = payload
-    return sample_footprint(sizes)
+            mark_dropped(row, PACK_STAGE, Drop(EMPTY_DOCUMENT, "every segment removed (images never fetched)"))
 
 
 def run_plan(job: Job, p: int) -> dict[str, Any]:
@@ -416,96 +402,88 @@ def run_plan(job: Job, p: int) -> dict[str, Any]:
     schema = read_schema(job.seg_file(len(job.segments) - 1, p))
     columns = [n for n in schema.names if n not in HEAVY_COLUMNS]
     footprints = (
-        _footprint(kind, row) for row in _final_rows(job, p, columns) if not row.get("drop_reason")
+        row_footprint(kind, row) for row in final_rows(job, p, columns) if not row.get("drop_reason")
     )
     out = job.recipe.output
     counts = plan_shards(footprints, out.shard_max_samples, out.shard_max_bytes)
     return commit(job, "plan", p, shard_counts=counts)
 
 
-def _ledger_row(kind: str, row: dict[str, Any], shard: str | None, key: str | None) -> dict[str, Any]:
-    segments_total, segments_dropped = segment_counts(kind, row)
-    attempts = row.get("attempts")
-    return {
-        "id": row["id"],
-        "kind": kind,
-        "source": row["source"],
-        "url": row.get("url"),
-        "domain": domain_of(row.get("url")),
-        "outcome": "dropped" if row.get("drop_reason") else "kept",
-        "stage": row.get("drop_stage"),
-        "drop_reason": row.get("drop_reason"),
-        "drop_detail": row.get("drop_detail"),
-        "attempts": 1 if attempts is None else attempts,
-        "shard": shard,
-        "key": key,
-        "segments_total": segments_total,
-        "segments_dropped": segments_dropped,
-    }
+def number_shards(job: Job, shard_counts: Mapping[int, list[int]],
+                  after: Mapping[str, int] | None = None) -> dict[int, int]:
+    """Each partition's first shard number: its kind's shards numbered on in partition order,
+    from `after[kind]` (a retry round: after the kind's last shard; the run starts at 0)."""
+    next_shard: Counter[str] = Counter(after or {})
+    first: dict[int, int] = {}
+    for p in sorted(shard_counts):
+        first[p] = next_shard[job.kinds[p]]
+        next_shard[job.kinds[p]] += len(shard_counts[p])
+    return first
 
 
-class LedgerRows:
-    """Ledger rows written to an open parquet writer in row groups of LEDGER_ROWS_PER_GROUP, so a
-    ledger file's bytes never depend on the batch size. `close()` writes what is left."""
+def pack_rows(job: Job, p: int, first_shard: int, shard_counts: list[int],
+              shards: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The ledger rows of partition p's final rows, in order; the kept ones are written on the
+    way into shards numbered from `first_shard` and cut as planned (`shard_counts`), each closed
+    shard's manifest entry appended to `shards`. Raises when the rows do not fill the plan."""
+    kind = job.kinds[p]
+    record = read_schema(job.seg_file(len(job.segments) - 1, p))
+    tokens = job.token_counter()
+    writer: ShardWriter | None = None
+    for row in final_rows(job, p):
+        if row.get("drop_reason"):
+            yield ledger_row(kind, row, None, None)
+            continue
+        if writer is None:
+            writer = ShardWriter(job.storage, job.out, kind, first_shard + len(shards), record, tokens)
+        key = writer.write(row)
+        yield ledger_row(kind, row, shard_label(kind, writer.shard), key)
+        if writer.count == shard_counts[len(shards)]:
+            shards.append(writer.close())
+            writer = None
+    if writer is not None or len(shards) != len(shard_counts):
+        raise RuntimeError(f"partition {p}: packed {len(shards)} shards, planned {len(shard_counts)}")
 
-    def __init__(self, writer: pq.ParquetWriter):
-        self.writer, self.buffer = writer, []
 
-    def append(self, row: dict[str, Any]) -> None:
-        self.buffer.append(row)
-        if len(self.buffer) >= LEDGER_ROWS_PER_GROUP:
-            self.close()
+def write_ledger(job: Job, p: int, rows: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    """The run's ledger writer: partition p's ledger file written from `rows` (the ledger rows of
+    every input of the partition, in order); returns what the pack marker records about it."""
+    storage = job.storage
+    final = job.ledger_file(p)
+    tmp = storage.attempt_path(final, deterministic=True)
+    kept = dropped = 0
+    drops: Counter[str] = Counter()
+    with storage.open_write(tmp) as fh, pq.ParquetWriter(fh, LEDGER_SCHEMA) as out:
+        ledger = LedgerRows(out)
+        for row in rows:
+            ledger.append(row)
+            if row["outcome"] == "kept":
+                kept += 1
+            else:
+                dropped += 1
+                drops[f"{row['stage']}/{row['drop_reason']}"] += 1
+        ledger.close()
+    ledger_at = storage.publish(tmp, final)
+    return {"ledger": relative(ledger_at, job.out), "inputs": kept + dropped, "kept": kept,
+            "dropped": dropped, "drops": dict(sorted(drops.items()))}
 
-    def close(self) -> None:
-        if self.buffer:
-            self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=LEDGER_SCHEMA))
-            self.buffer = []
+
+# (job, partition, the partition's ledger rows) -> what the pack marker records of its ledger
+LedgerWriter = Callable[[Job, int, Iterator[dict[str, Any]]], dict[str, Any]]
 
 
-def run_pack(job: Job, p: int, first_shard: int, shard_counts: list[int]) -> dict[str, Any]:
-    """Per-partition task: write this partition's shards and its ledger file."""
+def run_pack(job: Job, p: int, first_shard: int, shard_counts: list[int],
+             ledger: LedgerWriter = write_ledger, has_rows: bool = True) -> dict[str, Any]:
+    """Per-partition task: write this partition's shards and its ledger file.
+
+    The same step serves the run and a retry round: `first_shard` and `shard_counts` number
+    and cut the shards, `ledger` writes the ledger file from the rows' ledger rows, and
+    `has_rows` False packs no row (a retry round amending the ledger of a partition it read
+    no row of, for decisions its global passes changed)."""
     done = finished(job, "pack", p)
     if done is not None:
         return done
-    storage = job.storage
-    kind = job.kinds[p]
-    last = len(job.segments) - 1
-    record = read_schema(job.seg_file(last, p))
-    ledger_final = job.out / LEDGER_DIR / f"{p:05d}.parquet"
-    ledger_tmp = storage.attempt_path(ledger_final, deterministic=True)
     shards: list[dict[str, Any]] = []
-    plan = list(shard_counts)
-    tokens = job.token_counter()
-    writer: ShardWriter | None = None
-    kept = dropped = 0
-    drops: Counter[str] = Counter()
-    with storage.open_write(ledger_tmp) as fh, pq.ParquetWriter(fh, LEDGER_SCHEMA) as out:
-        ledger = LedgerRows(out)
-        for row in _final_rows(job, p):
-            if row.get("drop_reason"):
-                ledger.append(_ledger_row(kind, row, None, None))
-                dropped += 1
-                drops[f"{row['drop_stage']}/{row['drop_reason']}"] += 1
-            else:
-                if writer is None:
-                    writer = ShardWriter(storage, job.out, kind, first_shard + len(shards), record, tokens)
-                key = writer.write(row)
-                ledger.append(_ledger_row(kind, row, shard_label(kind, writer.shard), key))
-                kept += 1
-                if writer.count == plan[len(shards)]:
-                    shards.append(writer.close())
-                    writer = None
-        ledger.close()
-    if writer is not None or len(shards) != len(plan):
-        raise RuntimeError(f"partition {p}: packed {len(shards)} shards, planned {len(plan)}")
-    ledger_at = storage.publish(ledger_tmp, ledger_final)
-    return commit(
-        job, "pack", p,
-        kind=kind,
-        shards=shards,
-        ledger=relative(ledger_at, job.out),
-        inputs=kept + dropped,
-        kept=kept,
-        dropped=dropped,
-        drops=dict(sorted(drops.items())),
-    )
+    rows = pack_rows(job, p, first_shard, shard_counts, shards) if has_rows else iter(())
+    written = ledger(job, p, rows)  # the shards are written as it consumes the rows
+    return commit(job, "pack", p, kind=job.kinds[p], shards=shards, **written)

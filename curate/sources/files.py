@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from curate.engine.commit import is_url, location
+from curate.storage import is_url, location
 from curate.sources.base import Partition, Source, fingerprint
 from curate.sources.remote import file_facts, input_labels, remote_matches
 from curate.sources.tabular import RecordFile, Span

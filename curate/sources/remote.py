@@ -16,7 +16,7 @@ import os
 import posixpath
 from typing import IO, Any
 
-from curate.engine.commit import fs_path, is_url, location
+from curate.storage import fs_path, is_url, location
 
 
 def remote_matches(pattern: str, folder_patterns: tuple[str, ...] | list[str] | None) -> tuple[list[str], bool]:

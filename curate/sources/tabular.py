@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-from curate.engine.commit import is_url, location, parquet_file
+from curate.storage import is_url, location, parquet_file
 from curate.sources.remote import open_input
 
 FORMATS = ("jsonl", "json", "csv", "tsv", "txt", "parquet")

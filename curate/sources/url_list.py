@@ -33,7 +33,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from curate.engine.commit import is_url, location
+from curate.storage import is_url, location
 from curate.sources.base import Partition, Source, SourceConfig, fingerprint, register
 from curate.sources.remote import file_facts, input_labels, remote_matches
 from curate.sources.tabular import RecordFile, Span

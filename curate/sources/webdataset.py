@@ -38,7 +38,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate.contract import image_digest
-from curate.engine.commit import is_url
+from curate.storage import is_url
 from curate.sources.base import Partition, Source, SourceConfig, fingerprint, register
 from curate.sources.remote import file_facts, input_labels, open_input, remote_matches
 from curate.sources.image_folder import IMAGE_FORMATS, MiB

@@ -25,6 +25,7 @@ from curate.stages import html_extract  # noqa: F401
 from curate.stages import image  # noqa: F401
 from curate.stages import language_filter  # noqa: F401
 from curate.stages import phash  # noqa: F401
+from curate.stages import near_dedup  # noqa: F401
 from curate.stages import eval_decontaminate  # noqa: F401
 from curate.stages import score_filter  # noqa: F401
 from curate.stages import semantic_dedup  # noqa: F401

@@ -51,15 +51,9 @@ from pydantic import Field, field_validator
 
 from curate.contract import image_digest
 from curate.web.hosts import DomainLimiter, LimitedFetcher, interleave_by_host
-from curate.web.fetcher import (
-    CONNECTION_ERROR,
-    TIMEOUT,
-    Fetcher,
-    FetchPolicy,
-    FetchResult,
-    Resolver,
-    StaticResolver,
-)
+from curate.web.addresses import Resolver, StaticResolver
+from curate.web.drops import CONNECTION_ERROR, TIMEOUT
+from curate.web.fetcher import Fetcher, FetchPolicy, FetchResult
 from curate.web.robots import ROBOTS_DISALLOWED, RobotsCache
 from curate.documents import (
     EMPTY_DOCUMENT,
@@ -72,6 +66,7 @@ from curate.documents import (
     table_kind,
 )
 from curate.stages.base import STAGE_ERROR, Drop, RowStage, StageConfig, mark_dropped, register
+from curate.units import parse_bytes
 
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
     (b"\xff\xd8\xff", 0, "jpg"),
@@ -136,8 +131,6 @@ class DownloadStage(RowStage):
         @field_validator("max_bytes", mode="before")
         @classmethod
         def _bytes(cls, v: Any) -> int:
-            from curate.recipe import parse_bytes
-
             return parse_bytes(v)
 
         @field_validator("allow_networks")

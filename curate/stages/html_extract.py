@@ -51,6 +51,7 @@ from pydantic import Field, field_validator
 import curate
 from curate.html_segments import EMPTY_DOCUMENT, PARSE_ERROR
 from curate.stages.base import Drop, RowStage, StageConfig, register
+from curate.units import parse_bytes
 
 TOO_LARGE = "too_large"
 PARSE_TIMEOUT = "parse_timeout"
@@ -75,8 +76,6 @@ class HtmlExtractConfig(StageConfig):
     @field_validator("max_html_bytes", mode="before")
     @classmethod
     def _bytes(cls, v: Any) -> int:
-        from curate.recipe import parse_bytes
-
         return parse_bytes(v)
 
 

@@ -1,66 +1,21 @@
 """MinHash-LSH near-duplicate dedup of text: the `minhash` row stage and the `minhash_dedup`
-global stage (docs and text records).
+global stage (docs and text records). The method, step by step, the LSH curve and the choices
+behind them: docs/minhash.md.
 
-`minhash` (a RowStage, kinds doc and text) adds `minhash_bands` (list<int64>, `bands` long):
-1. text: `curate.documents.record_text` (a doc's text segments, a text record's body);
-2. normalise, so that trivial edits do not change shingles: lower-case; Unicode diacritics
-   removed (NFD, combining marks dropped); every number (digits, with one optional decimal part
-   such as 3.14 or 3,14) becomes "0"; then the words are `curate.documents.words` (runs of word
-   characters, any script), so punctuation and whitespace of any kind and amount only separate
-   words and never count. This is datatrove's `simplify_text` followed by a word split, in
-   substance (datatrove turns its punctuation list into spaces and splits with spaCy; for
-   ordinary prose both give the same words);
-3. shingles: the distinct word `ngram`-grams, each joined by single spaces. A text of fewer than
-   `ngram` (but at least one) words is one shingle of all its words, so short texts can match
-   each other (datatrove gives them no signature). A text with no word gets no signature: null
-   `minhash_bands`, and `minhash_dedup` never pairs it;
-4. each shingle hashed to 64 bits with SHA-1: the first 8 bytes of sha1(utf-8), little-endian,
-   which is datatrove's `HashConfig(hash_fc="sha1", precision=64)` (`sha1_hash64`);
-5. signature: `bands * rows` min-hashes, hash i = min over shingles h of
-   ((a_i * h + b_i) mod 2**64) mod (2**61 - 1), with (a_i, b_i) drawn by
-   `numpy.random.RandomState(seed)` exactly as datatrove's `MinhashDedupSignature.parameters`
-   draws them: for the same shingles, seed and sizes the signature is datatrove's, value for
-   value (tests check this). The uint64 product wraps on purpose (that is datatrove's and
-   datasketch's family); the reduction mod the Mersenne prime 2**61 - 1 is done with a mask and a
-   shift. Vectorised over a whole batch: every shingle hash of the batch against all parameters
-   in bounded chunks, then a segmented minimum per document;
-6. bands: the signature cut into `bands` runs of `rows` consecutive values (datatrove's buckets),
-   each run mixed into one int64 band key with SplitMix64's finaliser, salted with the band
-   index and the seed. Two rows share band key j iff (up to a 2**-64 chance) their run j is equal.
-   The salt makes a key name its band, so `minhash_dedup` needs no band count of its own.
-Deterministic across processes and runs: no Python `hash()`, no process state.
+`minhash` (a RowStage, kinds doc and text) adds `minhash_bands` (list<int64>, `bands` long) to each
+live row: the row's text (`curate.documents.record_text`) normalised into words (step 2), cut into
+distinct word `ngram`-grams (step 3; a text shorter than `ngram` words is one shingle), hashed
+with SHA-1 to 64 bits (step 4), `bands * rows` min-hashes with datatrove's parameters for `seed`
+(step 5: the same signature as datatrove's, value for value), folded into one band-salted int64
+key per band (step 6). Deterministic across processes and runs. A text with no word, and a row
+dropped earlier, gets null; a record that cannot be read is a `stage_error` drop. Run it after
+HTML extraction (before, a page's doc has no words).
 
-A doc read from HTML or WARC has text segments only once the extraction stage has parsed its
-`html`: run `minhash` after it (before, the doc has no words and gets null). Rows dropped by an
-earlier stage get null. A row whose record cannot be read (a doc whose
-`segments` is not a JSON list) is an error on one sample: the error policy makes it a
-`stage_error` drop, as for any RowStage.
-
-The LSH curve. Two texts whose shingle sets have Jaccard similarity s agree on one min-hash with
-probability s (over the random permutation), on a whole band with s**r, and share at least one
-of b bands with P(candidate | s) = 1 - (1 - s**r)**b: an S-curve whose steepest point sits near
-the threshold (1/b)**(1/r). The defaults are datatrove's and FineWeb's (b = 14, r = 8, 5-grams:
-threshold 0.72, 112 hashes):
-
-    s                0.5    0.6    0.7    0.75   0.8    0.85   0.9    0.95
-    b=14, r=8        0.053  0.211  0.565  0.772  0.924  0.988  1.000  1.000
-    b=5,  r=6        0.076  0.213  0.465  0.625  0.781  0.906  0.977  0.999
-
-More rows a band make the curve steeper and move it right; more bands move it left. The second
-line is the test's setting (tests/curate/stages/test_minhash.py measures the curve there: its
-values are mid-range, so a wrong signature would show).
-
-`minhash_dedup` (a GlobalStage, kinds doc and text, together: a text record can duplicate a
-doc's text) groups rows that share any band key, transitively, and keeps one per group. As in
-datatrove, LSH candidates are duplicates: there is no verification step, because only band keys
-reach the stage (an estimate of the Jaccard from the full signature would need all `bands * rows`
-values a row in every shuffle, 8x the volume, to trim pairs the curve already makes rare).
-Mechanics are `curate.engine.near_groups`'s: band_pairs (one band column: each row's keys exploded
-into one row per band, the band being in the key), components, keep_best. A bucket over
-`max_bucket` rows (boilerplate shared by thousands of pages) is chained in id order; every row
-in it shares that key, so the chain puts them in one component exactly as all pairs would. Keep
-rule: the highest `score_column` (nulls last), then the smallest id; the others are dropped with
-`duplicate`, the detail naming the kept id.
+`minhash_dedup` (a GlobalStage, doc and text together) groups rows that share any band key,
+transitively (curate.engine.near_groups; a bucket over `max_bucket` rows is chained in id order),
+and keeps one per group: the highest `score_column` (nulls last), then the smallest id; the others
+are dropped with `duplicate`, the detail naming the kept id. LSH candidates are duplicates: there
+is no verification step.
 """
 
 from __future__ import annotations
@@ -99,7 +54,7 @@ _SCORE_COLUMN = r"^[a-z][a-z0-9_]*$"
 
 
 def normalise(text: str) -> list[str]:
-    """The words of `text` after normalisation (module docstring, step 2)."""
+    """The words of `text` after normalisation (docs/minhash.md, step 2)."""
     text = text.lower()
     if not text.isascii():
         text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
@@ -107,7 +62,7 @@ def normalise(text: str) -> list[str]:
 
 
 def shingles(text: str, ngram: int) -> set[str]:
-    """The distinct word n-grams of `text` (module docstring, step 3)."""
+    """The distinct word n-grams of `text` (docs/minhash.md, step 3)."""
     ws = normalise(text)
     if not ws:
         return set()
@@ -178,7 +133,7 @@ def _fmix64(x: np.ndarray) -> np.ndarray:
 
 
 def band_keys(signature: np.ndarray, bands: int, rows: int, seed: int) -> np.ndarray:
-    """(n, bands) int64 band keys of (n, bands * rows) signatures (module docstring, step 6)."""
+    """(n, bands) int64 band keys of (n, bands * rows) signatures (docs/minhash.md, step 6)."""
     n = signature.shape[0]
     if signature.shape[1] != bands * rows:
         raise ValueError(f"signature of {signature.shape[1]} values is not {bands} bands x {rows} rows")
@@ -221,7 +176,7 @@ class MinhashConfig(StageConfig):
 
 @register
 class MinhashStage(RowStage):
-    """Adds `minhash_bands` to docs and texts (see the module docstring for the contract)."""
+    """Adds `minhash_bands` to docs and texts (see the module docstring)."""
 
     name = "minhash"
     Config = MinhashConfig
@@ -319,7 +274,7 @@ class MinhashDedup(GlobalStage):
         return [COLUMN, *([score] if score else [])]
 
     def decide(self, live: Any) -> Any:
-        import dask
+        import dask  # imported where a global pass runs (~0.15 s): importing the stages stays light
 
         cfg = self.config
         live = live[live[COLUMN].notnull()]

@@ -1,96 +1,26 @@
-"""Per-domain politeness that holds for the whole Dask cluster, not per process.
+"""Per-host politeness that holds for the whole Dask cluster, not per process.
 
-DESIGN.md ("Fetching from the web") asks for per-domain concurrency and rate limits that hold for
-the whole cluster. Downloads run in thread pools inside Dask tasks on many worker processes, so a
-process-local semaphore would multiply every limit by the number of processes. `DomainLimiter`
-shares one `distributed.Semaphore` per host instead: the leases live on the scheduler, so every
-worker process (and the driver, through its client) draws from the same `max_concurrency` leases.
-
-    limiter = DomainLimiter(max_concurrency=2, max_rate=10.0)
-    with limiter.slot("images.example.com"):   # or slot(url): the key is the URL's host
-        send_one_request()                     # ONE request to that host: one lease each
-
-    fetcher = LimitedFetcher(Fetcher(policy, resolver), limiter)   # a slot for every request
-    fetcher.fetch(url)                         # of every fetch, each redirect hop under its own host
-
-Each request is one lease. `LimitedFetcher` hands `limiter.slot` to `Fetcher.fetch`, which takes
-a slot of each hop's own host around that hop's exchange only (curate/web/fetcher.py): a redirect chain
-A -> A -> A is three leases of A, a hop from A to B is limited under B, and a hop refused before
-sending (robots.txt, a blocked address) takes none. A fetch holds one slot at a time (hop N's is
-given back before hop N+1 asks), so slots never nest for one host in one thread; `slot` raises
-RuntimeError rather than wait for a slot its own thread holds.
-
-Concurrency: a request is sent only while its caller holds a lease of the request's host, and the
-scheduler grants at most `max_concurrency` leases of one host's semaphore at a time, so at most
-`max_concurrency` requests to a host are in flight across the cluster (per namespace: the download
-stage's robots.txt requests have their own, see `LimitedFetcher`).
-
-Rate (`max_rate` = R requests per second, N = `max_concurrency`): every lease is held for at least
-H = N / R seconds, counted from the moment its holder got it, and is never released early -- not
-when the request fails, not when it raises. A lease covers one request (one hop), so the request
-starts counted below are all requests, redirect hops included. The scheduler grants a lease
-before its holder hears of it and frees it only after the holder asked, so on the scheduler each
-lease is held for at least H too. Bound: the lease intervals [grant, release) overlap at most N
-at a time; intervals that overlap at most N deep split into N chains of disjoint intervals
-(greedy colouring by start time), and in one chain consecutive grants are at least H apart, so a
-window [t, t + W) holds at most ceil(W / H) of its grants. Hence, in ANY window of W seconds, at most
-
-    N * ceil(W * R / N)  <  W * R + N        lease grants (= request starts),
-
-which is exactly W * R whenever W * R / N is a whole number (N = 2, R = 10/s, W = 1 s: at most
-10), and tends to R per second over long windows. The holder sends its request a little after the
-grant (the scheduler's reply, a thread waking, the connect): seen at the server, starts may bunch
-by that delay D, and a window of W seconds there holds at most N * ceil((W + D) / H) -- one more
-per lease when D is small. When the caller finishes before H has passed, its thread is not kept
-waiting: the lease is released by a background timer at grant + H (see `_Releaser`).
-
-`distributed.Semaphore.release()` frees the OLDEST lease its instance holds, not the caller's
-own; the bound survives that: the k-th release of an instance happens when k holds have each been
-held for H, so at least k of its leases were granted H earlier, and the one released (the k-th
-granted, FIFO) is one of them.
-
-Without a cluster (a plain function call in a test, a sequential run: no Dask worker in this
-process and no client) the same rules run on a process-local `threading.BoundedSemaphore` per
-host: correct for the threads of this process only.
-
-Which cluster: the Dask worker of the current task (`get_worker()`), else a running Dask worker of
-this process (the stage's fetch threads are the pool's threads, not the task's, and Dask's
-worker context does not follow into them), else the current client (`default_client()`), else
-the process-local fallback. `backend()` tells which one a slot would use.
-
-Many hosts: semaphores are created lazily, one per (scheduler, namespace, host), cached per
-process in an LRU of `MAX_CACHED` entries; only idle ones (no slot held, no release pending) are
-dropped, and dropping one stops its lease-refresh timer. On the scheduler each host's semaphore
-is a few small dict entries that stay until `close_idle(client)` forgets the idle ones (from the
-driver, after the stage; a process that still caches a forgotten host registers it afresh).
-
-A worker that dies holding a lease: its leases stop being refreshed (each process's Semaphore
-refreshes its leases every lease-timeout / 5 seconds) and the scheduler frees them after
-`distributed.scheduler.locks.lease-timeout` (30 s by default), checked every
-`lease-validation-interval` (10 s): for at most ~40 s that host gets fewer slots, never more.
-The converse risk is distributed's documented overbooking: a worker whose event loop is blocked
-longer than the lease timeout (a task holding the GIL for 30 s) loses its leases while their
-requests may still be running, and the scheduler logs "Refreshing an unknown lease ID". Keep the
-lease timeout well above any GIL-holding stretch.
-
-Cost: a lease from the scheduler costs two round trips (acquire, release), served by the
-scheduler's one event loop and each process's own: about 1.2 ms of CPU per slot in all on a
-2-process LocalCluster on a 2-core machine, a tenth of what downloading and resizing an image
-costs. So a lease is handed from one request of a process to the next one waiting there for the
-same host, at the moment it would have been released, up to MAX_HANDOFFS times in a row
-(`_pooled`): a busy host then costs about 0.15 ms per request. The bounds above are untouched (a
-hand-off is a release and a grant at the same instant, inside one process), and a process holds
-no lease that none of its threads waits for. For cluster-wide request rates well beyond what
-the scheduler can spare, partition the work by host instead.
-
-All limiters sharing a `namespace` must use the same limits: the scheduler refuses a second
-`max_concurrency` for a registered name (ValueError), and mixed hold times weaken the rate bound.
+Contracts (the why and the proofs: docs/politeness.md):
+- `DomainLimiter(max_concurrency=N, max_rate=R).slot(host)` holds one slot of `host` (a host or a
+  URL, keyed by `host_key`) for ONE request. At most N requests to a host are in flight across
+  the cluster, and in any window of W seconds at most N * ceil(W * R / N) < W * R + N of them
+  start: every lease is held at least N / R seconds from its grant and never released early,
+  whatever the body raises (a lease ending sooner is released later by a background thread, so
+  the caller is not kept waiting). A nested slot for one host in one thread is a RuntimeError.
+- `LimitedFetcher(fetcher, limiter)`: every request of every fetch, each redirect hop under its
+  own host, holds a slot; a hop refused before sending takes none (curate/web/fetcher.py).
+- Backends: the cluster's `distributed.Semaphore` per host (leases on the scheduler, handed
+  between requests of one process up to MAX_HANDOFFS times in a row) when this process works for
+  a Dask cluster, else a process-local semaphore; `backend()` says which. A dead worker's leases
+  come back after the scheduler's lease timeout; `close_idle(client)` forgets idle hosts there.
+- All limiters sharing a `namespace` must use the same limits (ValueError otherwise).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import os
 import threading
 import time
@@ -103,6 +33,7 @@ from urllib.parse import urlsplit
 
 DEFAULT_NAMESPACE = "mm1-domain"
 MAX_CACHED = 4096  # idle per-host semaphores kept per process before the least recently used go
+_LOG = logging.getLogger(__name__)
 
 
 def host_key(host_or_url: str | None) -> str:
@@ -166,9 +97,7 @@ class _Releaser:
             try:
                 action()
             except Exception:  # a release must never kill the thread that does all of them
-                import logging
-
-                logging.getLogger(__name__).exception("releasing a domain slot failed")
+                _LOG.exception("releasing a domain slot failed")
 
 
 _RELEASER = _Releaser()
@@ -207,6 +136,8 @@ def _evict_idle() -> None:
 
 def _cluster() -> tuple[Any, Any] | None:
     """(scheduler rpc, IOLoop) of the Dask cluster this process works for, or None."""
+    # distributed is imported on first use, here and below: importing the stages (and the CLI's
+    # start-up) does not load it
     from distributed.core import Status
     from distributed.worker import Worker, get_worker
 
@@ -228,7 +159,7 @@ def _cluster() -> tuple[Any, Any] | None:
 
 
 def _dask_gate(scheduler: Any, loop: Any, name: str, max_leases: int) -> _Gate:
-    from distributed import Semaphore
+    from distributed import Semaphore  # on first use, as in _cluster
 
     def make() -> Any:
         return Semaphore(max_leases=max_leases, name=name, scheduler_rpc=scheduler, loop=loop)
@@ -369,8 +300,8 @@ def _local_gate(max_leases: int) -> _Gate:
 
 class DomainLimiter:
     """At most `max_concurrency` requests in flight and at most `max_rate` request starts per
-    second to each host, across every process of the Dask cluster (see the module docstring for
-    the bound and what happens when a worker dies). Cheap to create and to pickle: it holds only
+    second to each host, across every process of the Dask cluster (docs/politeness.md: the bound
+    and what happens when a worker dies). Cheap to create and to pickle: it holds only
     its settings, and the per-host semaphores are found or made in whichever process uses it."""
 
     def __init__(self, max_concurrency: int, max_rate: float | None = None, *, namespace: str = DEFAULT_NAMESPACE):

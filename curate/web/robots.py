@@ -35,16 +35,9 @@ import time
 import urllib.parse
 from urllib.robotparser import Entry, RobotFileParser, RuleLine
 
-from curate.web.fetcher import (
-    BAD_URL,
-    BLOCKED,
-    DNS_ERROR,
-    TOO_LARGE,
-    TOO_MANY_REDIRECTS,
-    Fetcher,
-    _Failure,
-    _parse_url,
-)
+from curate.web.addresses import parse_url
+from curate.web.drops import BAD_URL, BLOCKED, DNS_ERROR, TOO_LARGE, TOO_MANY_REDIRECTS, FetchFailure
+from curate.web.fetcher import Fetcher
 
 ROBOTS_DISALLOWED = "robots_disallowed"
 MAX_ROBOTS_BYTES = 500 * 1024
@@ -132,8 +125,8 @@ class RobotsCache:
         """Whether our agent may fetch `url`, and why not (a ledger detail) when it may not. A URL
         that is not a fetchable http(s) URL is allowed here: the fetcher drops it as `bad_url`."""
         try:
-            target = _parse_url(url)
-        except _Failure:
+            target = parse_url(url)
+        except FetchFailure:
             return True, ""
         return self._rules(target.scheme, target.host, target.port, target.host_header).check(url, self.agent)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from curate.recipe import parse_recipe
-from curate.engine.driver import WORKER_CONFIG, _Cluster
+from curate.engine.cluster import WORKER_CONFIG, Cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,11 +44,8 @@ def test_local_cluster_workers_get_the_worker_settings(tmp_path, monkeypatch):
     # MALLOC_TRIM_THRESHOLD_ into this process's environment for good (distributed's
     # `os.environ.update(pre_spawn_env)`), and every later worker inherits it: start clean.
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    cluster = _Cluster(recipe)
-    try:
+    with Cluster(recipe) as cluster:
         seen = cluster.client.run(_probe)
-    finally:
-        cluster.close()
     assert len(seen) == 2
     assert all(v == (None, False) for v in seen.values()), seen
 

@@ -10,7 +10,7 @@ Timing: the limiter bounds when leases are GRANTED; the server sees a request a 
 scheduler's reply, a thread waking, the TCP connect), and that delay varies, so two starts
 granted H = N / R apart may arrive closer together. A 1-second window at the server can then
 catch one extra start per lease: N * ceil((1 s + delay) / H) = 2 * 6 = 12 for N = 2, R = 10/s
-(see the module docstring of curate.web.hosts). Hence the tolerance of N on the rate. Everything
+(docs/politeness.md, "Rate bound"). Hence the tolerance of N on the rate. Everything
 else is a lower bound on spacing or a generous bound on waiting.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import importlib
 import os
 import sys
 import threading
@@ -29,7 +30,9 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import cloudpickle
+import dask
 import pytest
+from distributed import Client, LocalCluster
 
 from curate.web import hosts as domains
 from curate.web.hosts import DomainLimiter, LimitedFetcher, close_idle, host_key, interleave_by_host
@@ -177,8 +180,6 @@ def check_rate(times: list[float], n_requests: int) -> None:
 
 @pytest.fixture(scope="module")
 def cluster_client() -> Iterator[Any]:
-    from distributed import Client, LocalCluster
-
     with LocalCluster(n_workers=2, threads_per_worker=4, processes=True, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0", memory_limit="2GiB") as cluster:
         # not the default client: the process-local tests in this module must see no cluster
@@ -525,9 +526,6 @@ def take_slot(limiter: DomainLimiter) -> dict[str, Any]:
 def test_a_dead_workers_lease_comes_back_after_the_lease_timeout(tmp_path: Any) -> None:
     """A worker killed while it holds a host's only slot: the host is blocked until the
     scheduler's lease timeout (shortened here to 2 s) returns the lease, then usable again."""
-    import dask
-    from distributed import Client, LocalCluster
-
     marker = str(tmp_path / "died")
     limiter = DomainLimiter(1, None, namespace="mm1-domain-test-death")
     config = {"distributed.scheduler.locks.lease-timeout": "2s",
@@ -537,6 +535,9 @@ def test_a_dead_workers_lease_comes_back_after_the_lease_timeout(tmp_path: Any) 
                          dashboard_address="127.0.0.1:0", memory_limit="2GiB") as cluster, \
             Client(cluster, set_as_default=False, timeout=WAIT) as client:
         client.wait_for_workers(2, timeout=WAIT)
+        # A worker imports this module to unpickle its functions (tools.demo with it: seconds on a
+        # busy machine); done first, so no import runs inside the 2 s lease timeout measured below.
+        client.run(importlib.import_module, hold_and_die.__module__)
         a, b = workers(client)
         dying = client.submit(hold_and_die, limiter, marker, key="domains-die", workers=[a],
                               allow_other_workers=True, pure=False)  # its retry: wherever

@@ -532,7 +532,7 @@ def test_external_scheduler_gives_the_clean_run_bytes(clean, output_checks, exte
     # The external workers did the downloads (each built the stages), not a LocalCluster.
     with Client(external_scheduler, timeout=WAIT) as client:
         loaded = client.run(
-            lambda: sorted(s.name for s in __import__("curate.engine.steps").tasks._STAGE_CACHE.values()))
+            lambda: sorted(s.name for s in __import__("curate.engine.steps").engine.steps.loaded_stages()))
     assert len(loaded) == 2 and all(loaded.values()), loaded
     assert any("download" in names for names in loaded.values()), loaded
     _assert_same_output(clean, out, output_checks)

@@ -20,7 +20,7 @@ import pytest
 from curate.contract import KIND_DIRS, read_ledger, read_manifest, read_sidecars, shard_urls
 from curate.recipe import load_recipe
 from curate.engine.driver import run_recipe
-from tools.demo import DEMO_RECIPE, demo_inputs, demo_overrides
+from tools.demo.run import DEMO_RECIPE, demo_inputs, demo_overrides
 from tools.stats import compute_stats
 from tools.verify import verify
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from importlib import import_module
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def test_external_scheduler_gives_the_localcluster_shards(reference, external_sc
 
     # The external workers did the work (each loaded the stages), not a LocalCluster of the driver.
     with Client(scheduler, timeout=WAIT) as client:
-        stages_loaded = client.run(lambda: len(__import__("curate.engine.steps").tasks._STAGE_CACHE))
+        stages_loaded = client.run(lambda: len(import_module("curate.engine.steps").loaded_stages()))
     assert len(stages_loaded) == 2 and all(stages_loaded.values()), stages_loaded
 
     reference.assert_same_output(out)

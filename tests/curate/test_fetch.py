@@ -1,7 +1,8 @@
-"""curate.web.fetcher against real servers on loopback: a threaded HTTP server with routes for every
-behaviour the web has (redirect chains and loops, lying lengths, endless bodies, drips, gzip bombs,
-idle-closed keep-alive connections), a TLS server with a throwaway certificate, and a canary
-listener that proves a blocked address is never dialled.
+"""curate.web's client (fetcher, addresses, headers, deadlines) against real servers on loopback:
+a threaded HTTP server with routes for every behaviour the web has (redirect chains and loops,
+lying lengths, endless bodies, drips, gzip bombs, idle-closed keep-alive connections), a TLS
+server with a throwaway certificate, and a canary listener that proves a blocked address is never
+dialled.
 
 Nothing leaves the machine: a module-wide guard fails any connect to a non-loopback address and
 any name lookup that is not an IP literal, so even a broken fetcher cannot reach out.
@@ -18,6 +19,7 @@ import socket
 import socketserver
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -29,16 +31,10 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from curate.web.fetcher import (
-    Fetcher,
-    FetchPolicy,
-    ResolveError,
-    Resolver,
-    StaticResolver,
-    address_class,
-    parse_retry_after,
-)
-from curate.web.fetcher import _Watchdog
+from curate.web.addresses import ResolveError, Resolver, StaticResolver, address_class
+from curate.web.deadlines import Watchdog
+from curate.web.fetcher import Fetcher, FetchPolicy
+from curate.web.headers import parse_retry_after
 
 LOOPBACK = ("127.0.0.0/8",)
 DRIP_LIMIT_S = 30.0  # a dripping handler gives up on its own after this long
@@ -206,8 +202,6 @@ class Server(http.server.ThreadingHTTPServer):
         return request
 
     def handle_error(self, request, client_address) -> None:
-        import sys
-
         if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             return  # a client that hung up on an unread body (a cap, a bad encoding, an opt-out)
         super().handle_error(request, client_address)
@@ -415,7 +409,7 @@ def test_broken_compressed_body_is_bad_content(fetcher, base, route):
 
 def test_watchdog_shuts_a_socket_blocked_without_timeout_at_the_deadline():
     """The backstop behind the per-recv timeouts: a recv with no timeout at all still returns."""
-    dog = _Watchdog()
+    dog = Watchdog()
     a, b = socket.socketpair()
     try:
         watch = dog.arm(time.monotonic() + 0.3)
@@ -503,10 +497,8 @@ def test_x_robots_tag_scope_and_policy(base):
 
 
 def test_per_request_accept_and_cap(fetcher, base):
-    import json as _json
-
     r = fetcher.fetch(f"{base}/headers", accept="text/plain")
-    assert _json.loads(r.body)["Accept"] == "text/plain"
+    assert json.loads(r.body)["Accept"] == "text/plain"
     with Fetcher(FetchPolicy(allow_networks=LOOPBACK, max_bytes=1024)) as small:
         assert small.fetch(f"{base}/big").reason == "too_large"
         assert small.fetch(f"{base}/big", max_bytes=2 * 10**9).reason != "too_large"  # the override
@@ -719,15 +711,11 @@ def test_https_with_sni_and_hostname_check(tls_server):
 def test_legacy_ipv4_spellings_are_literals_checked_as_such(host, ip):
     """Pure: the static resolver (no DNS) reads them as the C resolver would, and the address
     class follows the decoded address, so none slips past the guard as a 'name'."""
-    from curate.web.fetcher import StaticResolver, address_class
-
     assert StaticResolver({}).resolve(host, 80) == [ip]
     assert address_class(ip) is not None
 
 
 def test_legacy_spelling_of_a_blocked_address_is_refused_without_connecting():
-    from curate.web.fetcher import Fetcher, FetchPolicy, StaticResolver
-
     with Fetcher(FetchPolicy(deadline_s=2), StaticResolver({})) as fetcher:
         result = fetcher.fetch("http://167772161:8080/x.jpg")  # 10.0.0.1
     assert result.reason == "blocked" and result.dialled == []

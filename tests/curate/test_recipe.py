@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from curate.recipe import RecipeError, load_recipe, parse_bytes, parse_recipe
-from tools.demo import demo_overrides
+from curate.recipe import RecipeError, load_recipe, parse_recipe
+from curate.recipe_io import parse_override, read_recipe_yaml
+from curate.stages.base import build_stage
+from curate.units import parse_bytes
+from tools.demo.run import demo_overrides
 from tools.demo.docs import build_doc_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,8 +160,6 @@ def test_a_kind_runs_twice_only_under_distinct_names():
         parse_recipe(_minimal(stages=two))
     two[2] = {**two[2], "name": "b_filter"}
     recipe = parse_recipe(_minimal(stages=two))
-    from curate.stages.base import build_stage
-
     assert [build_stage(c).name for c in recipe.stages] == ["language_filter", "score_filter", "b_filter"]
     # an unnamed stage hashes as it did before stages could be named
     assert "name" not in recipe.determining()["stages"][0]
@@ -171,3 +173,31 @@ def test_a_stage_reading_a_column_nothing_adds_fails_at_load():
     with pytest.raises(RecipeError, match=r"reads \['clip_score'\]"):
         parse_recipe(_minimal(stages=[{"kind": "score_filter", "min_score": 0.28}]))
     parse_recipe(_minimal(stages=[{"kind": "image"}, {"kind": "phash"}, {"kind": "near_dedup"}]))
+
+
+def test_overrides_through_a_value_fail_naming_the_override(tmp_path):
+    """An override that walks through a scalar is a RecipeError naming it (was an AttributeError
+    for curation recipes); a key present but null becomes a mapping."""
+    path = tmp_path / "r.yaml"
+    path.write_text("name: t\noutput: {path: out}\ntokenizer:\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml: override 'name\.x\.y': 'name' is a str, not a mapping"):
+        load_recipe(path, {"name.x.y": 1})
+    with pytest.raises(RecipeError, match=r"override 'output\.path\.x': 'output\.path' is a str"):
+        load_recipe(path, {"output.path.x": 1})
+    data = read_recipe_yaml(path, {"tokenizer.path": "tok.json", "output.shard_max_samples": 5})
+    assert data["tokenizer"] == {"path": "tok.json"} and data["output"] == {"path": "out", "shard_max_samples": 5}
+
+
+def test_unreadable_recipe_names_the_file(tmp_path):
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "missing.yaml")
+    with pytest.raises(RecipeError, match=re.escape(f"{tmp_path}: cannot read the recipe")):
+        load_recipe(tmp_path)  # a folder
+
+
+def test_command_line_overrides_are_yaml_values():
+    assert parse_override("output.shard_max_bytes=1GiB") == ("output.shard_max_bytes", "1GiB")
+    assert parse_override("cluster.n_workers=4") == ("cluster.n_workers", 4)
+    assert parse_override(" execution.keep_intermediate = true") == ("execution.keep_intermediate", True)
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        parse_override("sources.0.path=[a")

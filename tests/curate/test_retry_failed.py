@@ -253,7 +253,7 @@ def test_retry_failed_recovers_exactly_what_an_all_success_run_keeps(site, refer
     def killed(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt("killed before the round's manifest")
 
-    monkeypatch.setattr("curate.engine.retry._write_manifest", killed)
+    monkeypatch.setattr("curate.engine.retry.write_manifest", killed)
     with pytest.raises(KeyboardInterrupt):
         retry_failed(recipe, progress=False)
     monkeypatch.undo()

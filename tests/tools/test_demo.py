@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from curate.contract import read_sidecars
-from tools.demo import run_demo
+from tools.demo.run import run_demo
 from train.export import load_exported
 
 

@@ -146,7 +146,7 @@ def stricter(tmp_path_factory):
 
     from curate.recipe import load_recipe
     from curate.engine.driver import run_recipe
-    from tools.demo import DEMO_RECIPE, demo_inputs, demo_overrides
+    from tools.demo.run import DEMO_RECIPE, demo_inputs, demo_overrides
 
     root = tmp_path_factory.mktemp("stricter")
     stages = yaml.safe_load(DEMO_RECIPE.read_text())["stages"]

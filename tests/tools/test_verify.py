@@ -286,6 +286,7 @@ def test_keys_may_repeat_across_kinds(curated: dict[str, Any]) -> None:
     lambda m: m["kinds"]["pair"].update(shards=["pairs/00000.tar"]),
     lambda m: m.update(ledger="ledger/00000.parquet"),
     lambda m: m["counts"].update(kept="9"),
+    lambda m: m["kinds"]["pair"].update(withdrawn=["pairs/00000.tar/0000000000"]),
 ])
 def test_malformed_manifest_is_reported(curated: dict[str, Any], edit_manifest: Any, change: Any) -> None:
     edit_manifest(curated["out"], change)

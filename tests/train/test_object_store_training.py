@@ -21,7 +21,7 @@ import pytest
 from curate.engine.commit import fs_path, location
 from curate.recipe import load_recipe
 from curate.engine.driver import run_recipe
-from tools.demo import DEMO_RECIPE, demo_inputs, demo_overrides
+from tools.demo.run import DEMO_RECIPE, demo_inputs, demo_overrides
 from tools.verify import verify
 from train.data.shards import list_samples, read_sample
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from curate.recipe import RecipeError as CurateRecipeError
 from tools.cli import main
 from train.recipe import RecipeError, load_train_recipe, parse_override
 
@@ -86,3 +87,13 @@ def test_cli_reports_a_bad_recipe(tmp_path, capsys):
     assert main(["train", str(_write(tmp_path, seed="x"))]) == 2
     assert "seed:" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_one_recipe_error_for_curation_and_training(tmp_path):
+    """Both recipe kinds read YAML, overrides and errors through curate/recipe_io.py."""
+    assert RecipeError is CurateRecipeError
+    with pytest.raises(RecipeError, match=r"override 'name\.x': 'name' is a str, not a mapping"):
+        load_train_recipe(_write(tmp_path), {"name.x": 1})
+    recipe = load_train_recipe(_write(tmp_path, validation=None), {"validation.batches": 3})
+    assert recipe.validation.batches == 3  # a null section is filled by an override
+    assert parse_override("optim.eps=1e-6") == ("optim.eps", 1e-6)  # YAML 1.1 reads 1e-6 as a string

@@ -46,7 +46,7 @@ def run(workers: int, threads: int, slots: int, concurrency: int, repeat: int) -
     import psutil
     from dask.distributed import Client, LocalCluster
 
-    from curate.engine.driver import WORKER_CONFIG
+    from curate.engine.cluster import WORKER_CONFIG
 
     with dask.config.set(WORKER_CONFIG):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",

@@ -770,8 +770,8 @@ def profile(urls: int, threads: int, per_shard: int, batch_size: int, unique: in
         by_func = {f"{Path(k[0]).name}:{k[2]}": v for k, v in stats.stats.items()}  # type: ignore[attr-defined]
         print(f"\nunder cProfile (CPU seconds by thread CPU clock, {len(profiles)} fetch threads merged in):")
         for label, key in [
-            ("fetches (Fetcher.fetch, on the download threads)", "fetch.py:fetch"),
-            ("  reading bodies (Fetcher._read_body)", "fetch.py:_read_body"),
+            ("fetches (Fetcher.fetch, on the download threads)", "fetcher.py:fetch"),
+            ("  reading bodies (Fetcher._read_body)", "fetcher.py:_read_body"),
             ("download stage's own thread (to_pylist, digest, from_pylist)", "download.py:process"),
             ("image stage", "base.py:process"),
             ("  transform_image", "image.py:transform_image"),
@@ -780,8 +780,8 @@ def profile(urls: int, threads: int, per_shard: int, batch_size: int, unique: in
             ("    Pillow encode (Image.save)", "Image.py:save"),
             ("sha256 (image_digest, both stages)", "contract.py:image_digest"),
             ("parquet write of the intermediate (ParquetWriter.write_table)", "core.py:write_table"),
-            ("run_plan", "tasks.py:run_plan"),
-            ("run_pack", "tasks.py:run_pack"),
+            ("run_plan", "steps.py:run_plan"),
+            ("run_pack", "steps.py:run_pack"),
         ]:
             hit = by_func.get(key)
             if hit is not None:

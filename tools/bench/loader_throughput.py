@@ -35,7 +35,7 @@ KINDS = ("pair", "doc", "text")
 def build_demo(root: Path) -> tuple[Path, Path]:
     from curate.recipe import load_recipe
     from curate.engine.driver import run_recipe
-    from tools.demo import DEMO_RECIPE, demo_inputs, demo_overrides
+    from tools.demo.run import DEMO_RECIPE, demo_inputs, demo_overrides
 
     with demo_inputs(root):
         recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))

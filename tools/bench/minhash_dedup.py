@@ -177,7 +177,8 @@ def run_ours(files: list[Path], work: Path, workers: int) -> dict[str, Any]:
     import dask
     from dask.distributed import Client, LocalCluster
 
-    from curate.engine.driver import WORKER_CONFIG, read_live
+    from curate.engine.cluster import WORKER_CONFIG
+    from curate.engine.driver import read_live
     from curate.stages.minhash import COLUMN, MinhashDedup, MinhashDedupConfig
 
     start = time.perf_counter()

@@ -69,8 +69,8 @@ def run(sizes: list[int], workers: int, bands: int | None, max_distance: int) ->
     import dask.dataframe as dd
     from dask.distributed import Client, LocalCluster
 
-    from curate.engine.driver import WORKER_CONFIG
-    from curate.stages.phash import NearDedup
+    from curate.engine.cluster import WORKER_CONFIG
+    from curate.stages.near_dedup import NearDedup
 
     stage = NearDedup(NearDedup.Config(max_distance=max_distance, bands=bands))
     with dask.config.set(WORKER_CONFIG):

@@ -77,10 +77,11 @@ def count_requests(log: Path, start: int) -> Counter[str]:
 
 def run(images: Path, out: str, per_partition: int, workers: int) -> dict[str, Any]:
     from curate.recipe import parse_recipe
-    from curate.engine.driver import _Cluster, run_recipe
+    from curate.engine.cluster import Cluster
+    from curate.engine.driver import run_recipe
 
     recipe = parse_recipe(recipe_data(images, out, per_partition, workers), "<bench recipe>")
-    cluster = _Cluster(recipe)  # started apart: its start is not the storage's cost
+    cluster = Cluster(recipe)  # started apart: its start is not the storage's cost
     try:
         t = time.perf_counter()
         manifest = run_recipe(recipe, progress=False, client=cluster.client)

@@ -149,7 +149,7 @@ def build_demo(root: Path) -> Path:
     """Curate the demo inputs under `root`; the output folder."""
     from curate.recipe import load_recipe
     from curate.engine.driver import run_recipe
-    from tools.demo import DEMO_RECIPE, demo_inputs, demo_overrides
+    from tools.demo.run import DEMO_RECIPE, demo_inputs, demo_overrides
 
     with demo_inputs(root):
         recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))

@@ -85,7 +85,8 @@ def run(sizes: list[int], workers: int, dim: int, threshold: float) -> list[dict
     import dask
     from dask.distributed import Client, LocalCluster
 
-    from curate.engine.driver import WORKER_CONFIG, read_live
+    from curate.engine.cluster import WORKER_CONFIG
+    from curate.engine.driver import read_live
     from curate.stages.semantic_dedup import SemanticDedup
 
     stage = SemanticDedup(SemanticDedup.Config(threshold=threshold))

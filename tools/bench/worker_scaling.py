@@ -18,7 +18,7 @@ image-text pairs, in one invocation, on the same URL list and the same loopback 
   filter and dedup pass has work. Captions are English sentences from a small vocabulary.
 - The server: `download_vs_img2dataset.ImageServer` (asyncio, from memory, its own process, on
   127.0.0.1; about 3,400 requests/s alone), one for every run; its CPU is reported.
-- Each run: a fresh interpreter starts the runner's own LocalCluster (`curate.engine.driver._Cluster`:
+- Each run: a fresh interpreter starts the runner's own LocalCluster (`curate.engine.cluster.Cluster`:
   processes, 1 thread each, 127.0.0.1, the runner's worker settings) with `--workers` workers,
   waits for them, then times `run_recipe(..., client=...)` into a fresh output folder. The
   cluster's start (process spawn and imports) is timed apart and shown, since it is paid once
@@ -303,13 +303,14 @@ def _child(a: dict[str, Any]) -> dict[str, Any]:
     import psutil
     from distributed import get_task_stream
 
-    from curate.engine.driver import _Cluster, run_recipe
+    from curate.engine.cluster import Cluster
+    from curate.engine.driver import run_recipe
 
     out = Path(a["out"])
     recipe = scaling_recipe(Path(a["url_csv"]), out, a["workers"], a["per_partition"], a["threads"],
                             a["batch_size"])
     t0 = time.perf_counter()
-    cluster = _Cluster(recipe)  # the runner's own LocalCluster, as `mm1 curate` starts it
+    cluster = Cluster(recipe)  # the runner's own LocalCluster, as `mm1 curate` starts it
     try:
         client = cluster.client
         client.wait_for_workers(a["workers"], timeout=120)

@@ -28,11 +28,12 @@ Whole listings, for tools and tests on small outputs:
 
 Reading:
 
-- On an fsspec URL, every read (manifest, sidecar, byte range, folder listing) is retried on a
-  transient store error (a connection reset, a timeout, a 5xx; `_transient`) with bounded
-  exponential backoff, counted in `RETRIES` (a stream's `stats["retried"]`, never a skip) and
-  logged rate-limited. When the tries run out it raises `StoreUnavailable` naming the URL: a
-  store that stays down stops the run; it is not a bad sample. A missing object is not transient.
+- Every read (manifest, sidecar, byte range, folder listing) goes through the storage seam
+  (curate/storage.py, by way of curate.contract): on an fsspec URL it is retried on a transient
+  store error (a connection reset, a timeout, a 5xx) with bounded exponential backoff, counted in
+  `RETRIES` (a stream's `stats["retried"]`, never a skip) and logged rate-limited. When the tries
+  run out it raises `StoreUnavailable` naming the URL: a store that stays down stops the run; it
+  is not a bad sample. A missing object is not transient.
 - `read_sample` reads one sample's members by offset (one read for the sample's contiguous span;
   on an fsspec URL one range request) and checks each member's ustar header, so a sidecar that
   disagrees with its tar, a damaged header or a truncated tar is a `CorruptSample`, never garbage.
@@ -48,51 +49,30 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
-import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from curate.contract import (
-    FORMAT_VERSION, KINDS, MANIFEST, inside, member_footprint, read_manifest, withdrawn_keys,
+    KINDS, RETRIES, TAR_BLOCK, Manifest, RateLimitedLog, StoreUnavailable, exists, is_url, join, location,
+    manifest_path, member_footprint, missing_files, read_range, read_table,
 )
 
 log = logging.getLogger(__name__)
 
-TAR_BLOCK = 512
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # What `read_sample` returns: KEY.jpg, KEY.txt, KEY.json, KEY.<i>.<img ext> (doc images).
 _RETURNED_EXT = re.compile(r"^(?:jpg|jpeg|png|webp|txt|json|\d+\.(?:jpg|jpeg|png|webp))$")
 
-# Transient store errors: tries per read, and the backoff between them (doubling from
-# RETRY_FIRST_S up to RETRY_MAX_S, each wait scaled by a random 0.5-1 so that a thousand workers
-# do not come back in step). 6 tries wait at most 0.25 + 0.5 + 1 + 2 + 4 = 7.75 s: a blip (a load
-# balancer dropping connections, a burst of 503 SlowDown) clears within that, and every rank
-# waits on a stalled worker at its next collective, so a longer outage is better ended: it stops
-# the run (StoreUnavailable), which resumes from its checkpoint. These tries come on top of the
-# client's own (botocore: 5 attempts a call by default; s3fs: a few for dropped connections).
-RETRY_ATTEMPTS = 6
-RETRY_FIRST_S = 0.25
-RETRY_MAX_S = 4.0
 MISSING_NAMED = 5  # missing shard files named in list_shards' error (then how many more)
 
 
 class CorruptSample(ValueError):
     """A sample whose bytes cannot be trusted: a member short or missing, a tar header that does
     not name the member the sidecar promises, a damaged header, a missing tar."""
-
-
-class StoreUnavailable(OSError):
-    """The object store kept failing one read (RETRY_ATTEMPTS tries of transient errors): an
-    infrastructure failure that stops the run, never a bad sample. Names the URL and the last
-    error (also its `__cause__`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,213 +93,6 @@ class SampleRef:
 
 
 # ---------------------------------------------------------------------------------------------
-# Transient store errors
-# ---------------------------------------------------------------------------------------------
-
-
-class RateLimitedLog:
-    """Logs the first `first` events of each reason, then every `every`-th (a bad shard of 10,000
-    samples must not flood the log)."""
-
-    def __init__(self, logger: logging.Logger, first: int = 10, every: int = 1000):
-        self.logger, self.first, self.every = logger, first, every
-        self.seen: Counter[str] = Counter()
-
-    def __call__(self, reason: str, msg: str, *args: Any) -> None:
-        self.seen[reason] += 1
-        n = self.seen[reason]
-        if n <= self.first or n % self.every == 0:
-            self.logger.warning(f"[{reason} #{n}] " + msg, *args)
-
-
-RETRIES: Counter[str] = Counter()  # transient store errors retried by this process, by read ("range", ...)
-_retry_log = RateLimitedLog(log, first=10, every=100)
-_jitter = random.Random()  # its own generator: the training's seeded `random` state stays untouched
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-_T = TypeVar("_T")
-
-
-@lru_cache(maxsize=1)
-def _client_errors() -> tuple[type[BaseException], ...]:
-    """The HTTP clients' transient errors that are not OSErrors, as they come out of s3fs and the
-    other fsspec backends. Read against a failing server (tools/servers/s3.py `FlakyProxy`, botocore's
-    retries off): aiohttp re-sends a GET or HEAD once after a reset connection; a second reset
-    comes out of s3fs as botocore's EndpointConnectionError (a botocore ConnectionError, not an
-    OSError, and not retried by s3fs); a 5xx comes out as an OSError caused by a ClientError
-    (`_http_status`)."""
-    found: list[type[BaseException]] = []
-    try:
-        from botocore.exceptions import ConnectionError as BotoConnectionError  # refused, reset, connect timeout
-        from botocore.exceptions import HTTPClientError  # connection closed mid-answer, read timeout
-        from botocore.parsers import ResponseParserError  # a throttling proxy's garbled answer (as s3fs)
-
-        found += [BotoConnectionError, HTTPClientError, ResponseParserError]
-    except ImportError:
-        pass
-    try:
-        from aiohttp import ClientConnectionError, ClientPayloadError  # gcsfs, adlfs, http; a body cut short
-
-        found += [ClientConnectionError, ClientPayloadError]
-    except ImportError:
-        pass
-    try:
-        from urllib3.exceptions import IncompleteRead, ProtocolError  # botocore's synchronous client
-
-        found += [IncompleteRead, ProtocolError]
-    except ImportError:
-        pass
-    from http.client import IncompleteRead as HTTPIncompleteRead
-
-    return (*found, HTTPIncompleteRead)
-
-
-def _http_status(exc: BaseException) -> int | None:
-    """The HTTP status of a botocore ClientError that is `exc` or caused it (s3fs turns a
-    ClientError into an OSError with the ClientError as its cause), else None."""
-    for e in (exc, exc.__cause__):
-        response = getattr(e, "response", None)
-        if isinstance(response, dict):
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if isinstance(status, int):
-                return status
-    return None
-
-
-def _transient(exc: BaseException) -> bool:
-    """Whether another try may succeed: a 5xx, 408 or 429 answer; a connection error or timeout
-    (ConnectionError, TimeoutError, the HTTP clients' own, `_client_errors`); any other OSError
-    but a missing file, a permission refused or a path of the wrong type (a 404 stays a 404)."""
-    if isinstance(exc, (StoreUnavailable, *_PERMANENT)):
-        return False
-    status = _http_status(exc)
-    if status is not None:
-        return status >= 500 or status in (408, 429)
-    return isinstance(exc, (OSError, *_client_errors()))  # ConnectionError, TimeoutError are OSErrors
-
-
-def _retrying(what: str, url: str, call: Callable[[], _T]) -> _T:
-    """`call()`, tried again after a transient store error (`_transient`), RETRY_ATTEMPTS tries in
-    all with exponential backoff; each retry is counted in `RETRIES[what]` and logged
-    (rate-limited). Any other error propagates at once. When every try failed, raises
-    StoreUnavailable naming `url`, the tries and the last error."""
-    start = time.monotonic()
-    for attempt in range(1, RETRY_ATTEMPTS + 1):
-        try:
-            return call()
-        except Exception as exc:  # noqa: BLE001 - sorted by _transient; the rest re-raised as is
-            if not _transient(exc):
-                raise
-            status = _http_status(exc)
-            error = f"{type(exc).__name__}: {exc}" + (f" (HTTP {status})" if status else "")
-            if attempt == RETRY_ATTEMPTS:
-                raise StoreUnavailable(f"{url}: the store failed {attempt} tries in {time.monotonic() - start:.1f}s "
-                                       f"({what}); last error: {error}") from exc
-            wait = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (attempt - 1)) * _jitter.uniform(0.5, 1.0)
-            RETRIES[what] += 1
-            _retry_log("store_retry", "%s %s: %s; try %d of %d in %.2fs", what, url, error, attempt + 1,
-                       RETRY_ATTEMPTS, wait)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
-
-
-# ---------------------------------------------------------------------------------------------
-# Locations: a local folder, or an fsspec URL ("s3://bucket/out", "file:///...")
-# ---------------------------------------------------------------------------------------------
-
-
-def _is_url(out: str) -> bool:
-    return "://" in out
-
-
-def _location(out: str, relative: str) -> str:
-    """`out/relative`; `inside` refuses manifest names that would leave the output."""
-    if not _is_url(out):
-        return str(inside(out, relative))
-    inside(".", relative)  # the same check, for its error
-    return out.rstrip("/") + "/" + relative
-
-
-def _manifest(out: str) -> dict[str, Any]:
-    if not _is_url(out):
-        return read_manifest(out)
-    import fsspec
-
-    url = _location(out, MANIFEST)
-
-    def read() -> Any:
-        with fsspec.open(url, "rb") as f:
-            return json.load(f)
-
-    try:
-        manifest = _retrying("manifest", url, read)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{url}: no manifest; is {out} a finished curation output?") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{url}: format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
-    return manifest
-
-
-def _read_sidecar(location: str, columns: list[str]):
-    if not _is_url(location):
-        return pq.read_table(location, columns=columns)
-    import fsspec
-
-    def read():
-        with fsspec.open(location, "rb") as f:
-            return pq.read_table(f, columns=columns)
-
-    return _retrying("sidecar", location, read)
-
-
-def _read_range(location: str, start: int, end: int) -> bytes:
-    """Bytes [start, end) of a file; fewer when the file is shorter (the caller checks)."""
-    if not _is_url(location):
-        with open(location, "rb") as f:
-            f.seek(start)
-            return f.read(end - start)
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(location)
-
-    def read() -> bytes:
-        size = fs.size(path)  # some backends refuse a range past the end instead of shortening it
-        return fs.cat_file(path, start=min(start, size), end=min(end, size)) if start < size else b""
-
-    return _retrying("range", location, read)
-
-
-def _missing(out: str, relatives: list[str]) -> list[str]:
-    """Those of `relatives` (file paths under `out`) that `out` lacks, from one listing per folder:
-    os.scandir locally, the store's `ls` on a URL (retried as a read is), never a request per
-    file. A folder that does not exist lacks all its files."""
-    folders: dict[str, list[str]] = {}
-    for rel in relatives:
-        folders.setdefault(rel.rpartition("/")[0], []).append(rel)
-    if _is_url(out):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(out)
-    missing = []
-    for folder, rels in folders.items():
-        try:
-            if _is_url(out):
-                path = root.rstrip("/") + "/" + folder if folder else root
-
-                def listing(path: str = path) -> set[str]:
-                    fs.invalidate_cache(path)  # what is there now, not what this process saw before
-                    return {p.rstrip("/").rpartition("/")[2] for p in fs.ls(path, detail=False)}
-
-                present = _retrying("listing", _location(out, folder) if folder else out, listing)
-            else:
-                with os.scandir(os.path.join(out, folder)) as entries:
-                    present = {e.name for e in entries}
-        except (FileNotFoundError, NotADirectoryError):
-            present = set()
-        missing += [rel for rel in rels if rel.rpartition("/")[2] not in present]
-    return missing
-
-
-# ---------------------------------------------------------------------------------------------
 # Listing and assignment
 # ---------------------------------------------------------------------------------------------
 
@@ -333,12 +106,12 @@ def list_samples(outs: list[str], kind: str) -> list[SampleRef]:
     refs: list[SampleRef] = []
     for out in outs:
         out = str(out)
-        manifest = _manifest(out)
-        withdrawn = withdrawn_keys(manifest, kind)
-        for shard in manifest.get("kinds", {}).get(kind, {}).get("shards", []):
-            name = shard["name"]
-            _location(out, name)  # refuse a tar name outside the output before trusting it
-            table = _read_sidecar(_location(out, shard["sidecar"]), ["key", "members"])
+        manifest = Manifest.read(out)
+        withdrawn = manifest.withdrawn_keys(kind)
+        for shard in manifest.shards(kind):
+            name = shard.name
+            join(out, name)  # refuse a tar name outside the output before trusting it
+            table = read_table(join(out, shard.sidecar), ["key", "members"], what="sidecar")
             skip = withdrawn.get(name, set())
             rows = sorted(zip(table.column("key").to_pylist(), table.column("members").to_pylist()))
             for key, members in rows:
@@ -412,17 +185,17 @@ def read_sample(ref: SampleRef) -> dict[str, bytes]:
     if not wanted:
         raise CorruptSample(f"key {ref.key} has no image, text or json member")
 
-    location = _location(ref.out, ref.shard)
+    tar = join(ref.out, ref.shard)
     start = min(o for _, _, o, _ in wanted) - TAR_BLOCK
     end = max(o + s for _, _, o, s in wanted)
     try:
         # A sample's members are adjacent in the tar: one read covers them (one request remotely);
         # a sidecar claiming members far apart gets one read per member instead.
         if end - start <= sum(member_footprint(s) for _, _, s in ref.members):
-            span = _read_range(location, start, end)
+            span = read_range(tar, start, end)
             pieces = {n: span[o - TAR_BLOCK - start:o + s - start] for n, _, o, s in wanted}
         else:
-            pieces = {n: _read_range(location, o - TAR_BLOCK, o + s) for n, _, o, s in wanted}
+            pieces = {n: read_range(tar, o - TAR_BLOCK, o + s) for n, _, o, s in wanted}
     except FileNotFoundError:
         raise CorruptSample(f"shard {ref.shard} is missing") from None
 
@@ -552,7 +325,7 @@ def list_shards(outs: list[str] | tuple[str, ...], kind: str,
                 check_files: bool = True) -> tuple[list[ShardInfo], dict[str, dict[str, set[str]]]]:
     """The shards of `kind` in these outputs (manifest order, output by output) and, per output,
     the withdrawn keys by tar name. Reads the manifests, and lists the shard folders to check that
-    every tar and sidecar a manifest lists exists (`_missing`: one listing per folder). The same
+    every tar and sidecar a manifest lists exists (`missing_files`: one listing per folder). The same
     output listed twice is a ValueError (its samples would be read twice an epoch); a manifest
     that cannot be read fails here with its path; missing shard files are a FileNotFoundError
     naming the first MISSING_NAMED of them and how many there are; a store that stays down is
@@ -564,30 +337,30 @@ def list_shards(outs: list[str] | tuple[str, ...], kind: str,
     withdrawn: dict[str, dict[str, set[str]]] = {}
     for out in outs:
         out = str(out)
-        canonical = out.rstrip("/") if _is_url(out) else os.path.realpath(out)
+        canonical = out.rstrip("/") if is_url(out) else os.path.realpath(location(out))
         if canonical in seen:
             raise ValueError(f"output {out} is listed twice: its samples would be read twice an epoch")
         seen.add(canonical)
         try:
-            manifest = _manifest(out)
+            manifest = Manifest.read(out)
         except (FileNotFoundError, StoreUnavailable):
             raise  # names the path already
         except ValueError as exc:
             if not isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
-                raise  # format_version: names the path already
-            raise ValueError(f"{_location(out, MANIFEST)}: manifest cannot be read: {exc}") from None
+                raise  # format_version, a structure that is not the contract's: names the path already
+            raise ValueError(f"{manifest_path(out)}: manifest cannot be read: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - a permission error, a broken encoding: name the file
-            raise ValueError(f"{_location(out, MANIFEST)}: manifest cannot be read: {exc}") from None
-        withdrawn[out] = withdrawn_keys(manifest, kind)
+            raise ValueError(f"{manifest_path(out)}: manifest cannot be read: {exc}") from None
+        withdrawn[out] = manifest.withdrawn_keys(kind)
         listed = []
-        for shard in manifest.get("kinds", {}).get(kind, {}).get("shards", []):
-            _location(out, shard["name"])  # refuse a tar name outside the output before trusting it
-            _location(out, shard["sidecar"])
-            listed.append(ShardInfo(kind, out, shard["name"], shard["sidecar"], int(shard["count"])))
+        for shard in manifest.shards(kind):
+            join(out, shard.name)  # refuse a tar name outside the output before trusting it
+            join(out, shard.sidecar)
+            listed.append(ShardInfo(kind, out, shard.name, shard.sidecar, int(shard.count)))
         files = [f for s in listed for f in (s.name, s.sidecar)]
-        missing = _missing(out, files) if check_files else []
+        missing = missing_files(out, files) if check_files else []
         if missing:
-            named = ", ".join(_location(out, m) for m in missing[:MISSING_NAMED])
+            named = ", ".join(join(out, m) for m in missing[:MISSING_NAMED])
             more = f" and {len(missing) - MISSING_NAMED} more" if len(missing) > MISSING_NAMED else ""
             raise FileNotFoundError(f"{out}: {len(missing)} of the {len(files)} {kind} shard files (tars, sidecars) "
                                     f"its manifest lists are missing: {named}{more}; an unfinished copy?")
@@ -679,17 +452,17 @@ class ShardStream:
             self._tables.move_to_end(j)
         else:
             shard = self.shards[j]
-            location = _location(shard.out, shard.sidecar)
+            sidecar = join(shard.out, shard.sidecar)
             try:
-                t = _read_sidecar(location, ["key", "members"])
+                t = read_table(sidecar, ["key", "members"], what="sidecar")
             except FileNotFoundError:
-                raise FileNotFoundError(f"{location}: sidecar of {shard.name} is missing") from None
-            tar = _location(shard.out, shard.name)
-            if not _is_url(shard.out) and not os.path.exists(tar):
+                raise FileNotFoundError(f"{sidecar}: sidecar of {shard.name} is missing") from None
+            tar = join(shard.out, shard.name)
+            if not is_url(shard.out) and not exists(tar):
                 raise FileNotFoundError(f"{tar}: shard listed in the manifest is missing")
             table = sorted(zip(t.column("key").to_pylist(), t.column("members").to_pylist()))
             if len(table) != shard.count:
-                log.warning("%s: sidecar has %d rows, manifest says %d", location, len(table), shard.count)
+                log.warning("%s: sidecar has %d rows, manifest says %d", sidecar, len(table), shard.count)
             self._tables[j] = table
         return table
 

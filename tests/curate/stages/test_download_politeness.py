@@ -26,9 +26,10 @@ import pytest
 from PIL import Image
 
 from curate.contract import record_schema
-from curate.web.fetcher import x_robots_opt_out
+from curate.recipe import parse_recipe
 from curate.stages import download
 from curate.stages.download import DownloadStage, is_transient
+from curate.web.headers import x_robots_opt_out
 from tools.demo.server import LoopbackHTTPServer
 
 HOSTS = ("img.test", "rules.test", "down.test", "norobots.test", "slowrobots.test", "limited.test")
@@ -553,8 +554,6 @@ def test_interleaved_order_does_not_change_the_output(site, monkeypatch):
 
 
 def test_robots_and_retry_fields_are_in_the_recipe_hash_but_backoff_is_not():
-    from curate.recipe import parse_recipe
-
     def recipe(**download):
         return parse_recipe({
             "name": "t",

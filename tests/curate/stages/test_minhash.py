@@ -203,7 +203,7 @@ def local_cluster():
 
     import dask
 
-    from curate.engine.driver import WORKER_CONFIG
+    from curate.engine.cluster import WORKER_CONFIG
 
     with dask.config.set(WORKER_CONFIG):  # the runner's worker settings, as a real run has them
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",

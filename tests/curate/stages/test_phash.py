@@ -32,20 +32,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from skimage import data as skdata
 
 from curate.contract import record_schema
 from curate.recipe import RecipeError, parse_recipe
-from curate.stages.phash import (
-    NearDedup,
-    PhashStage,
-    dct_matrix,
-    phash_bytes,
-    phash_image,
-    phash_luma,
-    zigzag,
-)
-
-from skimage import data as skdata
+from curate.stages.near_dedup import NearDedup
+from curate.stages.phash import PhashStage, dct_matrix, phash_bytes, phash_image, phash_luma, zigzag
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **options) -> bytes:

@@ -164,7 +164,7 @@ def test_list_samples_refuses_a_tar_outside_the_output(output: Path) -> None:
 def test_list_shards_names_a_missing_tar_and_a_missing_sidecar(output: Path) -> None:
     (output / "pairs" / "00000.tar").unlink()
     (output / "pairs" / "00001.parquet").unlink()
-    for out in (str(output), output.resolve().as_uri()):  # os.scandir; the fsspec listing (file://)
+    for out in (str(output), output.resolve().as_uri()):  # a folder; the same folder as a file:// URL
         with pytest.raises(FileNotFoundError) as err:
             list_shards([out], "pair")
         message = str(err.value)

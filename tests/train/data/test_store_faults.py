@@ -1,6 +1,7 @@
 """The reader on a misbehaving object store: a small real output (tests/train/data/test_shards.py's
 `build_output`) on the session's loopback S3 server (moto; tests/conftest.py `s3_server`), read
-through `FlakyProxy` (tools/servers/s3.py), which answers 503 or resets the connection by rule.
+through `FlakyProxy` (tools/servers/s3.py), which answers 503 or resets the connection by rule. The
+retries are the storage seam's (curate/storage.py), which the reader reads through.
 
 botocore's own retries are off (`NO_RETRIES`: AWS_MAX_ATTEMPTS=1), so every fault reaches the
 reader; the exact retry counts below show that the setting takes effect (a botocore retry would
@@ -20,13 +21,12 @@ import fsspec
 import pytest
 from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
 
+from curate import storage
+from curate.contract import RETRIES, RETRY_ATTEMPTS, RateLimitedLog, StoreUnavailable, is_transient_error
 from tests.train.data.test_shards import build_output
 from tools.servers.s3 import NO_RETRIES, Fault, FlakyProxy, forget_clients
 from train.data import shards
-from train.data.shards import (
-    RETRIES, RETRY_ATTEMPTS, CorruptSample, RateLimitedLog, ShardStream, StoreUnavailable, _transient,
-    list_shards, read_sample,
-)
+from train.data.shards import CorruptSample, ShardStream, list_shards, read_sample
 
 pytestmark = pytest.mark.usefixtures("loopback_only")
 
@@ -66,7 +66,7 @@ def test_transient_faults_are_retried_counted_and_read_exactly(store, monkeypatc
     local, url, _, proxy = store
     clean, _ = _read_all([str(local)])
     assert len(clean) == 7
-    monkeypatch.setattr(shards, "_retry_log", RateLimitedLog(shards.log))  # this test's retries logged afresh
+    monkeypatch.setattr(storage, "retry_log", RateLimitedLog(storage.log))  # this test's retries logged afresh
     proxy.set_faults(
         Fault(r"/out/manifest\.json$", times=1),  # 503
         Fault(r"^/[^/]+/?$", times=1),  # the bucket: list_shards' folder listing
@@ -76,7 +76,7 @@ def test_transient_faults_are_retried_counted_and_read_exactly(store, monkeypatc
     )
     before = Counter(RETRIES)
     t0 = time.monotonic()
-    with caplog.at_level("WARNING", logger="train.data.shards"):
+    with caplog.at_level("WARNING", logger="curate.storage"):
         got, stream = _read_all([url])
     assert time.monotonic() - t0 < HANG
     assert got == clean  # the same samples, the same bytes, the same order
@@ -93,8 +93,8 @@ def test_transient_faults_are_retried_counted_and_read_exactly(store, monkeypatc
 ])
 def test_a_store_that_stays_down_stops_the_stream_naming_the_url(store, monkeypatch, fault, named, requests):
     _, url, _, proxy = store
-    monkeypatch.setattr(shards, "RETRY_FIRST_S", 0.01)  # the schedule's shape, not its 8 s of waiting
-    monkeypatch.setattr(shards, "RETRY_MAX_S", 0.05)
+    monkeypatch.setattr(storage, "RETRY_FIRST_S", 0.01)  # the schedule's shape, not its 8 s of waiting
+    monkeypatch.setattr(storage, "RETRY_MAX_S", 0.05)
     stream = ShardStream(*list_shards([url], "pair"), seed=3, slot=0, n_slots=1)
     proxy.set_faults(fault)
     before = Counter(RETRIES)
@@ -162,4 +162,4 @@ def _as_s3fs_raises(error: ClientError) -> OSError:
     (StoreUnavailable("already given up"), False),
 ])
 def test_which_errors_are_transient(exc, transient):
-    assert _transient(exc) is transient
+    assert is_transient_error(exc) is transient

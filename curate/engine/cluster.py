@@ -1,0 +1,143 @@
+"""The Dask cluster a run executes on, and how its per-partition tasks reach it.
+
+`Cluster(recipe)` is a client on the recipe's scheduler (`cluster.address`), or on a LocalCluster
+it starts (processes, bound to 127.0.0.1, `WORKER_CONFIG` in its workers); a context manager, so
+what it started is closed however the run ends. `run_tasks` submits one future per call with the
+resources the stages declare (client.submit: resource annotations on dataframe graphs are dropped
+by dask's graph optimisation) and returns the results in call order. `check_resources` fails
+before any task is submitted when no worker advertises what a segment needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import dask
+from dask.distributed import Client, LocalCluster, as_completed
+from tqdm import tqdm
+
+from curate.engine.steps import Job
+from curate.recipe import Recipe
+
+__all__ = ["WORKER_CONFIG", "Cluster", "check_resources", "connect", "run_tasks", "segment_resources"]
+
+log = logging.getLogger("mm1.curate")
+
+# Dask settings for the workers of the LocalCluster we start (BENCHMARKS.md, download vs
+# img2dataset, measures each). dask's nanny exports MALLOC_TRIM_THRESHOLD_=65536 to its workers,
+# which turns off glibc's dynamic mmap threshold: every buffer over 128 KiB (each downloaded body,
+# each decoded picture) is then mmap'ed and unmapped again, 20x the page faults and +16% wall on
+# the download + resize path. `None` unsets it (glibc keeps freed memory for reuse instead: a
+# higher but flat RSS). The worker's sampling profiler (a stack sample of every thread each
+# 10 ms) costs CPU on stages with many I/O threads and we do not read its output.
+# External clusters: start `dask worker` with the same (DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED
+# =False, and MALLOC_TRIM_THRESHOLD_ unset in `distributed.nanny.pre-spawn-environ`); README.
+WORKER_CONFIG: dict[str, Any] = {
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    "distributed.worker.profile.enabled": False,
+}
+
+
+class Cluster:
+    """A client on the recipe's scheduler, or on a LocalCluster we start (127.0.0.1 only).
+
+    `client` is the dask Client; `close()` (or leaving the `with` block) closes it and the
+    LocalCluster if we started one, never an external scheduler."""
+
+    def __init__(self, recipe: Recipe):
+        cfg = recipe.cluster
+        self.cluster: LocalCluster | None = None
+        if cfg.address:
+            self.client = Client(cfg.address, timeout="30s")
+        else:
+            # The nannies copy the config when they start: these settings reach our workers only.
+            with dask.config.set(WORKER_CONFIG):
+                self.cluster = LocalCluster(
+                    n_workers=cfg.n_workers,
+                    threads_per_worker=cfg.threads_per_worker,
+                    processes=True,
+                    host="127.0.0.1",
+                    # The scheduler's HTTP server (health, metrics) starts even without the
+                    # dashboard: keep it on loopback, on a free port.
+                    dashboard_address="127.0.0.1:0",
+                    scheduler_kwargs={"dashboard": cfg.dashboard},
+                    memory_limit=cfg.memory_limit,
+                )
+            self.client = Client(self.cluster)
+        log.info("dask dashboard: %s", self.client.dashboard_link)
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+@contextmanager
+def connect(recipe: Recipe, client: Client | None = None) -> Iterator[Client]:
+    """`client` when one is given (the caller's cluster, left open), else the client of a
+    `Cluster` for the recipe's cluster block, closed when the block ends."""
+    if client is not None:
+        yield client
+        return
+    with Cluster(recipe) as cluster:
+        yield cluster.client
+
+
+def check_resources(client: Client, needed: dict[str, float]) -> None:
+    """Fail, saying how to start the workers, when no worker advertises a resource `needed`
+    (the tasks would wait for one forever)."""
+    if not needed:
+        return
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    for name, amount in needed.items():
+        if not any(w.get("resources", {}).get(name, 0) >= amount for w in workers):
+            raise RuntimeError(
+                f"a stage needs worker resource {name}={amount}, and no worker advertises it; "
+                f"start workers with `dask worker ... --resources {name}={amount}`"
+            )
+
+
+def segment_resources(job: Job, seg: int) -> dict[str, float]:
+    """The worker resources a task of segment `seg` holds: the most each row stage declares."""
+    needed: dict[str, float] = {}
+    for cfg in job.segments[seg].row_stages:
+        for k, v in cfg.resources.items():
+            needed[k] = max(needed.get(k, 0), v)
+    return needed
+
+
+def run_tasks(client: Client, fn: Callable[..., dict[str, Any]], calls: list[tuple], desc: str, progress: bool,
+              resources: dict[str, float] | None = None, retries: int = 0) -> list[dict[str, Any]]:
+    """Submit `fn(*args)` for each call as futures, wait for all, return the results in order.
+
+    Each call's first argument is the `Job` and the next two name the task (partition, ...): the
+    task key is unique per step, round, partition and recipe. The futures are released on
+    return, so a worker that dies later does not make the scheduler recompute finished tasks.
+    A task's exception is a bug in a stage: it stops the run."""
+    futures = [
+        client.submit(fn, *args, key=f"{fn.__name__}-r{args[0].round}-{'-'.join(map(str, args[1:3]))}-{args[0].recipe_hash}",
+                      resources=resources or None, retries=retries, pure=False)
+        for args in calls
+    ]
+    results: dict[Any, dict[str, Any]] = {}
+    bar = tqdm(total=len(futures), desc=desc, unit="part", disable=not progress, file=sys.stderr)
+    try:
+        for fut in as_completed(futures):
+            results[fut.key] = fut.result()
+            bar.update(1)
+        return [results[f.key] for f in futures]
+    except BaseException:
+        client.cancel(futures)
+        raise
+    finally:
+        bar.close()
