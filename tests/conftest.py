@@ -1,10 +1,18 @@
-"""Session-wide guards: nothing in the tests may reach the network."""
+"""Session-wide guards (nothing in the tests may reach the network) and what the session shares,
+built once because each costs seconds to minutes: one Dask LocalCluster (`shared_cluster`), one
+curated demo (`demo_run`) and its training run (`demo_trained`), the tiny models, and the chat and
+S3 server processes."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import ipaddress
 import os
 import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,30 +108,106 @@ class ChatServerProcess:
         self.proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def chat_server(tiny_models, tmp_path_factory):
-    """A real OpenAI-compatible server process on loopback over the tiny models (reset per use
-    by the tests that script it)."""
+    """A real OpenAI-compatible server process on loopback over the tiny models, for the session:
+    every test that uses it starts with `chat_server.reset()` (no script, counters at zero)."""
     server = ChatServerProcess(*tiny_models, tmp_path_factory.mktemp("chat_server"))
     yield server
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def demo_output(tmp_path_factory):
-    """(curated output folder, its tokenizer.json): the demo's three kinds, curated once per
-    session by the real runner from `tools.demo`'s inputs (training, report tests)."""
-    from pathlib import Path
+class SharedCluster:
+    """The session's one Dask LocalCluster, started the way the runner starts one (worker processes
+    bound to 127.0.0.1, the runner's WORKER_CONFIG), and a client on it. `run(recipe)` is
+    `run_recipe` on it, the client current while the run's global passes compute."""
 
-    from curate.recipe import load_recipe
+    def __init__(self) -> None:
+        import dask
+        from dask.distributed import Client, LocalCluster
+
+        from curate.engine.cluster import WORKER_CONFIG
+
+        with dask.config.set(WORKER_CONFIG):  # the nannies copy it when they start
+            self.cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                        dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False},
+                                        memory_limit="3GiB")
+        self.client = Client(self.cluster, set_as_default=False)
+
+    def run(self, recipe: Any, **kwargs: Any) -> dict[str, Any]:
+        from curate.engine.driver import run_recipe
+
+        with self.client.as_current():
+            return run_recipe(recipe, progress=False, client=self.client, **kwargs)
+
+    def close(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+@pytest.fixture(scope="session")
+def shared_cluster():
+    """One LocalCluster (2 single-threaded worker processes) for the session's runs that need no
+    cluster of their own: starting one per run costs seconds each. Its workers outlive each run,
+    with what the runs loaded into them (the per-process stage cache keeps a stage, and its
+    models and state, per stage config), and its scheduler keeps the download stage's per-host
+    semaphores (one namespace, one set of limits). So a test whose recipe downloads, or that
+    counts a stage's work or model calls, kills or restarts workers, tests the recipe's cluster
+    block, or needs an environment in the workers (the S3 tests' AWS_*) starts its own cluster,
+    through `run_recipe(recipe)`."""
+    shared = SharedCluster()
+    yield shared
+    shared.close()
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """The demo curated once for the session, laid out under `root` as `mm1 demo` lays it out
+    (inputs/, curated/, recaption_cache/; run/ and export/ once `demo_trained` has run).
+    Shared and read-only: a test that changes any of it works on a copy."""
+
+    root: Path
+    out: Path  # root/curated: the three kinds' shards, sidecars, ledger and manifest
+    tokenizer: Path  # the demo's byte-level BPE tokenizer.json
+    summary: dict[str, Any]  # what tools.demo's inputs expect: inputs, kept, drop reasons per source
+    manifest: dict[str, Any]  # what the run returned
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> DemoRun:
+    """The demo's inputs (tools.demo) curated once per session by the real runner (its own
+    LocalCluster, the demo recipe): the one curated demo that the end-to-end, manifest, report,
+    training and demo tests all read."""
     from curate.engine.driver import run_recipe
+    from curate.recipe import load_recipe
     from tools.demo.run import DEMO_RECIPE, demo_inputs, demo_overrides
 
     root = tmp_path_factory.mktemp("demo")
-    with demo_inputs(root):
+    with demo_inputs(root) as summary:  # the URL list's and the crawl's server runs while the recipe does
         recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))
-        run_recipe(recipe, progress=False)
-    return Path(recipe.output.path), root / "inputs" / "tokenizer" / "tokenizer.json"
+        manifest = run_recipe(recipe, progress=False)
+    return DemoRun(root, Path(recipe.output.path), root / "inputs" / "tokenizer" / "tokenizer.json", summary,
+                   manifest)
+
+
+@pytest.fixture(scope="session")
+def demo_output(demo_run):
+    """(curated output folder, its tokenizer.json) of the session's demo."""
+    return demo_run.out, demo_run.tokenizer
+
+
+@pytest.fixture(scope="session")
+def demo_trained(demo_run) -> tuple[DemoRun, dict[str, Any], str]:
+    """The session's demo after the demo's own training step (tools.demo `train_demo`: the tiny
+    MM1, random init, 40 steps on CPU over the curated shards, checkpoints in root/run, the newest
+    exported to root/export): what an `mm1 demo` run leaves behind. (demo run, the trainer's
+    result, what train_demo printed)."""
+    from tools.demo.run import train_demo
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = train_demo(demo_run.root, demo_run.out)
+    return demo_run, result, printed.getvalue()
 
 
 @pytest.fixture(scope="session")

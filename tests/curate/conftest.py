@@ -32,7 +32,6 @@ import yaml
 
 from curate.contract import LEDGER_DIR, read_manifest
 from curate.recipe import Recipe, parse_recipe
-from curate.engine.driver import run_recipe
 from tools.bench.partition_memory import build_folder
 from tools.demo.data import build_demo_inputs
 
@@ -163,9 +162,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory, shared_cluster) -> Reference:
+    """The clean run, on the session's LocalCluster (tests/conftest.py)."""
     out = tmp_path_factory.mktemp("resume-reference") / "curated"
-    manifest = run_recipe(make_recipe(recipe_data(corpus, out)), progress=False)
+    manifest = shared_cluster.run(make_recipe(recipe_data(corpus, out)))
     assert manifest["drops"].get("exact_dedup/duplicate", 0) >= 2  # the bulk copy and the demo's
     assert manifest["counts"]["partitions"] >= 15
     packs = [json.loads(m.read_text()) for m in (out / "_work" / "done").glob("pack-*.json")]

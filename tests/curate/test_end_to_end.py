@@ -2,7 +2,8 @@
 served by a real HTTP server on loopback: the ledger invariant over the three kinds (pairs, WARC
 documents, a text corpus) in one run, the drop reasons of the intentionally bad inputs, and the
 shards read back by the stock webdataset library and by open_clip's own WebDataset training
-loader.
+loader. The run is the session's one demo curation (tests/conftest.py `demo_run`), which the
+manifest, report, training and demo tests read too.
 
 The demo's bad inputs are dropped by the cheap stages; on top of that its quality passes drop
 samples that are not bad: near copies (near_dedup: the corpus's resized, re-encoded and grayscale
@@ -13,25 +14,18 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from curate.contract import KIND_DIRS, read_ledger, read_manifest, read_sidecars, shard_urls
-from curate.recipe import load_recipe
-from curate.engine.driver import run_recipe
-from tools.demo.run import DEMO_RECIPE, demo_inputs, demo_overrides
 from tools.stats import compute_stats
 from tools.verify import verify
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    with demo_inputs(root) as summary:  # the URL list's server runs while the recipe does
-        recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))
-        manifest = run_recipe(recipe, progress=False)
-    return {"out": Path(recipe.output.path), "summary": summary, "manifest": manifest}
+def demo(demo_run):
+    """The session's demo curation (tests/conftest.py `demo_run`), as this module reads it."""
+    return {"out": demo_run.out, "summary": demo_run.summary, "manifest": demo_run.manifest}
 
 
 QUALITY_STAGES = {"near_dedup", "score_top_fraction", "semantic_dedup"}
@@ -181,7 +175,7 @@ def test_open_clip_loader_reads_pairs(demo, train):
     assert seen == expected if not train else seen >= expected - 4
 
 
-def test_unpackable_format_without_image_stage_is_dropped_not_fatal(tmp_path):
+def test_unpackable_format_without_image_stage_is_dropped_not_fatal(tmp_path, shared_cluster):
     """A recipe with no image stage meets a GIF: the run finishes, the GIF is one ledger row."""
     from PIL import Image
     from skimage import data as skdata
@@ -200,7 +194,7 @@ def test_unpackable_format_without_image_stage_is_dropped_not_fatal(tmp_path):
         "output": {"path": str(tmp_path / "out")},
         "cluster": {"n_workers": 1, "dashboard": False},
     })
-    manifest = run_recipe(recipe, progress=False)
+    manifest = shared_cluster.run(recipe)
     ledger = {r["id"]: r for r in read_ledger(tmp_path / "out").to_pylist()}
     assert ledger["f:coffee.jpg"]["outcome"] == "kept"
     gif = ledger["f:cat.gif"]

@@ -15,7 +15,6 @@ import pytest
 
 from curate.contract import read_ledger
 from curate.recipe import parse_recipe
-from curate.engine.driver import run_recipe
 from curate.stages.minhash import shingles
 from tools.bench.minhash_dedup import sentence_pool
 from tools.verify import verify
@@ -68,7 +67,7 @@ def _recipe(corpus_file: Path, out: Path, per_partition: int):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def runs(tmp_path_factory: pytest.TempPathFactory, shared_cluster) -> dict:
     root = tmp_path_factory.mktemp("minhash-run")
     texts, copies = corpus()
     for copy, original in copies.items():
@@ -79,7 +78,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     outs = {}
     for per_partition in (3, 40):
         out = root / f"out{per_partition}"
-        outs[per_partition] = (out, run_recipe(_recipe(corpus_file, out, per_partition), progress=False))
+        outs[per_partition] = (out, shared_cluster.run(_recipe(corpus_file, out, per_partition)))
     return {"texts": texts, "copies": copies, "outs": outs}
 
 

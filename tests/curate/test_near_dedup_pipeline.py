@@ -16,7 +16,6 @@ from PIL import Image
 
 from curate.contract import read_ledger, read_manifest, read_sidecars
 from curate.recipe import parse_recipe
-from curate.engine.driver import run_recipe
 from tools.verify import verify
 
 from skimage import data as skdata
@@ -37,7 +36,7 @@ def _save(img: Image.Image, path: Path, **options) -> None:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def run(tmp_path_factory: pytest.TempPathFactory, shared_cluster) -> dict:
     root = tmp_path_factory.mktemp("neardup-run")
     folder, evalset = root / "in", root / "evalset"
     folder.mkdir()
@@ -79,7 +78,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "cluster": {"n_workers": 2, "threads_per_worker": 1, "memory_limit": "2GiB", "dashboard": False},
         "execution": {"batch_size": 4},
     }, "<near-dedup test recipe>")
-    manifest = run_recipe(recipe, progress=False)
+    manifest = shared_cluster.run(recipe)
     return {"out": out, "manifest": manifest, "inputs": len(pictures) + len(COPIES) + 1}
 
 

@@ -109,6 +109,7 @@ def test_retry_failed_asks_again_for_pairs_whose_captioner_was_down(inputs, tmp_
 
     from curate.engine.retry import retry_failed
 
+    chat_server.reset()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"

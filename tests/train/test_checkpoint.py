@@ -217,32 +217,42 @@ from train.checkpoint import save_checkpoint, load_checkpoint, latest_checkpoint
 from train.model.mm1 import MM1
 from train.model.registry import get_config
 
-mode, run_dir = sys.argv[1], Path(sys.argv[2])
+def build(seed):
+    torch.manual_seed(seed)
+    model = MM1(get_config("tiny"))
+    for layer in model.decoder.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 ** s)
+    return model, optimizer, scheduler
+
+def dump(mode, model, optimizer, scheduler):
+    full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    moments = [optimizer.state[p]["exp_avg"].full_tensor() for p in model.parameters()]
+    draw = torch.rand(3)  # per rank: each rank's own RNG must come back
+    torch.save({"model": full, "moments": moments, "draw": draw, "lr": scheduler.get_last_lr()},
+               run_dir / f"{mode}-{rank}.pt")
+
+run_dir = Path(sys.argv[1])
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-torch.manual_seed(0 if mode == "save" else 123)  # resume starts from different weights
-model = MM1(get_config("tiny"))
-for layer in model.decoder.layers:
-    fully_shard(layer)
-fully_shard(model)
-optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 ** s)
-if mode == "save":
-    torch.manual_seed(rank)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    optimizer.step()
-    scheduler.step()
-    save_checkpoint(run_dir, 1, model=model, optimizer=optimizer, scheduler=scheduler,
-                    extra={"loader": {"rank": rank}})
-else:
-    extra = load_checkpoint(latest_checkpoint(run_dir), model=model, optimizer=optimizer, scheduler=scheduler)
-    assert extra == {"loader": {"rank": rank, "ranks": [{"rank": 0}, {"rank": 1}]}}, extra
-full = {k: v.full_tensor() for k, v in model.state_dict().items()}
-moments = [optimizer.state[p]["exp_avg"].full_tensor() for p in model.parameters()]
-draw = torch.rand(3)  # per rank: each rank's own RNG must come back
-torch.save({"model": full, "moments": moments, "draw": draw, "lr": scheduler.get_last_lr()},
-           run_dir / f"{mode}-{rank}.pt")
+model, optimizer, scheduler = build(0)
+torch.manual_seed(rank)
+for p in model.parameters():
+    p.grad = torch.randn_like(p)
+optimizer.step()
+scheduler.step()
+save_checkpoint(run_dir, 1, model=model, optimizer=optimizer, scheduler=scheduler,
+                extra={"loader": {"rank": rank}})
+dump("save", model, optimizer, scheduler)
+del model, optimizer, scheduler
+# the resume: a model built again from other weights (drawing them moves the RNG), no optimizer
+# state yet, all of it read back from disk
+model, optimizer, scheduler = build(123)
+extra = load_checkpoint(latest_checkpoint(run_dir), model=model, optimizer=optimizer, scheduler=scheduler)
+assert extra == {"loader": {"rank": rank, "ranks": [{"rank": 0}, {"rank": 1}]}}, extra
+dump("load", model, optimizer, scheduler)
 dist.destroy_process_group()
 """
 
@@ -256,15 +266,17 @@ def _torchrun(script: Path, *args: str) -> None:
 
 
 def test_two_ranks_fsdp2_save_and_resume(tmp_path):
+    """One torchrun launch: each rank saves its shards, its RNG and its own extra, then builds the
+    model again from other weights and loads the checkpoint back from disk (a resume in a fresh
+    process: the trainer's tests, test_trainer.py)."""
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(_SCRIPT))
     run_dir = tmp_path / "run"
-    _torchrun(script, "save", str(run_dir))
+    _torchrun(script, str(run_dir))
     path = latest_checkpoint(run_dir)
     assert path is not None
     assert {f.name for f in path.iterdir()} >= {"__0_0.distcp", "__1_0.distcp", "extra-rank0.json",
                                                  "extra-rank1.json", "COMPLETE"}
-    _torchrun(script, "load", str(run_dir))
     for rank in (0, 1):
         saved = torch.load(run_dir / f"save-{rank}.pt", weights_only=True)
         loaded = torch.load(run_dir / f"load-{rank}.pt", weights_only=True)

@@ -5,10 +5,11 @@ gradient norm agree with one process within 1e-6 relative, steps 2-5 within 1e-5
 
 - dense `tiny`: 1 process x accumulation 4; 2 ranks x 2 (FSDP); 4 x 1 (FSDP), HSDP 2 x 2 with
   selective activation checkpointing, and 4 replicas (no sharding);
-- `tiny-moe`, dropless and at capacity factor 1.25: 1 process; ep=2 over 2 processes; ep=2 over 4
-  (dp_shard=4) and under HSDP 2 x 2, where the 2 replicas of each expert shard also split it
-  (and, with accumulation 2, hold its gradients until the last backward); the routing of every
-  micro-batch of the last step equal to one process's (flips counted, expected 0).
+- `tiny-moe`, dropless and at capacity factor 1.25: 1 process; ep=2 over 2 processes; ep=2 under
+  HSDP 2 x 2; and dropless, ep=2 over 4 (dp_shard=4) (with accumulation 1 and 2). On 4 ranks the
+  2 replicas of each expert shard also split it (and, with accumulation 2, hold its gradients
+  until the last backward). The routing of every micro-batch of the last step equals one
+  process's (flips counted, expected 0).
 
 The micro-batches spread kinds unevenly (a text sequence with ~60 targets beside pair sequences
 with ~10 and heavy padding), so a per-micro-batch mean would weigh tokens differently per layout.
@@ -40,7 +41,8 @@ LAYOUTS = {
         {"name": "dense-hsdp", "model": "tiny", "dp_replicate": 2, "dp_shard": 2,
          "activation_checkpointing": "selective"},
         {"name": "dense-replicated", "model": "tiny", "dp_replicate": -1, "dp_shard": 1}]
-       + [{"name": f"moe-{m['tag']}-ep2-fsdp4", "dp_shard": 4, "ep": 2, **m} for m in MOE]
+       # (capacity routing over 4 ranks: under HSDP; ep=2 over dp_shard=4: dropless)
+       + [{"name": "moe-dropless-ep2-fsdp4", "dp_shard": 4, "ep": 2, **MOE[0]}]
        + [{"name": f"moe-{m['tag']}-ep2-hsdp", "dp_replicate": 2, "dp_shard": 2, "ep": 2, **m} for m in MOE]
        # accumulation with experts split over their replicas: gradients held until the last backward
        + [{"name": "moe-dropless-ep2-fsdp4-accum2", "dp_shard": 4, "ep": 2, "global": 8, **MOE[0]}],
@@ -166,13 +168,14 @@ def test_the_loss_weighs_every_target_token_alike(layouts, tmp_path):
 
 def test_moe_meshes_through_the_cli_write_the_same_losses(curated, tmp_path):
     """`mm1 train` on 4 processes (torchrun), the demo recipe with tiny-moe, no loader workers,
-    deterministic, 5 steps, on three meshes side by side: FSDP over 4, FSDP over 4 with ep=2, and
-    HSDP 2 x 2 with ep=2. Same data (same world), same initial weights (drawn once on rank 0):
-    per-step losses equal within 1e-4 relative, and each run's last checkpoint is committed."""
+    deterministic, 5 steps, on two meshes side by side: FSDP over 4, and HSDP 2 x 2 with ep=2
+    (the recipe's mesh through the CLI, the loader, an expert-sharded checkpoint). Same data (same
+    world), same initial weights (drawn once on rank 0): per-step losses equal within 1e-4
+    relative, and each run's last checkpoint is committed. (ep=2 under FSDP over 4 is trained by
+    the layouts above, through the same mesh and model building.)"""
     from tests.train.test_trainer import DEMO_TRAIN, _overrides, _records
 
     meshes = {"fsdp4": {"parallel.dp_shard": 4},
-              "fsdp4-ep2": {"parallel.dp_shard": 4, "parallel.ep": 2},
               "hsdp-ep2": {"parallel.dp_replicate": 2, "parallel.dp_shard": 2, "parallel.ep": 2}}
     procs = {}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -192,6 +195,5 @@ def test_moe_meshes_through_the_cli_write_the_same_losses(curated, tmp_path):
         assert sorted(records) == [1, 2, 3, 4, 5] and not any(r["skipped"] for r in records.values())
         losses[name] = [records[s]["loss"] for s in range(1, 6)]
         assert (tmp_path / name / "step-00000005").is_dir()
-    for name in ("fsdp4-ep2", "hsdp-ep2"):
-        for a, b in zip(losses[name], losses["fsdp4"]):
-            assert abs(a - b) <= 1e-4 * abs(b), (name, losses[name], losses["fsdp4"])
+    for a, b in zip(losses["hsdp-ep2"], losses["fsdp4"], strict=True):
+        assert abs(a - b) <= 1e-4 * abs(b), (losses["hsdp-ep2"], losses["fsdp4"])

@@ -1,8 +1,10 @@
-"""The trainer reads its shards straight from an object store (issue 13): the demo recipe is
-curated by the real runner with its output on a real S3-compatible server process on 127.0.0.1
-(moto's server mode; tests/conftest.py `s3_server`), `mm1 verify` checks it there, the trainer's
-reader returns from s3:// exactly what it returns from a local copy, and two torchrun ranks (gloo,
-CPU; the tiny MM1 with RANDOM weights: mechanics only) train on it.
+"""The trainer reads its shards straight from an object store (issue 13): the session's demo
+curation (tests/conftest.py `demo_run`) is uploaded to a real S3-compatible server process on
+127.0.0.1 (moto's server mode; tests/conftest.py `s3_server`), `mm1 verify` checks it there, the
+trainer's reader returns from s3:// exactly what it returns from the local output, and two
+torchrun ranks (gloo, CPU; the tiny MM1 with RANDOM weights: mechanics only) train on it. (The
+runner writing a run's output onto the store, killed and resumed there: tests/curate/
+test_object_store.py.)
 
 The ranks and their DataLoader workers reach the store through the AWS_* environment they
 inherit, as they would on a cluster. Timeouts are generous bounds against hangs, not timings."""
@@ -19,9 +21,6 @@ from pathlib import Path
 import pytest
 
 from curate.engine.commit import fs_path, location
-from curate.recipe import load_recipe
-from curate.engine.driver import run_recipe
-from tools.demo.run import DEMO_RECIPE, demo_inputs, demo_overrides
 from tools.verify import verify
 from train.data.shards import list_samples, read_sample
 
@@ -33,19 +32,15 @@ HANG = 420  # seconds: a bound against hangs on a shared 2-core machine, not a t
 
 
 @pytest.fixture(scope="module")
-def on_s3(s3_server, tmp_path_factory):
-    """(s3:// URL of the demo curated onto the store, a local copy of it, the tokenizer), with
-    this process's environment pointed at the store while the module runs."""
-    root = tmp_path_factory.mktemp("demo_s3")
+def on_s3(s3_server, demo_run):
+    """(s3:// URL of the session's curated demo uploaded to the store, the local output it came
+    from, the tokenizer), with this process's environment pointed at the store while the module
+    runs."""
     with s3_server.environment():
         url = f"s3://{s3_server.create_bucket()}/curated"
-        with demo_inputs(root):
-            recipe = load_recipe(DEMO_RECIPE, {**demo_overrides(root), "output.path": url})
-            run_recipe(recipe, progress=False)
         where, fs = fs_path(location(url))
-        copy = root / "copy"
-        fs.get(where, str(copy), recursive=True)
-        yield url, copy, root / "inputs" / "tokenizer" / "tokenizer.json"
+        fs.put(str(demo_run.out), where, recursive=True)
+        yield url, demo_run.out, demo_run.tokenizer
 
 
 def test_verify_and_the_reader_see_on_s3_what_a_local_copy_holds(on_s3):

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from train.recipe import load_train_recipe
-from train.trainer import EXIT_STOPPED, INJECT_NAN_ENV, STOP_AFTER_ENV, train
+from train.trainer import EXIT_STOPPED, INJECT_NAN_ENV, STOP_AFTER_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_TRAIN = ROOT / "recipes" / "train" / "demo.yaml"
@@ -36,14 +36,24 @@ def _overrides(curated, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in pairs.items()]
 
 
-def _mm1_train(curated, run_dir: Path, *, nproc: int = 1, env: dict | None = None, **extra) -> subprocess.CompletedProcess:
+def _mm1_train_start(curated, run_dir: Path, *, nproc: int = 1, env: dict | None = None, **extra) -> subprocess.Popen:
+    """`python -m tools.cli train` (under torchrun for nproc > 1) started, not awaited."""
     args = ["-m", "tools.cli", "train", str(DEMO_TRAIN), "--run-dir", str(run_dir)]
     for o in _overrides(curated, **extra):
         args += ["--override", o]
     if nproc > 1:
         args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + args
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env={**os.environ, **(env or {})},
-                          capture_output=True, text=True, timeout=HANG)
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=HANG)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _mm1_train(curated, run_dir: Path, *, nproc: int = 1, env: dict | None = None, **extra) -> subprocess.CompletedProcess:
+    return _finish(_mm1_train_start(curated, run_dir, nproc=nproc, env=env, **extra))
 
 
 def _records(path: Path) -> dict[int, dict]:
@@ -66,27 +76,25 @@ def _lists_under(state, keys: tuple[str, ...]) -> list[list]:
     return found
 
 
-def test_the_loss_falls_in_one_process(curated, tmp_path):
-    """40 steps of the demo recipe (batch 4 x 256 tokens, lr 3e-3, warmup 5): the mean loss of
-    the last 5 steps is below 0.8 x the first 5's (it lands near 0.74)."""
-    out, tokenizer = curated
-    recipe = load_train_recipe(DEMO_TRAIN, {"data.outs": [str(out)], "data.tokenizer": str(tokenizer),
-                                            "validation": {"outs": [str(out)], "every": 40, "batches": 2}})
-    final = train(recipe, tmp_path / "run")
+def test_the_loss_falls_in_one_process(demo_trained):
+    """The demo's own training run (tests/conftest.py `demo_trained`: recipes/train/demo.yaml in
+    one process, 40 steps of batch 4 x 256 tokens, lr 3e-3, warmup 5): the mean loss of the last
+    5 steps is below 0.8 x the first 5's (it lands near 0.74), the lr warms up and ends the cosine
+    at 10% of the peak, and steps 20 and 40 are checkpointed. (Validation at its cadence:
+    test_fsdp2_with_activation_checkpointing_on_cpu.)"""
+    demo, final, _ = demo_trained
+    run = demo.root / "run"
     losses = final["losses"]
     assert final["step"] == 40 and len(losses) == 40 and final["skipped"] == 0
     assert all(math.isfinite(x) for x in losses)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, (first, last)
-    records = _records(tmp_path / "run" / "metrics.jsonl")
+    records = _records(run / "metrics.jsonl")
     assert sorted(records) == list(range(1, 41))
     assert records[1]["lr"] == pytest.approx(3e-3 / 5) and records[5]["lr"] == pytest.approx(3e-3)
     assert records[40]["lr"] == pytest.approx(3e-4)  # the cosine ends at 10% of the peak
     assert records[10]["tokens_per_s"] > 0 and records[10]["memory_gib"] > 0
-    assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-00000020", "step-00000040"]
-    # validation: mean loss per kind over 2 batches of one pass, at step 40
-    assert {"val/pair", "val/doc"} <= set(final) and all(math.isfinite(final[k]) for k in final if k[:4] == "val/")
-    assert "val/pair" in records[40] and "val/pair" not in records[39]
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-00000020", "step-00000040"]
 
 
 def test_consecutive_non_finite_steps_stop_the_run(curated, tmp_path, monkeypatch):
@@ -105,11 +113,23 @@ def test_consecutive_non_finite_steps_stop_the_run(curated, tmp_path, monkeypatc
     assert sorted(records) == [1, 2, 3] and records[3]["skipped_total"] == 2
 
 
+# One sequence per batch of one source (data.packing per_kind: mixed packing puts an image in
+# nearly every sequence), pairs and texts half and half: with seed 0 a step occurs where one rank's
+# sequence is text only. The two-rank run and its resume on one process read the same way.
+TWO_RANK_DATA = {"data.batch_size": 1, "data.weights": "{pair: 0.5, text: 0.5}", "data.packing": "per_kind",
+                 "parallel.activation_checkpointing": "full"}
+
+
 @pytest.fixture(scope="module")
 def two_ranks(curated, tmp_path_factory):
-    """torchrun, 2 processes, 6 steps, checkpoints every 2, rank 1's loss NaN at step 3."""
+    """torchrun, 2 processes (FSDP2 over both: per block, vision tower, connector, root; full
+    activation checkpointing; gloo on CPU), 6 steps, checkpoints every 2, validation every 4 on 2
+    batches, rank 1's loss NaN at step 3. Read, never changed, by the tests below (a test that
+    writes works on a copy)."""
     run_dir = tmp_path_factory.mktemp("two_ranks")
-    proc = _mm1_train(curated, run_dir, nproc=2, env={INJECT_NAN_ENV: "1:3"}, steps=6, **{"checkpoint.every": 2})
+    proc = _mm1_train(curated, run_dir, nproc=2, env={INJECT_NAN_ENV: "1:3"}, steps=6, **{
+        "checkpoint.every": 2, **TWO_RANK_DATA,
+        "validation.outs": f"[{curated[0]}]", "validation.every": 4, "validation.batches": 2})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
 
@@ -128,7 +148,7 @@ def test_two_ranks_take_steps_and_agree_on_the_loss(two_ranks):
                                           / a["targets"])
 
 
-def test_a_nan_on_one_rank_skips_the_step_on_both(two_ranks):
+def test_a_nan_on_one_rank_skips_the_step_on_both(two_ranks, tmp_path):
     """Rank 1's NaN at step 3: both ranks skip it (no update), neither hangs, training goes on,
     and the step-4 checkpoint holds finite weights (step 2's is pruned: keep 2)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -139,7 +159,7 @@ def test_a_nan_on_one_rank_skips_the_step_on_both(two_ranks):
     assert math.isfinite(r0[3]["rank_loss"]) and math.isnan(r1[3]["rank_loss"])
     assert all(math.isfinite(r0[s]["loss"]) for s in (4, 5, 6))
     assert sorted(p.name for p in two_ranks.glob("step-*")) == ["step-00000004", "step-00000006"]
-    flat = two_ranks / "step4.pt"
+    flat = tmp_path / "step4.pt"
     dcp_to_torch_save(two_ranks / "step-00000004", flat)
     state = torch.load(flat, weights_only=True)
     weights = {k: v for k, v in state["model"].items() if torch.is_tensor(v)}
@@ -159,7 +179,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_process(curated, two_ranks, tmp_pa
 
     run_dir = tmp_path / "run"
     shutil.copytree(two_ranks, run_dir)
-    proc = _mm1_train(curated, run_dir, steps=8, **{"checkpoint.every": 2})
+    proc = _mm1_train(curated, run_dir, steps=8, **{"checkpoint.every": 2, **TWO_RANK_DATA})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"resumed from {run_dir / 'step-00000006'} at step 6" in proc.stderr
     assert "loader resharded from 2 slots to 1" in proc.stderr
@@ -204,32 +224,31 @@ def test_a_two_rank_checkpoint_resumes_on_one_process(curated, two_ranks, tmp_pa
     assert loader["workers"]["0"]["stats"]["dropped_on_reshard"] == dropped  # the count survives the next resume
 
 
-def test_fsdp2_with_activation_checkpointing_on_cpu(curated, tmp_path):
-    """FSDP2 (per block, vision tower, connector, root) with activation checkpointing runs on CPU
-    with gloo (torch 2.14): 2 ranks take steps with one finite, agreed loss, and checkpoint; a
-    step where one rank's sequence is text only (no image) does not hang the vision groups.
-    One sequence per batch of one source (data.packing per_kind: mixed packing puts an image in
-    nearly every sequence), pairs and texts half and half: with seed 0 such a step occurs."""
-    proc = _mm1_train(curated, tmp_path, nproc=2, steps=4, **{
-        "checkpoint.every": 4, "parallel.dp_shard": 2, "parallel.activation_checkpointing": "full",
-        "data.batch_size": 1, "data.weights": "{pair: 0.5, text: 0.5}", "data.packing": "per_kind",
-        "validation.outs": f"[{curated[0]}]", "validation.every": 4, "validation.batches": 2})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = _records(tmp_path / "metrics.jsonl"), _records(tmp_path / "metrics.rank1.jsonl")
-    assert sorted(r0) == sorted(r1) == [1, 2, 3, 4]
-    assert all(math.isfinite(r0[s]["loss"]) and r0[s]["loss"] == r1[s]["loss"] for s in r0)
+def test_fsdp2_with_activation_checkpointing_on_cpu(two_ranks):
+    """The two-rank run is FSDP2 with activation checkpointing on CPU with gloo (torch 2.14): both
+    ranks take steps with one finite, agreed loss, and checkpoint; a step where one rank's
+    sequence is text only (no image) does not hang the vision groups; validation runs at its
+    cadence, the same on both ranks."""
+    r0, r1 = _records(two_ranks / "metrics.jsonl"), _records(two_ranks / "metrics.rank1.jsonl")
+    assert sorted(r0) == sorted(r1) == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r0[s]["loss"]) and r0[s]["loss"] == r1[s]["loss"] for s in r0 if s != 3)  # 3: the NaN
     assert any((r0[s]["rank_images"] == 0) != (r1[s]["rank_images"] == 0) for s in r0)
+    # validation: mean loss per kind over 2 batches of one pass, at its cadence only (every 4)
     assert math.isfinite(r0[4]["val/pair"]) and r0[4]["val/text"] == r1[4]["val/text"]
-    assert (tmp_path / "step-00000004").is_dir()
+    assert not any(k.startswith("val/") for s in (1, 2, 3, 5) for k in r0[s])
+    assert (two_ranks / "step-00000006").is_dir()
 
-    # the sharded checkpoint exports in this one process: whole tensors equal to torch's own
-    # reassembly (dcp_to_torch_save), and the exported model runs
+
+def test_a_sharded_checkpoint_exports_in_one_process(two_ranks, tmp_path):
+    """The checkpoint the two FSDP ranks wrote exports in this one process: whole tensors equal to
+    torch's own reassembly (dcp_to_torch_save), and the exported model runs."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     from train.export import export_checkpoint, load_exported
 
-    export_checkpoint(tmp_path, tmp_path / "export", hf_decoder=False)
-    dcp_to_torch_save(tmp_path / "step-00000004", tmp_path / "flat.pt")
+    summary = export_checkpoint(two_ranks, tmp_path / "export", hf_decoder=False)
+    assert Path(summary["checkpoint"]).name == "step-00000006"
+    dcp_to_torch_save(two_ranks / "step-00000006", tmp_path / "flat.pt")
     reference = torch.load(tmp_path / "flat.pt", weights_only=True)["model"]
     exported = load_exported(tmp_path / "export").eval()
     ours = exported.state_dict()
@@ -240,21 +259,24 @@ def test_fsdp2_with_activation_checkpointing_on_cpu(curated, tmp_path):
 
 
 def test_a_killed_run_resumes_with_the_same_losses(curated, tmp_path):
-    """Deterministic mode, 2 loader workers, 12 steps, checkpoints every 4: killed (os._exit)
-    after step 10, resumed from step 8; steps 9-12 repeat the uninterrupted run's losses."""
-    common = {"steps": 12, "checkpoint.every": 4, "deterministic": "true", "data.workers": 2}
-    whole = _mm1_train(curated, tmp_path / "whole", **common)
+    """Deterministic mode, 2 loader workers, 6 steps, checkpoints every 2: killed (os._exit)
+    after step 5, resumed from step 4; steps 5-6 repeat the uninterrupted run's losses (which
+    runs beside the killed one)."""
+    common = {"steps": 6, "checkpoint.every": 2, "deterministic": "true", "data.workers": 2}
+    whole = _mm1_train_start(curated, tmp_path / "whole", **common)
+    killed = _finish(_mm1_train_start(curated, tmp_path / "killed", env={STOP_AFTER_ENV: "5"}, **common))
+    whole = _finish(whole)
     assert whole.returncode == 0, whole.stderr[-4000:]
-    killed = _mm1_train(curated, tmp_path / "killed", env={STOP_AFTER_ENV: "10"}, **common)
     assert killed.returncode == EXIT_STOPPED, killed.stderr[-4000:]
-    assert sorted(p.name for p in (tmp_path / "killed").glob("step-*"))[-1] == "step-00000008"
+    assert sorted(p.name for p in (tmp_path / "killed").glob("step-*"))[-1] == "step-00000004"
+    assert sorted(_records(tmp_path / "killed" / "metrics.jsonl")) == [1, 2, 3, 4, 5]  # step 5 ran, then the kill
     resumed = _mm1_train(curated, tmp_path / "killed", **common)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stderr
 
     expected = _records(tmp_path / "whole" / "metrics.jsonl")
     got = _records(tmp_path / "killed" / "metrics.jsonl")
-    assert sorted(got) == list(range(1, 13))
-    for step in range(9, 13):
+    assert sorted(got) == list(range(1, 7))
+    for step in range(5, 7):
         assert got[step]["loss"] == expected[step]["loss"], step
         assert got[step]["lr"] == expected[step]["lr"]

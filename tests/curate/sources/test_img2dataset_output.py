@@ -14,7 +14,6 @@ from skimage import data
 
 from curate.contract import read_ledger
 from curate.recipe import parse_recipe
-from curate.engine.driver import run_recipe
 from tools.demo.server import LoopbackHTTPServer
 from tools.verify import verify
 
@@ -37,7 +36,7 @@ def server(tmp_path):
     httpd.server_close()
 
 
-def test_recurate_img2dataset_shards(tmp_path, server):
+def test_recurate_img2dataset_shards(tmp_path, server, shared_cluster):
     from img2dataset import download
 
     urls = tmp_path / "urls.csv"
@@ -60,7 +59,7 @@ def test_recurate_img2dataset_shards(tmp_path, server):
         "output": {"path": str(tmp_path / "out")},
         "cluster": {"n_workers": 1, "dashboard": False},
     })
-    manifest = run_recipe(recipe, progress=False)
+    manifest = shared_cluster.run(recipe)
     ledger = read_ledger(tmp_path / "out").to_pylist()
     # img2dataset keeps successes only: the 404 never reaches its tars, so 4 inputs here
     assert manifest["counts"] == {"partitions": len(tars), "inputs": 4, "kept": 4, "dropped": 0}

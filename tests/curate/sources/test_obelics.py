@@ -12,7 +12,6 @@ import pytest
 
 from curate.contract import read_ledger, read_sidecars, shard_urls
 from curate.recipe import parse_recipe
-from curate.engine.driver import run_recipe
 from curate.sources import build_source
 from curate.sources.obelics import ObelicsConfig
 from tools.verify import verify
@@ -158,7 +157,7 @@ def test_missing_columns_fail_at_planning(tmp_path):
         source(path).partitions()
 
 
-def test_curation_run_without_stages(tmp_path, folder, output_checks):
+def test_curation_run_without_stages(tmp_path, folder, output_checks, shared_cluster):
     """Stage-less curation: every row once in the ledger; the stock webdataset library reads the
     doc shards (KEY.json with the segments) and the sidecars count segments. With no download
     stage, image segments are never fetched: pack removes them (`image_not_fetched`, recorded in
@@ -173,7 +172,7 @@ def test_curation_run_without_stages(tmp_path, folder, output_checks):
         "cluster": {"n_workers": 1, "dashboard": False},
         "execution": {"batch_size": 2},
     })
-    manifest = run_recipe(recipe, progress=False)
+    manifest = shared_cluster.run(recipe)
     output_checks.check_ledger_invariant(out)
     assert manifest["counts"] == {"partitions": 4, "inputs": 13, "kept": 3, "dropped": 10}
     ledger = read_ledger(out).to_pylist()

@@ -14,7 +14,6 @@ import pytest
 
 from curate.contract import read_ledger, read_manifest, shard_urls
 from curate.recipe import parse_recipe
-from curate.engine.driver import run_recipe
 from curate.sources import build_source
 from curate.sources.text_corpus import TextCorpusConfig
 from tools.verify import verify
@@ -135,7 +134,7 @@ def test_recipe_mistakes_fail_at_planning(tmp_path, corpus):
         source(corpus / "b.parquet", text_column="body").partitions()
 
 
-def test_curation_run_without_stages(tmp_path, corpus, output_checks):
+def test_curation_run_without_stages(tmp_path, corpus, output_checks, shared_cluster):
     """Stage-less curation of a text corpus: the ledger holds every record once, the stock
     webdataset library reads the text shards (KEY.txt the text, KEY.json the metadata)."""
     import webdataset as wds
@@ -148,7 +147,7 @@ def test_curation_run_without_stages(tmp_path, corpus, output_checks):
         "cluster": {"n_workers": 1, "dashboard": False},
         "execution": {"batch_size": 3},
     })
-    manifest = run_recipe(recipe, progress=False)
+    manifest = shared_cluster.run(recipe)
     output_checks.check_ledger_invariant(out)
     report = verify(out)
     assert report.ok, report

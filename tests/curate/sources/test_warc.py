@@ -20,7 +20,6 @@ from warcio.warcwriter import WARCWriter
 
 from curate.contract import read_ledger, read_manifest
 from curate.recipe import parse_recipe
-from curate.engine.driver import run_recipe
 from curate.sources import build_source
 from curate.sources.warc import WarcConfig
 from tools.verify import verify
@@ -329,7 +328,7 @@ def test_content_types_are_media_types():
     assert WarcConfig(name="w", path="x.warc", html_content_types=(" Text/HTML",)).html_content_types == ("text/html",)
 
 
-def test_curation_run_keeps_the_ledger_whole(tmp_path, output_checks):
+def test_curation_run_keeps_the_ledger_whole(tmp_path, output_checks, shared_cluster):
     """Pages reach the docs shards through the extraction stage (a recipe must name it: a WARC's
     records are raw pages), every source drop and a damaged file's error row reach the ledger once."""
     w = crawl(True)
@@ -344,7 +343,7 @@ def test_curation_run_keeps_the_ledger_whole(tmp_path, output_checks):
         "cluster": {"n_workers": 1, "dashboard": False},
         "execution": {"batch_size": 4},
     })
-    manifest = run_recipe(recipe, progress=False)
+    manifest = shared_cluster.run(recipe)
     output_checks.check_ledger_invariant(out)
     report = verify(out)
     assert report.ok, report

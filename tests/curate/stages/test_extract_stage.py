@@ -299,12 +299,12 @@ def test_config_is_validated(bad):
         HtmlExtractConfig(**bad)
 
 
-def test_curation_run_extracts_inside_dask_worker_processes(tmp_path, output_checks):
-    """Through the runner on a real LocalCluster: Dask's worker processes are daemonic, where
-    multiprocessing refuses to start children; the stage's exec'd children work there."""
+def test_curation_run_extracts_inside_dask_worker_processes(tmp_path, output_checks, shared_cluster):
+    """Through the runner on a real LocalCluster (the session's): Dask's worker processes are
+    daemonic, where multiprocessing refuses to start children; the stage's exec'd children work
+    there."""
     from curate.contract import read_ledger
     from curate.recipe import parse_recipe
-    from curate.engine.driver import run_recipe
 
     pages = tmp_path / "pages"
     pages.mkdir()
@@ -320,7 +320,7 @@ def test_curation_run_extracts_inside_dask_worker_processes(tmp_path, output_che
         "output": {"path": str(out)},
         "cluster": {"n_workers": 1, "threads_per_worker": 2, "dashboard": False},
     })
-    manifest = run_recipe(recipe, progress=False)
+    manifest = shared_cluster.run(recipe)
     output_checks.check_ledger_invariant(out)
     assert manifest["counts"]["inputs"] == 4 and manifest["counts"]["kept"] == 2
     outcomes = {r["id"]: (r["outcome"], r["stage"], r["drop_reason"]) for r in read_ledger(out).to_pylist()}

@@ -198,20 +198,14 @@ def planted_pairs(targets: list[float], per_s: int) -> tuple[list[str], list[flo
 
 
 @pytest.fixture(scope="module")
-def local_cluster():
-    from dask.distributed import Client, LocalCluster
+def local_cluster(shared_cluster):
+    """The session's LocalCluster (the runner's worker settings), through this module's own
+    client: the default one while the module runs, so the passes' `.compute()` run there."""
+    from dask.distributed import Client
 
-    import dask
-
-    from curate.engine.cluster import WORKER_CONFIG
-
-    with dask.config.set(WORKER_CONFIG):  # the runner's worker settings, as a real run has them
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                               dashboard_address=None)
-    client = Client(cluster)
+    client = Client(shared_cluster.cluster)
     yield client
     client.close()
-    cluster.close()
 
 
 def _live(table: pa.Table, npartitions: int, folder: Path):
