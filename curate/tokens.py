@@ -20,6 +20,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from curate.documents import record_text
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -46,8 +48,6 @@ def check_tokenizer_path(path: str) -> str:
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str) -> tuple[Any, str]:
     """(the `tokenizers.Tokenizer`, its default id), once per worker process."""
-    from tokenizers import Tokenizer
-
     if is_local(path):
         file = tokenizer_file(path)
         tokenizer = Tokenizer.from_file(str(file))

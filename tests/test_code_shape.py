@@ -180,3 +180,34 @@ def test_curate_and_the_cli_never_load_torch():
             "print(heavy); raise SystemExit(1 if heavy else 0)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+def _local_import_groups(tree: ast.Module) -> list[list[ast.stmt]]:
+    """The imports inside functions and classes (not the module's own, nor those under a
+    module-level `if`/`try`), in runs of consecutive lines."""
+    top = {id(n) for n in tree.body} | {id(n) for stmt in tree.body if isinstance(stmt, (ast.If, ast.Try))
+                                       for n in ast.walk(stmt)}
+    local = sorted((n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in top),
+                   key=lambda n: n.lineno)
+    groups: list[list[ast.stmt]] = []
+    for node in local:
+        if groups and node.lineno == groups[-1][-1].end_lineno + 1:
+            groups[-1].append(node)
+        else:
+            groups.append([node])
+    return groups
+
+
+def test_imports_inside_functions_say_why():
+    """Imports sit at the module's top. One inside a function is for a heavy optional dependency
+    (torch, open_clip, transformers, a benchmark's peer...), the CLI's start-up, or to keep
+    torch out of curate/: a comment on the import (or the line above a run of them) says which."""
+    silent = []
+    for name, (path, tree) in _modules().items():
+        lines = path.read_text().splitlines()
+        for group in _local_import_groups(tree):
+            span = range(group[0].lineno - 1, group[-1].end_lineno)
+            above = lines[group[0].lineno - 2].strip() if group[0].lineno > 1 else ""
+            if not any("#" in lines[i] for i in span) and not above.startswith("#"):
+                silent.append(f"{path.relative_to(ROOT)}:{group[0].lineno}: {ast.unparse(group[0])}")
+    assert not silent, f"{len(silent)} imports inside functions without a reason:\n" + "\n".join(silent)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 def _curate(args: argparse.Namespace) -> int:
-    from curate.contract import location
+    # CLI start-up: each command loads its library when it runs (module docstring)
+    from curate.contract import Manifest, location
     from curate.recipe import load_recipe
     from curate.engine.retry import RetryError, retry_failed
     from curate.engine.driver import run_recipe
@@ -30,26 +31,26 @@ def _curate(args: argparse.Namespace) -> int:
         overrides["cluster.n_workers"] = args.workers
     recipe = load_recipe(args.recipe, overrides)
     if args.retry_failed:
-        manifest = retry_failed(recipe, progress=not args.no_progress)
+        manifest = Manifest.from_dict(retry_failed(recipe, progress=not args.no_progress))
     else:
-        manifest = run_recipe(recipe, restart=args.restart, progress=not args.no_progress)
-    c = manifest["counts"]
+        manifest = Manifest.from_dict(run_recipe(recipe, restart=args.restart, progress=not args.no_progress))
+    c = manifest.counts
     out = location(recipe.output.path)
     print(f"curated {c['inputs']} inputs: {c['kept']} kept, {c['dropped']} dropped -> {out}")
-    for r in manifest.get("retries", [])[-1:] if args.retry_failed else []:
+    for r in (manifest.retries or [])[-1:] if args.retry_failed else []:
         print(f"  retry round {r['round']}: {r['retried']} retried, {r['recovered']} recovered, "
               f"{r['failed_again']} failed again (transient), {r['dropped']} dropped for other reasons, "
               f"{r['withdrawn']} shipped samples withdrawn")
-    for kind, info in manifest["kinds"].items():
-        withdrawn = len(info.get("withdrawn", []))
-        print(f"  {kind}: {info['count']} samples in {len(info['shards'])} shards"
+    for kind, entry in manifest.kinds.items():
+        withdrawn = len(entry.withdrawn or ())
+        print(f"  {kind}: {entry.count} samples in {len(entry.shards)} shards"
               + (f" ({withdrawn} withdrawn)" if withdrawn else ""))
     print(f"  manifest: {out / 'manifest.json'}\n  ledger:   {out / 'ledger'}")
     return 0
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from tools.stats import compute_stats, format_stats
+    from tools.stats import compute_stats, format_stats  # CLI start-up: loaded when this command runs
 
     stats = compute_stats(args.out)
     print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
@@ -57,7 +58,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from tools.verify import verify
+    from tools.verify import verify  # CLI start-up: loaded when this command runs
 
     report = verify(args.out)
     for err in report.errors:
@@ -68,6 +69,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    # CLI start-up, and the train extra (torch): loaded when this command runs
     from train.recipe import RecipeError, load_train_recipe, parse_override
     from train.trainer import Diverged, StartError, train
 
@@ -94,7 +96,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from tools.report import build_report
+    from tools.report import build_report  # CLI start-up: loaded when this command runs
 
     path = build_report(args.out, args.output, samples=args.samples, seed=args.seed)
     print(f"report: {path}")
@@ -102,9 +104,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    import torch
+    import torch  # the train extra: loaded only when this command runs (CLI start-up)
 
-    from train.checkpoint import CheckpointError
+    from train.checkpoint import CheckpointError  # CLI start-up, and torch: loaded when this command runs
     from train.export import export_checkpoint
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
@@ -120,7 +122,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from tools.demo.run import run_demo
+    from tools.demo.run import run_demo  # CLI start-up: loaded when this command runs
 
     run_demo(Path(args.dir))
     return 0
@@ -189,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("distributed", "tornado", "bokeh"):
         logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose else logging.ERROR)
+    # CLI start-up: the engine loads after parsing, so `mm1 --help` and a usage error stay fast
     from curate.recipe import RecipeError
     from curate.engine.retry import RetryError
     from curate.engine.driver import ResumeError

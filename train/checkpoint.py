@@ -33,6 +33,7 @@ hundreds of GB on one rank at every save costs more than the truncation check is
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -48,6 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.metadata as dcp_metadata
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -176,8 +178,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if module in self._DCP:
-            import torch.distributed.checkpoint.metadata as md
-            obj = getattr(md, name, None)
+            obj = getattr(dcp_metadata, name, None)
             if isinstance(obj, type) and obj.__module__ == module:
                 return obj
         elif module == "torch":
@@ -396,8 +397,6 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
 
 def seed_new_rank(step: int, rank: int) -> None:
     """A rank added on resume: its generators seeded from (step, rank) (see `load_checkpoint`)."""
-    import hashlib
-
     seed = int.from_bytes(hashlib.blake2b(f"{step}:{rank}".encode(), digest_size=8).digest(), "little") >> 1
     random.seed(seed)
     np.random.seed(seed % 2**32)

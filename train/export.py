@@ -34,13 +34,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from train.checkpoint import CheckpointError, latest_checkpoint, load_model_weights, read_state
 from train.model.config import ConnectorConfig, DecoderConfig, MM1Config, MoEConfig, VisionConfig
+from train.model.hf import save_hf
 from train.model.mm1 import MM1
 
 FORMAT = "mm1-export"
@@ -103,8 +107,6 @@ def describe(model: MM1) -> dict[str, Any]:
     """What config.json holds (JSON-able): format and version, the registry name, the config with
     `vision.pretrained = None` (the weights travel with the tensors), the original vision source
     (provenance), and the tower's preprocessing. Works on an FSDP-wrapped MM1 too."""
-    from dataclasses import replace
-
     cfg = model.cfg
     source = getattr(model, "vision_pretrained_source", cfg.vision.pretrained)
     return {
@@ -122,8 +124,6 @@ def export_model(model: MM1, out_dir: Path, *, hf_decoder: bool = True) -> dict[
     by an atomic rename, so a crash never leaves a truncated file under its final name). Returns
     a summary: paths written (`model`, `config`, `decoder_hf` or None), `decoder_hf_skipped`
     (the reason, or None), `params` and `bytes` of the state dict, `registry_name`."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
@@ -144,8 +144,6 @@ def export_model(model: MM1, out_dir: Path, *, hf_decoder: bool = True) -> dict[
     elif cfg.decoder.moe is not None:
         skipped = "an MoE decoder has no Llama-family Hugging Face equivalent"
     else:
-        from train.model.hf import save_hf
-
         hf_path = out / HF_DIR
         save_hf(model.decoder, hf_path, model_type="qwen2" if cfg.decoder.qkv_bias else "llama")
     return {
@@ -192,8 +190,6 @@ def load_exported(out_dir: Path) -> MM1:
     freshly built module; call `.eval()` for inference). Built on the meta device (nothing is
     initialised or fetched) and filled by assignment with `strict=True`: a missing or unexpected
     tensor is an error. The vision tower's preprocessing is the one stored at export."""
-    from safetensors import safe_open
-
     out = Path(out_dir)
     model = _meta_model(read_export_config(out))
     sd = {}
@@ -220,8 +216,6 @@ def load_checkpoint_model(checkpoint: Path) -> tuple[MM1, dict[str, Any]]:
     checkpoint's state: step, world size, ...). `checkpoint`: a step folder, or a run folder (its
     newest complete checkpoint). Raises CheckpointError for an unfinished or hostile folder and
     for one saved without a model description."""
-    from train.checkpoint import CheckpointError, latest_checkpoint, load_model_weights, read_state
-
     path = Path(checkpoint)
     if not (path / "COMPLETE").exists() and not path.name.startswith("step-"):
         found = latest_checkpoint(path)

@@ -49,8 +49,11 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from train.model.config import MM1Config
+from train.model.connector import build_connector
+from train.model.mm1 import MM1
 from train.model.registry import decoder_param_counts
 
 Recompute = Literal["none", "full", "selective"]
@@ -73,8 +76,6 @@ class ModelFlops:
     def from_model(cls, model: nn.Module, *, tower_trainable: bool | None = None) -> "ModelFlops":
         """From a built MM1 (on any device, the meta device included); `tower_trainable`
         defaults to whether any tower parameter requires a gradient."""
-        from train.model.connector import build_connector
-
         cfg: MM1Config = model.cfg
         vision = model.vision
         if tower_trainable is None:
@@ -93,8 +94,6 @@ class ModelFlops:
     def from_config(cls, cfg: MM1Config, *, tower_trainable: bool) -> "ModelFlops":
         """Builds the model on the meta device (nothing allocated or fetched; a few seconds for
         ViT-H) and counts it."""
-        from train.model.mm1 import MM1
-
         with torch.device("meta"):
             model = MM1(cfg)
         return cls.from_model(model, tower_trainable=tower_trainable)
@@ -128,8 +127,6 @@ def forward_flops(module: nn.Module, input_shape: tuple[int, ...]) -> float:
     """FLOPs of one forward of `module` (built on the meta device) on a meta input of that
     shape, as torch's FlopCounterMode counts them: matrix products and convolutions at 2 FLOPs
     a multiply-add; element-wise work is not counted (the 6N convention ignores it too)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         module(torch.empty(input_shape, device="meta"))
     return float(counter.get_total_flops())

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch.distributed.device_mesh import init_device_mesh
+
 
 @dataclass(frozen=True)
 class ParallelDims:
@@ -74,8 +76,6 @@ class ParallelDims:
 
     def dense_mesh(self, device_type: str):
         """("dp_replicate", "dp_shard") over every rank: FSDP2's mesh (2-D: HSDP)."""
-        from torch.distributed.device_mesh import init_device_mesh
-
         if self.dp_replicate == 1:
             return init_device_mesh(device_type, (self.dp_shard,), mesh_dim_names=("dp_shard",))
         return init_device_mesh(device_type, (self.dp_replicate, self.dp_shard),
@@ -83,8 +83,6 @@ class ParallelDims:
 
     def expert_mesh(self, device_type: str):
         """("ep_replicate", "ep"): groups of `ep` consecutive ranks hold the experts between them."""
-        from torch.distributed.device_mesh import init_device_mesh
-
         return init_device_mesh(device_type, (self.world // self.ep, self.ep), mesh_dim_names=("ep_replicate", "ep"))
 
 

@@ -38,7 +38,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
+try:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:  # older spellings of the same API
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+
+from train.expert_parallel import (
+    apply_expert_parallel, expert_parameters, experts_shard_replicas, set_expert_gradient_sync,
+)
 from train.mesh import ParallelDims
 from train.recipe import ParallelSection
 
@@ -51,8 +60,6 @@ def _block_lists(model: nn.Module) -> list[nn.ModuleList]:
 def apply_activation_checkpointing(model: nn.Module, mode: str = "full", every: int = 2) -> None:
     """Wrap every block ("full") or every `every`-th one ("selective": blocks 0, every, 2*every...)
     of the decoder and the tower ("none": nothing)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
-
     if mode == "none":
         return
     for blocks in _block_lists(model):
@@ -78,11 +85,6 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def apply_fsdp(model: nn.Module, mesh, bf16: bool, ignored: set[nn.Parameter] | None = None) -> None:
-    try:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    except ImportError:  # older spellings of the same API
-        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
     kw = {"mesh": mesh, "mp_policy": mp}
@@ -103,8 +105,6 @@ def parallelize(model: nn.Module, cfg: ParallelSection, dims: ParallelDims, devi
     Sharding needs an initialised process group (torchrun)."""
     ignored: set[nn.Parameter] = set()
     if dims.ep > 1:
-        from train.expert_parallel import apply_expert_parallel, expert_parameters
-
         # with replicas (world > ep) each expert shard is also split over them, FSDP-style
         apply_expert_parallel(model, dims.expert_mesh(device.type), "ep",
                               replica_dim="ep_replicate" if dims.world > dims.ep else None)
@@ -122,8 +122,6 @@ def parallelize(model: nn.Module, cfg: ParallelSection, dims: ParallelDims, devi
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """FSDP: reduce-scatter gradients in this backward (the last micro-batch of an accumulation)
     or keep them unsharded and accumulate locally (the others). No-op without FSDP."""
-    from train.expert_parallel import set_expert_gradient_sync
-
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(enabled)
     set_expert_gradient_sync(model, enabled)
@@ -148,8 +146,6 @@ def sync_gradients(model: nn.Module, dims: ParallelDims) -> None:
         return
     experts, replicas = set(), None
     if dims.ep > 1:
-        from train.expert_parallel import expert_parameters, experts_shard_replicas
-
         experts = {id(p) for p in expert_parameters(model)}
         # the ranks holding the same experts (the expert mesh's other dimension), unless the
         # experts are split over them too: then their gradients arrived reduce-scattered

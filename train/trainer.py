@@ -55,13 +55,33 @@ from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor, Shard
 
+from train import checkpoint as ckpt
+from train.data.loader import Loader, LoaderConfig
+from train.data.mixture import KINDS, MixtureConfig
+from train.data.samples import TextTokenizer
+from train.expert_parallel import expert_parameters
 from train.export import describe
-from train.mesh import ParallelDims
+from train.flops import ModelFlops, batch_flops, causal_pairs, peak_flops
+from train.mesh import ParallelDims, dims_for
+from train.model.connector import build_connector
+from train.model.decoder import Decoder
+from train.model.fit import misfit_message
+from train.model.hf import decoder_config_from_hf, read_hf_decoder
+from train.model.mm1 import IGNORE, MM1
+from train.model.moe import moe_param_counts
+from train.model.registry import get_config
+from train.model.vision import VisionEncoder, vision_state_dict
+from train.parallelize import parallelize, recomputed_fraction, set_gradient_sync, sync_gradients
 from train.recipe import OptimSection, TrainRecipe
+from train.schedule import lr_lambda, mm1_peak_lr
 
 log = logging.getLogger("mm1.train")
 
@@ -132,12 +152,7 @@ def _env_hooks(rank: int) -> tuple[range, int | None]:
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:
-        pass
+    np.random.seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -150,16 +165,12 @@ def model_config(recipe: TrainRecipe, vocab: int, image_token_id: int):
     """The MM1Config a run trains: the registry size; the decoder's shape from the HF checkpoint's
     config.json when one is given (else the size's, its vocabulary padded to a multiple of 64 for
     matmul efficiency, nanoGPT's 50304); the tower frozen or not as the recipe says."""
-    from train.model.registry import get_config
-
     cfg = get_config(recipe.model.name)
     if recipe.model.freeze_vision is not None:
         cfg = replace(cfg, vision=replace(cfg.vision, frozen=recipe.model.freeze_vision))
     if recipe.model.vision_checkpoint is not None:
         cfg = replace(cfg, vision=replace(cfg.vision, pretrained=recipe.model.vision_checkpoint))
     if recipe.model.decoder_checkpoint:
-        from train.model.hf import decoder_config_from_hf
-
         config_json = Path(recipe.model.decoder_checkpoint) / "config.json"
         try:
             decoder = decoder_config_from_hf(json.loads(config_json.read_text()))
@@ -183,10 +194,6 @@ def initial_parts(recipe: TrainRecipe, cfg) -> Iterator[dict[str, torch.Tensor]]
     the Hugging Face checkpoint and the tower from its open_clip tag or file when the recipe
     names them. The same seed gives the same weights whatever the mesh: drawn once, here, then
     broadcast and sharded. `n_parts(cfg)` parts."""
-    from train.model.connector import build_connector
-    from train.model.decoder import Decoder
-    from train.model.vision import VisionEncoder, vision_state_dict
-
     torch.manual_seed(recipe.seed)
     vision = VisionEncoder(replace(cfg.vision, pretrained=None))
     if cfg.vision.pretrained is not None:
@@ -200,8 +207,6 @@ def initial_parts(recipe: TrainRecipe, cfg) -> Iterator[dict[str, torch.Tensor]]
 
     hf = None
     if recipe.model.decoder_checkpoint:
-        from train.model.hf import read_hf_decoder
-
         _, hf = read_hf_decoder(recipe.model.decoder_checkpoint, dtype=None)  # as stored; cast per part
     with torch.device("meta"):
         decoder = Decoder(cfg.decoder)
@@ -242,8 +247,6 @@ def _inactive_expert_params(cfg) -> int:
     """Parameters of the experts a token does not run through (0 for a dense model): MM1's lr
     rule is fitted on dense models, where N is what every token trains; for an MoE that is the
     active count (recipes/train/mm1-3b-moe.yaml argues it)."""
-    from train.model.moe import moe_param_counts
-
     moe = cfg.decoder.moe
     if moe is None:
         return 0
@@ -259,9 +262,6 @@ def build_model(recipe: TrainRecipe, cfg, dims: ParallelDims, device: torch.devi
     part, and broadcast into every rank's shards. Parameters are fp32 (the master weights) whatever the
     checkpoints' dtypes; bf16 is only what FSDP gathers for compute. Under FSDP the image path
     joins every forward (`join_image_path`)."""
-    from train.model.mm1 import MM1
-    from train.parallelize import parallelize
-
     with torch.device("meta"):
         model = MM1(cfg)
     parallelize(model, recipe.parallel, dims, device, bf16=bf16)
@@ -301,8 +301,6 @@ def build_model(recipe: TrainRecipe, cfg, dims: ParallelDims, device: torch.devi
 def _check_part(expected: dict[str, tuple], part: dict[str, torch.Tensor], seen: set[str], last: bool) -> None:
     """A part of the initial weights fits the model: known names, the right shapes; after the
     last part, every tensor had its value. Else an error naming them."""
-    from train.model.fit import misfit_message
-
     extra = sorted(set(part) - set(expected))
     wrong = [f"{k}: found {list(v.shape)}, expected {list(expected[k])}" for k, v in part.items()
              if k in expected and tuple(v.shape) != expected[k]]
@@ -321,8 +319,6 @@ def _load_part(model: nn.Module, part: dict[str, torch.Tensor], dims: ParallelDi
         missing, unexpected = model.load_state_dict(part, strict=False)
         assert not unexpected, unexpected
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     set_model_state_dict(model, part, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
                                                                strict=False))
 
@@ -336,8 +332,6 @@ def param_groups(model: nn.Module, o: OptimSection, lr: float) -> list[dict[str,
     No weight decay on norms, biases, embedding tables and position embeddings. Expert weights
     under expert parallelism live on another mesh than FSDP's, and a fused or foreach step
     cannot mix meshes: they get groups of their own. Empty groups are left out."""
-    from train.expert_parallel import expert_parameters
-
     experts = {id(p) for p in expert_parameters(model)}
     mults = {"vision": o.vision_lr_mult, "connector": o.connector_lr_mult, "decoder": 1.0}
     groups: dict[tuple, dict[str, Any]] = {}
@@ -363,9 +357,6 @@ def build_optimizer(model: nn.Module, o: OptimSection, lr: float) -> torch.optim
 
 def _loader(recipe: TrainRecipe, model: nn.Module, outs: list[str], d: Distributed, *, steps: int | None,
             repeat: bool, state: dict | None):
-    from train.data.loader import Loader, LoaderConfig
-    from train.data.mixture import MixtureConfig
-
     r = recipe.data
     mixture = MixtureConfig(outs=tuple(outs), tokenizer=r.tokenizer, seq_len=r.seq_len, weights=dict(r.weights),
                             n_image_tokens=recipe.n_image_tokens, max_images=r.max_images,
@@ -410,8 +401,6 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     mixes of plain tensors and DTensors (FSDP shards on the dense mesh, expert weights on the
     expert mesh) they are: local sums of squares, all-reduced over each mesh dimension a
     gradient is sharded along. No host synchronisation."""
-    from torch.distributed.tensor import DTensor, Shard
-
     groups: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
         g = p.grad
@@ -457,9 +446,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     backward. Then one all-reduce agrees whether every rank's loss was finite; a non-finite step
     drops its gradients everywhere. `poison` makes this rank's loss NaN (the NaN-injection hook).
     Two host synchronisations per step (the finiteness check and the norm), none per micro-batch."""
-    from train.model.mm1 import IGNORE
-    from train.parallelize import set_gradient_sync, sync_gradients
-
     accum = len(micro_batches)
     count = torch.tensor([float(sum(int((mb["labels"] != IGNORE).sum()) for mb in micro_batches))], device=device)
     local_targets = count.clone()
@@ -521,11 +507,6 @@ def validate(model: nn.Module, recipe: TrainRecipe, d: Distributed, autocast: bo
     """Mean LM loss per kind (token-weighted) over up to `validation.batches` batches per rank of
     one pass over the validation outputs. Ranks stop together when any runs out (FSDP needs
     every rank in every forward)."""
-    import torch.nn.functional as F
-
-    from train.data.mixture import KINDS
-    from train.model.mm1 import IGNORE
-
     v = recipe.validation
     sums = {k: [0.0, 0.0] for k in KINDS}
     model.eval()
@@ -574,11 +555,6 @@ def train(recipe: TrainRecipe, run_dir: str | Path, *, resume: bool = True) -> d
     loss over every rank), losses per step of this invocation, skipped steps, last validation
     losses. Raises `Diverged` after `max_bad_steps` consecutive non-finite steps, ValueError
     when the mesh does not fit the world or the initial weights do not fit the model."""
-    from train import checkpoint as ckpt
-    from train.data.samples import TextTokenizer
-    from train.mesh import dims_for
-    from train.schedule import lr_lambda, mm1_peak_lr
-
     d = init_distributed()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -624,7 +600,7 @@ def train(recipe: TrainRecipe, run_dir: str | Path, *, resume: bool = True) -> d
                      d.world, d.device, dims.dp_replicate, dims.dp_shard, dims.ep)
 
         return _loop(recipe, run_dir, d, dims, model, optimizer, scheduler, step, skipped, losses, loader_state,
-                     autocast, nan_at, stop_after, ckpt)
+                     autocast, nan_at, stop_after)
     finally:
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -636,9 +612,6 @@ class _Throughput:
     (train/flops.py); the device's bf16 peak."""
 
     def __init__(self, model: nn.Module, recipe: TrainRecipe, device: torch.device):
-        from train.flops import ModelFlops, peak_flops
-        from train.parallelize import recomputed_fraction
-
         tower_trainable = any(p.requires_grad for p in model.vision.parameters())
         self.mf = ModelFlops.from_config(model.cfg, tower_trainable=tower_trainable)
         p = recipe.parallel
@@ -651,8 +624,6 @@ class _Throughput:
 
     def batch(self, batch: dict) -> list[float]:
         """[real tokens, images, model FLOPs, hardware FLOPs, tower FLOPs] of one micro-batch."""
-        from train.flops import batch_flops, causal_pairs
-
         mask = batch.get("token_mask")
         if mask is None:
             mask = torch.ones_like(batch["tokens"], dtype=torch.bool)
@@ -664,7 +635,7 @@ class _Throughput:
 
 
 def _loop(recipe, run_dir, d, dims, model, optimizer, scheduler, step, skipped, losses, loader_state, autocast,
-          nan_at, stop_after, ckpt) -> dict[str, Any]:
+          nan_at, stop_after) -> dict[str, Any]:
     accum = recipe.data.grad_accum
     throughput = _Throughput(model, recipe, d.device)
     metrics = _Metrics(run_dir, recipe, d.rank)

@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from PIL import Image
+
 DECODE_ERROR = "decode_error"
 TIMEOUT = "timeout"
 CONNECTION_ERROR = "connection_error"
@@ -91,8 +93,6 @@ def local_model_id(model: str) -> str:
 
 def decode_rgb(data: bytes, max_pixels: int) -> Any:
     """Pillow RGB image of `data`, its size checked on the header first (decompression bombs)."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as img:
         if img.width * img.height > max_pixels:
             raise ValueError(f"{img.width}x{img.height} is over {max_pixels} pixels")
@@ -106,7 +106,7 @@ def decode_rgb(data: bytes, max_pixels: int) -> Any:
 
 
 def _require_transformers() -> None:
-    try:
+    try:  # the vecap extra, checked when the backend loads: keeps torch out of curate/
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as exc:
@@ -115,7 +115,7 @@ def _require_transformers() -> None:
 
 
 def _torch_setup(device: str, dtype: str) -> tuple[Any, Any]:
-    import torch
+    import torch  # keeps torch out of curate/ (vecap extra)
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -183,7 +183,7 @@ class TransformersVLM(_Local):
         if self._model is not None:
             return
         _require_transformers()
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText, AutoProcessor  # heavy, optional (vecap extra)
 
         self.processor = AutoProcessor.from_pretrained(self.name)
         self.processor.tokenizer.padding_side = "left"  # decoder-only batches grow to the right
@@ -208,7 +208,7 @@ class TransformersVLM(_Local):
         return results  # type: ignore[return-value]
 
     def _generate(self, images: list[Any], text: str) -> list[Generated]:
-        import torch
+        import torch  # keeps torch out of curate/ (vecap extra)
 
         inputs = self.processor(images=images, text=[text] * len(images), return_tensors="pt", padding=True)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
@@ -229,7 +229,7 @@ class TransformersLM(_Local):
         if self._model is not None:
             return
         _require_transformers()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy, optional (vecap extra)
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.name)
         if not self.tokenizer.chat_template:
@@ -248,7 +248,7 @@ class TransformersLM(_Local):
         return out
 
     def _generate(self, prompts: list[str]) -> list[Generated]:
-        import torch
+        import torch  # keeps torch out of curate/ (vecap extra)
 
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                     tokenize=False) for p in prompts]

@@ -38,10 +38,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from curate.contract import TMP_SUFFIX
-# The locations and reads live in the storage seam; re-exported here for the engine's modules.
-from curate.storage import (  # noqa: F401
-    check_url, dask_url, fs_path, is_url, location, parquet_file, parquet_files, read_schema, read_table, relative,
-)
+from curate.storage import fs_path, is_url
 
 # an attempt's own name on an object store: NAME.<12 hex>[.EXT]
 ATTEMPT_NAME = re.compile(r"^(?P<stem>[^.]+)\.(?P<attempt>[0-9a-f]{12})(?P<ext>\.[A-Za-z0-9]+)?$")

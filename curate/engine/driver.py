@@ -28,18 +28,8 @@ import dask.dataframe as dd
 import pandas as pd
 import pyarrow as pa
 
-from curate.engine.commit import (
-    ObjectStorage,
-    dask_url,
-    fs_path,
-    is_url,
-    location,
-    parquet_file,
-    parquet_files,
-    read_schema,
-    relative,
-    storage_for,
-)
+from curate.engine.commit import ObjectStorage, storage_for
+from curate.storage import dask_url, fs_path, is_url, location, parquet_file, parquet_files, read_schema, relative
 from curate.contract import KIND_DIRS, LEDGER_DIR, MANIFEST, inside
 from curate.engine.cluster import check_resources, connect, run_tasks, segment_resources
 from curate.engine.manifest import write_manifest

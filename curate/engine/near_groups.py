@@ -251,7 +251,7 @@ def components(edges: Any, *, max_rounds: int = 100, stats: dict[str, int] | Non
     Raises RuntimeError if it has not converged after `max_rounds` rounds (not expected: hooking
     and jumping make the rounds grow like the logarithm of a component's size, and a round that
     changes nothing ends the loop). When `stats` is a dict, it receives `rounds`."""
-    import dask.dataframe as dd
+    import dask.dataframe as dd  # ~1 s of import, paid where a global pass runs: the stages import this module
 
     directed = dd.concat([
         edges.rename(columns={"id_a": "src", "id_b": "dst"}),
@@ -363,7 +363,7 @@ def near_duplicate_decisions(
     edges = verify_pairs(live, candidates, columns, accept).persist()
     groups = components(edges)
     if stats is not None:
-        import dask
+        import dask  # ~0.1 s of import, paid where a global pass runs: the stages import this module
 
         counts = dask.compute(
             candidates.shape[0], edges.shape[0], groups.shape[0], groups["group"].nunique(),

@@ -20,7 +20,8 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.engine.commit import Storage, location, relative
+from curate.engine.commit import Storage
+from curate.storage import location, relative
 from curate.tokens import TokenCounter
 from curate.contract import (
     KIND_DIRS,

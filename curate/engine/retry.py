@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.engine.cluster import connect, run_tasks
-from curate.engine.commit import dask_url, parquet_file, parquet_files, read_table, relative
+from curate.storage import dask_url, parquet_file, parquet_files, read_table, relative
 from curate.contract import LEDGER_DIR, LEDGER_SCHEMA, inside, read_manifest
 from curate.engine.driver import (
     EXACT_INTEGERS,

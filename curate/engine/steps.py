@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.engine.commit import Storage, parquet_file, parquet_files, read_schema, read_table, relative, storage_for
+from curate.engine.commit import Storage, storage_for
+from curate.storage import parquet_file, parquet_files, read_schema, read_table, relative
 from curate.documents import EMPTY_DOCUMENT, is_empty, load_segments, remove_segments
 from curate.contract import (
     HEAVY_COLUMNS,

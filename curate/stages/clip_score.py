@@ -36,10 +36,11 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image
 from pydantic import Field, model_validator
 
 from curate.stages.base import Drop, RowStage, StageConfig, register
-from curate.stages.image import DECODE_ERROR
+from curate.stages.image import DECODE_ERROR, to_rgb
 
 _COLUMN = r"^[a-z][a-z0-9_]*$"
 _SCHEMES = ("hf-hub:", "local-dir:")
@@ -48,7 +49,7 @@ _SCHEMES = ("hf-hub:", "local-dir:")
 def _check_model(model: str, pretrained: str | None) -> None:
     """A model name open_clip knows (or a hub/local-dir name) and a tag it has for that model, or
     an existing checkpoint file. ValueError with what exists otherwise."""
-    import open_clip
+    import open_clip  # keeps torch out of curate/ (train extra): checked when a recipe names the stage
 
     if model.startswith(_SCHEMES):
         if model.startswith("local-dir:") and not os.path.isdir(model.split(":", 1)[1]):
@@ -110,6 +111,7 @@ class ClipScoreStage(RowStage):
         return out
 
     def setup(self) -> None:
+        # keeps torch out of curate/ (train extra): loaded once per worker
         import open_clip
         import torch
 
@@ -134,20 +136,16 @@ class ClipScoreStage(RowStage):
 
     def _prepare(self, data: bytes) -> Any:
         """Decoded, RGB, preprocessed image tensor; or a Drop for bytes that do not decode."""
-        from PIL import Image
-
-        from curate.stages.image import to_rgb  # the image stage's rule: alpha on white, 16-bit scaled
-
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
-                rgb = to_rgb(img)
+                rgb = to_rgb(img)  # the image stage's rule: alpha on white, 16-bit scaled
                 return self.preprocess(rgb)
         except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure is this drop
             return Drop(DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:300])
 
     def _text(self, captions: list[str]) -> Any:
-        import torch
+        import torch  # keeps torch out of curate/ (train extra)
 
         tokens = self.tokenizer(captions).to(self.device)
         with torch.inference_mode():
@@ -155,7 +153,7 @@ class ClipScoreStage(RowStage):
         return torch.nn.functional.normalize(text, dim=-1)
 
     def _images(self, tensors: list[Any]) -> Any:
-        import torch
+        import torch  # keeps torch out of curate/ (train extra)
 
         batch = torch.stack(tensors).to(self.device, dtype=self.dtype)
         with torch.inference_mode():

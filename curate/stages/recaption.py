@@ -44,6 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from curate.captions import vecap
 from curate.captions.cache import Cached, GenerationCache, namespace_of
 from curate.captions.generation import ChatCompletions, Generated, TransformersLM, TransformersVLM
+from curate.contract import conform, image_digest
+from curate.documents import dump_json, load_segments
 from curate.stages.base import RowStage, StageConfig, register
 
 CAPTION_UNAVAILABLE = "caption_unavailable"
@@ -242,8 +244,6 @@ class RecaptionStage(RowStage):
                 "fusion_model": self.fuser.model_id if self.fuser else None, "fusion_prompt_hash": self.fusion_hash}
 
     def _pairs(self, rows: list[dict[str, Any]]) -> None:
-        from curate.contract import image_digest
-
         items = [(r.get("image_sha256") or image_digest(r["image"]), r.get("caption") or "", r["image"]) for r in rows]
         for row, r in zip(rows, self._enrich(items)):
             row["caption_alt"] = row.get("caption")
@@ -256,8 +256,6 @@ class RecaptionStage(RowStage):
             row["txt_source"] = self._txt_source(row)
 
     def _docs(self, rows: list[dict[str, Any]]) -> None:
-        from curate.documents import dump_json, load_segments
-
         where, items = [], []
         for n, row in enumerate(rows):
             images, shas = row.get("images") or [], row.get("image_sha256s") or []
@@ -281,8 +279,6 @@ class RecaptionStage(RowStage):
                 row.update(self._meta())
 
     def _with_columns(self, table: pa.Table, rows: list[dict[str, Any]]) -> pa.Table:
-        from curate.contract import conform
-
         schema = table.schema
         for name, dtype in self.output_columns.items():
             if schema.get_field_index(name) < 0:

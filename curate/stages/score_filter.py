@@ -30,6 +30,7 @@ import math
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 from pydantic import Field
 
 from curate.stages.base import Drop, Filter, GlobalStage, StageConfig, register
@@ -97,8 +98,6 @@ def key_score(key: int) -> float | None:
 
 
 def _with_keys(live: Any, column: str) -> Any:
-    import pandas as pd
-
     def add(part: pd.DataFrame) -> pd.DataFrame:
         scores = pd.to_numeric(part[column], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
         return part.assign(_key=score_keys(scores))

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from curate.engine.commit import ATTEMPT_NAME, fs_path, location, read_table, storage_for
-from curate.contract import image_digest, record_schema
+from curate.engine.commit import ATTEMPT_NAME, storage_for
+from curate.contract import fs_path, image_digest, location, read_table, record_schema
 from curate.engine.pack import ShardWriter
 from curate.recipe import RecipeError, parse_recipe
 from tools.bench.partition_memory import build_folder

@@ -346,7 +346,8 @@ def test_retry_rounds_on_s3_end_where_the_all_success_run_does(site, reference, 
     loopback, tests/conftest.py): there the global stages' decisions and a round's changes keep
     their attempts' own names and the markers name them. Two rounds end with the reference's
     outcomes and image bytes, `mm1 verify` passes on s3://, and no attempt is left unnamed."""
-    from curate.engine.commit import ATTEMPT_NAME, fs_path, location
+    from curate.contract import fs_path, location
+    from curate.engine.commit import ATTEMPT_NAME
 
     urls = _write_inputs(tmp_path / "in", site)
     out = f"{s3}/retried"

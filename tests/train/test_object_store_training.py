@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.engine.commit import fs_path, location
+from curate.contract import fs_path, location
 from tools.verify import verify
 from train.data.shards import list_samples, read_sample
 

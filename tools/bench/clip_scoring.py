@@ -26,12 +26,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from curate.contract import record_schema
+from curate.stages.clip_score import ClipScoreStage
+
 
 def _images(n: int, seed: int = 0) -> list[bytes]:
     """n JPEGs of varied size: crops of the photographs scikit-image ships, resized."""
-    import numpy as np
-    from PIL import Image
-    from skimage import data as skdata
+    from skimage import data as skdata  # heavy optional dependency (demo extra): its sample photographs
 
     photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket()]
     rng = np.random.default_rng(seed)
@@ -51,13 +57,7 @@ def _images(n: int, seed: int = 0) -> list[bytes]:
 
 
 def run(model: str, n_images: int, batch_size: int, device: str, precision: str, threads: int) -> dict[str, Any]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-    from PIL import Image
-
-    from curate.contract import record_schema
-    from curate.stages.clip_score import ClipScoreStage
+    import torch  # heavy optional dependency (train extra): --help runs without it
 
     images = _images(n_images)
     captions = [f"a photograph, number {i}, of something in the scikit-image samples" for i in range(n_images)]

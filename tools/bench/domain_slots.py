@@ -20,11 +20,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import dask
+import psutil
+from dask.distributed import Client, LocalCluster
+
+from curate.engine.cluster import WORKER_CONFIG
+from curate.web import hosts as domains
+
 
 def _task(mode: str, namespace: str, n: int, threads: int, concurrency: int) -> float:
     """Take `n` slots of one host from `threads` threads; the CPU seconds this process used."""
-    from curate.web import hosts as domains
-
     limiter = domains.DomainLimiter(concurrency, None, namespace=namespace)
     saved = domains.MAX_HANDOFFS
     domains.MAX_HANDOFFS = 0 if mode == "semaphore" else saved  # 0: every slot is a scheduler lease
@@ -42,12 +47,6 @@ def _task(mode: str, namespace: str, n: int, threads: int, concurrency: int) -> 
 
 
 def run(workers: int, threads: int, slots: int, concurrency: int, repeat: int) -> dict[str, Any]:
-    import dask
-    import psutil
-    from dask.distributed import Client, LocalCluster
-
-    from curate.engine.cluster import WORKER_CONFIG
-
     with dask.config.set(WORKER_CONFIG):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                                dashboard_address=None)

@@ -39,24 +39,51 @@ the same cores, the same server and the same URLs.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import cProfile
+import csv
+import glob
+import http.client
+import io
 import json
 import math
+import multiprocessing as mp
 import os
 import platform
+import pstats
+import resource
 import shutil
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+from unittest import mock
+from urllib.parse import urlsplit
+
+import numpy as np
+import psutil
+from PIL import Image
+
+from tools.bench import cpu_model
 
 # img2dataset imports albumentations (which asks PyPI for its latest version on import unless
 # told not to) and wandb: neither may touch the network here. Set before any import of either,
 # and inherited by every child process.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+# Every process that multiprocessing spawns re-imports this module (as `__mp_main__`): the image
+# server, img2dataset's pool workers, our dask workers, worker_scaling's workers. Their start is
+# timed and their peak RSS reported, so the top imports only what costs them next to nothing:
+# the standard library, numpy (which both pipelines' workers load anyway), Pillow and psutil (a few
+# MiB). pyarrow (0.2 s), dask and curate (over 1 s and about 50 MiB a process) are imported where used.
 
 IMAGE_SIZE = 256
 RESIZE_MODE = "keep_ratio"
@@ -72,6 +99,7 @@ _CTYPES = {"jpg": b"image/jpeg", "png": b"image/png", "webp": b"image/webp"}
 
 
 def _photographs() -> list[tuple[str, Any]]:
+    # scikit-image and scikit-learn: optional (the demo extra), only to build the corpus
     from skimage import data
     from sklearn.datasets import load_sample_images
 
@@ -86,9 +114,6 @@ def _render(photos: list[tuple[str, Any]], rng: Any, width: int, height: int) ->
     """A width x height RGB picture: one photograph's crop, or for big pictures a mosaic of crops
     (so no tile is upscaled much more than 2x), with a little sensor noise so that upscaled regions
     still carry realistic entropy (and JPEG sizes like a camera's)."""
-    import numpy as np
-    from PIL import Image
-
     cols = max(1, math.ceil(width / 1000))
     rows = max(1, math.ceil(height / 1000))
     canvas = np.empty((height, width, 3), np.uint8)
@@ -114,11 +139,6 @@ def _render(photos: list[tuple[str, Any]], rng: Any, width: int, height: int) ->
 
 def build_corpus(www: Path, n_unique: int, seed: int = 0) -> list[dict[str, Any]]:
     """Write `n_unique` distinct images to `www`; return one description per file."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
     www.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     photos = _photographs()
@@ -158,8 +178,6 @@ def build_corpus(www: Path, n_unique: int, seed: int = 0) -> list[dict[str, Any]
 
 def write_url_list(path: Path, base_url: str, files: list[dict[str, Any]], n_urls: int) -> list[str]:
     """A `url,caption` CSV of `n_urls` distinct URLs cycling over the pool; returns the URLs."""
-    import csv
-
     urls = []
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -173,8 +191,6 @@ def write_url_list(path: Path, base_url: str, files: list[dict[str, Any]], n_url
 
 
 def describe_corpus(files: list[dict[str, Any]], n_urls: int) -> dict[str, Any]:
-    import statistics
-
     served = [files[i % len(files)] for i in range(n_urls)]
     sides = sorted(max(f["width"], f["height"]) for f in served)
     formats: dict[str, int] = {}
@@ -198,9 +214,6 @@ def describe_corpus(files: list[dict[str, Any]], n_urls: int) -> dict[str, Any]:
 
 def _serve(www: str, conn: Any) -> None:
     """Process target: serve every file of `www` under any path whose last segment is its name."""
-    import asyncio
-    import socket
-
     files = {p.name.encode(): (_CTYPES[p.suffix.lstrip(".")], p.read_bytes()) for p in Path(www).iterdir()}
 
     class Http(asyncio.Protocol):
@@ -239,8 +252,6 @@ class ImageServer:
     """`with ImageServer(www) as srv:` serves `www` on 127.0.0.1 from a separate process."""
 
     def __init__(self, www: Path):
-        import multiprocessing as mp
-
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         self.process = ctx.Process(target=_serve, args=(str(www), child), daemon=True, name="bench-http")
@@ -251,8 +262,6 @@ class ImageServer:
         self.base_url = f"http://127.0.0.1:{parent.recv()}"
 
     def cpu_seconds(self) -> float:
-        import psutil
-
         t = psutil.Process(self.process.pid).cpu_times()
         return t.user + t.system
 
@@ -269,10 +278,6 @@ class ImageServer:
 
 def _get_loop(urls: list[str], threads: int) -> tuple[int, int]:
     """Process target: GET every URL, one new connection per request; (requests, bytes)."""
-    import http.client
-    from concurrent.futures import ThreadPoolExecutor
-    from urllib.parse import urlsplit
-
     def get(url: str) -> int:
         u = urlsplit(url)
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
@@ -291,8 +296,6 @@ def _get_loop(urls: list[str], threads: int) -> tuple[int, int]:
 def server_capacity(server: ImageServer, urls: list[str], processes: int = 2, threads: int = 16) -> dict[str, Any]:
     """A plain concurrent GET loop against the server: a lower bound on what it serves (the
     clients share the same cores and pay for Python's HTTP client)."""
-    import multiprocessing as mp
-
     ctx = mp.get_context("spawn")
     chunks = [urls[i::processes] for i in range(processes)]
     cpu0 = server.cpu_seconds()
@@ -318,7 +321,7 @@ def server_capacity(server: ImageServer, urls: list[str], processes: int = 2, th
 
 
 def our_recipe(url_csv: Path, out: Path, workers: int, threads: int, per_partition: int, batch_size: int) -> Any:
-    from curate.recipe import parse_recipe
+    from curate.recipe import parse_recipe  # not at the top, which spawned workers re-import (note there)
 
     return parse_recipe(
         {
@@ -339,10 +342,11 @@ def our_recipe(url_csv: Path, out: Path, workers: int, threads: int, per_partiti
 
 
 def _child_ours(a: dict[str, Any]) -> dict[str, Any]:
+    # not at the top, which spawned workers re-import (the note there)
     import dask
     import distributed  # noqa: F401 - its defaults merge into dask's config on first import: before ours
 
-    from curate.engine.driver import run_recipe
+    from curate.engine.driver import run_recipe  # not at the top either
 
     # Read by the LocalCluster's nannies in this process, and passed on to the workers they start.
     dask.config.set(a.get("dask_config") or {})
@@ -358,9 +362,7 @@ def _child_ours(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _child_img2dataset(a: dict[str, Any]) -> dict[str, Any]:
-    import glob
-
-    from img2dataset import download
+    from img2dataset import download  # the peer (bench extra)
 
     t0 = time.perf_counter()
     download(
@@ -426,8 +428,6 @@ class TreeMemory:
         return "worker" if "spawn_main" in cmd else "other"
 
     def _sample(self) -> None:
-        import psutil
-
         try:
             root = psutil.Process(self.root_pid)
             procs = [root, *root.children(recursive=True)]
@@ -479,8 +479,6 @@ class TreeMemory:
 
 def measure(which: str, args: dict[str, Any], server: ImageServer, workdir: Path) -> dict[str, Any]:
     """Run one pipeline in a fresh interpreter; its timing, counts, memory and CPU."""
-    import psutil
-
     result_path = workdir / f"{which}.result.json"
     log_path = workdir / f"{which}.log"
     cmd = [sys.executable, "-m", "tools.bench.download_vs_img2dataset", "--child", which, json.dumps(args),
@@ -520,8 +518,6 @@ def measure(which: str, args: dict[str, Any], server: ImageServer, workdir: Path
 
 
 def _child_main(which: str, args_json: str, result_path: str) -> None:
-    import resource
-
     res = _CHILDREN[which](json.loads(args_json))
     # CPU of this process and of every descendant it waited for (the workers, after they exit)
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -531,6 +527,7 @@ def _child_main(which: str, args_json: str, result_path: str) -> None:
 
 def compare_outputs(ours_out: Path, theirs_out: Path) -> dict[str, Any]:
     """Output sizes per URL, ours against img2dataset's (their rounding may differ by a pixel)."""
+    # pyarrow: 0.2 s that worker_scaling's dask workers would pay in their timed start (note at the top)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -553,12 +550,6 @@ def compare_outputs(ours_out: Path, theirs_out: Path) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    from importlib.metadata import version
-
-    import psutil
-
-    from tools.bench import cpu_model
-
     cpu = cpu_model()
     return {
         "arch": platform.machine(),
@@ -582,8 +573,6 @@ def bench(urls: int = 5000, workers: int = 2, threads: int = 32, per_shard: int 
     times (alternating which goes first); the report, with each pipeline's median run.
 
     `dask_config`: also run ours with these dask settings ("ours_tuned"), beside the defaults."""
-    import psutil
-
     per_shard = per_shard or default_per_shard(urls, workers)
     report: dict[str, Any] = {"machine": machine(), "settings": {
         "urls": urls, "workers": workers, "threads": threads, "per_shard": per_shard, "batch_size": batch_size,
@@ -677,6 +666,8 @@ def _timed(record: dict[str, list[float]], name: str, fn: Any) -> Any:
 
 def _partition(job: Any) -> int:
     """Run partition 0's three tasks (segment, plan, pack) from scratch; its row count."""
+    # at call time: profile() patches these names in curate.engine.steps, and its workers re-import
+    # this module (the note at the top)
     from curate.engine.driver import prepare_output
     from curate.engine.steps import run_pack, run_plan, run_segment
 
@@ -695,15 +686,12 @@ def profile(urls: int, threads: int, per_shard: int, batch_size: int, unique: in
     2. the same under cProfile counting CPU time per thread (`time.thread_time`), the download
        stage's fetch threads included and merged into one table;
     3. the resize step alone, per image and format, ours against img2dataset's `Resizer`."""
-    import cProfile
-    import io
-    import pstats
-    from unittest import mock
-
+    # not at the top, which spawned workers re-import (the note there)
+    import curate.engine.steps as tasks
     from curate.engine.driver import plan_job
+    from curate.engine.steps import run_segment
     from curate.stages.download import DownloadStage
     from curate.stages.image import ImageConfig, ImageStage, transform_image
-    from curate.engine.steps import run_segment
 
     with tempfile.TemporaryDirectory(prefix="bench-dl-prof-") as tmp:
         root = Path(tmp)
@@ -715,8 +703,6 @@ def profile(urls: int, threads: int, per_shard: int, batch_size: int, unique: in
 
             # 1. step by step, no profiler
             steps: dict[str, list[float]] = {}
-            import curate.engine.steps as tasks
-
             with mock.patch.object(DownloadStage, "process", _timed(steps, "download", DownloadStage.process)), \
                     mock.patch.object(ImageStage, "process", _timed(steps, "image", ImageStage.process)), \
                     mock.patch.object(tasks, "run_segment", _timed(steps, "segment", run_segment)), \
@@ -792,7 +778,7 @@ def profile(urls: int, threads: int, per_shard: int, batch_size: int, unique: in
         print("\n" + out.getvalue().strip())
 
         # 3. Per image, single-threaded, no I/O: the CPU each pipeline's resize step costs.
-        from img2dataset.resizer import Resizer
+        from img2dataset.resizer import Resizer  # the peer (bench extra), loaded after steps 1 and 2
 
         cfg = ImageConfig(resize_mode=RESIZE_MODE, image_size=IMAGE_SIZE, format=ENCODE_FORMAT, quality=QUALITY)
         cfg_full = cfg.model_copy(update={"jpeg_draft": False})

@@ -37,12 +37,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,9 +70,10 @@ def _progress(record: dict[str, Any]) -> None:
 
 
 def _train_mfu(dry: bool, tower: str) -> dict[str, Any]:
+    # in the row's child process only (torch: train extra): a row whose imports fail is that row's error
     import torch
 
-    from tools.bench.train_mfu import measure_or_oom
+    from tools.bench.train_mfu import measure_or_oom  # likewise: it imports torch at its top
 
     if dry:
         device = torch.device("cpu")
@@ -98,12 +101,12 @@ def _train_mfu(dry: bool, tower: str) -> dict[str, Any]:
 
 
 def _clip(dry: bool) -> dict[str, Any]:
-    from tools.bench.clip_scoring import run
+    from tools.bench.clip_scoring import run  # in the row's child process only (open_clip: train extra)
 
     if dry:
         r = run("ViT-S-32", 4, 4, "cpu", "fp32", 1)
     else:
-        import torch
+        import torch  # in the row's child process only (train extra)
 
         if not torch.cuda.is_available():
             raise RuntimeError("no CUDA device (--dry-run runs the rows on the CPU)")
@@ -112,13 +115,14 @@ def _clip(dry: bool) -> dict[str, Any]:
 
 
 def _recaption(dry: bool) -> dict[str, Any]:
+    # in the row's child process only: a row whose imports fail is that row's error, not the suite's
     from tools.bench.recaption import images, local
     from tools.demo.tiny_models import build_tiny_vlm
 
     if dry:
         n, new_tokens, batches, device = 4, 2, [1, 4], "cpu"
     else:
-        import torch
+        import torch  # in the row's child process only (train extra)
 
         if not torch.cuda.is_available():
             raise RuntimeError("no CUDA device (--dry-run runs the rows on the CPU)")
@@ -139,10 +143,7 @@ def _recaption(dry: bool) -> dict[str, Any]:
 def machine() -> dict[str, Any]:
     """What ran the suite: GPU, torch and CUDA, Python, and the versions of the packages the
     rows import (None: not installed)."""
-    import platform
-    from importlib import metadata
-
-    import torch
+    import torch  # in the `machine` child process only (train extra); the suite's parent never loads it
 
     cuda = torch.cuda.is_available()
     props = torch.cuda.get_device_properties(0) if cuda else None

@@ -35,15 +35,21 @@ import random
 import re
 import sys
 import time
+from importlib.metadata import version
 from typing import Any
+
+import pyarrow as pa
+from pydoc_data.topics import topics as help_topics
+
+from curate.contract import record_schema
+from curate.documents import text_segments
+from curate.stages.html_extract import HtmlExtract, HtmlExtractConfig
 
 NAV = ["Home", "Tutorial", "Library", "Language Reference", "Setup", "HOWTOs", "FAQ", "Glossary", "Search", "About"]
 
 
 def _topics() -> list[tuple[str, str]]:
-    from pydoc_data.topics import topics
-
-    return sorted(topics.items())
+    return sorted(help_topics.items())
 
 
 def _blocks(text: str) -> list[tuple[str, str]]:
@@ -144,12 +150,6 @@ def _child_cpu_s(pids: list[int]) -> float:
 
 
 def bench_ours(pages: list[tuple[str, bytes]], batch_size: int) -> dict[str, Any]:
-    import pyarrow as pa
-
-    from curate.contract import record_schema
-    from curate.documents import text_segments
-    from curate.stages.html_extract import HtmlExtract, HtmlExtractConfig
-
     stage = HtmlExtract(HtmlExtractConfig(processes=1))
     stage.ensure_setup()
     schema = record_schema("doc")
@@ -174,7 +174,7 @@ def bench_ours(pages: list[tuple[str, bytes]], batch_size: int) -> dict[str, Any
 
 
 def bench_trafilatura(pages: list[tuple[str, bytes]]) -> dict[str, Any]:
-    import trafilatura
+    import trafilatura  # the peer (bench extra)
 
     trafilatura.extract(pages[0][1], url=pages[0][0], include_images=True)  # warm-up (lazy imports)
     start, cpu = time.perf_counter(), time.process_time()
@@ -185,6 +185,7 @@ def bench_trafilatura(pages: list[tuple[str, bytes]]) -> dict[str, Any]:
 
 
 def bench_resiliparse(pages: list[tuple[str, bytes]]) -> dict[str, Any]:
+    # the peer (bench extra)
     from resiliparse.extract.html2text import extract_plain_text
     from resiliparse.parse.encoding import detect_encoding
     from resiliparse.parse.html import HTMLTree
@@ -209,8 +210,6 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def run(n_pages: int, batch_size: int = 256, seed: int = 0, repeat: int = 1) -> dict[str, Any]:
     """Each extractor `repeat` times, in interleaved rounds (ours, trafilatura, resiliparse, ours,
     ...) so that a change in the machine's load hits all three; the median run of each is kept."""
-    from importlib.metadata import version
-
     pages = make_pages(n_pages, seed)
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trafilatura": [], "resiliparse": []}
     for _ in range(repeat):

@@ -29,6 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from curate.contract import FORMAT_VERSION, MANIFEST, record_schema
+from curate.engine.commit import Storage
+from curate.engine.pack import ShardWriter
+from tools.demo.docs import train_tokenizer
+from train.data.shards import shard_plan
+
 SHARD_SAMPLES = 10_000
 SLOTS = 64
 YIELD = 1000
@@ -36,11 +42,6 @@ YIELD = 1000
 
 def build_template(root: Path, per_shard: int) -> tuple[dict, Path]:
     """One real text shard of `per_shard` samples (curate's writer) and a tokenizer."""
-    from curate.engine.commit import Storage
-    from curate.contract import record_schema
-    from curate.engine.pack import ShardWriter
-    from tools.demo.docs import train_tokenizer
-
     writer = ShardWriter(Storage(), root, "text", 0, record_schema("text"))
     for i in range(per_shard):
         writer.write({"id": f"corpus:{i}", "source": "corpus", "attempts": 1,
@@ -54,9 +55,6 @@ def build_template(root: Path, per_shard: int) -> tuple[dict, Path]:
 def build_output(out: Path, template_root: Path, template: dict, n_samples: int, per_shard: int,
                  slots: int = SLOTS) -> int:
     """A curated output of `n_samples` text samples (see the module docstring); returns its shards."""
-    from curate.contract import FORMAT_VERSION, MANIFEST
-    from train.data.shards import shard_plan
-
     n_shards = max(1, n_samples // per_shard)
     (out / "text").mkdir(parents=True, exist_ok=True)
     shards = []

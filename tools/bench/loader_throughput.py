@@ -29,13 +29,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from curate.contract import KIND_DIRS, read_sidecars, shard_urls
+from curate.engine.driver import run_recipe
+from curate.recipe import load_recipe
+
+# torch (the train extra) comes with train.data, webdataset and tools.demo (through webdataset): they
+# are imported where used, out of the demo build's dask workers, which re-import this module
+# (spawn: as `__mp_main__`) and run curate, which never loads torch.
+
 KINDS = ("pair", "doc", "text")
 
 
 def build_demo(root: Path) -> tuple[Path, Path]:
-    from curate.recipe import load_recipe
-    from curate.engine.driver import run_recipe
-    from tools.demo.run import DEMO_RECIPE, demo_inputs, demo_overrides
+    from tools.demo.run import DEMO_RECIPE, demo_inputs, demo_overrides  # torch: the note at the top
 
     with demo_inputs(root):
         recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))
@@ -44,6 +50,7 @@ def build_demo(root: Path) -> tuple[Path, Path]:
 
 
 def ours(out: Path, tokenizer: Path, tokens: int, seq_len: int, image_tokens: int, image_size: int) -> dict[str, Any]:
+    # torch (the train extra): the note at the top
     from train.data.images import ImagePreprocessor
     from train.data.mixture import Mixture, MixtureConfig
 
@@ -67,8 +74,6 @@ def ours(out: Path, tokenizer: Path, tokens: int, seq_len: int, image_tokens: in
 
 def _token_index(out: Path, image_tokens: int) -> dict[str, int]:
     """(tar basename, key) -> the tokens the sample becomes, from the sidecars."""
-    from curate.contract import read_sidecars
-
     index: dict[str, int] = {}
     for kind in KINDS:
         table = read_sidecars(out, kind, columns=["key", "token_count", "n_images"])
@@ -79,10 +84,10 @@ def _token_index(out: Path, image_tokens: int) -> dict[str, int]:
 
 def webdataset_side(out: Path, tokenizer: Path, tokens: int, image_tokens: int, image_size: int,
                     work: bool) -> dict[str, Any]:
+    # torch (the train extra), which webdataset also loads: the note at the top
     import webdataset as wds
 
-    from curate.contract import KIND_DIRS, shard_urls
-    from train.data.images import ImagePreprocessor
+    from train.data.images import ImagePreprocessor  # torch, as above
     from train.data.samples import TextTokenizer
 
     index = _token_index(out, image_tokens)

@@ -40,10 +40,20 @@ import re
 import tempfile
 import threading
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
+import psutil
+from pydoc_data.topics import topics
+
+# Both sides' worker processes re-import this module (as `__mp_main__`): datatrove's (forkserver)
+# inside their timed steps, ours (dask's spawn) with their peak RSS measured. So the top imports
+# only what costs them next to nothing: the standard library, numpy (datatrove's workers load it
+# too), orjson, psutil. pyarrow (0.2 s), dask, curate (over 1 s) and datatrove (1 s, tens of MiB)
+# are imported where used.
 
 NGRAM, BANDS, ROWS, SEED = 5, 14, 8, 1
 DOCS_PER_FILE = 2500
@@ -58,8 +68,6 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 def sentence_pool() -> list[str]:
     """Sentences of CPython's help texts with at least 6 words, each once, in a fixed order."""
-    from pydoc_data.topics import topics
-
     seen: dict[str, None] = {}
     for key in sorted(topics):
         for sentence in _SENTENCE_END.split(" ".join(topics[key].split())):
@@ -99,8 +107,6 @@ def build_corpus(n: int, seed: int = 0, dup_fraction: float = 0.2) -> tuple[list
 
 def write_jsonl(docs: list[str], folder: Path, per_file: int = DOCS_PER_FILE) -> list[Path]:
     """The documents as jsonl files ({"id", "text"}) of `per_file` records."""
-    import orjson
-
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for f, start in enumerate(range(0, len(docs), per_file)):
@@ -120,11 +126,11 @@ def write_jsonl(docs: list[str], folder: Path, per_file: int = DOCS_PER_FILE) ->
 def signature_task(source: str, partition: int, target: str, batch_size: int = BATCH_SIZE) -> int:
     """One partition, as a runner task: jsonl -> text records -> `minhash` in batches -> the
     intermediate parquet (`id`, `_partition`, `drop_reason`, `minhash_bands`). Returns rows."""
-    import orjson
+    # not at the top, which datatrove's workers re-import (the note there)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from curate.contract import record_schema
+    from curate.contract import record_schema  # not at the top either
     from curate.stages.minhash import COLUMN, MinhashConfig, MinhashStage
 
     stage = MinhashStage(MinhashConfig(ngram=NGRAM, bands=BANDS, rows=ROWS, seed=SEED))
@@ -144,8 +150,6 @@ class PeakRss:
     the largest one."""
 
     def __init__(self, pids: list[int], every: float = 0.05):
-        import psutil
-
         self.procs = [psutil.Process(p) for p in pids]
         self.every, self.peak_total, self.peak_one = every, 0, 0
         self._stop = threading.Event()
@@ -174,10 +178,12 @@ class PeakRss:
 
 def run_ours(files: list[Path], work: Path, workers: int) -> dict[str, Any]:
     """Our row stage + global stage over `files` on a fresh LocalCluster."""
+    # not at the top, which datatrove's workers re-import (the note there)
     import dask
+    import pyarrow.parquet as pq
     from dask.distributed import Client, LocalCluster
 
-    from curate.engine.cluster import WORKER_CONFIG
+    from curate.engine.cluster import WORKER_CONFIG  # not at the top either
     from curate.engine.driver import read_live
     from curate.stages.minhash import COLUMN, MinhashDedup, MinhashDedupConfig
 
@@ -202,8 +208,6 @@ def run_ours(files: list[Path], work: Path, workers: int) -> dict[str, Any]:
                 decisions = stage.decide(read_live(targets, [COLUMN]))
                 decisions.to_parquet(str(work / "decisions"), write_index=False)
             t2 = time.perf_counter()
-        import pyarrow.parquet as pq
-
         dropped = pq.read_table(work / "decisions", columns=["id"]).num_rows
     finally:
         client.close()
@@ -222,6 +226,7 @@ def run_ours(files: list[Path], work: Path, workers: int) -> dict[str, Any]:
 
 def run_datatrove(folder: Path, docs: int, work: Path, workers: int) -> dict[str, Any]:
     """datatrove's four MinHash stages over the jsonl files in `folder`."""
+    # the peer: not at the top, which our dask workers re-import (the note there)
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup.minhash import (
         MinhashConfig,
@@ -268,9 +273,7 @@ def run_datatrove(folder: Path, docs: int, work: Path, workers: int) -> dict[str
 
 
 def run(docs: int, memory_sizes: list[int], workers: int, per_file: int = DOCS_PER_FILE) -> dict[str, Any]:
-    from importlib.metadata import version
-
-    import dask
+    import dask  # not at the top, which datatrove's workers re-import (the note there)
 
     results: dict[str, Any] = {
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, {platform.python_implementation()} "

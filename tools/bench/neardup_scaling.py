@@ -22,8 +22,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dask
+import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+from dask.distributed import Client, LocalCluster
+
+from curate.engine.cluster import WORKER_CONFIG
+from curate.engine.near_groups import hamming_distance
+from curate.stages.near_dedup import NearDedup
 
 ROWS_PER_PARTITION = 10_000
 
@@ -54,8 +61,6 @@ def synthetic(n: int, max_distance: int, seed: int = 0, planted_fraction: float 
 
 def brute_force_pairs(hashes: np.ndarray, max_distance: int, block: int = 512) -> int:
     """Pairs within `max_distance` bits, by comparing every pair (numpy, blocks of rows)."""
-    from curate.engine.near_groups import hamming_distance
-
     found = 0
     for start in range(0, len(hashes), block):
         d = hamming_distance(hashes[start : start + block, None], hashes[None, :])
@@ -65,13 +70,6 @@ def brute_force_pairs(hashes: np.ndarray, max_distance: int, block: int = 512) -
 
 
 def run(sizes: list[int], workers: int, bands: int | None, max_distance: int) -> dict[str, Any]:
-    import dask
-    import dask.dataframe as dd
-    from dask.distributed import Client, LocalCluster
-
-    from curate.engine.cluster import WORKER_CONFIG
-    from curate.stages.near_dedup import NearDedup
-
     stage = NearDedup(NearDedup.Config(max_distance=max_distance, bands=bands))
     with dask.config.set(WORKER_CONFIG):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",

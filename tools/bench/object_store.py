@@ -30,6 +30,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from curate.contract import Manifest
+from curate.engine.cluster import Cluster
+from curate.engine.driver import run_recipe
+from curate.recipe import parse_recipe
+from tools.bench.partition_memory import build_folder
+from tools.servers.s3 import S3Server
+
 _REQUEST = re.compile(r'"(?P<method>[A-Z]+) (?P<target>\S+) HTTP/[0-9.]+" (?P<status>\d{3})')
 
 
@@ -76,26 +83,19 @@ def count_requests(log: Path, start: int) -> Counter[str]:
 
 
 def run(images: Path, out: str, per_partition: int, workers: int) -> dict[str, Any]:
-    from curate.recipe import parse_recipe
-    from curate.engine.cluster import Cluster
-    from curate.engine.driver import run_recipe
-
     recipe = parse_recipe(recipe_data(images, out, per_partition, workers), "<bench recipe>")
     cluster = Cluster(recipe)  # started apart: its start is not the storage's cost
     try:
         t = time.perf_counter()
-        manifest = run_recipe(recipe, progress=False, client=cluster.client)
+        manifest = Manifest.from_dict(run_recipe(recipe, progress=False, client=cluster.client))
         wall = time.perf_counter() - t
     finally:
         cluster.close()
-    return {"wall_s": round(wall, 2), "counts": manifest["counts"],
-            "shards": {s["name"]: s["sha256"] for e in manifest["kinds"].values() for s in e["shards"]}}
+    return {"wall_s": round(wall, 2), "counts": manifest.counts,
+            "shards": {s.name: s.sha256 for e in manifest.kinds.values() for s in e.shards}}
 
 
 def bench(n_images: int, per_partition: int, workers: int) -> dict[str, Any]:
-    from tools.bench.partition_memory import build_folder
-    from tools.servers.s3 import S3Server
-
     with tempfile.TemporaryDirectory(prefix="bench-object-store-") as tmp:
         root = Path(tmp)
         build_folder(root / "images", n_images)

@@ -56,6 +56,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from curate.contract import read_sidecars
+from curate.engine.driver import run_recipe
+from curate.recipe import load_recipe
+from tools.demo.run import DEMO_RECIPE, demo_inputs, demo_overrides
+from train.data.mixture import MM1_WEIGHTS as MIXER_WEIGHTS, Mixer
 from train.data.packing import Item, Packer
 
 KINDS = ("pair", "doc", "text")
@@ -95,8 +100,6 @@ def sample_units(out: str | Path, seq_len: int, max_images: int,
                  n_image_tokens: int) -> dict[str, list[tuple[int, int]]]:
     """Per kind, the (tokens, images) of every packable unit of the output's samples, in order.
     A sample without a token count (no tokenizer in the recipe) is estimated from its characters."""
-    from curate.contract import read_sidecars
-
     units: dict[str, list[tuple[int, int]]] = {}
     for kind in KINDS:
         table = read_sidecars(out, kind, columns=["token_count", "n_images", CHARS_COLUMN[kind]])
@@ -147,10 +150,6 @@ def bound(units: list[tuple[int, int]], seq_len: int, max_images: int) -> float:
 
 def build_demo(root: Path) -> Path:
     """Curate the demo inputs under `root`; the output folder."""
-    from curate.recipe import load_recipe
-    from curate.engine.driver import run_recipe
-    from tools.demo.run import DEMO_RECIPE, demo_inputs, demo_overrides
-
     with demo_inputs(root):
         recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))
         run_recipe(recipe, progress=False)
@@ -243,9 +242,7 @@ def mix(packing: str, sequences: int, *, seq_len: int = 4096, max_images: int = 
         buffer: int = 64, caption_ratio: float = 0.5, weights: dict[str, float] | None = None,
         seed: int = 0) -> dict[str, Any]:
     """`sequences` sequences of the realistic MM1 mixture through `train.data.mixture.Mixer`."""
-    from train.data.mixture import MM1_WEIGHTS as WEIGHTS, Mixer
-
-    weights = dict(weights or WEIGHTS)
+    weights = dict(weights or MIXER_WEIGHTS)
     streams = {k: _Synthetic(k, seed, seq_len, max_images, n_image_tokens, caption_ratio) for k in weights}
 
     def make_packer() -> Packer:

@@ -25,12 +25,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from curate.engine.driver import plan_job, prepare_output
+from curate.engine.steps import run_pack, run_plan, run_segment
+from curate.recipe import parse_recipe
+from curate.sources.base import build_source
+from curate.stages.base import build_stage
+
 
 def build_folder(root: Path, n: int) -> None:
     """N distinct 384x384 JPEG crops of scikit-image's sample photographs, with captions."""
-    import numpy as np
-    from PIL import Image
-    from skimage import data
+    from skimage import data  # heavy optional dependency (demo extra); not in the --child processes measured
 
     bases = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
     root.mkdir(parents=True, exist_ok=True)
@@ -45,8 +53,6 @@ def build_folder(root: Path, n: int) -> None:
 
 
 def _recipe(folder: Path, out: Path, n: int, batch_size: int):
-    from curate.recipe import parse_recipe
-
     return parse_recipe(
         {
             "name": "bench-partition-memory",
@@ -67,9 +73,6 @@ def _recipe(folder: Path, out: Path, n: int, batch_size: int):
 
 def child(mode: str, folder: str, out: str, n: int, batch_size: int) -> None:
     """Run in a fresh interpreter: process one partition, print peak RSS (MiB) as JSON."""
-    from curate.engine.driver import plan_job, prepare_output
-    from curate.engine.steps import run_pack, run_plan, run_segment
-
     recipe = _recipe(Path(folder), Path(out), n, batch_size)
     job = plan_job(recipe)
     assert len(job.partitions) == 1, "the benchmark needs one partition"
@@ -80,11 +83,6 @@ def child(mode: str, folder: str, out: str, n: int, batch_size: int) -> None:
         plan = run_plan(job, 0)
         run_pack(job, 0, 0, plan["shard_counts"])
     else:  # naive: the whole partition as one table, processed at once
-        import pyarrow as pa
-
-        from curate.sources.base import build_source
-        from curate.stages.base import build_stage
-
         source = build_source(recipe.sources[0])
         table = pa.concat_tables(list(source.read(job.partitions[0], 1 << 30)))
         for cfg in recipe.stages:

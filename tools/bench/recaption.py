@@ -33,12 +33,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
+from curate.captions.generation import ChatCompletions, TransformersVLM
+from tools.demo.tiny_models import build_tiny_vlm
+
 
 def images(n: int, side: int = 96) -> list[bytes]:
     """n distinct JPEG crops of scikit-image's sample photographs."""
-    import numpy as np
-    from PIL import Image
-    from skimage import data
+    from skimage import data  # heavy optional dependency (demo extra): its sample photographs
 
     bases = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
     out = []
@@ -52,8 +56,6 @@ def images(n: int, side: int = 96) -> list[bytes]:
 
 
 def local(vlm: str, pics: list[bytes], batch: int, new_tokens: int, device: str) -> dict[str, Any]:
-    from curate.captions.generation import TransformersVLM
-
     model = TransformersVLM(vlm, device=device, batch_size=batch, max_new_tokens=new_tokens)
     model.caption(pics[:batch], "Describe this image.")  # load and warm up
     model.calls = model.items = 0
@@ -91,8 +93,6 @@ class _Server:
 
 
 def served(server: _Server, pics: list[bytes], concurrency: int, new_tokens: int) -> dict[str, Any]:
-    from curate.captions.generation import ChatCompletions
-
     client = ChatCompletions(f"http://127.0.0.1:{server.port}/v1", "vlm", concurrency=concurrency,
                              timeout_s=600, retries=0, max_tokens=new_tokens)
     client.caption(pics[:concurrency], "Describe this image.")  # connections up, server warm
@@ -121,8 +121,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         vlm = args.vlm
         if vlm is None:
-            from tools.demo.tiny_models import build_tiny_vlm
-
             vlm = str(build_tiny_vlm(Path(tmp) / "vlm"))
         for batch in [1, *args.batches]:
             results.append(local(vlm, pics, batch, args.new_tokens, args.device))

@@ -23,10 +23,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from dask.distributed import Client, LocalCluster
+
+from curate.engine.cluster import WORKER_CONFIG
+from curate.engine.driver import read_live
+from curate.stages.semantic_dedup import SemanticDedup
 
 ROWS_PER_PARTITION = 10_000
 
@@ -82,13 +88,6 @@ def all_pairs_seconds(vectors: np.ndarray, threshold: float, block: int = 2048) 
 
 
 def run(sizes: list[int], workers: int, dim: int, threshold: float) -> list[dict[str, Any]]:
-    import dask
-    from dask.distributed import Client, LocalCluster
-
-    from curate.engine.cluster import WORKER_CONFIG
-    from curate.engine.driver import read_live
-    from curate.stages.semantic_dedup import SemanticDedup
-
     stage = SemanticDedup(SemanticDedup.Config(threshold=threshold))
     with dask.config.set(WORKER_CONFIG):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",

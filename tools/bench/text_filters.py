@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -37,8 +38,24 @@ import statistics
 import string
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.filters import (
+    C4QualityFilter, FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter,
+)
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+from datatrove.utils.text import split_into_words
+from pydoc_data.topics import topics
+
+from curate.contract import record_schema
+from curate.stages import STAGES
 
 STAGE_ORDER = ("gopher_quality", "gopher_repetition", "fineweb_quality", "c4_quality")
 
@@ -46,8 +63,6 @@ STAGE_ORDER = ("gopher_quality", "gopher_repetition", "fineweb_quality", "c4_qua
 def topic_blocks() -> tuple[list[str], list[str]]:
     """(prose paragraphs, code blocks) of CPython's help topics; prose lines are unwrapped, as
     text extracted from a web page holds a paragraph on one line."""
-    from pydoc_data.topics import topics
-
     prose, code = [], []
     for name in sorted(topics):
         for block in re.split(r"\n\s*\n", topics[name]):
@@ -110,12 +125,6 @@ def write_jsonl(docs: list[dict[str, str]], path: Path) -> None:
 
 def run_ours(src: Path, out: Path, batch_size: int) -> tuple[float, set[str]]:
     """Seconds and kept ids of our four stages over `src`, batch by batch, parquet out."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from curate.contract import record_schema
-    from curate.stages import STAGES
-
     stages = [STAGES[kind](STAGES[kind].Config()) for kind in STAGE_ORDER]
     for stage in stages:
         stage.ensure_setup()  # model/tokenizer loading is a per-worker cost, outside the timing
@@ -144,14 +153,6 @@ def run_ours(src: Path, out: Path, batch_size: int) -> tuple[float, set[str]]:
 
 def run_datatrove(src: Path, out: Path, logs: Path) -> tuple[float, set[str]]:
     """Seconds and kept ids of datatrove's pipeline over `src` (one task, one worker)."""
-    from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.filters import (
-        C4QualityFilter, FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter,
-    )
-    from datatrove.pipeline.readers import JsonlReader
-    from datatrove.pipeline.writers import JsonlWriter
-    from datatrove.utils.text import split_into_words
-
     split_into_words("Warm up the tokenizer.")  # as our setup(): spaCy loads outside the timing
     executor = LocalPipelineExecutor(
         pipeline=[
@@ -173,9 +174,6 @@ def run_datatrove(src: Path, out: Path, logs: Path) -> tuple[float, set[str]]:
 
 def _isolated(fn: Any, *args: Any) -> Any:
     """`fn(*args)` in a fresh spawned process: neither side inherits the other's warm caches."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
 
@@ -183,8 +181,6 @@ def _isolated(fn: Any, *args: Any) -> Any:
 def run(n_docs: int, batch_size: int, seed: int = 0, repeat: int = 1) -> dict[str, Any]:
     """Both sides `repeat` times, alternating which goes first, each run in a fresh process;
     the medians are reported."""
-    from importlib.metadata import version
-
     docs = corpus(n_docs, seed)
     dt_times, our_times = [], []
     with tempfile.TemporaryDirectory() as tmp:

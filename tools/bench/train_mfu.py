@@ -40,6 +40,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+from train.flops import ModelFlops, batch_flops, causal_pairs, peak_flops
+from train.model.mm1 import MM1, text_labels
+from train.model.registry import decoder_param_counts, get_config
+from train.parallelize import apply_activation_checkpointing, apply_compile
 
 AC_MODES = ("none", "full", "selective")
 
@@ -47,8 +53,6 @@ AC_MODES = ("none", "full", "selective")
 def synthetic_batch(model: Any, batch: int, seq_len: int, images: int, gen: torch.Generator) -> dict[str, Any]:
     """`batch` packed sequences of `images` pair-shaped samples each (tokens, doc_ids, labels,
     images), on the CPU."""
-    from train.model.mm1 import text_labels
-
     image_id, run = model.image_token_id, model.n_image_tokens
     per_sample = seq_len // max(images, 1)
     if images and per_sample < run + 2:
@@ -71,10 +75,6 @@ def apply_ac(model: nn.Module, mode: str, every: int = 2) -> tuple[float, float]
     """Activation checkpointing by train/parallelize.py (`mode` "none", "full" or "selective":
     every `every`-th block, of the decoder and of the tower alike). Returns the fractions of the
     decoder's and of the tower's blocks it wrapped, counted on the model (what HFU recomputes)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-
-    from train.parallelize import apply_activation_checkpointing
-
     if mode not in AC_MODES:
         raise ValueError(f"activation checkpointing must be one of {AC_MODES}, not {mode!r}")
     if every < 1:
@@ -103,11 +103,6 @@ def measure(name: str, *, seq_len: int, batch: int, images: int, steps: int, war
     """One size and batch: build, warm up (compile happens here), then time `steps` optimizer
     steps of `accum` micro-batches of `batch` sequences. `tower`: "trained", "frozen" or None
     (the registry config's)."""
-    from train.flops import ModelFlops, batch_flops, causal_pairs, peak_flops
-    from train.model.mm1 import MM1
-    from train.model.registry import decoder_param_counts, get_config
-    from train.parallelize import apply_compile
-
     cfg = get_config(name)
     vision = replace(cfg.vision, pretrained=None)
     if tower is not None:

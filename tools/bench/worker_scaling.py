@@ -53,6 +53,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -61,10 +62,21 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import psutil
+from distributed import get_task_stream
+from PIL import Image
+
+from tools.bench import cpu_model
 from tools.bench.download_vs_img2dataset import ImageServer, build_corpus, describe_corpus
+
+# Dask's workers re-import this module (spawn: as `__mp_main__`) during the cluster's start, which
+# is timed apart from the run. curate is imported where used, so that they load it at their first
+# task, inside the timed run, as the workers of `mm1 curate` do (over 1 s a worker).
 
 # Planted defects, as shares of the URL rows, and the drop each should get ("stage/reason").
 DEFECTS: dict[str, tuple[float, str]] = {
@@ -132,9 +144,6 @@ def _jpeg(img: Any, quality: int) -> bytes:
 def build_inputs(root: Path, n: int, seed: int = 0) -> dict[str, Any]:
     """Write the served files under `root/www` and describe the URL rows (`rows`, written by
     `write_url_list` once the server's address is known). Deterministic for (n, seed)."""
-    import numpy as np
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     counts = {name: max(1, round(share * n)) for name, (share, _) in DEFECTS.items()}
     n_unique = n - sum(counts.values())
@@ -212,7 +221,7 @@ def write_url_list(path: Path, base_url: str, rows: list[tuple[str, str, str]]) 
 
 def scaling_recipe(url_csv: Path, out: Path, workers: int, per_partition: int, threads: int,
                    batch_size: int) -> Any:
-    from curate.recipe import parse_recipe
+    from curate.recipe import parse_recipe  # not at the top, which dask's workers re-import (the note there)
 
     return parse_recipe({
         "name": "bench-worker-scaling",
@@ -270,8 +279,6 @@ def phases(tasks: list[dict[str, Any]], t_start: float, t_end: float) -> dict[st
     """Split a run's wall time by what ran, from dask's task stream (`get_task_stream().data`):
     each segment's row stages (first to last `run_segment` compute), the global passes between
     segments, plan + pack, and the rest (the driver alone)."""
-    import re
-
     spans: dict[str, list[float]] = {}
     busy = 0.0
     for t in tasks:
@@ -300,9 +307,8 @@ def phases(tasks: list[dict[str, Any]], t_start: float, t_end: float) -> dict[st
 
 
 def _child(a: dict[str, Any]) -> dict[str, Any]:
-    import psutil
-    from distributed import get_task_stream
-
+    # not at the top, which dask's workers re-import (the note there)
+    from curate.contract import Manifest
     from curate.engine.cluster import Cluster
     from curate.engine.driver import run_recipe
 
@@ -336,14 +342,15 @@ def _child(a: dict[str, Any]) -> dict[str, Any]:
     ours = sum(cpu1) - sum(cpu0)
     busy_cpu = sum(getattr(sys1, f) - getattr(sys0, f) for f in ("user", "nice", "system", "irq", "softirq"))
     foreign = max(0.0, busy_cpu - ours - (server1 - server0))
-    pairs = manifest["kinds"].get("pair", {"shards": [], "bytes": 0, "count": 0})
-    sidecars = sum((out / s["sidecar"]).stat().st_size for s in pairs["shards"])
+    typed = Manifest.from_dict(manifest)
+    shards, pairs = typed.shards("pair"), typed.kinds.get("pair")
+    sidecars = sum((out / s.sidecar).stat().st_size for s in shards)
     return {
         "workers": a["workers"], "seconds": seconds, "cluster_start_s": cluster_start,
-        "counts": manifest["counts"], "drops": manifest["drops"],
-        "shards": [{"name": s["name"], "count": s["count"], "bytes": s["bytes"], "sha256": s["sha256"],
-                    "sidecar_sha256": s["sidecar_sha256"]} for s in pairs["shards"]],
-        "disk": {"tar_bytes": pairs["bytes"], "sidecar_bytes": sidecars,
+        "counts": typed.counts, "drops": typed.drops,
+        "shards": [{"name": s.name, "count": s.count, "bytes": s.bytes, "sha256": s.sha256,
+                    "sidecar_sha256": s.sidecar_sha256} for s in shards],
+        "disk": {"tar_bytes": pairs.bytes if pairs is not None else 0, "sidecar_bytes": sidecars,
                  "ledger_bytes": tree_bytes(out / "ledger"), "work_bytes_left": tree_bytes(out / "_work"),
                  "peak_output_bytes": peak_disk},
         "cpu_s": {"driver": cpu1[0] - cpu0[0], "workers": sum(cpu1[1:]) - sum(cpu0[1:]), "server": server1 - server0,
@@ -393,10 +400,6 @@ def measure(workers: int, args: dict[str, Any], workdir: Path, timeout_s: float 
 
 
 def machine() -> dict[str, Any]:
-    from importlib.metadata import version
-
-    from tools.bench import cpu_model
-
     cpu = cpu_model()
     return {"arch": platform.machine(), "cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
             "load_avg_1m_at_start": round(os.getloadavg()[0], 2),

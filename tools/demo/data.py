@@ -97,7 +97,7 @@ def _to_pil(array: np.ndarray) -> Image.Image:
 
 
 def _skimage_image(name: str) -> Image.Image | None:
-    import skimage.data
+    import skimage.data  # the demo extra (scikit-image), optional: only drawing an image needs it
 
     filename = SKIMAGE_BUNDLED.get(name)
     if filename is None or name not in skimage.data.__all__:

@@ -26,12 +26,18 @@ from __future__ import annotations
 import html
 import io
 import json
+import pydoc_data.topics
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
+
+from tools.demo.data import DemoImages, encode, fit
 
 DOC_HOST = "news.demo.test"  # the pages' host: mapped to 127.0.0.1 by the demo recipe
 LOGO = "logo.jpg"  # the site's logo, at the end of every article: doc_image_dedup's to remove
@@ -68,8 +74,6 @@ EVAL_ITEMS = [
 
 def prose(topic: str) -> list[str]:
     """The prose paragraphs of a help topic: whitespace collapsed, code and tables left out."""
-    import pydoc_data.topics
-
     paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", pydoc_data.topics.topics[topic])]
     return [p for p in paragraphs
             if len(p.split()) >= 25 and p.endswith(".") and not re.search(r"[{}<>=\[\]*#@]|::", p)]
@@ -106,8 +110,6 @@ def page_html(title: str, paragraphs: list[str], images: list[tuple[str, str]], 
 
 
 def _http_headers(status: int, content_type: str) -> Any:
-    from warcio.statusandheaders import StatusAndHeaders
-
     reason = {200: "OK", 404: "Not Found"}.get(status, "Status")
     return StatusAndHeaders(f"{status} {reason}", [("Content-Type", content_type)], protocol="HTTP/1.1")
 
@@ -116,8 +118,6 @@ def write_warc(path: Path, responses: list[tuple[str, int, str, bytes]], cut_tai
     """A gzipped WARC of `responses` (uri, status, content type, body), with a warcinfo record
     first; `cut_tail` appends the first bytes of one more record, as a crawl killed mid-write
     leaves it. Dates are fixed, so the file is the same on every build."""
-    from warcio.warcwriter import WARCWriter
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as fh:
         writer = WARCWriter(fh, gzip=True)
@@ -138,8 +138,6 @@ def write_warc(path: Path, responses: list[tuple[str, int, str, bytes]], cut_tai
 
 def _truncated_record(uri: str) -> bytes:
     """The first bytes of a gzipped WARC record, cut mid-stream."""
-    from warcio.warcwriter import WARCWriter
-
     buf = io.BytesIO()
     writer = WARCWriter(buf, gzip=True)
     body = page_html("A page the crawler never finished", prose("with"), [])
@@ -150,8 +148,6 @@ def _truncated_record(uri: str) -> bytes:
 
 def _write_logo(path: Path) -> None:
     """The site's logo, served beside the demo's images: scikit-image's own logo, 160 px."""
-    from tools.demo.data import DemoImages, encode, fit
-
     logo = DemoImages().get("logo")
     if logo is None:
         return  # not bundled: the pages' logo is then a dead link, removed as such
@@ -163,8 +159,6 @@ def _write_logo(path: Path) -> None:
 
 def train_tokenizer(texts: list[str], path: Path, vocab_size: int = TOKENIZER_VOCAB) -> Path:
     """A byte-level BPE trained on `texts`, saved as `path` (a tokenizer.json)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

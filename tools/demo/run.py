@@ -11,6 +11,7 @@ the tiny MM1 for a few dozen steps on them (recipes/train/demo.yaml, CPU).
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,12 +20,15 @@ from typing import Any
 
 import yaml
 
+from curate.contract import Manifest
 from curate.recipe import load_recipe
 from curate.engine.driver import run_recipe
 from tools.demo.data import build_demo_inputs
 from tools.demo.docs import build_doc_inputs
 from tools.demo.server import serve
+from tools.demo.tiny_models import build_tiny_lm, build_tiny_vlm
 from tools.demo.web import build_www, write_url_list
+from tools.report import build_report
 from tools.stats import compute_stats, format_stats
 from tools.verify import verify
 
@@ -65,8 +69,6 @@ def demo_overrides(root: Path) -> dict[str, str]:
 def demo_inputs(root: Path) -> Iterator[dict[str, Any]]:
     """Build every demo input under `root/inputs` and serve the web part while the block runs.
     Yields the summary: expected inputs, kept, and drop reasons over all four sources."""
-    from tools.demo.tiny_models import build_tiny_lm, build_tiny_vlm
-
     inputs = Path(root) / "inputs"
     summary = build_demo_inputs(inputs)
     build_tiny_vlm(inputs / "models" / "vlm")  # the recaptioning stage's models: RANDOM weights
@@ -103,8 +105,9 @@ def run_demo(root: Path) -> dict:
     for err in report.errors:
         print(f"FAIL {err}")
     print(f"verify: {'OK' if report.ok else 'FAILED'}")
-    c = manifest["counts"]
-    kinds = ", ".join(f"{k} {v['count']}" for k, v in manifest["kinds"].items())
+    typed = Manifest.from_dict(manifest)
+    c = typed.counts
+    kinds = ", ".join(f"{k} {v.count}" for k, v in typed.kinds.items())
     print(
         f"\n{c['inputs']} inputs -> {c['kept']} kept ({kinds}), {c['dropped']} dropped\n"
         f"  shards:   {out / 'pairs'}  {out / 'docs'}  {out / 'text'}\n"
@@ -114,8 +117,6 @@ def run_demo(root: Path) -> dict:
     )
     if not report.ok:
         raise SystemExit(1)
-    from tools.report import build_report
-
     print(f"  report:   {build_report([out])}   (mm1 report {out})")
     train_demo(root, out)
     return manifest
@@ -125,8 +126,7 @@ def train_demo(root: Path, out: Path) -> dict[str, Any]:
     """Close the loop: the tiny MM1 (random init: mechanics, not quality) trains for a few dozen
     steps on the shards just curated, all three kinds mixed 45/45/10, on CPU; its newest
     checkpoint is exported to `root/export` (safetensors + config + decoder_hf/)."""
-    import shutil
-
+    # the train extra (torch; train.trainer is ~0.9 s of import): demo_overrides works without it
     from train.export import export_checkpoint
     from train.recipe import load_train_recipe
     from train.trainer import train

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import http.server
 import os
+import socketserver
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,15 +58,11 @@ class LoopbackHTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def server_bind(self) -> None:
-        import socketserver
-
         socketserver.TCPServer.server_bind(self)
         host, port = self.server_address[:2]
         self.server_name, self.server_port = str(host), port
 
     def handle_error(self, request: object, client_address: object) -> None:
-        import sys
-
         if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             return  # a client that hung up (a byte cap, a deadline): nothing went wrong here
         super().handle_error(request, client_address)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 SPECIALS = ["<pad>", "<eos>", "<image>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>"
@@ -27,8 +29,7 @@ IMAGE_SIZE, PATCH = 28, 14  # a 2 x 2 patch grid: 4 image tokens (+ CLS, dropped
 
 
 def _tokenizer(texts: list[str] | None = None):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy, optional (vecap extra)
 
     texts = texts or [
         "a photo of a cat sitting on a wooden table next to a window",
@@ -47,7 +48,7 @@ def _tokenizer(texts: list[str] | None = None):
 
 
 def _llama(tok, seed: int):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # heavy, optional (vecap extra)
 
     return LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
@@ -65,6 +66,7 @@ def _finish(model, tok, out: Path) -> Path:
 
 def build_tiny_vlm(out: str | Path, seed: int = 0) -> Path:
     """A LLaVA-architecture model (random weights) + its processor in `out`."""
+    # heavy optional dependencies (vecap extra): torch, transformers
     import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, \
         LlavaProcessor
@@ -89,6 +91,7 @@ def build_tiny_vlm(out: str | Path, seed: int = 0) -> Path:
 
 def build_tiny_lm(out: str | Path, seed: int = 1) -> Path:
     """A Llama chat model (random weights) + its tokenizer (with the chat template) in `out`."""
+    # heavy optional dependencies (vecap extra): torch, transformers
     import torch
     from transformers import LlamaForCausalLM
 

@@ -35,6 +35,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from curate.captions.generation import TransformersLM, TransformersVLM
+
 
 class _Batcher:
     """One model's request queue and the thread that answers it in batches."""
@@ -87,8 +89,6 @@ class ChatServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], vlm: str | None, llm: str | None, *, max_batch: int = 16,
                  window_ms: float = 5.0, device: str = "cpu"):
         super().__init__(address, _Handler)
-        from curate.captions.generation import TransformersLM, TransformersVLM
-
         self.lock = threading.Lock()
         self.script: list[dict[str, Any]] = []
         self.stats = {"requests": 0, "completions": 0, "batches": 0, "max_batch": 0}

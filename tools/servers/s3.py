@@ -60,7 +60,7 @@ def forget_clients() -> None:
     """Drop s3fs's cached filesystems: they keep the endpoint they were made with, and the
     environment's endpoint is not part of their cache key (a second server would be missed)."""
     try:
-        from s3fs import S3FileSystem
+        from s3fs import S3FileSystem  # the s3 extra: optional (without it there is nothing to forget)
     except ImportError:
         return
     S3FileSystem.clear_instance_cache()
@@ -112,7 +112,7 @@ class S3Server:
                     os.environ[k] = v
 
     def create_bucket(self, name: str | None = None) -> str:
-        import boto3
+        import boto3  # comes with moto (dev extra): optional, needed only to make a bucket
 
         name = name or f"mm1-{uuid.uuid4().hex[:12]}"
         client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",

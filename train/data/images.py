@@ -14,6 +14,7 @@ frame of an animation is used.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -66,8 +67,7 @@ class ImagePreprocessor:
         config, then mean, std, resize mode and interpolation from open_clip's defaults, the model
         config's `preprocess_cfg` and the tag's entry, later ones winning (open_clip's own order).
         E.g. ("ViT-H-14-378-quickgelu", "dfn5b"): 378 px, squash, bicubic, OpenAI CLIP mean/std."""
-        import dataclasses
-
+        # open_clip: heavy (~6 s to import, torchvision with it): imported where used, not with this module
         import open_clip
         from open_clip.transform import PreprocessCfg
 

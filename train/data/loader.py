@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from train.data.images import OPEN_CLIP_RESIZE, ImagePreprocessor
 from train.data.mixture import KINDS, Mixture, MixtureConfig, source_shards
 
 
@@ -56,8 +57,6 @@ class LoaderConfig:
     def for_tower(cls, mixture: MixtureConfig, preprocess_cfg: dict[str, Any], **kw: Any) -> "LoaderConfig":
         """The images as the tower wants them: its size, resize mode, interpolation, mean and std
         (an open_clip `preprocess_cfg`); shipped as uint8 and normalised on the device."""
-        from train.data.images import OPEN_CLIP_RESIZE
-
         size = preprocess_cfg["size"]
         size = size[0] if isinstance(size, (tuple, list)) else size
         mode = OPEN_CLIP_RESIZE.get(preprocess_cfg.get("resize_mode", "shortest"))
@@ -120,8 +119,6 @@ class _Batches(IterableDataset):
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        from train.data.images import ImagePreprocessor
-
         info = get_worker_info()
         n_workers = max(1, self.cfg.workers)
         # a restored loader rotates roles: worker w plays the part of worker (w + rotation) % W

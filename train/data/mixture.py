@@ -52,6 +52,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from train.data.packing import Packer
+from train.data.samples import BadSample, TextTokenizer, check_image, tokenize_sample
+from train.data.shards import RateLimitedLog, ShardStream, list_shards, read_sample
+
 log = logging.getLogger("mm1.train.data")
 
 MM1_WEIGHTS = {"pair": 0.45, "doc": 0.45, "text": 0.10}
@@ -111,8 +115,6 @@ def source_shards(cfg: MixtureConfig) -> dict[str, tuple[str, list[Any], dict[st
     Fails (ValueError, before any worker starts when the loader calls it) on an output listed
     twice, an unreadable manifest, or a weighted source without samples, naming the samples of
     each kind every output holds."""
-    from train.data.shards import list_shards
-
     # the same output twice, a missing manifest: refused whatever is weighted (files: only the weighted kinds')
     list_shards(cfg.outs, "pair", check_files=False)
     sources = {}
@@ -271,10 +273,6 @@ class Mixture:
 
     def __init__(self, cfg: MixtureConfig, slot: int, n_slots: int,
                  sources: dict[str, tuple[str, list[Any], dict[str, Any]]] | None = None):
-        from train.data.packing import Packer
-        from train.data.samples import TextTokenizer
-        from train.data.shards import RateLimitedLog, ShardStream
-
         self.cfg, self.slot, self.n_slots = cfg, slot, n_slots
         self.tok = TextTokenizer.from_file(cfg.tokenizer)
         self.index = 0
@@ -304,8 +302,6 @@ class Mixture:
         """The sample's packable chunks; [] (counted, logged) for a bad sample: malformed text or
         JSON, a missing member, or an image that does not decode or is too large. Images are
         checked here, before packing, so a bad one never reaches a sequence (collate)."""
-        from train.data.samples import BadSample, check_image, tokenize_sample
-
         try:
             chunks = tokenize_sample(kind, members, self.tok, n_image_tokens=self.cfg.n_image_tokens,
                                      max_len=self.cfg.seq_len, caption_ratio=self.cfg.caption_ratio,
@@ -389,8 +385,6 @@ class Mixture:
 
     def _reload(self, name: str, ref: list[Any]) -> _Item:
         """A chunk again from its reference [shard, row, chunk]: re-read and re-tokenized."""
-        from train.data.shards import read_sample
-
         j, row, chunk = (int(x) for x in ref)
         sample_ref = self.streams[name].ref_at(j, row)
         return self._chunks(self.kind_of[name], sample_ref, read_sample(sample_ref), (j, row))[chunk]

@@ -35,13 +35,18 @@ than fit one chunk, by tokens or by `max_images`) or an eos left alone by a cut 
 
 from __future__ import annotations
 
+import io
 import json
 import random
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
+from tokenizers import Tokenizer
 
 from curate.contract import IMAGE_EXTENSIONS, KINDS
 
@@ -73,11 +78,6 @@ def check_image(data: bytes, max_pixels: int) -> None:
     entropy-coded byte is still read, so a truncated or damaged stream fails, for about a tenth of
     the cost of a full decode). Run in the loader's workers when a sample is read, so a bad image
     is skipped before it is packed instead of failing a batch in `collate`."""
-    import io
-    import warnings
-
-    from PIL import Image
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -122,8 +122,6 @@ class TextTokenizer:
     def from_file(cls, path: str | Path, special: Mapping[str, str] | None = None) -> TextTokenizer:
         """From a local `tokenizer.json`, or a folder holding one (a Hugging Face model folder).
         Nothing is fetched: training reads only local files."""
-        from tokenizers import Tokenizer
-
         p = Path(path).expanduser()
         file = p / TOKENIZER_FILE if p.is_dir() else p
         if not file.is_file():

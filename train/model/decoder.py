@@ -33,6 +33,7 @@ from train.model.attention import (
     rope_cos_sin,
 )
 from train.model.config import DecoderConfig
+from train.model.moe import MoEFeedForward
 
 
 @dataclass
@@ -89,11 +90,8 @@ class FeedForward(nn.Module):
 
 
 def build_feed_forward(cfg: DecoderConfig, layer: int) -> nn.Module:
-    """Layer `layer`'s FFN: MoE where `cfg.is_moe_layer(layer)`, dense elsewhere. The MoE module is
-    imported here, lazily, so dense decoders never depend on it."""
+    """Layer `layer`'s FFN: MoE where `cfg.is_moe_layer(layer)`, dense elsewhere."""
     if cfg.is_moe_layer(layer):
-        from train.model.moe import MoEFeedForward
-
         return MoEFeedForward(cfg)
     return FeedForward(cfg)
 

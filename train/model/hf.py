@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from train.model.attention import Backend
@@ -209,8 +210,6 @@ def _read_tensors(folder: Path) -> dict[str, Tensor]:
         tensors: dict[str, Tensor] = {}
         for file in files:
             if file.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
                 tensors.update(load_file(str(file)))
             else:
                 tensors.update(torch.load(file, map_location="cpu", weights_only=True))
@@ -260,8 +259,6 @@ def load_hf_decoder(
 def save_hf(decoder: Decoder, path: str | Path, *, model_type: str | None = None) -> None:
     """Write config.json and model.safetensors into folder `path`, loadable by
     `transformers.AutoModelForCausalLM.from_pretrained(path)` and by `load_hf_decoder`."""
-    from safetensors.torch import save_file
-
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.cpu() for k, v in to_hf_state_dict(decoder).items()}

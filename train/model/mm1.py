@@ -21,13 +21,19 @@ weighted sum, and `total_loss` = `loss` + `aux_total` (the per-batch objective).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from train.model.config import MM1Config
+from train.model.connector import build_connector
+from train.model.decoder import Decoder
+from train.model.hf import load_hf_decoder
+from train.model.moe import aux_loss
+from train.model.vision import VisionEncoder
 
 IGNORE = -100
 
@@ -59,8 +65,6 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     checkpointing per chunk), so at most one chunk's [chunk, vocab] logits live at a time
     instead of [N, vocab] fp32 (800 MB for one 4096-token sequence at a 50k vocabulary), for
     about a third more output-projection FLOPs. No host synchronisation."""
-    from torch.utils.checkpoint import checkpoint
-
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         h, y = hidden[start:start + chunk], labels[start:start + chunk]
@@ -91,10 +95,6 @@ def with_pretrained_decoder(cfg: MM1Config, path: str, image_token_id: int | Non
     Qwen2 families: train/model/hf.py): the decoder's shape comes from the checkpoint's config,
     the vision tower and connector from `cfg`, freshly initialised (the tower from its
     `pretrained` weights). The placeholder token defaults to the checkpoint vocabulary's last id."""
-    from dataclasses import replace
-
-    from train.model.hf import load_hf_decoder
-
     decoder = load_hf_decoder(path)
     with torch.device("meta"):
         model = MM1(replace(cfg, decoder=decoder.cfg, image_token_id=image_token_id))
@@ -109,10 +109,6 @@ def with_pretrained_decoder(cfg: MM1Config, path: str, image_token_id: int | Non
 class MM1(nn.Module):
     def __init__(self, cfg: MM1Config):
         super().__init__()
-        from train.model.connector import build_connector
-        from train.model.decoder import Decoder
-        from train.model.vision import VisionEncoder
-
         self.cfg = cfg
         self.vision = VisionEncoder(cfg.vision)
         self.connector = build_connector(cfg.connector, self.vision.width, self.vision.grid, cfg.decoder.dim)
@@ -165,8 +161,6 @@ class MM1(nn.Module):
             result.aux_total = result.loss_sum.new_zeros(())
             moe = self.cfg.decoder.moe
             if moe is not None and out.aux_losses:
-                from train.model.moe import aux_loss
-
                 result.aux_total = aux_loss(out.aux_losses, moe)
             result.total_loss = result.loss + result.aux_total
         return result

@@ -40,6 +40,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from train.data.images import normalize
 from train.model.config import VisionConfig
 from train.model.fit import misfit_message
 
@@ -58,6 +59,7 @@ def _create_clip(cfg: VisionConfig, load_weights: bool, device: torch.device) ->
     and crops), so it is passed on as a preprocess override instead of as `pretrained`: open_clip
     would download the checkpoint even with `load_weights=False`.
     """
+    # open_clip: heavy (~6 s to import, torchvision with it): imported where used, not with this module
     import open_clip
 
     pretrained, preprocess = cfg.pretrained, None
@@ -125,6 +127,7 @@ class VisionEncoder(nn.Module):
     def preprocess(self) -> Callable[[Any], Tensor]:
         """open_clip's evaluation transform for this tower: PIL image -> [3, size, size] float
         tensor, with the model's (or its pretrained tag's) resize mode, interpolation, mean and std."""
+        # open_clip: heavy (~6 s to import, torchvision with it): imported where used, not with this module
         import open_clip
 
         pp = self.preprocess_cfg
@@ -145,8 +148,6 @@ class VisionEncoder(nn.Module):
         its preprocessing's mean and std on the images' device; float images pass unchanged."""
         if images.dtype != torch.uint8:
             return images
-        from train.data.images import normalize
-
         pp = self.preprocess_cfg
         return normalize(images, torch.tensor(pp["mean"]).view(3, 1, 1), torch.tensor(pp["std"]).view(3, 1, 1))
 
@@ -210,6 +211,7 @@ def _tower_state_dict(cfg: VisionConfig, source: str | None, encoder: VisionEnco
         origin = "random init"
     else:
         path = _checkpoint_file(cfg, source)
+        # open_clip: heavy (~6 s to import, torchvision with it): imported where used, not with this module
         from open_clip.factory import load_state_dict  # "state_dict" wrapper, "module." prefix, safetensors
 
         clip_sd = load_state_dict(path, device="cpu", weights_only=True)
@@ -220,6 +222,7 @@ def _tower_state_dict(cfg: VisionConfig, source: str | None, encoder: VisionEnco
 def _checkpoint_file(cfg: VisionConfig, source: str) -> str:
     """The local file of `source`: an open_clip tag of `cfg.model` (open_clip downloads it, or
     finds it in its cache), else a path to an existing file."""
+    # open_clip: heavy (~6 s to import, torchvision with it): imported where used, not with this module
     import open_clip
 
     tag_cfg = open_clip.get_pretrained_cfg(cfg.model, source)
