@@ -18,10 +18,11 @@ def _curate(args: argparse.Namespace) -> int:
     from curate.contract import Manifest, location
     from curate.recipe import load_recipe
     from curate.engine.retry import RetryError, retry_failed
-    from curate.engine.driver import run_recipe
+    from curate.engine.driver import ResumeError, run_recipe
 
     if args.retry_failed and args.restart:
-        raise RetryError("--retry-failed and --restart exclude each other")
+        print("mm1 curate: --retry-failed and --restart exclude each other", file=sys.stderr)
+        return 2
     overrides = {}
     if args.output:
         overrides["output.path"] = args.output
@@ -30,10 +31,14 @@ def _curate(args: argparse.Namespace) -> int:
     if args.workers:
         overrides["cluster.n_workers"] = args.workers
     recipe = load_recipe(args.recipe, overrides)
-    if args.retry_failed:
-        manifest = Manifest.from_dict(retry_failed(recipe, progress=not args.no_progress))
-    else:
-        manifest = Manifest.from_dict(run_recipe(recipe, restart=args.restart, progress=not args.no_progress))
+    try:
+        if args.retry_failed:
+            manifest = Manifest.from_dict(retry_failed(recipe, progress=not args.no_progress))
+        else:
+            manifest = Manifest.from_dict(run_recipe(recipe, restart=args.restart, progress=not args.no_progress))
+    except (ResumeError, RetryError) as exc:
+        print(f"mm1 curate: {exc}", file=sys.stderr)
+        return 2
     c = manifest.counts
     out = location(recipe.output.path)
     print(f"curated {c['inputs']} inputs: {c['kept']} kept, {c['dropped']} dropped -> {out}")
@@ -71,7 +76,6 @@ def _verify(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     # CLI start-up, and the train extra (torch): loaded when this command runs
     from train.recipe import RecipeError, load_train_recipe, parse_override
-    from train.trainer import Diverged, StartError, train
 
     try:
         overrides = dict(parse_override(o) for o in args.override)
@@ -82,6 +86,9 @@ def _train(args: argparse.Namespace) -> int:
         print(f"mm1 train: {exc}", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir or Path("runs") / recipe.name)
+    # the trainer (torch's distributed and compile modules, ~2 s) after the recipe: a bad recipe fails fast
+    from train.trainer import Diverged, StartError, train
+
     try:
         final = train(recipe, run_dir)
     except Diverged as exc:
@@ -191,14 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("distributed", "tornado", "bokeh"):
         logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose else logging.ERROR)
-    # CLI start-up: the engine loads after parsing, so `mm1 --help` and a usage error stay fast
-    from curate.recipe import RecipeError
-    from curate.engine.retry import RetryError
-    from curate.engine.driver import ResumeError
+    # CLI start-up: after parsing, so `mm1 --help` and a usage error stay fast (pydantic, 0.1 s)
+    from curate.recipe_io import RecipeError
 
     try:
         return args.func(args)
-    except (RecipeError, ResumeError, RetryError, FileNotFoundError) as exc:
+    except (RecipeError, FileNotFoundError) as exc:
         print(f"mm1 {args.command}: {exc}", file=sys.stderr)
         return 2
 
