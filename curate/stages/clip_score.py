@@ -28,9 +28,11 @@ forward runs under `torch.inference_mode` in `batch_size` images per step on the
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -46,23 +48,36 @@ _COLUMN = r"^[a-z][a-z0-9_]*$"
 _SCHEMES = ("hf-hub:", "local-dir:")
 
 
+def _shipped_configs() -> set[str]:
+    """The model names open_clip ships a config file for (its `model_configs/*.json`), found
+    without importing open_clip: a recipe check in a fresh process then costs milliseconds, not
+    the ~7 CPU-seconds of importing open_clip (torch, torchvision, transformers)."""
+    spec = importlib.util.find_spec("open_clip")
+    folders = list(spec.submodule_search_locations or ()) if spec else []
+    return {p.stem for folder in folders for p in Path(folder, "model_configs").glob("*.json")}
+
+
 def _check_model(model: str, pretrained: str | None) -> None:
     """A model name open_clip knows (or a hub/local-dir name) and a tag it has for that model, or
-    an existing checkpoint file. ValueError with what exists otherwise."""
-    import open_clip  # keeps torch out of curate/ (train extra): checked when a recipe names the stage
-
+    an existing checkpoint file. ValueError with what exists otherwise. open_clip itself is
+    imported only for what the config files cannot answer: a tag, or a name registered at run time."""
     if model.startswith(_SCHEMES):
         if model.startswith("local-dir:") and not os.path.isdir(model.split(":", 1)[1]):
             raise ValueError(f"model {model!r}: no such directory")
-    elif model not in open_clip.list_models():
-        close = [m for m in open_clip.list_models() if model.lower()[:5] in m.lower()][:8]
-        raise ValueError(f"unknown open_clip model {model!r}; similar names: {close}")
+    elif model not in _shipped_configs():
+        import open_clip  # keeps torch out of curate/ (train extra); only for a name no config file has
+
+        if model not in open_clip.list_models():
+            close = [m for m in open_clip.list_models() if model.lower()[:5] in m.lower()][:8]
+            raise ValueError(f"unknown open_clip model {model!r}; similar names: {close}")
     if pretrained is None or model.startswith(_SCHEMES):
         return
     if os.path.exists(pretrained):
         if not os.path.isfile(pretrained):
             raise ValueError(f"pretrained {pretrained!r} is not a checkpoint file")
         return
+    import open_clip  # keeps torch out of curate/ (train extra); the tags live in its code
+
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained not in tags:
         raise ValueError(f"pretrained {pretrained!r} is neither a file nor a tag of {model} (tags: {tags})")
