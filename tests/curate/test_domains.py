@@ -179,13 +179,13 @@ def check_rate(times: list[float], n_requests: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster_client() -> Iterator[Any]:
-    with LocalCluster(n_workers=2, threads_per_worker=4, processes=True, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0", memory_limit="2GiB") as cluster:
-        # not the default client: the process-local tests in this module must see no cluster
-        with Client(cluster, set_as_default=False, timeout=WAIT) as client:
-            client.wait_for_workers(2, timeout=WAIT)
-            yield client
+def cluster_client(shared_cluster: Any) -> Any:
+    """The session's LocalCluster (two worker processes, tests/conftest.py): each test here uses a
+    namespace of its own, so the semaphores other runs left on its scheduler are not theirs. Its
+    client is not the default one: the process-local tests in this module must see no cluster."""
+    client = shared_cluster.client
+    client.wait_for_workers(2, timeout=WAIT)
+    return client
 
 
 def workers(client: Any) -> list[str]:
@@ -199,7 +199,7 @@ def test_limits_hold_across_worker_processes(cluster_client: Any) -> None:
     addrs = workers(client)
     limiter = DomainLimiter(N, RATE, namespace="mm1-domain-test-rate")
     recorder = Recorder()
-    n_tasks, per_task = 8, 10
+    n_tasks, per_task = 4, 8  # 32 requests: at RATE they span 3 s, so a 1-second window can overflow
     with recording_server(recorder, "one") as port:
         futures = [
             client.submit(burst, limiter, [("127.0.0.1", port)] * per_task, 4, f"t{i}",
@@ -339,7 +339,7 @@ def test_local_fallback_holds_the_same_limits() -> None:
     limiter = DomainLimiter(N, RATE, namespace="mm1-domain-test-local")
     assert limiter.backend() == "local"
     recorder = Recorder()
-    n = 30
+    n = 20
     with recording_server(recorder, "local") as port:
         result = burst(limiter, [("127.0.0.1", port)] * n, 16, "local")
     assert result["backend"] == "local"

@@ -12,12 +12,13 @@ resolves; 127.0.0.0/8 is allowed explicitly.
 The recipe: caption_length_filter -> url_dedup (global) -> download -> image -> image_size_filter
 -> exact_dedup (global). The download stage runs in segment 1, after url_dedup's pass.
 
-1. A clean in-process LocalCluster run (once per module): every bad input is exactly one ledger
-   row with its stable stage/code, the redirect is kept, the extra column reaches KEY.json,
-   every input is accounted for once, and `mm1 verify` passes.
-2. The `mm1 curate` driver SIGKILLed while segment 1 (the downloads) is under way, then rerun:
-   byte-identical to run 1.
-3. The same recipe on an external `dask scheduler` + two `dask worker`s: byte-identical to run 1.
+1. A clean in-process run on the session's LocalCluster (`shared_cluster`, once per module):
+   every bad input is exactly one ledger row with its stable stage/code, the redirect is kept,
+   the extra column reaches KEY.json, every input is accounted for once, and `mm1 verify` passes.
+2. The `mm1 curate` driver (its own LocalCluster) SIGKILLed while segment 1 (the downloads) is
+   under way, then rerun with `--address` on an external `dask scheduler` + two `dask worker`s:
+   the external workers fetch what the killed run left, and the output is byte-identical to
+   run 1 (a resume, and the external cluster giving the LocalCluster's bytes, in one rerun).
 
 The server stays up across all of them (the URLs carry its port). Waits are bounded generously
 (only a hang reaches them); nothing asserts on timings.
@@ -51,7 +52,6 @@ from skimage import data as skdata
 
 from curate.contract import LEDGER_DIR, read_ledger, read_manifest
 from curate.recipe import parse_recipe
-from curate.engine.driver import run_recipe
 from tools.demo.server import LoopbackHTTPServer
 from tools.verify import verify
 
@@ -318,13 +318,15 @@ class Clean:
 
 
 @pytest.fixture(scope="module")
-def clean(site, output_checks, tmp_path_factory) -> Clean:
-    """The clean, uninterrupted in-process run every other run must equal (once per module)."""
+def clean(site, output_checks, shared_cluster, tmp_path_factory) -> Clean:
+    """The clean, uninterrupted in-process run every other run must equal (once per module), on
+    the session's LocalCluster: its URLs name this module's server port, so no stage, robots.txt
+    cache or host semaphore another run left on that cluster is this run's."""
     root = tmp_path_factory.mktemp("download-pipeline")
     urls = write_url_list(root, site)
     out = root / "curated"
     before = site.snapshot()
-    manifest = run_recipe(parse_recipe(recipe_data(urls, out), "<test recipe>"), progress=False)
+    manifest = shared_cluster.run(parse_recipe(recipe_data(urls, out), "<test recipe>"))
     hits = site.snapshot() - before
     return Clean(urls, out, manifest, output_checks.pairs_digests(out), output_checks.ledger_digests(out),
                  hits)
@@ -459,7 +461,7 @@ def test_clean_run_accounts_for_every_url(clean, site, output_checks):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. The driver SIGKILLed mid-download; the rerun finishes it exactly
+# 2. The driver SIGKILLed mid-download; a rerun on an external cluster finishes it exactly
 # ---------------------------------------------------------------------------------------------
 
 DOWNLOAD_SEGMENT = "seg1"  # seg0: source + caption filter, then url_dedup's pass; seg1: download ...
@@ -467,7 +469,10 @@ DOWNLOAD_SEGMENT = "seg1"  # seg0: source + caption filter, then url_dedup's pas
 
 @pytest.mark.slow
 @pytest.mark.timeout(WAIT * 2)
-def test_sigkill_driver_mid_download_then_rerun_is_byte_identical(clean, output_checks, tmp_path):
+def test_sigkill_driver_mid_download_then_rerun_on_an_external_cluster_is_byte_identical(
+        clean, output_checks, external_scheduler, tmp_path):
+    from distributed import Client
+
     out = tmp_path / "curated"
     recipe_file = output_checks.write_recipe(tmp_path / "recipe.yaml", recipe_data(clean.urls, out))
     cmd = [MM1, "curate", str(recipe_file), "--no-progress"]
@@ -501,39 +506,20 @@ def test_sigkill_driver_mid_download_then_rerun_is_byte_identical(clean, output_
     finished = {p.name: p.stat().st_mtime_ns for p in _markers(out, DOWNLOAD_SEGMENT)}
     assert len(finished) < n, "the workers outlived the driver and finished the downloads"
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=WAIT)
+    # The rerun: the same recipe, on the external scheduler's `dask worker`s.
+    rerun = subprocess.run([*cmd, "--address", external_scheduler], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=WAIT)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
 
-    # Resumed: download partitions finished before the kill were not fetched again.
+    # Resumed: download partitions finished before the kill were not fetched again ...
     after = {p.name: p.stat().st_mtime_ns for p in _markers(out, DOWNLOAD_SEGMENT)}
     assert {k: after[k] for k in finished} == finished and len(after) == n
     assert not list(out.rglob("*.tmp"))
-    _assert_same_output(clean, out, output_checks)
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. An external scheduler and workers give the LocalCluster's bytes
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(WAIT * 2)
-def test_external_scheduler_gives_the_clean_run_bytes(clean, output_checks, external_scheduler, tmp_path):
-    from distributed import Client
-
-    out = tmp_path / "curated"
-    recipe_file = output_checks.write_recipe(tmp_path / "recipe.yaml", recipe_data(clean.urls, out))
-    run = subprocess.run(
-        [MM1, "curate", str(recipe_file), "--no-progress", "--address", external_scheduler],
-        capture_output=True, text=True, cwd=tmp_path, timeout=WAIT,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-
-    # The external workers did the downloads (each built the stages), not a LocalCluster.
+    # ... and the external workers fetched the rest (each process builds the stages it runs),
+    # not a LocalCluster of the driver.
     with Client(external_scheduler, timeout=WAIT) as client:
         loaded = client.run(
             lambda: sorted(s.name for s in __import__("curate.engine.steps").engine.steps.loaded_stages()))
-    assert len(loaded) == 2 and all(loaded.values()), loaded
-    assert any("download" in names for names in loaded.values()), loaded
+    assert len(loaded) == 2 and any("download" in names for names in loaded.values()), loaded
     _assert_same_output(clean, out, output_checks)
     assert (out / LEDGER_DIR).is_dir()
