@@ -1,10 +1,17 @@
-"""The recaptioning stage inside real runs: a LocalCluster (2 worker processes on 127.0.0.1) runs
-an image folder through the image stage, exact dedup and `recaption` against a real chat server
-process on loopback (tools/servers/chat.py over tiny RANDOM-weight models: mechanics only). The
-ledger invariant holds; kept pairs carry the caption columns in their sidecars and KEY.json;
-KEY.txt holds the caption the recipe chose; stock webdataset reads the shards; the trainer's
-sample reader takes the alt-text from caption_alt; and a second run into another output, with
-the same cache folder, makes no request to the server and writes the same captions."""
+"""The recaptioning stage inside real runs: the session's LocalCluster (`shared_cluster`, 2 worker
+processes on 127.0.0.1) runs an image folder through the image stage, exact dedup and `recaption`
+against a real chat server process on loopback (tools/servers/chat.py over tiny RANDOM-weight
+models: mechanics only). The ledger invariant holds; kept pairs carry the caption columns in their
+sidecars and KEY.json; KEY.txt holds the caption the recipe chose; stock webdataset reads the
+shards; the trainer's sample reader takes the alt-text from caption_alt; and a second run into
+another output, with the same cache folder, makes no request to the server and writes the same
+captions.
+
+The workers keep a stage instance per stage config (curate/engine/steps.py), and a recaption
+stage keeps an index of the cache rows it has read or written: so the second run changes an
+execution-only setting (the captioner's concurrency), which makes it another stage instance, one
+that starts with an empty index and finds the captions in the cache folder. Each test's cache
+folder is its own, so no other run's stage shares its config."""
 
 from __future__ import annotations
 
@@ -16,7 +23,6 @@ import pytest
 
 from curate.contract import read_sidecars, shard_urls
 from curate.recipe import parse_recipe
-from curate.engine.driver import run_recipe
 from tools.bench.partition_memory import build_folder
 
 pytestmark = pytest.mark.usefixtures("loopback_only")
@@ -25,8 +31,8 @@ COLUMNS = ["id", "key", "caption", "caption_alt", "caption_synthetic", "caption_
            "txt_source", "caption_model", "fusion_model"]
 
 
-def _recipe(inputs: Path, out: Path, cache: Path, base_url: str) -> dict:
-    model = {"backend": "openai", "base_url": base_url, "concurrency": 2, "timeout_s": 30, "retries": 2,
+def _recipe(inputs: Path, out: Path, cache: Path, base_url: str, concurrency: int = 2) -> dict:
+    model = {"backend": "openai", "base_url": base_url, "concurrency": concurrency, "timeout_s": 30, "retries": 2,
              "max_new_tokens": 8}
     return {
         "name": "recaption-run",
@@ -58,12 +64,13 @@ def _captions(out: Path) -> dict[str, dict]:
     return {r["id"]: r for r in table.to_pylist()}
 
 
-def test_recaptioned_run_then_a_second_run_from_the_cache(inputs, tmp_path, chat_server, output_checks):
+def test_recaptioned_run_then_a_second_run_from_the_cache(inputs, tmp_path, chat_server, output_checks,
+                                                          shared_cluster):
     import webdataset as wds
 
     chat_server.reset()
     cache = tmp_path / "cache"
-    first = run_recipe(parse_recipe(_recipe(inputs, tmp_path / "a", cache, chat_server.base_url)), progress=False)
+    first = shared_cluster.run(parse_recipe(_recipe(inputs, tmp_path / "a", cache, chat_server.base_url)))
     output_checks.check_ledger_invariant(tmp_path / "a")
     assert first["counts"] == {"partitions": 3, "inputs": 12, "kept": 11, "dropped": 1}
     asked = chat_server.stats()["requests"]
@@ -95,13 +102,16 @@ def test_recaptioned_run_then_a_second_run_from_the_cache(inputs, tmp_path, chat
                                rng=random.Random(0))
     assert piece.tokens[4:-1] == tok.encode(some["caption"])
 
-    second = run_recipe(parse_recipe(_recipe(inputs, tmp_path / "b", cache, chat_server.base_url)), progress=False)
+    # another stage instance (see the module docstring): its captions come from the cache folder
+    second = shared_cluster.run(parse_recipe(_recipe(inputs, tmp_path / "b", cache, chat_server.base_url,
+                                                     concurrency=1)))
     assert chat_server.stats()["requests"] == asked  # zero model calls: everything came from the cache
     assert second["counts"] == first["counts"]
     assert _captions(tmp_path / "b") == rows
 
 
-def test_retry_failed_asks_again_for_pairs_whose_captioner_was_down(inputs, tmp_path, chat_server, output_checks):
+def test_retry_failed_asks_again_for_pairs_whose_captioner_was_down(inputs, tmp_path, chat_server, output_checks,
+                                                                    shared_cluster):
     """Run 1 points at a port where nothing listens: every pair that reached the stage is dropped
     `connection_error` (transient). `mm1 curate --retry-failed` with the server up (base_url is
     execution-only: the recipe hash is the same) recovers all of them into new shards."""
@@ -116,12 +126,13 @@ def test_retry_failed_asks_again_for_pairs_whose_captioner_was_down(inputs, tmp_
     data = _recipe(inputs, tmp_path / "out", tmp_path / "cache", dead)
     for role in ("captioner", "fusion"):
         data["stages"][2][role].update(retries=0, timeout_s=5)
-    first = run_recipe(parse_recipe(data), progress=False)
+    first = shared_cluster.run(parse_recipe(data))
     assert first["counts"]["kept"] == 0 and first["drops"] == {"exact_dedup/duplicate": 1,
                                                                 "recaption/connection_error": 11}
     for role in ("captioner", "fusion"):
         data["stages"][2][role]["base_url"] = chat_server.base_url
-    recovered = retry_failed(parse_recipe(data), progress=False)
+    with shared_cluster.client.as_current():
+        recovered = retry_failed(parse_recipe(data), progress=False, client=shared_cluster.client)
     output_checks.check_ledger_invariant(tmp_path / "out")
     assert recovered["counts"] == {"partitions": 3, "inputs": 12, "kept": 11, "dropped": 1}
     assert recovered["retries"][-1]["recovered"] == 11

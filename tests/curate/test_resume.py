@@ -7,6 +7,10 @@ no attempt file (`*.tmp`) may survive, and the ledger accounts for every input e
 Failures are real: the driver is SIGKILLed, workers segfault (distributed's chaos plugin), the same
 task runs twice at once in two processes. Waits are bounded generously (only a hang fails them);
 nothing asserts on timings.
+
+Runs that finish or resume an output run on the session's LocalCluster (`shared_cluster`,
+tests/conftest.py); a run starts a cluster of its own where its workers are the point: the
+killed driver's (they must die with it), the segfaulting ones, and the one-worker resume.
 """
 
 from __future__ import annotations
@@ -80,12 +84,12 @@ def _wait_until(predicate, timeout: float = WAIT, every: float = 0.05, what: str
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. The driver is SIGKILLed mid-run; the same command run again finishes it exactly
+# 1. The driver is SIGKILLed mid-run; the same recipe run again finishes it exactly
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_sigkill_driver_mid_run_then_rerun_is_byte_identical(reference, tmp_path):
+def test_sigkill_driver_mid_run_then_rerun_is_byte_identical(reference, shared_cluster, tmp_path):
     out = tmp_path / "curated"
     recipe_file = tmp_path / "recipe.yaml"
     reference.write_recipe(recipe_file, reference.data(out))
@@ -119,8 +123,9 @@ def test_sigkill_driver_mid_run_then_rerun_is_byte_identical(reference, tmp_path
     finished = _mtimes(_markers(out, "seg0"))
     assert len(finished) < n, "the workers outlived the driver and finished segment 0"
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=WAIT)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # The rerun: the same recipe (`mm1 curate`'s own resume through the CLI: tests/curate/
+    # test_download_pipeline.py, test_object_store.py).
+    shared_cluster.run(_recipe(reference.data(out)))
 
     reference.assert_same_output(out)
     reference.check_ledger_invariant(out)
@@ -267,7 +272,7 @@ def _run_twice(tmp: Path, tasks: list[tuple]) -> list[tuple[bool, bool, dict[str
 
 
 @pytest.mark.slow
-def test_same_task_twice_concurrently_leaves_one_correct_output(reference, tmp_path):
+def test_same_task_twice_concurrently_leaves_one_correct_output(reference, shared_cluster, tmp_path):
     out = tmp_path / "curated"
     recipe = _recipe(reference.data(out))
     job = plan_job(recipe)
@@ -293,7 +298,7 @@ def test_same_task_twice_concurrently_leaves_one_correct_output(reference, tmp_p
     seg0, pack = _mtimes(_markers(out, "seg0")), _mtimes(_markers(out, "pack"))
     assert len(seg0) == len(pack) == n
 
-    run_recipe(recipe, progress=False)  # finishes the run: only the manifest is left to write
+    shared_cluster.run(recipe)  # finishes the run: only the manifest is left to write
     assert _mtimes(_markers(out, "seg0")) == seg0 and _mtimes(_markers(out, "pack")) == pack
     reference.assert_same_output(out)
     reference.check_ledger_invariant(out)
@@ -308,15 +313,17 @@ def test_same_task_twice_concurrently_leaves_one_correct_output(reference, tmp_p
 
 
 @pytest.mark.slow
-def test_rerun_of_finished_output_does_no_work_even_on_another_worker_count(reference, tmp_path):
+def test_rerun_of_finished_output_does_no_work_even_on_another_worker_count(reference, shared_cluster, tmp_path):
     out = _copy_output(reference.out, tmp_path / "curated")
     work = sorted((out / "_work" / "done").iterdir()) + sorted((out / "pairs").glob("*.tar")) \
         + sorted((out / "pairs").glob("*.parquet")) + sorted((out / "ledger").iterdir())
     before = {p: p.stat().st_mtime_ns for p in work}
 
     data = reference.data(out)
-    data["cluster"]["n_workers"] = 1  # execution only: must not refuse
-    manifest = run_recipe(_recipe(data), progress=False)
+    # execution only: must not refuse (the rerun has no task to give a worker; a resume that
+    # does run on one worker: test_interrupted_after_segment0_...)
+    data["cluster"]["n_workers"] = 1
+    manifest = shared_cluster.run(_recipe(data))
 
     assert {p: p.stat().st_mtime_ns for p in work} == before, "a finished task ran again"
     assert manifest["counts"] == reference.manifest["counts"]
@@ -324,7 +331,7 @@ def test_rerun_of_finished_output_does_no_work_even_on_another_worker_count(refe
 
 
 @pytest.mark.slow
-def test_changed_recipe_refuses_to_resume_until_restart(reference, tmp_path):
+def test_changed_recipe_refuses_to_resume_until_restart(reference, shared_cluster, tmp_path):
     out = _copy_output(reference.out, tmp_path / "curated")
     data = reference.data(out)
     data["stages"][1]["image_size"] = 200
@@ -344,7 +351,7 @@ def test_changed_recipe_refuses_to_resume_until_restart(reference, tmp_path):
     assert reference.manifest_bytes(out) == untouched, "a refused run changed the output"
     reference.assert_same_output(out)
 
-    manifest = run_recipe(recipe, restart=True, progress=False)
+    manifest = shared_cluster.run(recipe, restart=True)
     assert manifest["recipe_hash"] == recipe.hash()
     assert manifest["counts"]["inputs"] == reference.manifest["counts"]["inputs"]
     changed = reference.pairs_digests(out)
@@ -411,13 +418,12 @@ def test_interrupted_after_segment0_resumes_with_other_workers_and_batch_size(re
 
 
 @pytest.mark.timeout(WAIT)
-def test_stage_needing_a_resource_no_worker_has_fails_fast(reference, tmp_path):
+def test_stage_needing_a_resource_no_worker_has_fails_fast(reference, shared_cluster, tmp_path):
     data = reference.data(tmp_path / "curated")
     data["stages"][1]["resources"] = {"GPU": 1}
-    data["cluster"]["n_workers"] = 1
     recipe = _recipe(data)
     assert recipe.hash() == reference.manifest["recipe_hash"]  # placement is not part of the hash
     with pytest.raises(RuntimeError, match=r"resource GPU=1") as info:
-        run_recipe(recipe, progress=False)
+        shared_cluster.run(recipe)  # its workers advertise no resources
     assert "--resources GPU" in str(info.value)
     assert not _markers(tmp_path / "curated", "seg0"), "a task ran although no worker can hold GPU"

@@ -20,6 +20,11 @@ Equality with the reference, as the issue defines it: the same kept set, the sam
 sample, the same ledger outcome (outcome, stage, reason, detail) per id. Finished shards are
 never rewritten (their bytes are compared before and after). Waits are generous; nothing
 asserts on timings.
+
+The runs and rounds in this process use the session's LocalCluster (`shared_cluster`,
+tests/conftest.py): the requests are counted on this module's server, whose URLs (its port) no
+other run names (round 2, through `mm1 curate --retry-failed --address`, too). The S3 test
+starts one cluster for its three runs, whose worker inherits the store's AWS_*.
 """
 
 from __future__ import annotations
@@ -217,26 +222,34 @@ def _kept_attempts(out: Path) -> dict[str, int]:
     return {r["id"]: r["attempts"] for r in read_ledger(out, columns=["id", "attempts"]).to_pylist()}
 
 
+def _retry(client: Any, recipe: Any) -> dict[str, Any]:
+    """`retry_failed` on `client`'s cluster, the client current (as `shared_cluster.run` does)."""
+    with client.as_current():
+        return retry_failed(recipe, progress=False, client=client)
+
+
 @pytest.fixture(scope="module")
-def reference(site, tmp_path_factory) -> Path:
+def reference(site, shared_cluster, tmp_path_factory) -> Path:
     """Everything succeeds the first time (the server in its final phase)."""
     root = tmp_path_factory.mktemp("retry-reference")
     urls = _write_inputs(root / "in", site)
     site.phase = 2
     out = root / "out"
-    run_recipe(parse_recipe(_recipe_data(urls, out), "<reference recipe>"), progress=False)
+    shared_cluster.run(parse_recipe(_recipe_data(urls, out), "<reference recipe>"))
     return out
 
 
-def test_retry_failed_recovers_exactly_what_an_all_success_run_keeps(site, reference, tmp_path, monkeypatch):
+def test_retry_failed_recovers_exactly_what_an_all_success_run_keeps(site, reference, shared_cluster, tmp_path,
+                                                                      monkeypatch):
     urls = _write_inputs(tmp_path / "in", site)
     out = tmp_path / "out"
     data = _recipe_data(urls, out)
     recipe = parse_recipe(data, "<test recipe>")
+    client = shared_cluster.client
 
     # --- the first run: flaky, gone and stubborn urls answer 503 ------------------------------
     site.phase = 0
-    run_recipe(recipe, progress=False)
+    shared_cluster.run(recipe)
     first = _outcomes(out)
     transient = {i for i, (_, what) in enumerate(ROWS) if what in ("flaky", "gone", "stubborn")} - {6}
     assert {i for i in range(len(ROWS)) if first[_id(i)][2] == "http_503"} == transient
@@ -255,11 +268,11 @@ def test_retry_failed_recovers_exactly_what_an_all_success_run_keeps(site, refer
 
     monkeypatch.setattr("curate.engine.retry.write_manifest", killed)
     with pytest.raises(KeyboardInterrupt):
-        retry_failed(recipe, progress=False)
+        _retry(client, recipe)
     monkeypatch.undo()
     assert read_manifest(out).get("retries") is None  # nothing committed
     fetched_in_killed_round = Counter(site.hits) - before
-    manifest = retry_failed(recipe, progress=False)
+    manifest = _retry(client, recipe)
     # only the transient drops were asked for again, once each, and the resumed round fetched
     # nothing twice (its finished tasks were kept)
     fetched = Counter(site.hits) - before
@@ -311,7 +324,8 @@ def test_retry_failed_recovers_exactly_what_an_all_success_run_keeps(site, refer
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(data))
     before = Counter(site.hits)
-    proc = subprocess.run([MM1, "curate", str(recipe_file), "--retry-failed", "--no-progress"],
+    proc = subprocess.run([MM1, "curate", str(recipe_file), "--retry-failed", "--no-progress",
+                           "--address", shared_cluster.cluster.scheduler_address],
                           capture_output=True, text=True, timeout=WAIT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "retry round 2: 1 retried, 1 recovered" in proc.stdout
@@ -334,8 +348,8 @@ def test_retry_failed_recovers_exactly_what_an_all_success_run_keeps(site, refer
     # --- nothing left to retry; a plain rerun keeps the retried output as it is ---------------
     text = (out / "manifest.json").read_bytes()
     before = Counter(site.hits)
-    assert retry_failed(recipe, progress=False) == final
-    run_recipe(recipe, progress=False)
+    assert _retry(client, recipe) == final
+    shared_cluster.run(recipe)
     assert (out / "manifest.json").read_bytes() == text
     assert Counter(site.hits) == before
     assert sorted(p.name for p in (out / "ledger").iterdir()) == sorted(Path(n).name for n in final["ledger"])
@@ -345,20 +359,27 @@ def test_retry_rounds_on_s3_end_where_the_all_success_run_does(site, reference, 
     """The same rounds with the output on an object store (a real S3-compatible server on
     loopback, tests/conftest.py): there the global stages' decisions and a round's changes keep
     their attempts' own names and the markers name them. Two rounds end with the reference's
-    outcomes and image bytes, `mm1 verify` passes on s3://, and no attempt is left unnamed."""
+    outcomes and image bytes, `mm1 verify` passes on s3://, and no attempt is left unnamed. The
+    run and both rounds share one LocalCluster, started once the store's AWS_* environment is set
+    (its worker inherits it): one worker process of two threads (the cluster block is execution
+    only; the reference ran on two processes)."""
     from curate.contract import fs_path, location
+    from curate.engine.cluster import connect
     from curate.engine.commit import ATTEMPT_NAME
 
     urls = _write_inputs(tmp_path / "in", site)
     out = f"{s3}/retried"
-    recipe = parse_recipe(_recipe_data(urls, out), "<s3 recipe>")
-    site.phase = 0
-    run_recipe(recipe, progress=False)
-    site.phase = 1
-    first = retry_failed(recipe, progress=False)["retries"][0]
-    assert first["withdrawn"] == 1 and first["failed_again"] == 1
-    site.phase = 2
-    final = retry_failed(recipe, progress=False)
+    data = _recipe_data(urls, out)
+    data["cluster"] = {**data["cluster"], "n_workers": 1, "threads_per_worker": 2}
+    recipe = parse_recipe(data, "<s3 recipe>")
+    with connect(recipe) as client:
+        site.phase = 0
+        run_recipe(recipe, progress=False, client=client)
+        site.phase = 1
+        first = _retry(client, recipe)["retries"][0]
+        assert first["withdrawn"] == 1 and first["failed_again"] == 1
+        site.phase = 2
+        final = _retry(client, recipe)
     assert final["retries"][1]["recovered"] == 1
     report = verify(out)
     assert report.ok, report.errors
