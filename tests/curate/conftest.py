@@ -225,12 +225,15 @@ def dask_processes(tmp_path: Path, worker_args: list[tuple[str, ...]]) -> Iterat
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
+    # as the README tells external clusters: no sampling profiler in the workers (CPU we never read)
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
 
     def start(name: str, *args: str) -> None:
         with open(tmp_path / f"{name}.log", "wb") as log:
             procs.append(subprocess.Popen(
                 [_dask_exe("dask"), *args], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
                 start_new_session=True,  # its own process group: teardown reaches its nanny's worker too
+                env=env,
             ))
 
     try:
