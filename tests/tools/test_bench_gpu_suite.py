@@ -1,7 +1,10 @@
 """tools/bench/gpu_suite.py: `--dry-run` runs every default row for real, at tiny sizes on the
-CPU, each in its own process, and writes one JSON line per row after the machine line; the
-suite's own machinery (a row subset, appending, a row killed at its cap with its progress
-kept, a failing row) is checked with stand-in rows that cost nothing."""
+CPU, each in its own process, and writes one JSON line per row after the machine line. Every
+default row's child entry (`--child NAME --dry-run`) runs here in this process (the row's own
+code; its imports are paid once by the session), and one dry run of the suite starts the real
+child processes for the machine line and one row; the suite's own machinery (a row subset,
+appending, a row killed at its cap with its progress kept, a failing row) is checked with
+stand-in rows that cost nothing."""
 
 from __future__ import annotations
 
@@ -19,24 +22,36 @@ def _lines(out):
     return [json.loads(line) for line in (out / gpu_suite.RESULTS).read_text().splitlines()]
 
 
-def test_dry_run_runs_every_row(tmp_path):
-    assert gpu_suite.main(["--dry-run", "--out", str(tmp_path)]) == 0
-    lines = _lines(tmp_path)
-    assert [r["row"] for r in lines] == ["machine", *DEFAULT_ROWS]
-    assert all(r["status"] == "ok" and r["dry_run"] and r["seconds"] <= r["cap_s"] for r in lines)
-    machine, train, clip, recaption = lines
-    assert {"gpu", "torch", "cuda", "python", "packages", "rows"} <= set(machine)
-    assert machine["rows"] == DEFAULT_ROWS and machine["packages"]["open_clip_torch"]
-    t = train["result"]
+def test_dry_run_runs_every_row(capsys):
+    assert [n for n, r in gpu_suite.ROWS.items() if r.default] == DEFAULT_ROWS
+    results = {}
+    for name in DEFAULT_ROWS:
+        assert gpu_suite.main(["--child", name, "--dry-run"]) == 0
+        result, _ = gpu_suite._parse(capsys.readouterr().out)
+        assert result["status"] == "ok", result
+        results[name] = result
+    t = results["train_mfu_3b"]
     assert {"model", "tower", "batch", "accum", "seq_len", "compile", "activation_checkpointing", "tokens_per_s",
             "mfu", "hfu", "tower_share", "memory_gib", "attempts"} <= set(t)
     assert (t["model"], t["tower"], t["activation_checkpointing"], t["losses_finite"]) == ("tiny", "trained",
                                                                                             "selective", True)
     assert t["attempts"] == [{"batch": 2, "activation_checkpointing": "selective", "status": "ok"}]
-    c = clip["result"]
+    c = results["clip_vith378"]
     assert {"bare_images_per_s", "stage_images_per_s", "ratio", "meets_goal"} <= set(c) and c["device"] == "cpu"
-    r = recaption["result"]
+    r = results["recaption_local"]
     assert [x["batch_size"] for x in r["results"]] == [1, 4] and r["results"][0]["ratio"] == 1.0
+
+
+def test_a_dry_run_starts_each_row_in_its_own_process(tmp_path):
+    """The suite itself, real child processes: the machine line, then the row's line."""
+    assert gpu_suite.main(["--dry-run", "--rows", "recaption_local", "--out", str(tmp_path)]) == 0
+    lines = _lines(tmp_path)
+    assert [r["row"] for r in lines] == ["machine", "recaption_local"]
+    assert all(r["status"] == "ok" and r["dry_run"] and r["seconds"] <= r["cap_s"] for r in lines)
+    machine, recaption = lines
+    assert {"gpu", "torch", "cuda", "python", "packages", "rows"} <= set(machine)
+    assert machine["rows"] == ["recaption_local"] and machine["packages"]["open_clip_torch"]
+    assert [x["batch_size"] for x in recaption["result"]["results"]] == [1, 4]
 
 
 @pytest.fixture

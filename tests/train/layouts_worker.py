@@ -1,16 +1,21 @@
-"""Runs the trainer's step on fixed micro-batches in several layouts, for tests/train/test_layouts.py.
+"""Runs the trainer's step on fixed micro-batches in several layouts, then `mm1 train` runs, for
+tests/train/test_layouts.py.
 
-    python -m tests.train.layouts_worker SPEC.json OUT.json      (one process)
     torchrun --nproc-per-node N -m tests.train.layouts_worker SPEC.json OUT.json
 
 SPEC: {"state": {model name: file of a saved fp32 state dict}, "batches": {model name: file of
-the micro-batches}, "steps": 5, "layouts": [{"name", "model", "dp_replicate", "dp_shard",
-"ep", "capacity_factor" (MoE: a float, or null for dropless), "activation_checkpointing"}, ...]}.
-Every layout runs `steps` steps of the same global batch split over this world: rank r takes
+the micro-batches}, "steps": 3, "alone": [layout, ...], "layouts": [{"name", "model",
+"dp_replicate", "dp_shard", "ep", "capacity_factor" (MoE: a float, or null for dropless),
+"activation_checkpointing"}, ...], "cli": [{"name", "argv"}, ...]}.
+Rank 0 first runs the "alone" layouts as one process (world 1: before it joins the process
+group, so none exists yet); then every rank runs the "layouts" over the whole world. Every
+layout runs `steps` steps of the same global batch split over its world: rank r takes
 micro-batches [r * accum, (r + 1) * accum) of each step, accum = global / world (global: the
-layout's "global", 4 by default). Rank 0 writes, per
-layout, each step's loss and grad norm, and the MoE routing of every micro-batch of the last
-step (gathered from every rank, in micro-batch order)."""
+layout's "global", 4 by default). Rank 0 writes, per layout, each step's loss and grad norm, and
+the MoE routing of every micro-batch of the last step (gathered from every rank, in micro-batch
+order). Then every rank runs each "cli" entry's `mm1 train` argv through the CLI's own `main` in
+this process (torchrun's environment, the group already formed: the imports and the group paid
+once); the process exits with the first non-zero status."""
 
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ def recipe_for(layout: dict):
     from train.recipe import parse_train_recipe
 
     return parse_train_recipe({
-        "name": layout["name"], "model": {"name": layout["model"]}, "steps": 5, "precision": "fp32",
+        "name": layout["name"], "model": {"name": layout["model"]}, "steps": 3, "precision": "fp32",
         "data": {"outs": ["unused"], "tokenizer": "unused", "seq_len": 64},
         "optim": {"lr": 1e-2, "warmup": 0, "grad_clip": 1.0},
         "parallel": {"dp_replicate": layout.get("dp_replicate", 1), "dp_shard": layout.get("dp_shard", -1),
@@ -65,7 +70,7 @@ def run_layout(layout: dict, spec: dict, rank: int, world: int) -> dict:
     for m in routed:
         m.record_routing = True
     optimizer = build_optimizer(model, recipe.optim, 1e-2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s + 1, 0, 5, 0.1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s + 1, 0, spec["steps"], 0.1))
     batches = torch.load(spec["batches"][layout["model"]], weights_only=True)
     per_step = layout.get("global", GLOBAL)
     accum = per_step // world
@@ -100,22 +105,32 @@ def run_layout(layout: dict, spec: dict, rank: int, world: int) -> dict:
     return out
 
 
-def main(spec_path: str, out_path: str) -> None:
+def main(spec_path: str, out_path: str) -> int:
     from train.trainer import init_distributed, seed_everything
 
     spec = json.loads(open(spec_path).read())
-    d = init_distributed()
     seed_everything(0, True)
     results = {}
+    if int(os.environ.get("RANK", 0)) == 0:
+        for layout in spec.get("alone", []):
+            results[layout["name"]] = run_layout(layout, spec, 0, 1)
+    d = init_distributed()
     for layout in spec["layouts"]:
         results[layout["name"]] = run_layout(layout, spec, d.rank, d.world)
     if d.rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
+    status = 0
+    for run in spec.get("cli", []):
+        from tools.cli import main as mm1
+
+        code = mm1(run["argv"])
+        status = status or code
     if d.owns_group:
         dist.destroy_process_group()
+    return status
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1], sys.argv[2])
+    sys.exit(main(sys.argv[1], sys.argv[2]))

@@ -1,7 +1,8 @@
 """The same training, whatever the layout (CPU, gloo, fp32, deterministic mode; random weights:
 mechanics only). Every layout loads one saved fp32 state dict and is fed the same fixed
-micro-batches through the trainer's step function (no loader), 5 steps: step 1's loss and
-gradient norm agree with one process within 1e-6 relative, steps 2-5 within 1e-5.
+micro-batches through the trainer's step function (no loader), 3 steps (step 3 is the first whose
+update carries the optimizer's moments of two steps): step 1's loss and gradient norm agree with
+one process within 1e-6 relative, steps 2-3 within 1e-5.
 
 - dense `tiny`: 1 process x accumulation 4; 2 ranks x 2 (FSDP); 4 x 1 (FSDP), HSDP 2 x 2 with
   selective activation checkpointing, and 4 replicas (no sharding);
@@ -13,8 +14,9 @@ gradient norm agree with one process within 1e-6 relative, steps 2-5 within 1e-5
 
 The micro-batches spread kinds unevenly (a text sequence with ~60 targets beside pair sequences
 with ~10 and heavy padding), so a per-micro-batch mean would weigh tokens differently per layout.
-One launch per world size (1, 2, 4), run side by side; the processes build every layout in turn
-(tests/train/layouts_worker.py)."""
+Two torchrun launches (2 and 4 processes), side by side, each paying its imports once
+(tests/train/layouts_worker.py): the 2-process launch's rank 0 first runs the one-process layouts
+before it joins the group; the 4-process launch then runs the `mm1 train` meshes of the last test."""
 
 from __future__ import annotations
 
@@ -28,8 +30,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-HANG = 400  # seconds: a bound against hangs on a shared 2-core machine, not a timing
+HANG = 600  # seconds: a bound against hangs on a shared 2-core machine, not a timing
 SEQ, IMAGE_ID, PAD, N_IMG = 64, 511, 0, 4
+STEPS = 3
+# `mm1 train` on 4 ranks, the recipe's mesh: FSDP over 4, and HSDP 2 x 2 with ep=2
+CLI_MESHES = {"fsdp4": {"parallel.dp_shard": 4},
+              "hsdp-ep2": {"parallel.dp_replicate": 2, "parallel.dp_shard": 2, "parallel.ep": 2}}
 
 MOE = [{"model": "tiny-moe", "capacity_factor": cf, "tag": tag} for cf, tag in ((None, "dropless"), (1.25, "cap"))]
 LAYOUTS = {
@@ -80,12 +86,14 @@ def _micro_batches(steps: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory):
+def launches(curated, tmp_path_factory):
+    """(the layouts' results by name, the folder of the `mm1 train` runs, one per CLI_MESHES name)."""
     from train.model.mm1 import MM1
     from tests.train.layouts_worker import model_cfg, recipe_for
+    from tests.train.test_trainer import DEMO_TRAIN, _overrides
 
     tmp = tmp_path_factory.mktemp("layouts")
-    spec = {"steps": 5, "state": {}, "batches": {}}
+    spec = {"steps": STEPS, "state": {}, "batches": {}}
     for name in ("tiny", "tiny-moe"):
         torch.manual_seed(7)
         layout = {"name": name, "model": name}
@@ -93,15 +101,22 @@ def layouts(tmp_path_factory):
         torch.save({k: v.float() for k, v in model.state_dict().items()}, tmp / f"{name}.pt")
         spec["state"][name] = str(tmp / f"{name}.pt")
         torch.manual_seed(0)
-        torch.save(_micro_batches(10), tmp / f"{name}-batches.pt")
+        torch.save(_micro_batches(2 * STEPS), tmp / f"{name}-batches.pt")  # global 8: 2 x 4 a step
         spec["batches"][name] = str(tmp / f"{name}-batches.pt")
+    cli = []
+    for name, mesh in CLI_MESHES.items():
+        argv = ["train", str(DEMO_TRAIN), "--run-dir", str(tmp / "cli" / name)]
+        for o in _overrides(curated, steps=5, deterministic="true",
+                            **{"model.name": "tiny-moe", "data.workers": 0, "data.batch_size": 1}, **mesh):
+            argv += ["--override", o]
+        cli.append({"name": name, "argv": argv})
+    extra = {2: {"alone": LAYOUTS[1]}, 4: {"cli": cli}}
     procs = {}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for world, items in LAYOUTS.items():
-        (tmp / f"spec{world}.json").write_text(json.dumps({**spec, "layouts": items}))
-        launch = [sys.executable, "-m", "tests.train.layouts_worker"] if world == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-             "-m", "tests.train.layouts_worker"]
+    for world in (2, 4):
+        (tmp / f"spec{world}.json").write_text(json.dumps({**spec, "layouts": LAYOUTS[world], **extra[world]}))
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                  "-m", "tests.train.layouts_worker"]
         procs[world] = subprocess.Popen(launch + [str(tmp / f"spec{world}.json"), str(tmp / f"out{world}.json")],
                                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     results = {}
@@ -109,7 +124,12 @@ def layouts(tmp_path_factory):
         out, _ = proc.communicate(timeout=HANG)
         assert proc.returncode == 0, f"world {world}:\n{out[-5000:]}"
         results.update(json.loads((tmp / f"out{world}.json").read_text()))
-    return results
+    return results, tmp / "cli"
+
+
+@pytest.fixture(scope="module")
+def layouts(launches):
+    return launches[0]
 
 
 def _close(a: list[float], b: list[float]) -> None:
@@ -156,7 +176,7 @@ def test_the_loss_weighs_every_target_token_alike(layouts, tmp_path):
     torch.manual_seed(0)
     sums, counts = [], []
     with torch.no_grad():
-        for mb in _micro_batches(5)[:4]:
+        for mb in _micro_batches(1):
             logits = model(mb["tokens"], mb["images"], doc_ids=mb["doc_ids"]).logits
             sums.append(float(F.cross_entropy(logits[0], mb["labels"][0], ignore_index=IGNORE, reduction="sum")))
             counts.append(int((mb["labels"] != IGNORE).sum()))
@@ -166,34 +186,22 @@ def test_the_loss_weighs_every_target_token_alike(layouts, tmp_path):
     assert max(counts) > 3 * min(counts) and abs(per_batch_mean - weighted) > 1e-4 * weighted
 
 
-def test_moe_meshes_through_the_cli_write_the_same_losses(curated, tmp_path):
-    """`mm1 train` on 4 processes (torchrun), the demo recipe with tiny-moe, no loader workers,
-    deterministic, 5 steps, on two meshes side by side: FSDP over 4, and HSDP 2 x 2 with ep=2
-    (the recipe's mesh through the CLI, the loader, an expert-sharded checkpoint). Same data (same
-    world), same initial weights (drawn once on rank 0): per-step losses equal within 1e-4
-    relative, and each run's last checkpoint is committed. (ep=2 under FSDP over 4 is trained by
-    the layouts above, through the same mesh and model building.)"""
-    from tests.train.test_trainer import DEMO_TRAIN, _overrides, _records
+def test_moe_meshes_through_the_cli_write_the_same_losses(launches):
+    """`mm1 train` on 4 processes (torchrun; the CLI's `main` in the ranks of the 4-process launch
+    above), the demo recipe with tiny-moe, no loader workers, deterministic, 5 steps, on the two
+    CLI_MESHES one after the other: FSDP over 4, and HSDP 2 x 2 with ep=2 (the recipe's mesh
+    through the CLI, the loader, an expert-sharded checkpoint). Same data (same world), same
+    initial weights (drawn once on rank 0): per-step losses equal within 1e-4 relative, and each
+    run's last checkpoint is committed. (ep=2 under FSDP over 4 is trained by the layouts above,
+    through the same mesh and model building.)"""
+    from tests.train.test_trainer import _records
 
-    meshes = {"fsdp4": {"parallel.dp_shard": 4},
-              "hsdp-ep2": {"parallel.dp_replicate": 2, "parallel.dp_shard": 2, "parallel.ep": 2}}
-    procs = {}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name, mesh in meshes.items():
-        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-                "-m", "tools.cli", "train", str(DEMO_TRAIN), "--run-dir", str(tmp_path / name)]
-        for o in _overrides(curated, steps=5, deterministic="true", **{"model.name": "tiny-moe", "data.workers": 0, "data.batch_size": 1},
-                            **mesh):
-            args += ["--override", o]
-        procs[name] = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True)
+    runs = launches[1]
     losses = {}
-    for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=HANG)
-        assert proc.returncode == 0, f"{name}:\n{out[-5000:]}"
-        records = _records(tmp_path / name / "metrics.jsonl")
+    for name in CLI_MESHES:
+        records = _records(runs / name / "metrics.jsonl")
         assert sorted(records) == [1, 2, 3, 4, 5] and not any(r["skipped"] for r in records.values())
         losses[name] = [records[s]["loss"] for s in range(1, 6)]
-        assert (tmp_path / name / "step-00000005").is_dir()
+        assert (runs / name / "step-00000005").is_dir()
     for a, b in zip(losses["hsdp-ep2"], losses["fsdp4"], strict=True):
         assert abs(a - b) <= 1e-4 * abs(b), (losses["hsdp-ep2"], losses["fsdp4"])

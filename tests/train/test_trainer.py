@@ -2,8 +2,8 @@
 MM1 (random weights: mechanics only): the loss falls in one process; two torchrun processes
 (gloo, CPU) agree on the loss, and a NaN injected on one rank skips the step on both without a
 hang, keeping non-finite weights out of the checkpoints, and their checkpoint resumes on one
-process (the loader's epoch resharded from 2 slots to 1); a run killed after step 10 and resumed
-from its step-8 checkpoint repeats an uninterrupted run's losses exactly.
+process (the loader's epoch resharded from 2 slots to 1); a run killed after step 5 and resumed
+from its step-3 checkpoint repeats the losses it logged before the kill exactly.
 
 Subprocesses run `python -m tools.cli train` (torchrun for two ranks); their metrics.jsonl
 files are read back. Timeouts are generous bounds against hangs, not timings."""
@@ -259,24 +259,23 @@ def test_a_sharded_checkpoint_exports_in_one_process(two_ranks, tmp_path):
 
 
 def test_a_killed_run_resumes_with_the_same_losses(curated, tmp_path):
-    """Deterministic mode, 2 loader workers, 6 steps, checkpoints every 2: killed (os._exit)
-    after step 5, resumed from step 4; steps 5-6 repeat the uninterrupted run's losses (which
-    runs beside the killed one)."""
-    common = {"steps": 6, "checkpoint.every": 2, "deterministic": "true", "data.workers": 2}
-    whole = _mm1_train_start(curated, tmp_path / "whole", **common)
-    killed = _finish(_mm1_train_start(curated, tmp_path / "killed", env={STOP_AFTER_ENV: "5"}, **common))
-    whole = _finish(whole)
-    assert whole.returncode == 0, whole.stderr[-4000:]
+    """Deterministic mode, 2 loader workers, 6 steps, checkpoints every 3: killed (os._exit)
+    after step 5, resumed from step 3; steps 4-5 repeat the losses and lrs the run logged before
+    the kill (up to it the run is an uninterrupted one), and step 6 follows."""
+    common = {"steps": 6, "checkpoint.every": 3, "deterministic": "true", "data.workers": 2}
+    killed = _mm1_train(curated, tmp_path / "run", env={STOP_AFTER_ENV: "5"}, **common)
     assert killed.returncode == EXIT_STOPPED, killed.stderr[-4000:]
-    assert sorted(p.name for p in (tmp_path / "killed").glob("step-*"))[-1] == "step-00000004"
-    assert sorted(_records(tmp_path / "killed" / "metrics.jsonl")) == [1, 2, 3, 4, 5]  # step 5 ran, then the kill
-    resumed = _mm1_train(curated, tmp_path / "killed", **common)
+    assert [p.name for p in (tmp_path / "run").glob("step-*")] == ["step-00000003"]
+    expected = _records(tmp_path / "run" / "metrics.jsonl")
+    assert sorted(expected) == [1, 2, 3, 4, 5]  # step 5 ran, then the kill
+    resumed = _mm1_train(curated, tmp_path / "run", **common)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "resumed from" in resumed.stderr
+    assert f"resumed from {tmp_path / 'run' / 'step-00000003'} at step 3" in resumed.stderr
 
-    expected = _records(tmp_path / "whole" / "metrics.jsonl")
-    got = _records(tmp_path / "killed" / "metrics.jsonl")
-    assert sorted(got) == list(range(1, 7))
-    for step in range(5, 7):
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 4, 5, 6]  # the resumed run rewrote 4-5
+    got = _records(tmp_path / "run" / "metrics.jsonl")
+    for step in (4, 5):
         assert got[step]["loss"] == expected[step]["loss"], step
         assert got[step]["lr"] == expected[step]["lr"]
+    assert math.isfinite(got[6]["loss"]) and not got[6]["skipped"]

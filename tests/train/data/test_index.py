@@ -200,23 +200,30 @@ def test_a_stream_of_only_unreadable_samples_stops_instead_of_spinning(curated, 
     assert stream.stats["skipped/truncated"] == EMPTY_PASSES * sum(s.count for s in shards)
 
 
-def test_mm1_train_resumes_on_another_worker_count(curated, tmp_path):
-    """The whole path (checkpoint -> load_checkpoint -> Loader), on a copy of the demo with a
-    corrupt JPEG, a truncated member and bad JSON: a run saved with 2 loader workers continues
-    with 1 and trains to its last step (the epoch continues; buffers are counted), the bad pairs
-    skipped and counted in metrics.jsonl."""
-    from tests.train.test_trainer import _mm1_train, _records
+def test_mm1_train_resumes_on_another_worker_count(curated, tmp_path, caplog):
+    """The whole path (`mm1 train`'s main, run in this process: checkpoint -> load_checkpoint ->
+    Loader), on a copy of the demo with a corrupt JPEG, a truncated member and bad JSON: a run
+    saved with 2 loader workers continues with 1 and trains to its last step (the epoch
+    continues; buffers are counted), the bad pairs skipped and counted in metrics.jsonl."""
+    from tests.train.test_trainer import DEMO_TRAIN, _overrides, _records
+    from tools.cli import main
 
     out, tokenizer = curated
     copy = tmp_path / "curated"
     shutil.copytree(out, copy)
     _corrupt(copy)
-    data = (copy, tokenizer)
-    first = _mm1_train(data, tmp_path / "run", **{"steps": 2, "checkpoint.every": 2, "data.workers": 2})
-    assert first.returncode == 0, first.stderr[-4000:]
-    again = _mm1_train(data, tmp_path / "run", **{"steps": 4, "checkpoint.every": 2, "data.workers": 0})
-    assert again.returncode == 0, again.stderr[-4000:]
-    assert "resumed from" in again.stderr and "loader resharded from 2 slots to 1" in again.stderr
+
+    def mm1_train(**extra) -> int:
+        args = ["train", str(DEMO_TRAIN), "--run-dir", str(tmp_path / "run")]
+        for o in _overrides((copy, tokenizer), **{"checkpoint.every": 2, **extra}):
+            args += ["--override", o]
+        return main(args)
+
+    assert mm1_train(steps=2, **{"data.workers": 2}) == 0
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert mm1_train(steps=4, **{"data.workers": 0}) == 0
+    assert "resumed from" in caplog.text and "loader resharded from 2 slots to 1" in caplog.text
     records = _records(tmp_path / "run" / "metrics.jsonl")
     assert sorted(records) == [1, 2, 3, 4]
     skipped = records[4]["data_skipped"]  # every pair is read within 4 steps; docs maybe not yet
