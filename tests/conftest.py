@@ -180,18 +180,18 @@ class DemoRun:
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory) -> DemoRun:
-    """The demo's inputs (tools.demo) curated once per session by the real runner (its own
-    LocalCluster, the demo recipe): the one curated demo that the end-to-end, manifest, report,
-    training and demo tests all read."""
-    from curate.engine.driver import run_recipe
+def demo_run(tmp_path_factory, shared_cluster) -> DemoRun:
+    """The demo's inputs (tools.demo) curated once per session by the real runner on the
+    session's LocalCluster (2 single-threaded workers, as the demo recipe's cluster block asks;
+    `mm1 demo` starting its own is test_demo_twice's): the one curated demo that the
+    end-to-end, manifest, report, training and demo tests all read."""
     from curate.recipe import load_recipe
     from tools.demo.run import DEMO_RECIPE, demo_inputs, demo_overrides
 
     root = tmp_path_factory.mktemp("demo")
     with demo_inputs(root) as summary:  # the URL list's and the crawl's server runs while the recipe does
         recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))
-        manifest = run_recipe(recipe, progress=False)
+        manifest = shared_cluster.run(recipe)
     return DemoRun(root, Path(recipe.output.path), root / "inputs" / "tokenizer" / "tokenizer.json", summary,
                    manifest)
 
