@@ -149,18 +149,20 @@ class SharedCluster:
 def shared_cluster():
     """One LocalCluster (2 single-threaded worker processes) for the session's runs that need no
     cluster of their own: starting one per run costs seconds each. Its workers outlive each run,
-    with what the runs loaded into them (the per-process stage cache keeps a stage, and its
-    models and state, per stage config). Its scheduler keeps the per-host semaphores a
-    downloading run used, idle once the run ends: their names carry the limits
-    (curate/stages/download.py), so a later run with other limits meets none of them and one
-    with the same limits shares them as any resumed run would; downloading runs may use it (a
-    test counting its server's requests serves URLs no other run names). A test that counts a
-    stage's work or model calls inside the workers (what a worker process loaded or ran), needs a
-    stage's in-memory state to start empty where another stage config will not do (a config
-    differing in any setting, execution-only ones included, gets a new stage instance: that is
-    how test_recaption_pipeline's second run reads its captions from the cache folder), kills or
-    restarts workers, tests the recipe's cluster block, or needs an environment in the workers
-    (the S3 tests' AWS_*) starts its own cluster, through `run_recipe(recipe)`."""
+    with what the runs loaded into them (the per-process stage cache keeps a stage, and its models
+    and state, per stage config). Its scheduler keeps the per-host semaphores a downloading run
+    used, idle once the run ends: their names carry the limits (curate/stages/download.py), so a
+    later run with other limits meets none of them and one with the same limits shares them as any
+    resumed run would; downloading runs may use it (a test counting its server's requests serves
+    URLs no other run names; a worker's download stage also keeps its robots.txt answers per scheme,
+    host and port for a day, so such a test's server, robots.txt included, is on an origin no
+    earlier run fetched). A test that counts a stage's work or model calls inside the workers (what
+    a worker process loaded or ran), needs a stage's in-memory state to start empty where another
+    stage config will not do (a config differing in any setting, execution-only ones included, gets
+    a new stage instance: that is how test_recaption_pipeline's second run reads its captions from
+    the cache folder), kills or restarts workers, tests the recipe's cluster block, or needs an
+    environment in the workers (the S3 tests' AWS_*) starts its own cluster, through
+    `run_recipe(recipe)`."""
     shared = SharedCluster()
     yield shared
     shared.close()

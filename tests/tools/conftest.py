@@ -6,6 +6,7 @@ ledger rows); image bytes are real JPEG/PNG encodings of scikit-image's sample i
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from collections import Counter
@@ -58,6 +59,7 @@ DROPPED = [
 ]
 
 
+@functools.cache  # the same few encodings in every test's output: made once (bytes: immutable)
 def encode(name: str, size: tuple[int, int], fmt: str) -> bytes:
     img = Image.fromarray(getattr(skdata, name)()).convert("RGB").resize(size)
     buf = io.BytesIO()

@@ -4,8 +4,8 @@ as the issue says: --headless --no-sandbox --disable-gpu --disable-background-ne
 --disable-component-update --disable-sync --no-first-run and a fresh user-data dir): the page
 loads with no console error and no network request, its figures are there, every number it marks
 as `mm1 stats`' (data-stat) equals compute_stats', and a screenshot is saved
-(test-output/report.png). Then two runs side by side: the demo against the same inputs curated
-with another score cut."""
+(test-output/report.png). Then two runs side by side: the demo against its own inputs curated
+again with another score cut."""
 
 from __future__ import annotations
 
@@ -140,21 +140,29 @@ def test_hostile_strings_in_the_data_stay_text(demo_output, browser, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def stricter(tmp_path_factory):
-    """The demo inputs curated again with score_top_fraction at 0.5 instead of 0.9."""
+def stricter(demo_run, shared_cluster, tmp_path_factory):
+    """The session demo's own inputs curated again with score_top_fraction at 0.5 instead of 0.9,
+    on the session's cluster. The URL list and the crawl name the demo server's port, so the
+    demo's www is served again on that port; the demo's recaption cache is copied in (the same
+    images: the models are asked nothing), the demo's own files stay untouched."""
     import yaml
 
     from curate.recipe import load_recipe
-    from curate.engine.driver import run_recipe
-    from tools.demo.run import DEMO_RECIPE, demo_inputs, demo_overrides
+    from tools.demo.run import DEMO_RECIPE, demo_overrides
+    from tools.demo.server import PORT_ENV, serve
 
     root = tmp_path_factory.mktemp("stricter")
+    shutil.copytree(demo_run.root / "recaption_cache", root / "recaption_cache")
     stages = yaml.safe_load(DEMO_RECIPE.read_text())["stages"]
     cut = next(i for i, s in enumerate(stages) if s["kind"] == "score_top_fraction")
-    with demo_inputs(root):
-        recipe = load_recipe(DEMO_RECIPE, {**demo_overrides(root), f"stages.{cut}.fraction": 0.5,
-                                           "output.path": str(root / "strict")})
-        run_recipe(recipe, progress=False)
+    recaption = next(i for i, s in enumerate(stages) if s["kind"] == "recaption")
+    recipe = load_recipe(DEMO_RECIPE, {**demo_overrides(demo_run.root), f"stages.{cut}.fraction": 0.5,
+                                       f"stages.{recaption}.cache_dir": str(root / "recaption_cache"),
+                                       "output.path": str(root / "strict")})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(PORT_ENV, demo_run.summary["server"].rsplit(":", 1)[1])
+        with serve(demo_run.root / "inputs" / "www"):
+            shared_cluster.run(recipe)
     return root / "strict"
 
 

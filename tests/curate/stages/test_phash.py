@@ -41,6 +41,8 @@ from curate.stages.phash import PhashStage, dct_matrix, phash_bytes, phash_image
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    if fmt == "PNG":  # lossless at any level: the level changes the bytes, never the pixels hashed
+        options.setdefault("compress_level", 1)  # (level 9 on 64 sources costs seconds)
     buffer = io.BytesIO()
     img.save(buffer, fmt, **options)
     return buffer.getvalue()
@@ -218,7 +220,7 @@ def _copies(img: Image.Image) -> dict[str, bytes]:
     for q in (50, 70, 85, 95):
         copies[f"jpg{q}"] = _encode(img, "JPEG", quality=q)
     copies["webp"] = _encode(img, "WEBP", quality=80)
-    copies["png9"] = _encode(img.convert("RGBA"), "PNG", compress_level=9)  # another PNG, with alpha
+    copies["png_alpha"] = _encode(img.convert("RGBA"))  # another PNG, with alpha
     for scale in (0.5, 0.75, 1.25, 1.5):
         copies[f"x{scale}"] = _resized(img, scale)
     return copies
