@@ -26,8 +26,12 @@ browser:
 	  $$SUDO sh -c '$(APT_INSTALL) >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && $(APT_INSTALL) >/dev/null 2>&1)' \
 	  || echo "make: could not install chromium and chromium-driver (apt-get); the report's browser test will fail"; }
 
+# One process per core (at most 4), whole files to a process: a file's module fixtures (a torchrun
+# launch, a curated run) are built once; each process has its own session fixtures. The suite is
+# CPU-bound: on 2 cores this cuts its wall time by about a fifth (BENCHMARKS.md has no row: a test
+# suite is not a product path). Plain `pytest` runs serially, as a debugger wants.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python -m tools.bench.partition_memory
