@@ -239,3 +239,25 @@ def s3(s3_server, monkeypatch):
     forget_clients()
     yield f"s3://{s3_server.create_bucket()}"
     forget_clients()
+
+
+# The files that take longest (seconds of one run's --durations on the 2-core machine, heaviest
+# first). Under `make test` (pytest-xdist, whole files per process) they are handed out first, so
+# the processes do not end with one long file running alone; a serial run only changes its order.
+LONGEST_FILES = ("tests/train/test_layouts.py", "tests/train/test_trainer.py", "tests/curate/test_object_store.py",
+                 "tests/curate/test_retry_failed.py", "tests/tools/test_demo.py", "tests/curate/test_resume.py",
+                 "tests/tools/test_bench_worker_scaling.py", "tests/train/test_object_store_training.py",
+                 "tests/curate/test_download_pipeline.py", "tests/train/data/test_loader.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    root = Path(__file__).resolve().parents[1]
+
+    def key(item) -> int:
+        try:
+            return rank.get(Path(item.fspath).resolve().relative_to(root).as_posix(), len(rank))
+        except ValueError:
+            return len(rank)
+
+    items.sort(key=key)  # stable: collection order within a file and among the others
