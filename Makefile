@@ -28,8 +28,8 @@ browser:
 
 # One process per core (at most 4), whole files to a process: a file's module fixtures (a torchrun
 # launch, a curated run) are built once; each process has its own session fixtures. The suite is
-# CPU-bound: on 2 cores this cuts its wall time by about a fifth (BENCHMARKS.md has no row: a test
-# suite is not a product path). Plain `pytest` runs serially, as a debugger wants.
+# CPU-bound: on 2 idle cores this cut its pytest time from 799 s to 526-627 s. Plain `pytest` runs
+# serially, as a debugger wants.
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile
 
