@@ -27,11 +27,13 @@ browser:
 	  || echo "make: could not install chromium and chromium-driver (apt-get); the report's browser test will fail"; }
 
 # One process per core (at most 4), whole files to a process: a file's module fixtures (a torchrun
-# launch, a curated run) are built once; each process has its own session fixtures. The suite is
-# CPU-bound: on 2 idle cores this cut its pytest time from 799 s to 526-627 s. Plain `pytest` runs
-# serially, as a debugger wants.
+# launch, a curated run) are built once; each process has its own session fixtures, except what
+# tests/conftest.py builds once for all of them (the demo and its training run, the tiny models).
+# Files go out longest first (tests/conftest.py LONGEST_FILES; --no-loadscope-reorder keeps that
+# order instead of xdist's by test count). The suite is CPU-bound. Plain `pytest` runs serially,
+# as a debugger wants.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(BIN)/python -m tools.bench.partition_memory

@@ -6,10 +6,14 @@ S3 server processes."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import ipaddress
+import json
 import os
+import shutil
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,8 +63,11 @@ def tiny_models(tmp_path_factory):
     RANDOM weights built from configs (mechanics only), saved as ordinary model folders."""
     from tools.demo.tiny_models import build_tiny_lm, build_tiny_vlm
 
-    root = tmp_path_factory.mktemp("tiny_models")
-    return build_tiny_vlm(root / "vlm"), build_tiny_lm(root / "llm")
+    def build(root: Path) -> dict[str, Any]:
+        return {"vlm": str(build_tiny_vlm(root / "vlm")), "llm": str(build_tiny_lm(root / "llm"))}
+
+    _, built = built_once(tmp_path_factory, "tiny_models", build)  # once for all of make test's processes
+    return Path(built["vlm"]), Path(built["llm"])
 
 
 class ChatServerProcess:
@@ -117,10 +124,18 @@ def chat_server(tiny_models, tmp_path_factory):
     server.stop()
 
 
+# The session's cluster sits idle between runs for most of the session: its scheduler, nannies
+# and workers wake every 20-500 ms for health ticks, system and memory monitors and work stealing,
+# 1.5 CPU-s each 30 s for the four processes of an idle 2-worker cluster, 0.4 with these (measured;
+# its 2 cores are what bounds the suite). Nothing the tests check depends on them.
+IDLE_QUIET = {"distributed.admin.tick.interval": "1s", "distributed.admin.system-monitor.interval": "2s",
+              "distributed.worker.memory.monitor-interval": "1s", "distributed.scheduler.work-stealing-interval": "1s"}
+
+
 class SharedCluster:
     """The session's one Dask LocalCluster, started the way the runner starts one (worker processes
     bound to 127.0.0.1, the runner's WORKER_CONFIG), and a client on it. `run(recipe)` is
-    `run_recipe` on it, the client current while the run's global passes compute."""
+    `run_recipe` on it."""
 
     def __init__(self) -> None:
         import dask
@@ -128,7 +143,7 @@ class SharedCluster:
 
         from curate.engine.cluster import WORKER_CONFIG
 
-        with dask.config.set(WORKER_CONFIG):  # the nannies copy it when they start
+        with dask.config.set({**WORKER_CONFIG, **IDLE_QUIET}):  # the nannies copy it when they start
             self.cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                                         dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False},
                                         memory_limit="3GiB")
@@ -137,8 +152,7 @@ class SharedCluster:
     def run(self, recipe: Any, **kwargs: Any) -> dict[str, Any]:
         from curate.engine.driver import run_recipe
 
-        with self.client.as_current():
-            return run_recipe(recipe, progress=False, client=self.client, **kwargs)
+        return run_recipe(recipe, progress=False, client=self.client, **kwargs)
 
     def close(self) -> None:
         self.client.close()
@@ -181,21 +195,45 @@ class DemoRun:
     manifest: dict[str, Any]  # what the run returned
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+    """(folder, what `build(folder)` returned, JSON-able) of `name`, built once for the whole run.
+
+    Under `make test` (pytest-xdist) every worker process has a session of its own, so a session
+    fixture is built once per process: what is built here lives under the run's shared temporary
+    folder, the first process to ask builds it under a file lock while the others wait, and they
+    all read the same folder. A build that failed is retried by the next process that asks."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-N/, above every worker's popen-gwK/
+    folder, done = base / name, base / f"{name}.json"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            done.write_text(json.dumps(build(folder)))
+    return folder, json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory, shared_cluster) -> DemoRun:
-    """The demo's inputs (tools.demo) curated once per session by the real runner on the
-    session's LocalCluster (2 single-threaded workers, as the demo recipe's cluster block asks;
-    `mm1 demo` starting its own is test_demo_twice's): the one curated demo that the
+def demo_run(tmp_path_factory, request) -> DemoRun:
+    """The demo's inputs (tools.demo) curated once per run (`built_once`: once for all of
+    `make test`'s processes) by the real runner on a LocalCluster of 2 single-threaded workers, as
+    the demo recipe's cluster block asks (the session's `shared_cluster` of the process that builds
+    it; `make demo` starts its own): the one curated demo that the
     end-to-end, manifest, report, training and demo tests all read."""
     from curate.recipe import load_recipe
     from tools.demo.run import DEMO_RECIPE, demo_inputs, demo_overrides
 
-    root = tmp_path_factory.mktemp("demo")
-    with demo_inputs(root) as summary:  # the URL list's and the crawl's server runs while the recipe does
-        recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))
-        manifest = shared_cluster.run(recipe)
-    return DemoRun(root, Path(recipe.output.path), root / "inputs" / "tokenizer" / "tokenizer.json", summary,
-                   manifest)
+    def build(root: Path) -> dict[str, Any]:
+        with demo_inputs(root) as summary:  # the URL list's and the crawl's server runs while the recipe does
+            recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))
+            manifest = request.getfixturevalue("shared_cluster").run(recipe)  # started only where it builds
+        return {"out": recipe.output.path, "summary": summary, "manifest": manifest}
+
+    root, built = built_once(tmp_path_factory, "demo", build)
+    return DemoRun(root, Path(built["out"]), root / "inputs" / "tokenizer" / "tokenizer.json", built["summary"],
+                   built["manifest"])
 
 
 @pytest.fixture(scope="session")
@@ -205,17 +243,21 @@ def demo_output(demo_run):
 
 
 @pytest.fixture(scope="session")
-def demo_trained(demo_run) -> tuple[DemoRun, dict[str, Any], str]:
-    """The session's demo after the demo's own training step (tools.demo `train_demo`: the tiny
+def demo_trained(tmp_path_factory, demo_run) -> tuple[DemoRun, dict[str, Any], str]:
+    """The run's demo after the demo's own training step (tools.demo `train_demo`: the tiny
     MM1, random init, 40 steps on CPU over the curated shards, checkpoints in root/run, the newest
-    exported to root/export): what an `mm1 demo` run leaves behind. (demo run, the trainer's
-    result, what train_demo printed)."""
+    exported to root/export), once per run (`built_once`): what an `mm1 demo` run leaves behind.
+    (demo run, the trainer's result, what train_demo printed)."""
     from tools.demo.run import train_demo
 
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        result = train_demo(demo_run.root, demo_run.out)
-    return demo_run, result, printed.getvalue()
+    def build(_: Path) -> dict[str, Any]:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            result = train_demo(demo_run.root, demo_run.out)
+        return {"result": result, "printed": printed.getvalue()}
+
+    _, built = built_once(tmp_path_factory, "demo_trained", build)
+    return demo_run, built["result"], built["printed"]
 
 
 @pytest.fixture(scope="session")
@@ -241,13 +283,16 @@ def s3(s3_server, monkeypatch):
     forget_clients()
 
 
-# The files that take longest (seconds of one run's --durations on the 2-core machine, heaviest
-# first). Under `make test` (pytest-xdist, whole files per process) they are handed out first, so
-# the processes do not end with one long file running alone; a serial run only changes its order.
-LONGEST_FILES = ("tests/train/test_layouts.py", "tests/train/test_trainer.py", "tests/curate/test_object_store.py",
-                 "tests/curate/test_retry_failed.py", "tests/tools/test_demo.py", "tests/curate/test_resume.py",
-                 "tests/tools/test_bench_worker_scaling.py", "tests/train/test_object_store_training.py",
-                 "tests/curate/test_download_pipeline.py", "tests/train/data/test_loader.py")
+# The files that take longest (seconds of one `make test` run's --durations on the 2-core
+# machine, heaviest first). Under `make test` (pytest-xdist, whole files per process, in this
+# order: --no-loadscope-reorder) they are handed out first, so the processes do not end with one
+# long file running alone; the second goes to the other process while the first builds the
+# session's demo (test_trainer: `demo_trained`), so it is one that does not read the demo. A
+# serial run only changes its order.
+LONGEST_FILES = ("tests/train/test_trainer.py", "tests/curate/test_retry_failed.py", "tests/train/test_layouts.py",
+                 "tests/curate/test_object_store.py", "tests/tools/test_demo.py", "tests/train/data/test_loader.py",
+                 "tests/curate/test_resume.py", "tests/tools/test_report.py", "tests/train/test_object_store_training.py",
+                 "tests/curate/test_download_pipeline.py", "tests/tools/test_bench_worker_scaling.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -85,11 +85,14 @@ class Cluster:
 @contextmanager
 def connect(recipe: Recipe, client: Client | None = None) -> Iterator[Client]:
     """`client` when one is given (the caller's cluster, left open), else the client of a
-    `Cluster` for the recipe's cluster block, closed when the block ends."""
+    `Cluster` for the recipe's cluster block, closed when the block ends. The client is the
+    current one inside the block, so the global passes' dask collections compute on its cluster
+    even when it is not the process's default client."""
     if client is not None:
-        yield client
+        with client.as_current():
+            yield client
         return
-    with Cluster(recipe) as cluster:
+    with Cluster(recipe) as cluster, cluster.client.as_current():
         yield cluster.client
 
 

@@ -124,3 +124,11 @@ def test_decisions_do_not_depend_on_the_partitioning(runs):
 
     assert outcome(small) == outcome(large)
 
+
+
+
+def test_the_global_pass_computes_on_the_cluster_it_was_given(runs, shared_cluster):
+    """The session's client is not the process's default one: the LSH pass's dask dataframes
+    (read from the segments' parquet) were computed on its scheduler, not on a local one."""
+    prefixes = shared_cluster.client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
+    assert any(p.startswith("read_parquet") for p in prefixes), sorted(prefixes)

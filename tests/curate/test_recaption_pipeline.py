@@ -131,8 +131,7 @@ def test_retry_failed_asks_again_for_pairs_whose_captioner_was_down(inputs, tmp_
                                                                 "recaption/connection_error": 11}
     for role in ("captioner", "fusion"):
         data["stages"][2][role]["base_url"] = chat_server.base_url
-    with shared_cluster.client.as_current():
-        recovered = retry_failed(parse_recipe(data), progress=False, client=shared_cluster.client)
+    recovered = retry_failed(parse_recipe(data), progress=False, client=shared_cluster.client)
     output_checks.check_ledger_invariant(tmp_path / "out")
     assert recovered["counts"] == {"partitions": 3, "inputs": 12, "kept": 11, "dropped": 1}
     assert recovered["retries"][-1]["recovered"] == 11

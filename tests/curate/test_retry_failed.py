@@ -223,9 +223,8 @@ def _kept_attempts(out: Path) -> dict[str, int]:
 
 
 def _retry(client: Any, recipe: Any) -> dict[str, Any]:
-    """`retry_failed` on `client`'s cluster, the client current (as `shared_cluster.run` does)."""
-    with client.as_current():
-        return retry_failed(recipe, progress=False, client=client)
+    """`retry_failed` on `client`'s cluster."""
+    return retry_failed(recipe, progress=False, client=client)
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,14 @@ def _content(root):
     return out
 
 
-def test_demo_twice(demo_trained, tmp_path, capsys):
+def test_demo_twice(demo_trained, shared_cluster, tmp_path, capsys):
+    """The second run curates on the session's cluster (the LocalCluster a run starts for itself
+    is every other `run_recipe(recipe)` test's, and `make demo`'s)."""
     first, _, first_printed = demo_trained
     root = tmp_path / "demo"
     shutil.copytree(first.root, root)  # the earlier demo's inputs, shards, checkpoints and export
     content = _content(root)
-    second = run_demo(root)
+    second = run_demo(root, client=shared_cluster.client)
     out = capsys.readouterr().out
     assert "verify: OK" in out and "87 inputs -> 44 kept (doc 8, pair 26, text 10), 43 dropped" in out
     trained = re.findall(r"for (\d+) steps on the curated shards: loss (\d+\.\d+) -> (\d+\.\d+)",

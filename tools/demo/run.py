@@ -88,15 +88,16 @@ def demo_inputs(root: Path) -> Iterator[dict[str, Any]]:
         yield summary
 
 
-def run_demo(root: Path) -> dict:
+def run_demo(root: Path, client: Any = None) -> dict:
     """Build the inputs afresh and curate them from scratch (the inputs are rewritten, so an
-    earlier demo output under `root` could not be resumed: it is replaced)."""
+    earlier demo output under `root` could not be resumed: it is replaced), on `client`'s
+    cluster when one is given, else on the LocalCluster the demo recipe's cluster block asks for."""
     root = Path(root)
     with demo_inputs(root) as summary:
         print(f"demo inputs: {root / 'inputs'} ({summary['expected_inputs']} samples; "
               f"URL list served from {summary['server']})")
         recipe = load_recipe(DEMO_RECIPE, demo_overrides(root))
-        manifest = run_recipe(recipe, restart=True)
+        manifest = run_recipe(recipe, restart=True, client=client)
     out = Path(recipe.output.path)
     stats = compute_stats(out)
     print(format_stats(stats))

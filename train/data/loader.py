@@ -28,6 +28,7 @@ here, before any worker starts.
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -192,7 +193,14 @@ class Loader:
         # exception"), which the DataLoader reports as a failed worker. A forkserver child ends
         # with os._exit, and it is forked from a clean single-threaded server, not from a process
         # holding torch, gloo or Dask threads (why plain fork is not used either). The server is
-        # started once per process and keeps the environment it was started with.
+        # started once per process and keeps the environment it was started with. It imports this
+        # module (torch, pyarrow, Pillow, the data path) when it starts, so each worker it forks
+        # starts with them loaded instead of importing them again: about 2 CPU-s less per worker
+        # each time a loader is iterated (persistent_workers is off). The same modules are loaded
+        # in a DataLoader's usual fork from the trainer; only a server started before this
+        # line (another forkserver user in the process) keeps its own preload list.
+        if cfg.workers:
+            multiprocessing.set_forkserver_preload(["__main__", __name__])
         self.loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers, persistent_workers=False,
                                  pin_memory=cfg.pin_memory, multiprocessing_context="forkserver" if cfg.workers else None)
 
