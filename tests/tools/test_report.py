@@ -141,28 +141,32 @@ def test_hostile_strings_in_the_data_stay_text(demo_output, browser, tmp_path):
 
 @pytest.fixture(scope="module")
 def stricter(demo_run, shared_cluster, tmp_path_factory):
-    """The session demo's own inputs curated again with score_top_fraction at 0.5 instead of 0.9,
-    on the session's cluster. The URL list and the crawl name the demo server's port, so the
-    demo's www is served again on that port; the demo's recaption cache is copied in (the same
-    images: the models are asked nothing), the demo's own files stay untouched."""
-    import yaml
-
-    from curate.recipe import load_recipe
+    """The session demo's pair sources curated again with score_top_fraction at 0.5 instead of
+    0.9, on the session's cluster (the crawl and the text corpus left out: the comparison is about
+    the pairs' cut, and their stages are most of the demo's work). The URL list names the demo
+    server's port, so the demo's www is served again on that port; the demo's recaption cache is
+    copied in (the same images: the models are asked nothing); the demo's own files stay
+    untouched."""
+    from curate.recipe import parse_recipe
+    from curate.recipe_io import read_recipe_yaml
+    from curate.stages import STAGES
     from tools.demo.run import DEMO_RECIPE, demo_overrides
     from tools.demo.server import PORT_ENV, serve
 
     root = tmp_path_factory.mktemp("stricter")
     shutil.copytree(demo_run.root / "recaption_cache", root / "recaption_cache")
-    stages = yaml.safe_load(DEMO_RECIPE.read_text())["stages"]
-    cut = next(i for i, s in enumerate(stages) if s["kind"] == "score_top_fraction")
-    recaption = next(i for i, s in enumerate(stages) if s["kind"] == "recaption")
-    recipe = load_recipe(DEMO_RECIPE, {**demo_overrides(demo_run.root), f"stages.{cut}.fraction": 0.5,
-                                       f"stages.{recaption}.cache_dir": str(root / "recaption_cache"),
-                                       "output.path": str(root / "strict")})
+    data = read_recipe_yaml(DEMO_RECIPE, {**demo_overrides(demo_run.root), "output.path": str(root / "strict")})
+    data["sources"] = [s for s in data["sources"] if s["kind"] not in ("warc", "text_corpus")]
+    data["stages"] = [s for s in data["stages"] if "pair" in STAGES[s["kind"]].kinds]
+    for stage in data["stages"]:
+        if stage["kind"] == "score_top_fraction":
+            stage["fraction"] = 0.5
+        if stage["kind"] == "recaption":
+            stage["cache_dir"] = str(root / "recaption_cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(PORT_ENV, demo_run.summary["server"].rsplit(":", 1)[1])
         with serve(demo_run.root / "inputs" / "www"):
-            shared_cluster.run(recipe)
+            shared_cluster.run(parse_recipe(data, "<stricter demo>"))
     return root / "strict"
 
 
