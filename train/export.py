@@ -40,11 +40,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from train.checkpoint import CheckpointError, latest_checkpoint, load_model_weights, read_state
 from train.model.config import ConnectorConfig, DecoderConfig, MM1Config, MoEConfig, VisionConfig
-from train.model.hf import save_hf
+from train.model.hf import save_hf, save_safetensors
 from train.model.mm1 import MM1
 
 FORMAT = "mm1-export"
@@ -130,7 +129,7 @@ def export_model(model: MM1, out_dir: Path, *, hf_decoder: bool = True) -> dict[
     sd = _cpu_state_dict(model)
 
     tmp = out / (MODEL_FILE + ".tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt", "mm1_name": cfg.name})
+    save_safetensors(sd, tmp, metadata={"format": "pt", "mm1_name": cfg.name})
     os.replace(tmp, out / MODEL_FILE)
     config = describe(model)
     tmp = out / (CONFIG_FILE + ".tmp")

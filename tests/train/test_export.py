@@ -13,6 +13,7 @@ configs (random weights: mechanics only, nothing about quality).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -65,6 +66,10 @@ def test_export_then_load_gives_identical_logits(name: str, tmp_path: Path) -> N
         assert not (tmp_path / "decoder_hf").exists()
     else:
         assert (tmp_path / "decoder_hf" / "config.json").is_file() and summary["decoder_hf_skipped"] is None
+    # every file gets the mode any file the user writes gets (safetensors alone makes it 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(f.stat().st_mode & 0o777) for f in tmp_path.rglob("*") if f.is_file()} == {oct(0o666 & ~umask)}
 
     ours, theirs = model.state_dict(), loaded.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

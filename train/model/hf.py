@@ -26,6 +26,7 @@ tensors do not fit its own config is refused naming the tensor and both shapes.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,15 @@ def load_hf_decoder(
     return decoder
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """safetensors' `save_file`, then the file's mode set to what `open()` gives any file the user
+    writes (0o666 less the umask): save_file creates it 0600, readable by its owner only."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_hf(decoder: Decoder, path: str | Path, *, model_type: str | None = None) -> None:
     """Write config.json and model.safetensors into folder `path`, loadable by
     `transformers.AutoModelForCausalLM.from_pretrained(path)` and by `load_hf_decoder`."""
@@ -265,4 +275,4 @@ def save_hf(decoder: Decoder, path: str | Path, *, model_type: str | None = None
     dtype = next(iter(sd.values())).dtype
     config = hf_config_from_decoder(decoder.cfg, model_type, dtype)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(sd, folder / "model.safetensors", metadata={"format": "pt"})
