@@ -14,6 +14,17 @@ with their store retries) and the typed manifest (curate/manifest.py: `Manifest`
 Records move between stages as Arrow tables with one schema per kind (below). A row is never
 deleted: a stage that rejects it sets `drop_stage`, `drop_reason` (a short stable code) and
 `drop_detail`, and the runner routes it to the ledger.
+
+A sidecar (NNNNN.parquet) has one row per sample, in tar order: our fixed columns
+(`SIDECAR_COMMON`, `SIDECAR_KIND`), then every scalar column stages added, then the typed input
+columns a source carried (`meta_<name>`, sorted by name; today a URL list's extra columns, typed
+as its file declares: parquet's Arrow types, text for csv/tsv, a JSON value's own type for
+json/jsonl; the rules are curate/carried.py's, re-exported here). The text kind's sidecar holds
+each record's `text` (exactly KEY.txt): text users (datatrove, NeMo Curator) read text from
+parquet, and zstd keeps it near the text's compressed size. A doc's sidecar holds no text: a doc's text is interleaved with its images in KEY.json's
+segments, and a flattened copy would lose where the images were. Sidecar columns are only ever
+added: readers name the columns they read, so a new column needs no `format_version` bump;
+removing, renaming or retyping one of ours does.
 """
 
 from __future__ import annotations
@@ -33,6 +44,10 @@ import pyarrow as pa
 from curate.manifest import (  # noqa: F401
     FORMAT_VERSION, MANIFEST, KindEntry, Manifest, ManifestError, ShardEntry, WithdrawnEntry, manifest_path,
     read_manifest, sizes_json, withdrawn_keys,
+)
+# Re-exported: the carried input columns' sidecar types (curate/carried.py), for sources and verify.
+from curate.carried import (  # noqa: F401
+    META_PREFIX, META_TYPES, meta_type, meta_type_name, meta_value, value_type_name,
 )
 from curate.recipe_io import RecipeError, parse_override, read_recipe_yaml, validate_recipe  # noqa: F401
 from curate.storage import (  # noqa: F401
@@ -60,6 +75,9 @@ COMMON_FIELDS: list[pa.Field] = [
     pa.field("url", pa.string()),
     pa.field("attempts", pa.int32()),
     pa.field("extra", pa.string()),  # JSON object of carried input columns, copied into KEY.json
+    # JSON object: carried column -> its sidecar type (a META_TYPES name, or null: no type known),
+    # from sources that know their columns' types (url_list); those columns become `meta_<name>`
+    pa.field("extra_types", pa.string()),
     pa.field("drop_stage", pa.string()),
     pa.field("drop_reason", pa.string()),
     pa.field("drop_detail", pa.string()),
@@ -186,7 +204,7 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 # Bookkeeping that must not reach KEY.json (attempts vary with the network, not the data).
-_NOT_IN_JSON = set(HEAVY_COLUMNS) | set(DROP_COLUMNS) | {"extra", "attempts", "charset"}
+_NOT_IN_JSON = set(HEAVY_COLUMNS) | set(DROP_COLUMNS) | {"extra", "extra_types", "attempts", "charset"}
 
 
 def _metadata(row: dict[str, Any], key: str, skip: set[str]) -> dict[str, Any]:
@@ -305,14 +323,18 @@ SIDECAR_KIND: dict[str, list[pa.Field]] = {
         pa.field("text_chars", pa.int64()),
         pa.field("segments_dropped", pa.int32()),
     ],
-    "text": [pa.field("text_chars", pa.int64()), pa.field("segments_dropped", pa.int32())],
+    "text": [
+        pa.field("text", pa.string()),  # KEY.txt as a string: text users read it from parquet
+        pa.field("text_chars", pa.int64()),
+        pa.field("segments_dropped", pa.int32()),
+    ],
 }
 
 # Record columns that never reach a sidecar (payloads, bookkeeping, what the sidecar derives).
 _NOT_IN_SIDECAR = set(HEAVY_COLUMNS) | set(DROP_COLUMNS) | {
     "extra", "segments", "segment_drops", "image_formats", "image_sha256s", "image_nbytes_list",
     "image_widths", "image_heights", "image_original_widths", "image_original_heights", "text",
-    "attempts", "charset",
+    "attempts", "charset", "extra_types",
 }
 
 
@@ -351,19 +373,51 @@ def sidecar_row(kind: str, row: dict[str, Any], key: str, members: list[dict[str
         out["segments_dropped"] = len(json.loads(row.get("segment_drops") or "[]"))
     else:
         out["n_images"] = 0
-        out["text_chars"] = len(row.get("text") or "")
+        out["text"] = row.get("text") or ""  # exactly KEY.txt
+        out["text_chars"] = len(out["text"])
         out["segments_dropped"] = len(json.loads(row.get("segment_drops") or "[]"))
+    if row.get("extra_types"):  # typed until `sidecar_table` knows the shard's column types
+        values = json.loads(row.get("extra") or "{}")
+        out["extra_types"] = {META_PREFIX + name: (values.get(name), t)
+                              for name, t in json.loads(row["extra_types"]).items()}
     return out
+
+
+def sidecar_table(kind: str, record: pa.Schema | None, rows: list[dict[str, Any]]) -> pa.Table:
+    """One shard's sidecar from its `sidecar_row`s: `sidecar_schema` plus the carried columns,
+    each typed by `meta_type` over the shard's rows (the same rows give the same bytes)."""
+    carried: dict[str, set[str]] = {}
+    for row in rows:
+        for name, (_, t) in (row.get("extra_types") or {}).items():
+            carried.setdefault(name, set()).update([t] if t else [])
+    types = {name: meta_type(carried[name]) for name in sorted(carried)}
+    schema = sidecar_schema(kind, record)
+    schema = pa.schema(list(schema) + [pa.field(n, t) for n, t in types.items() if n not in schema.names])
+    if types:
+        rows = [{**row, **{n: meta_value(v, types[n]) for n, (v, _) in row.get("extra_types", {}).items()}}
+                for row in rows]
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def read_sidecars(out: str | Path, kind: str, columns: list[str] | None = None) -> pa.Table:
     """All sidecars of one kind, in shard order (only the shards the manifest names). Loads them
-    whole: for big outputs iterate `Manifest.read(out).shards(kind)` instead."""
+    whole: for big outputs iterate `Manifest.read(out).shards(kind)` instead. A carried `meta_`
+    column is null in the shards that lack it (another source's)."""
     manifest = Manifest.read(out)
-    tables = [read_table(inside(out, shard.sidecar), columns=columns) for shard in manifest.shards(kind)]
+    tables = []
+    for shard in manifest.shards(kind):
+        path = inside(out, shard.sidecar)
+        wanted = columns
+        if columns is not None and any(c.startswith(META_PREFIX) for c in columns):
+            wanted = [c for c in columns if c in read_schema(path).names]
+        tables.append(read_table(path, columns=wanted))
     if not tables:
         return sidecar_schema(kind).empty_table() if columns is None else pa.table({c: [] for c in columns})
-    return pa.concat_tables(tables, promote_options="default")
+    # permissive: a carried JSON column may be int64 in one shard and float64 in the next
+    table = pa.concat_tables(tables, promote_options="permissive")
+    if columns is None:
+        return table
+    return pa.table({c: table[c] if c in table.column_names else pa.nulls(table.num_rows) for c in columns})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,14 +8,22 @@ The engine writes it as JSON (curate/engine/; a `--retry-failed` round amends it
     counts:  {partitions, inputs, kept, dropped}
     drops:   {"stage/reason": n}
     global:  {stage: {segment, state, summary, ...}}
-    retries: [{round, ...}] (after a retry round)
+    stages:  {stage: {order, pass, wall_s, cpu_s, rows_in, rows_out}} (outputs written since it exists)
+    retries: [{round, ..., stages}] (after a retry round)
+
+`stages` is each stage's time and rows in the run (curate/engine/timing.py): `order` its place in
+the recipe's stage list, `pass` "rows" (summed over the partitions' segment tasks: wall and CPU
+seconds inside the workers) or "global" (the pass timed from the driver, CPU of the workers
+meanwhile), `rows_in` the live rows that reached it, `rows_out` those it kept whole. A resumed
+run sums what each partition's committed task measured, whichever attempt ran it; a retry round
+records its own in its `retries` entry. Timings differ between runs of the same recipe.
 
 `Manifest.read(out)` reads it from a local folder or a URL (through curate/storage.py).
 `Manifest.from_dict` checks the structure a reader walks (objects and lists; a `ManifestError`
 names the key) and keeps leaf values as written, unconverted: `mm1 verify` is what checks them.
 `to_dict` gives back the dict it was read from (a key absent stays absent: the engine writes no
 nulls in these places; keys this type does not know are kept in `extra`). The stage-specific
-parts (`recipe`, `global`, `retries`) stay plain JSON. Train and tools reach this module through
+parts (`recipe`, `global`, `stages`, `retries`) stay plain JSON. Train and tools reach this module through
 curate/contract.py.
 """
 
@@ -149,12 +157,14 @@ class Manifest:
     recipe_hash: str | None = None
     input_fingerprint: str | None = None
     global_stages: dict[str, dict[str, Any]] | None = None  # JSON key "global": stage -> its pass's record
+    stages: dict[str, dict[str, Any]] | None = None  # stage -> its time and rows in the run
     retries: list[dict[str, Any]] | None = None  # one record per committed retry round
     extra: dict[str, Any] = field(default_factory=dict)
 
     HEAD: ClassVar[tuple[str, ...]] = ("format_version", "name", "code_version", "recipe", "recipe_hash",
                                        "input_fingerprint")
-    FIELDS: ClassVar[tuple[str, ...]] = (*HEAD, "kinds", "ledger", "counts", "drops", "global", "retries")
+    FIELDS: ClassVar[tuple[str, ...]] = (*HEAD, "kinds", "ledger", "counts", "drops", "global", "stages",
+                                         "retries")
 
     @classmethod
     def read(cls, out: Any) -> Manifest:
@@ -178,6 +188,7 @@ class Manifest:
             drops=dict(d["drops"]),
             **{k: d.get(k) for k in cls.HEAD},
             global_stages=d.get("global"),
+            stages=d.get("stages"),
             retries=d.get("retries"),
             extra={k: v for k, v in d.items() if k not in cls.FIELDS},
         )
@@ -188,6 +199,8 @@ class Manifest:
                    counts=dict(self.counts), drops=dict(self.drops))
         if self.global_stages is not None:
             out["global"] = self.global_stages
+        if self.stages is not None:
+            out["stages"] = self.stages
         if self.retries is not None:
             out["retries"] = self.retries
         return {**out, **self.extra}
@@ -223,7 +236,7 @@ def _structure_problem(d: Any) -> str | None:
         value = d.get(name)
         if not isinstance(value, Mapping) or not all(isinstance(v, int) for v in value.values()):
             return f"`{name}` must map names to integers"
-    for name in ("recipe", "global"):
+    for name in ("recipe", "global", "stages"):
         if d.get(name) is not None and not isinstance(d[name], Mapping):
             return f"`{name}` must be an object"
     if d.get("retries") is not None and not isinstance(d["retries"], list):

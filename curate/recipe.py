@@ -58,10 +58,17 @@ class ClusterConfig(_Strict):
     """Where to run. Execution only: not part of the recipe hash."""
 
     address: str | None = None  # a running scheduler, e.g. tcp://10.0.0.5:8786
+    connect_timeout_s: float = Field(10, gt=0)  # how long to try to reach `address` before giving up
     n_workers: int = Field(2, ge=1)
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = "4GiB"  # per worker, LocalCluster only
     dashboard: bool = True
+
+    @field_validator("memory_limit", mode="before")
+    @classmethod
+    def _byte_size(cls, v: Any) -> str:
+        parse_bytes(v)  # the message says what a byte size looks like
+        return str(v)
 
 
 class ExecutionConfig(_Strict):

@@ -1,7 +1,8 @@
 """`mm1`: one entry point, thin subcommands over library functions (which the tests call directly).
 
 Its flags are frozen by tests/tools/test_cli.py: add one only deliberately. Each subcommand imports
-its library when it runs (CLI start-up: `mm1 --help` stays under 0.5 s).
+its library when it runs (CLI start-up: `mm1 --help` stays under 0.5 s). The exit statuses of every
+command are tools/errors.py's (`EXIT_CODES`, printed by `mm1 --help`).
 """
 
 from __future__ import annotations
@@ -9,14 +10,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
+
+from tools.errors import (EXIT_CODES, EXIT_DAMAGED, EXIT_EMPTY, EXIT_INPUT, EXIT_INTERRUPTED, kept_nothing,
+                          missing_extra, retry_kept_nothing)
 
 
 def _curate(args: argparse.Namespace) -> int:
     # CLI start-up: each command loads its library when it runs (module docstring)
     from curate.contract import Manifest, location
     from curate.recipe import load_recipe
+    from curate.storage import is_url
     from curate.engine.retry import RetryError, retry_failed
     from curate.engine.driver import ResumeError, run_recipe
 
@@ -31,6 +38,11 @@ def _curate(args: argparse.Namespace) -> int:
     if args.workers:
         overrides["cluster.n_workers"] = args.workers
     recipe = load_recipe(args.recipe, overrides)
+    out = location(recipe.output.path)
+    if not is_url(out) and out.exists() and not out.is_dir():
+        print(f"mm1 curate: output.path {out.resolve()} is a file, not a folder: name a new folder "
+              "(or an earlier run's output) in the recipe or with --output", file=sys.stderr)
+        return EXIT_INPUT
     try:
         if args.retry_failed:
             manifest = Manifest.from_dict(retry_failed(recipe, progress=not args.no_progress))
@@ -40,7 +52,6 @@ def _curate(args: argparse.Namespace) -> int:
         print(f"mm1 curate: {exc}", file=sys.stderr)
         return 2
     c = manifest.counts
-    out = location(recipe.output.path)
     print(f"curated {c['inputs']} inputs: {c['kept']} kept, {c['dropped']} dropped -> {out}")
     for r in (manifest.retries or [])[-1:] if args.retry_failed else []:
         print(f"  retry round {r['round']}: {r['retried']} retried, {r['recovered']} recovered, "
@@ -51,6 +62,15 @@ def _curate(args: argparse.Namespace) -> int:
         print(f"  {kind}: {entry.count} samples in {len(entry.shards)} shards"
               + (f" ({withdrawn} withdrawn)" if withdrawn else ""))
     print(f"  manifest: {out / 'manifest.json'}\n  ledger:   {out / 'ledger'}")
+    # a retry round is judged on the rows it retried; a run on every input of the output
+    problems = (retry_kept_nothing(manifest.retries[-1]) if args.retry_failed and manifest.retries
+                else [] if args.retry_failed else kept_nothing(out, manifest.recipe or {}))
+    for problem in problems:
+        print(f"mm1 curate: {'warning: ' if args.allow_empty else ''}{problem}", file=sys.stderr)
+    if problems and not args.allow_empty:
+        print("mm1 curate: check the stage's settings and inputs (`mm1 stats` lists every drop reason); "
+              "--allow-empty accepts a run that keeps nothing", file=sys.stderr)
+        return EXIT_EMPTY
     return 0
 
 
@@ -70,7 +90,7 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"FAIL {err}")
     summary = ", ".join(f"{k}={v}" for k, v in report.checked.items())
     print(f"{'OK' if report.ok else 'FAILED'}: {args.out} ({summary})")
-    return 0 if report.ok else 1
+    return 0 if report.ok else EXIT_DAMAGED
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -90,7 +110,7 @@ def _train(args: argparse.Namespace) -> int:
     from train.trainer import Diverged, StartError, train
 
     try:
-        final = train(recipe, run_dir)
+        final = train(recipe, run_dir, overrides=overrides)
     except Diverged as exc:
         print(f"mm1 train: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -136,8 +156,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mm1", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(prog="mm1", description=__doc__.splitlines()[0], epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, the libraries' INFO lines, and tracebacks of exit-2 errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("curate", help="run a curation recipe (resumes unfinished work)")
@@ -150,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="override cluster.address: a running Dask scheduler")
     p.add_argument("--workers", type=int, help="override cluster.n_workers (LocalCluster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="a run that keeps nothing of a kind it had inputs for: warn and exit 0, not 5")
     p.set_defaults(func=_curate)
 
     p = sub.add_parser("stats", help="statistics of a curated output (sidecars + ledger only)")
@@ -189,23 +213,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RESUME = {
+    "curate": "run `mm1 curate RECIPE` again to resume where it stopped",
+    "train": "run the same command again to resume from the newest checkpoint",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status (`EXIT_CODES`): user-caused errors are one line on stderr."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,  # WARNING: open_clip's root-logger INFO lines
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    for ours in ("mm1", "curate", "train", "tools"):  # this project's INFO lines stay
+        logging.getLogger(ours).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     for noisy in ("distributed", "tornado", "bokeh"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose else logging.ERROR)
+        logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.ERROR)
+        if not args.verbose and "distributed" not in sys.modules:
+            # distributed sets these loggers' levels from dask's config when it is imported, in this
+            # process and in the worker processes it starts (which inherit the environment)
+            os.environ.setdefault(f"DASK_LOGGING__{noisy.upper()}", "error")
     # CLI start-up: after parsing, so `mm1 --help` and a usage error stay fast (pydantic, 0.1 s)
     from curate.recipe_io import RecipeError
 
     try:
         return args.func(args)
-    except (RecipeError, FileNotFoundError) as exc:
-        print(f"mm1 {args.command}: {exc}", file=sys.stderr)
-        return 2
+    except (RecipeError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        return _input_error(args, str(exc))
+    except ModuleNotFoundError as exc:
+        if (message := missing_extra(exc)) is None:
+            raise
+        return _input_error(args, message)
+    except KeyboardInterrupt:
+        print(f"\nmm1 {args.command}: interrupted; " + RESUME.get(args.command, "run the same command again"),
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _input_error(args: argparse.Namespace, message: str) -> int:
+    """A recipe, input or environment problem: its message (and with -v, its traceback)."""
+    if args.verbose:
+        traceback.print_exc()
+    print(f"mm1 {args.command}: {message}", file=sys.stderr)
+    return EXIT_INPUT
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ What it reads, so that it stays fast on large outputs:
 - `mm1 stats`' numbers (`tools.stats.compute_stats`: the manifest, sidecar columns and the
   ledger streamed in batches): every number the page shows that `mm1 stats` also prints is that
   number (the page marks them `data-stat="<path in the stats dict>"`);
-- a second pass over the ledger's small columns: drops per kind and stage (the funnel), a few
-  examples per drop code, duplicate group sizes (from the duplicate drops' details, which name
-  the kept id);
-- sidecar columns: scores (for their histograms), languages;
+- a second pass over the ledger's small columns: drops per kind and stage (the funnel: every
+  stage of the recipe that sees the kind, in order, 0 where it dropped nothing), a few examples
+  per drop code, duplicate group sizes (from the duplicate drops' details, which name the kept
+  id), and the scores of rows a score rule dropped (the ledger has no score columns: the
+  `<column>_low` details of `score_filter` and `score_top_fraction` lead with the row's score;
+  rows other stages dropped after scoring have no recorded score and are not in the histograms);
+- sidecar columns: the kept rows' scores (histograms of kept and dropped), languages;
 - tars only for the sampled samples, by the offsets their sidecar rows record: thumbnails are
   decoded (pixel cap on the header first) and re-encoded small, never embedded as they are.
 
@@ -36,8 +39,9 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from curate.contract import (
-    KINDS, Manifest, inside, is_url, iter_ledger, location, read_range, read_schema, read_table,
+    KINDS, META_PREFIX, Manifest, inside, is_url, iter_ledger, location, read_range, read_schema, read_table,
 )
+from curate.stages import STAGES
 from tools.report_html import Run, render
 from tools.stats import compute_stats
 
@@ -47,6 +51,7 @@ MAX_THUMB_PIXELS = 50_000_000
 EXAMPLES_PER_CODE = 5
 SCORE_BINS = 40
 _DUP_OF = re.compile(r"\b(?:as|of)\s+(\S+?)(?=[\s,;()]|$)")
+_SCORE_DETAIL = re.compile(r"([a-z][a-z0-9_]*) (-?(?:\d+\.?\d*(?:e[-+]?\d+)?|inf))\b")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,11 +63,49 @@ def _stage_order(manifest: Manifest) -> list[str]:
     return ["source", *stages, "pack"]
 
 
-def _ledger_pass(out: Path, stage_order: list[str]) -> tuple[dict, dict, dict]:
+def _stages_of(manifest: Manifest, kind: str) -> list[str]:
+    """The recipe's stages that see records of `kind`, in recipe order (a kind the registry does
+    not know: every stage)."""
+    out = []
+    for s in (manifest.recipe or {}).get("stages", []):
+        stage = STAGES.get(s["kind"])
+        if stage is None or kind in stage.kinds:
+            out.append(s.get("name") or s["kind"])
+    return out
+
+
+def funnel_rows(inputs: int, drops: Counter, stages: list[str], order: list[str]) -> list[dict[str, Any]]:
+    """What remains after each stage: every one of `stages` in order (0 where it dropped nothing),
+    `source` first and `pack` last when they dropped something, and any other stage that dropped
+    rows (an older recipe's) in `order`."""
+    names = [s for s in ("source", *stages, "pack") if s in stages or drops.get(s)]
+    rank = {s: i for i, s in enumerate(order)}
+    names += sorted((s for s in drops if s not in names), key=lambda s: (rank.get(s, len(rank)), s))
+    rows, remaining = [{"stage": "inputs", "dropped": 0, "remaining": inputs}], inputs
+    for stage in names:
+        remaining -= drops.get(stage, 0)
+        rows.append({"stage": stage, "dropped": drops.get(stage, 0), "remaining": remaining})
+    return rows
+
+
+def dropped_score(reason: str | None, detail: str | None) -> tuple[str, float] | None:
+    """(column, score) of a row a score rule dropped, read from its drop detail: `score_filter`
+    and `score_top_fraction` lead it with `<column> <score>` (drop code `<column>_low`)."""
+    if not reason or not reason.endswith("_low") or not detail:
+        return None
+    column = reason[: -len("_low")]
+    m = _SCORE_DETAIL.match(detail)
+    if not m or m.group(1) != column:
+        return None
+    return column, float(m.group(2))
+
+
+def _ledger_pass(out: Path, manifest: Manifest) -> tuple[dict, dict, dict, dict]:
     inputs: Counter = Counter()
     drops: dict[str, Counter] = defaultdict(Counter)
     examples: dict[str, list[dict[str, Any]]] = {}
     kept_of: dict[str, Counter] = defaultdict(Counter)  # stage -> kept id -> duplicates pointing at it
+    dropped_scores: dict[str, list[float]] = defaultdict(list)  # "kind/column" -> scores
     for batch in iter_ledger(out, columns=["id", "kind", "url", "outcome", "stage", "drop_reason", "drop_detail"]):
         t = pa.Table.from_batches([batch])
         inputs.update(t["kind"].to_pylist())
@@ -77,17 +120,13 @@ def _ledger_pass(out: Path, stage_order: list[str]) -> tuple[dict, dict, dict]:
                 m = _DUP_OF.search(r["drop_detail"])
                 if m:
                     kept_of[r["stage"]][m.group(1)] += 1
-    order = {s: i for i, s in enumerate(stage_order)}
-    funnel = {}
-    for kind in sorted(inputs):
-        remaining = inputs[kind]
-        rows = [{"stage": "inputs", "dropped": 0, "remaining": remaining}]
-        for stage in sorted(drops[kind], key=lambda s: (order.get(s, len(order)), s)):
-            remaining -= drops[kind][stage]
-            rows.append({"stage": stage, "dropped": drops[kind][stage], "remaining": remaining})
-        funnel[kind] = rows
+            score = dropped_score(r["drop_reason"], r["drop_detail"])
+            if score:
+                dropped_scores[f"{r['kind']}/{score[0]}"].append(score[1])
+    order = _stage_order(manifest)
+    funnel = {kind: funnel_rows(inputs[kind], drops[kind], _stages_of(manifest, kind), order) for kind in sorted(inputs)}
     groups = {stage: dict(sorted(Counter(n + 1 for n in ids.values()).items())) for stage, ids in sorted(kept_of.items())}
-    return funnel, examples, groups
+    return funnel, examples, groups, dropped_scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +157,8 @@ def _columns(out: Path, manifest: Manifest, kind: str) -> tuple[dict[str, list[n
     for shard in manifest.shards(kind):
         path = inside(out, shard.sidecar)
         schema = read_schema(path)
-        names = [f.name for f in schema if pa.types.is_floating(f.type)]
+        # a source's own float columns (meta_*) are not our scores
+        names = [f.name for f in schema if pa.types.is_floating(f.type) and not f.name.startswith(META_PREFIX)]
         wanted = names + (["language"] if "language" in schema.names else [])
         if not wanted:
             continue
@@ -133,20 +173,28 @@ def _columns(out: Path, manifest: Manifest, kind: str) -> tuple[dict[str, list[n
     return floats, langs
 
 
-def _score_histograms(floats: dict[str, list[np.ndarray]], cuts: dict[str, list]) -> dict[str, dict[str, Any]]:
+def score_histograms(floats: dict[str, list[np.ndarray]], dropped: dict[str, list[float]],
+                     cuts: dict[str, list]) -> dict[str, dict[str, Any]]:
+    """Per score column: kept and dropped counts over the same bins (the range of both and of the
+    cuts). Dropped scores are those the ledger records (see `dropped_score`)."""
     out = {}
-    for name, parts in sorted(floats.items()):
-        values = np.concatenate(parts) if parts else np.empty(0)
-        if not len(values):
+    for name in sorted(set(floats) | set(dropped)):
+        parts = floats.get(name, [])
+        kept = np.concatenate(parts) if parts else np.empty(0)
+        gone = np.asarray(dropped.get(name, []), dtype=np.float64)
+        gone = gone[np.isfinite(gone)]
+        both = np.concatenate([kept, gone])
+        if not len(both):
             continue
-        lo, hi = float(values.min()), float(values.max())
+        lo, hi = float(both.min()), float(both.max())
         for c in cuts.get(name, []):
             lo, hi = min(lo, c["value"]), max(hi, c["value"])
         if hi <= lo:
             hi = lo + 1e-6
-        counts, edges = np.histogram(values, bins=SCORE_BINS, range=(lo, hi))
-        out[name] = {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts], "n": int(len(values)),
-                     "thresholds": cuts.get(name, [])}
+        edges = np.histogram_bin_edges(both, bins=SCORE_BINS, range=(lo, hi))
+        out[name] = {"edges": [float(e) for e in edges], "counts": [int(c) for c in np.histogram(kept, bins=edges)[0]],
+                     "dropped": [int(c) for c in np.histogram(gone, bins=edges)[0]], "n": int(len(kept)),
+                     "n_dropped": int(len(gone)), "thresholds": cuts.get(name, [])}
     return out
 
 
@@ -275,14 +323,17 @@ def collect(out: str | Path, *, samples: int = 12, seed: int = 0, seq_len: int =
     manifest = Manifest.read(out)
     stats = compute_stats(out)
     order = _stage_order(manifest)
-    funnel, examples, groups = _ledger_pass(out, order)
+    # TODO(issue 22, item 2): per-stage wall and CPU seconds. The manifest records no stage timing
+    # yet (curate/engine is adding it); show it in the funnel's table once it does.
+    funnel, examples, groups, dropped_scores = _ledger_pass(out, manifest)
     cuts = _thresholds(manifest)
     scores, languages = {}, {}
     for kind in KINDS:
         if kind not in manifest.kinds:
             continue
         floats, langs = _columns(out, manifest, kind)
-        for name, h in _score_histograms(floats, cuts).items():
+        dropped = {key.split("/", 1)[1]: v for key, v in dropped_scores.items() if key.startswith(f"{kind}/")}
+        for name, h in score_histograms(floats, dropped, cuts).items():
             scores[f"{kind}/{name}"] = h
         if langs:
             languages[kind] = dict(langs.most_common())

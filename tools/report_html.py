@@ -11,8 +11,10 @@ With two runs, each column carries `data-run="0"` or `"1"`.
 
 from __future__ import annotations
 
+import difflib
 import html
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}.cards{display:flex
 .doc p{margin:4px 0}.doc .img{display:flex;gap:8px;align-items:flex-start}.doc .img img{max-width:120px}
 .muted{color:#778}.bad{color:#a33}details{margin:3px 0}summary{cursor:pointer}code{font-size:12px}
 .delta-up{color:#1a7f37}.delta-down{color:#a33}
+.recipe-diff .added{color:#1a7f37}.recipe-diff .removed{color:#a33}
 """
 
 
@@ -89,13 +92,25 @@ def stat(path: str, value: Any, text: str | None = None) -> str:
 # SVG charts
 
 
+LABEL_CHAR_PX = 6.2  # a generous width of one character of the 9.5-10 px labels (digits, sans-serif)
+
+
+def clip(label: str, px: float) -> str:
+    """`label` cut to fit `px` (with an ellipsis); the full text stays in the element's title."""
+    room = max(int(px / LABEL_CHAR_PX), 1)
+    return label if len(label) <= room else label[: max(room - 1, 1)] + "…"
+
+
 def bar_chart(labels: list[str], values: list[float], *, title: str, width: int = 420, height: int = 150,
               color: str = COLORS[0]) -> str:
-    """Vertical bars, one per label (a histogram's buckets, categories)."""
+    """Vertical bars, one per label (a histogram's buckets): a label under every `step`-th bar,
+    `step` chosen so that labels never overlap; each bar's tooltip names its bucket."""
     n = max(len(labels), 1)
     top = max(values or [0]) or 1
     pad_l, pad_b, pad_t = 34, 34, 8
     w = (width - pad_l - 6) / n
+    longest = max((len(label) for label in labels), default=1)
+    step = max(1, math.ceil((min(longest, 14) * LABEL_CHAR_PX + 6) / w))
     parts = [f'<svg class="chart" role="img" aria-label="{esc(title)}" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">']
     ih = height - pad_b - pad_t
@@ -106,20 +121,47 @@ def bar_chart(labels: list[str], values: list[float], *, title: str, width: int 
         x = pad_l + i * w
         parts.append(f'<rect x="{x + 1:.1f}" y="{pad_t + ih - h:.1f}" width="{max(w - 2, 1):.1f}" height="{h:.1f}" '
                      f'fill="{color}"><title>{esc(label)}: {fmt(v)}</title></rect>')
-        if w >= 46 or i in (0, n - 1):  # narrower bars: the first and last label only (tooltips have all)
-            parts.append(f'<text x="{x + w / 2:.1f}" y="{height - pad_b + 12}" font-size="9.5" text-anchor="middle" '
-                         f'fill="#445">{esc(label[:14])}</text>')
+        if i % step == 0:
+            parts.append(f'<text class="tick" x="{x + w / 2:.1f}" y="{height - pad_b + 12}" font-size="9.5" '
+                         f'text-anchor="middle" fill="#445"><title>{esc(label)}</title>'
+                         f'{esc(clip(label, step * w - 6))}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def hbar_chart(labels: list[str], values: list[float], *, title: str, width: int = 420, gutter: int = 130,
+               color: str = COLORS[0], value_text: Any = None) -> str:
+    """Horizontal bars, one row per category (stage names, languages): the label left of its bar,
+    cut to the gutter (the full name in its tooltip), the value at the bar's end."""
+    row, pad_t = 16, 4
+    height = pad_t * 2 + row * max(len(labels), 1)
+    top = max(values or [0]) or 1
+    iw = width - gutter - 60
+    show = value_text or fmt
+    parts = [f'<svg class="chart hbar" role="img" aria-label="{esc(title)}" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
+             f'<line x1="{gutter}" y1="{pad_t}" x2="{gutter}" y2="{height - pad_t}" stroke="#99a"/>']
+    for i, (label, v) in enumerate(zip(labels, values)):
+        y = pad_t + i * row
+        bw = iw * (v / top)
+        parts.append(f'<text class="tick" x="{gutter - 4}" y="{y + 12}" font-size="10" text-anchor="end" fill="#445">'
+                     f'<title>{esc(label)}</title>{esc(clip(label, gutter - 8))}</text>'
+                     f'<rect x="{gutter}" y="{y + 2}" width="{max(bw, 0.5):.1f}" height="{row - 4}" fill="{color}">'
+                     f'<title>{esc(label)}: {show(v)}</title></rect>'
+                     f'<text x="{gutter + bw + 4:.1f}" y="{y + 12}" font-size="10" fill="#556">{show(v)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
 
 def histogram_chart(edges: list[float], counts: list[int], *, title: str, thresholds: list[dict[str, Any]],
-                    width: int = 460, height: int = 170) -> str:
-    """A numeric histogram with the recipe's cuts drawn as vertical lines."""
+                    dropped: list[int] | None = None, width: int = 460, height: int = 170) -> str:
+    """A numeric histogram with the recipe's cuts drawn as vertical lines; `dropped` counts over
+    the same bins are stacked on the kept ones (class `dropped`)."""
     pad_l, pad_r, pad_b, pad_t = 34, 8, 30, 8
     lo, hi = edges[0], edges[-1]
     span = (hi - lo) or 1.0
-    top = max(counts or [0]) or 1
+    dropped = dropped or [0] * len(counts)
+    top = max((c + d for c, d in zip(counts, dropped)), default=0) or 1
     ih, iw = height - pad_b - pad_t, width - pad_l - pad_r
 
     def x(v: float) -> float:
@@ -129,12 +171,17 @@ def histogram_chart(edges: list[float], counts: list[int], *, title: str, thresh
              f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
              f'<line x1="{pad_l}" y1="{pad_t + ih}" x2="{width - pad_r}" y2="{pad_t + ih}" stroke="#99a"/>',
              f'<text x="{pad_l - 4}" y="{pad_t + 8}" font-size="10" text-anchor="end" fill="#556">{top:,}</text>']
-    for a, b, c in zip(edges, edges[1:], counts):
-        h = ih * c / top
-        parts.append(f'<rect x="{x(a):.1f}" y="{pad_t + ih - h:.1f}" width="{max(x(b) - x(a) - 0.5, 0.5):.1f}" '
-                     f'height="{h:.1f}" fill="{COLORS[0]}"><title>[{a:.4g}, {b:.4g}): {c:,}</title></rect>')
-    for v in (lo, (lo + hi) / 2, hi):
-        parts.append(f'<text x="{x(v):.1f}" y="{height - 12}" font-size="10" text-anchor="middle" fill="#445">{v:.3g}</text>')
+    for a, b, c, d in zip(edges, edges[1:], counts, dropped):
+        h, hd = ih * c / top, ih * d / top
+        bw = max(x(b) - x(a) - 0.5, 0.5)
+        parts.append(f'<rect class="kept" x="{x(a):.1f}" y="{pad_t + ih - h:.1f}" width="{bw:.1f}" '
+                     f'height="{h:.1f}" fill="{COLORS[0]}"><title>[{a:.4g}, {b:.4g}): {c:,} kept</title></rect>')
+        if d:
+            parts.append(f'<rect class="dropped" x="{x(a):.1f}" y="{pad_t + ih - h - hd:.1f}" width="{bw:.1f}" '
+                         f'height="{hd:.1f}" fill="{COLORS[1]}"><title>[{a:.4g}, {b:.4g}): {d:,} dropped</title></rect>')
+    for v, anchor in ((lo, "start"), ((lo + hi) / 2, "middle"), (hi, "end")):
+        parts.append(f'<text class="tick" x="{x(v):.1f}" y="{height - 12}" font-size="10" text-anchor="{anchor}" '
+                     f'fill="#445">{v:.3g}</text>')
     for t in thresholds:
         parts.append(f'<line class="threshold" x1="{x(t["value"]):.1f}" y1="{pad_t}" x2="{x(t["value"]):.1f}" '
                      f'y2="{pad_t + ih}" stroke="#c0392b" stroke-width="2" stroke-dasharray="4 2">'
@@ -181,8 +228,8 @@ def funnel(run: Run) -> str:
             table.append(f"<tr><td>{esc(r['stage'])}</td><td class=n>{fmt(r['dropped'])}</td>"
                          f"<td class=n>{fmt(r['remaining'])}</td></tr>")
         table.append("</table>")
-        out.append(figure(bar_chart([r["stage"] for r in rows], [r["remaining"] for r in rows],
-                                    title=f"{kind} remaining after each stage", width=360), "".join(table)))
+        out.append(figure(hbar_chart([r["stage"] for r in rows], [r["remaining"] for r in rows],
+                                     title=f"{kind} remaining after each stage", width=360), "".join(table)))
     out.append("</div><h3>Drop codes, ranked</h3><table><tr><th>stage / code</th><th class=n>count</th>"
                "<th class=n>share of dropped</th><th>examples</th></tr>")
     for i, d in enumerate(run.stats["drops"]["ranked"]):
@@ -239,16 +286,20 @@ def distributions(run: Run) -> str:
             if skind != kind:
                 continue
             cuts = "; ".join(esc(t["label"]) for t in h["thresholds"]) or "no cut on this score"
-            charts.append(figure(histogram_chart(h["edges"], h["counts"], title=f"{kind} {name}", thresholds=h["thresholds"]),
-                                 f"<b>{esc(name)}</b> n={fmt(h['n'])}, red: {cuts}"))
+            chart = histogram_chart(h["edges"], h["counts"], title=f"{kind} {name}", thresholds=h["thresholds"],
+                                    dropped=h["dropped"])
+            gone = (f', <span style="color:{COLORS[1]}">dropped</span> n={fmt(h["n_dropped"])}'
+                    if h["thresholds"] or h["n_dropped"] else "")  # no rule on the column: nothing it dropped
+            charts.append(figure(chart, f'<b>{esc(name)}</b> <span style="color:{COLORS[0]}">kept</span> '
+                                        f"n={fmt(h['n'])}{gone}, red: {cuts}"))
         if kind in run.languages:
             langs = list(run.languages[kind].items())[:12]
-            charts.append(figure(bar_chart([a for a, _ in langs], [b for _, b in langs], title=f"{kind} languages"),
+            charts.append(figure(hbar_chart([a for a, _ in langs], [b for _, b in langs], title=f"{kind} languages"),
                                  f"<b>languages</b> ({esc(kind)})"))
         recap = k.get("recaption")
         if recap:
             for col, counts in recap.items():
-                charts.append(figure(bar_chart(list(counts), list(counts.values()), title=f"{kind} {col}"),
+                charts.append(figure(hbar_chart(list(counts), list(counts.values()), title=f"{kind} {col}"),
                                      f"<b>{esc(col)}</b>"))
         out.append(f"<h3>{esc(kind)}</h3><div class=charts>{''.join(charts)}</div>")
     if run.dup_groups:
@@ -260,7 +311,10 @@ def distributions(run: Run) -> str:
 
 
 def mixture_section(run: Run) -> str:
+    """The mixture against its target weights: only for an output holding more than one kind."""
     rows = run.mixture
+    if sum(1 for r in rows if r["samples"]) < 2:
+        return ""
     out = ["<p>What one pass over this output gives the trainer's packer (text tokens from the sidecars, "
            "an end token per sample, image tokens per image; sequences at the packing bound), against "
            "the mixture weights. <i>passes</i>: passes over each kind while the scarcest kind, relative to "
@@ -275,8 +329,9 @@ def mixture_section(run: Run) -> str:
                    f"<td class=n>{r['passes']:.2f}</td></tr>")
     out.append("</table>")
     labels = [f"{r['kind']} natural" for r in rows] + [f"{r['kind']} target" for r in rows]
-    out.append(figure(bar_chart(labels, [r["natural_share"] for r in rows] + [r["weight"] for r in rows],
-                                title="mixture: natural share vs target", width=520), "sequence shares: natural vs target"))
+    out.append(figure(hbar_chart(labels, [r["natural_share"] for r in rows] + [r["weight"] for r in rows],
+                                 title="mixture: natural share vs target", width=520, value_text=pct),
+                      "sequence shares: natural vs target"))
     return "".join(out)
 
 
@@ -351,10 +406,67 @@ def changes(a: Run, b: Run) -> str:
     out.append("</table>")
     recipe_a, recipe_b = a.manifest.recipe or {}, b.manifest.recipe or {}
     if recipe_a != recipe_b:
-        diff = [f"<li><code>stages.{i}</code>: {esc(json.dumps(sa, sort_keys=True))} → {esc(json.dumps(sb, sort_keys=True))}</li>"
-                for i, (sa, sb) in enumerate(zip(recipe_a.get("stages", []), recipe_b.get("stages", []))) if sa != sb]
-        out.append(f"<details open><summary>recipe differences ({len(diff)} stages)</summary><ul>{''.join(diff)}</ul></details>")
+        diff = recipe_changes(recipe_a, recipe_b)
+        items = "".join(f'<li class="{esc(d["status"])}"><code>{esc(d["where"])}</code> {esc(d["what"])}</li>' for d in diff)
+        out.append(f"<details open><summary>recipe differences ({len(diff)})</summary>"
+                   f'<ul class="recipe-diff">{items}</ul></details>')
     return "".join(out)
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted paths to the leaves of a JSON value (list items by position)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else None
+    if items is None:
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for k, v in items:
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out or {prefix: value}
+
+
+def option_changes(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted option, value in a, value in b) for every option that differs (None: absent)."""
+    fa, fb = _flat(a), _flat(b)
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb), key=str) if fa.get(k) != fb.get(k)]
+
+
+def align_stages(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[tuple[str, dict | None, dict | None]]:
+    """The two lists of stages (or sources) matched by identity, kind and name, in order (the
+    longest common subsequence): ("same" | "changed", sa, sb) for a matched pair, ("removed", sa,
+    None) and ("added", None, sb) for the others. Inserting a stage leaves the later ones matched."""
+    ident = [[(s.get("kind"), s.get("name") or s.get("kind")) for s in side] for side in (a, b)]
+    out: list[tuple[str, dict | None, dict | None]] = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, *ident, autojunk=False).get_opcodes():
+        if op == "equal":
+            out += [("same" if a[i] == b[j] else "changed", a[i], b[j]) for i, j in zip(range(i1, i2), range(j1, j2))]
+            continue
+        out += [("removed", a[i], None) for i in range(i1, i2)]
+        out += [("added", None, b[j]) for j in range(j1, j2)]
+    return out
+
+
+def recipe_changes(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, str]]:
+    """What differs between two recipes, each entry {status, where, what}: stages and sources
+    aligned by kind and name (`align_stages`), a matched one's changed options listed; any other
+    setting by its dotted path."""
+    out = []
+    for part in ("sources", "stages"):
+        for status, sa, sb in align_stages(a.get(part) or [], b.get(part) or []):
+            if status == "same":
+                continue
+            s = sa if sb is None else sb
+            where = f"{part[:-1]} {s.get('name') or s.get('kind')}" + (f" ({s.get('kind')})" if s.get("name") else "")
+            if status == "changed":
+                what = "; ".join(f"{k}: {json.dumps(va)} → {json.dumps(vb)}" for k, va, vb in option_changes(sa, sb))
+            else:
+                what = f"{status}: " + json.dumps({k: v for k, v in s.items() if k != "kind" and v is not None},
+                                                  sort_keys=True)
+            out.append({"status": status, "where": where, "what": what})
+    rest_a = {k: v for k, v in a.items() if k not in ("sources", "stages")}
+    rest_b = {k: v for k, v in b.items() if k not in ("sources", "stages")}
+    for k, va, vb in option_changes(rest_a, rest_b):
+        out.append({"status": "changed", "where": k, "what": f"{json.dumps(va)} → {json.dumps(vb)}"})
+    return out
 
 
 def render(runs: list[Run]) -> str:
@@ -367,11 +479,15 @@ def render(runs: list[Run]) -> str:
         body.append(f'<section id="changes"><h2>What changed (A → B)</h2>{changes(*runs)}</section>')
         nav = '<a href="#changes">Changes</a>' + nav
     for sid, name, fn in SECTIONS:
+        parts = [fn(r) for r in runs]
+        if not any(parts):  # a section with nothing to show (the mixture of a one-kind output)
+            nav = nav.replace(f'<a href="#{sid}">{esc(name)}</a>', "")
+            continue
         if len(runs) == 1:
-            body.append(f'<section id="{sid}" data-run="0"><h2>{esc(name)}</h2>{fn(runs[0])}</section>')
+            body.append(f'<section id="{sid}" data-run="0"><h2>{esc(name)}</h2>{parts[0]}</section>')
         else:
-            cols = "".join(f'<div data-run="{i}"><h3>{"AB"[i]}: {esc(r.out.name)}</h3>{fn(r)}</div>'
-                           for i, r in enumerate(runs))
+            cols = "".join(f'<div data-run="{i}"><h3>{"AB"[i]}: {esc(r.out.name)}</h3>{part}</div>'
+                           for i, (r, part) in enumerate(zip(runs, parts)))
             body.append(f'<section id="{sid}"><h2>{esc(name)}</h2><div class="cols">{cols}</div></section>')
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
@@ -381,4 +497,4 @@ def render(runs: list[Run]) -> str:
             f"<nav>{nav}</nav><main>{''.join(body)}</main></body></html>\n")
 
 
-__all__ = ["Run", "render"]
+__all__ = ["Run", "align_stages", "recipe_changes", "render"]

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.contract import (
-    IMAGE_EXTENSIONS, KINDS, Manifest, ShardEntry, inside, iter_ledger, location, read_schema, read_table,
+    IMAGE_EXTENSIONS, KINDS, META_PREFIX, Manifest, ShardEntry, inside, iter_ledger, location, read_schema, read_table,
 )
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -152,7 +152,8 @@ def _kind_stats(out: Path, kind: str, shards: tuple[ShardEntry, ...],
         path = inside(out, shard.sidecar)
         gone = withdrawn.get(shard.name)
         schema = read_schema(path)
-        floats = [f.name for f in schema if pa.types.is_floating(f.type)]
+        # a source's own float columns (meta_*: a URL list's similarity, punsafe...) are not our scores
+        floats = [f.name for f in schema if pa.types.is_floating(f.type) and not f.name.startswith(META_PREFIX)]
         if "token_count" in schema.names:  # a recipe with a tokenizer: what the trainer will pack
             t = _read_sidecar(path, ["token_count", "tokenizer"], gone)
             add("token_count", t["token_count"])
@@ -318,8 +319,18 @@ def compute_stats(out: str | Path) -> dict[str, Any]:
             "tar_bytes": sum(k["tar_bytes"] for k in kinds.values()),
         },
         "kinds": kinds,
+        "stages": _stage_times(manifest.stages),
         **_ledger_stats(out),
     }
+
+
+def _stage_times(stages: dict[str, dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The manifest's per-stage seconds in recipe order, with rows/s (rows in over wall seconds);
+    none for an output written before the manifest recorded them."""
+    rows = [{"stage": name, **{k: t.get(k) for k in ("pass", "wall_s", "cpu_s", "rows_in", "rows_out")},
+             "rows_per_s": t["rows_in"] / t["wall_s"] if t.get("wall_s") else None}
+            for name, t in (stages or {}).items()]
+    return sorted(rows, key=lambda r: (stages or {})[r["stage"]].get("order", 0))
 
 
 def _num(v: Any) -> str:
@@ -361,6 +372,14 @@ def format_stats(stats: dict[str, Any]) -> str:
         detail = (d["example_detail"] or "")[:80]
         lines.append(f"  {d['count']:>10,} {_pct(d['share_of_dropped']):>7}  {d['stage']}/{d['reason']}"
                      f"  e.g. {d['example_id']}: {detail}")
+    if stats.get("stages"):
+        lines += ["", f"stage times  {'':<24} {'wall s':>10} {'CPU s':>10} {'rows in':>10} {'rows out':>10} "
+                      f"{'rows/s':>10}"]
+        for s in stats["stages"]:
+            rate = "-" if s["rows_per_s"] is None else f"{s['rows_per_s']:,.1f}"
+            lines.append(f"  {s['stage'] + (' (global)' if s['pass'] == 'global' else ''):<35} "
+                         f"{s['wall_s']:>10,.3f} {s['cpu_s']:>10,.3f} {s['rows_in']:>10,} {s['rows_out']:>10,} "
+                         f"{rate:>10}")
     lines += ["", "attempts"] + _dist_lines("attempts", stats["attempts"])
     for kind, k in stats["kinds"].items():
         lines += ["", f"{kind} samples"]

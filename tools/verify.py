@@ -10,7 +10,10 @@ What is checked (each failure is one error naming the file, the key and expected
   header offsets and sizes equal to the sidecar's `members`) and with the stock `webdataset` tar
   iterators on raw bytes, no decoding (samples per tar = manifest count = sidecar rows, each sample
   has the members its kind requires, KEY.json parses and names its key, member bytes read by
-  seek + read at the sidecar's offsets equal what webdataset returned);
+  seek + read at the sidecar's offsets equal what webdataset returned); the sidecar's copies of
+  the sample agree with its members: a text sidecar's `text` is KEY.txt, each carried
+  `meta_<name>` column holds KEY.json's `name` (unless `name` is one of ours, which KEY.json
+  gives priority);
 - keys unique within each kind across all its shards (shard numbers, hence keys, restart per kind:
   the same key may name a pair and a doc; the ledger tells them apart by shard);
 - ledger: no id twice, outcome in {kept, dropped}, dropped rows have a reason, every kept row names
@@ -53,9 +56,9 @@ from pandas.util import hash_array
 from webdataset import tariterators
 
 from curate.contract import (
-    IMAGE_EXTENSIONS, KIND_DIRS, KINDS, LEDGER_DIR, SIZES_JSON, TMP_SUFFIX, KindEntry, Manifest, ManifestError,
-    ShardEntry, is_safe_member, is_url, location, open_read, parquet_file, read_json, read_table, shard_stem,
-    sizes_json,
+    IMAGE_EXTENSIONS, KIND_DIRS, KINDS, LEDGER_DIR, META_PREFIX, RECORD_SCHEMAS, SIZES_JSON, TMP_SUFFIX, KindEntry,
+    Manifest, ManifestError, ShardEntry, is_safe_member, is_url, location, meta_value, open_read, parquet_file,
+    read_json, read_table, shard_stem, sizes_json,
 )
 
 _KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -288,6 +291,34 @@ def _sample_errors(kind: str, key: str, sample: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _copy_errors(kind: str, key: str, sample: dict[str, Any], idx: _Index, i: int) -> list[str]:
+    """Where sidecar row i's copies of the sample's content (`text`, `meta_<name>`) disagree with
+    its members (a member that is missing or does not parse is reported by `_sample_errors`)."""
+    copies = idx.copies
+    if not copies.num_columns:
+        return []
+    problems = []
+    row = copies.slice(i, 1).to_pylist()[0]
+    if kind == "text" and "text" in row and "txt" in sample:
+        if row["text"] != sample["txt"].decode("utf-8", "replace"):
+            problems.append(f"key {key}: `text` differs from {key}.txt")
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else None
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        return problems
+    ours = set(RECORD_SCHEMAS[kind].names) | idx.columns
+    for column in copies.column_names:
+        name = column.removeprefix(META_PREFIX)
+        if not column.startswith(META_PREFIX) or name in ours:
+            continue  # not carried, or KEY.json holds our column of that name
+        want = meta_value(meta.get(name), copies.schema.field(column).type)
+        if json.dumps(want) != json.dumps(row[column]):  # JSON: NaN equals NaN, 1 is not True
+            problems.append(f"key {key}: {column} is {row[column]!r}, {key}.json has {name!r}: {meta.get(name)!r}")
+    return problems
+
+
 def _wds_samples(path: Path, on_error: Any) -> Iterator[dict[str, Any]]:
     """Raw samples of one tar through webdataset's own tar iterators (no decoding)."""
     with open_read(path) as f:
@@ -309,10 +340,14 @@ class _Index:
     names: list[str]
     offsets: np.ndarray
     sizes: np.ndarray
+    copies: pa.Table  # the columns that copy a member's content: `text`, `meta_<name>`
+    columns: set[str]  # every column of the sidecar
 
     @classmethod
     def read(cls, path: Path) -> tuple["_Index", pa.Table]:
-        table = read_table(path, columns=["key", "kind", "members"])
+        names = parquet_file(path).schema_arrow.names
+        copied = [n for n in names if n == "text" or n.startswith(META_PREFIX)]
+        table = read_table(path, columns=["key", "kind", "members", *copied])
         keys = table["key"].to_pylist()
         members = table["members"].combine_chunks()
         flat = members.values
@@ -323,6 +358,8 @@ class _Index:
             names=[n or "" for n in flat.field("name").to_pylist()],
             offsets=pc.fill_null(flat.field("offset"), -1).to_numpy(),
             sizes=pc.fill_null(flat.field("size"), -1).to_numpy(),
+            copies=table.select(copied),
+            columns=set(names),
         ), table
 
     def members(self, i: int) -> range:
@@ -407,6 +444,8 @@ def _check_samples(
                 continue
             for problem in _sample_errors(kind, key, sample):
                 err.add("samples", f"{name}: {problem}")
+            for problem in _copy_errors(kind, key, sample, idx, i):
+                err.add("sidecar", f"{sidecar}: {problem}")
             names = [idx.names[j] for j in idx.members(i)]
             read = {f"{key}.{s}" for s in sample if not s.startswith("__")}
             if set(names) != read:

@@ -144,6 +144,9 @@ class ValidationSection(_Strict):
 class LogSection(_Strict):
     every: int = Field(10, ge=1)
     jsonl: str = "metrics.jsonl"  # in the run directory; other ranks write metrics.rank<R>.jsonl
+    # rank 0 also writes the metrics as TensorBoard scalars into run_dir/tensorboard when the
+    # tensorboard package is installed (the `tensorboard` extra); false: never
+    tensorboard: bool = True
 
     @field_validator("jsonl")
     @classmethod

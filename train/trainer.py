@@ -34,7 +34,14 @@ Metrics: every step a JSON line in `run_dir/<log.jsonl>` (rank 0; other ranks
 MoE auxiliary loss, the learning rate, grad norm, tokens/s, MFU and HFU (CUDA, train/flops.py's
 accounting: real tokens, the attention document masks let run) and the tower's share of the
 FLOPs, and peak memory; a log line every `log.every` steps; validation losses per kind every
-`validation.every` steps.
+`validation.every` steps. Rank 0 writes the same numbers as TensorBoard scalars into
+`run_dir/tensorboard` when the tensorboard package is installed (`log.tensorboard`).
+
+The run directory: `recipe.yaml` (the resolved recipe of the newest start and its overrides;
+an earlier start's different recipe kept as `recipe.until-step-<N>.yaml`), the metrics files,
+`tensorboard/`, and the `step-<N>` checkpoints. A start from step N (N = 0 without a checkpoint)
+first drops the metrics past N, so after a resume each file is one series with no step twice:
+the resumed run's steps replace the killed run's (TensorBoard: `purge_step`).
 
 Test hooks (environment, read once at start): MM1_INJECT_NAN_AT_STEP="rank:step" (or
 "rank:first-last") makes that rank's loss NaN at those steps; MM1_STOP_AFTER_STEP=N ends the process abruptly (os._exit) after
@@ -48,6 +55,7 @@ import logging
 import math
 import os
 import random
+import re
 import resource
 import time
 from dataclasses import dataclass, replace
@@ -59,6 +67,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor, Shard
@@ -534,27 +543,127 @@ def validate(model: nn.Module, recipe: TrainRecipe, d: Distributed, autocast: bo
     return {f"val/{k}": flat[2 * i] / flat[2 * i + 1] for i, k in enumerate(KINDS) if flat[2 * i + 1] > 0}
 
 
-class _Metrics:
-    """Per-step JSON lines (appended: a resumed run adds to the killed run's file)."""
+RECIPE_COPY = "recipe.yaml"  # the resolved recipe of the newest start, in the run directory
+TENSORBOARD_DIR = "tensorboard"  # rank 0's TensorBoard event files, in the run directory
 
-    def __init__(self, run_dir: Path, recipe: TrainRecipe, rank: int):
-        name = recipe.log.jsonl if rank == 0 else f"{Path(recipe.log.jsonl).stem}.rank{rank}.jsonl"
-        self.file = open(run_dir / name, "a")
+
+def write_recipe_copy(run_dir: Path, recipe: TrainRecipe, overrides: dict[str, Any] | None, step: int) -> Path:
+    """`run_dir/recipe.yaml`: `recipe` resolved (every default filled in; `mm1 train` reads it
+    as it is), under a header naming the step the run starts from and, as a one-line YAML
+    mapping after `# overrides: `, the overrides given. Every start rewrites it. A resume whose
+    resolved recipe differs from the one there first keeps the old file as
+    `recipe.until-step-<step>.yaml` (the recipe that trained the steps kept), unless that name is
+    taken: then the old file's steps past the resume point were discarded, and so is it."""
+    path = run_dir / RECIPE_COPY
+    body = recipe.model_dump(mode="json")
+    if step > 0 and path.exists() and yaml.safe_load(path.read_text()) != body:
+        kept = run_dir / f"recipe.until-step-{step:08d}.yaml"
+        if not kept.exists():
+            os.replace(path, kept)
+    start = f"resumed from step {step}" if step else "started from step 0"
+    plain = json.loads(json.dumps(overrides or {}, default=str))  # a Path given in code dumps as its text
+    given = yaml.safe_dump(plain, default_flow_style=True, sort_keys=False, width=10**9).strip()
+    header = f"# The resolved recipe (defaults filled in) of the run in this folder, {start}.\n# overrides: {given}\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(header + yaml.safe_dump(body, sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+def trim_metrics(path: Path, last_step: int) -> int:
+    """Drop the records of `path` (metrics JSON lines) past `last_step`, the step a run resumes
+    from, so that the steps the resumed run takes replace the ones a killed run logged after its
+    checkpoint instead of repeating them; a line a crash cut short goes too. Written to a
+    temporary file beside it, then renamed over it (a crash leaves the old or the new file).
+    Returns how many lines were dropped."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            keep = line.endswith("\n") and json.loads(line)["step"] <= last_step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return dropped
+
+
+def _scalars(record: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(tag, value) of every number in a metrics record but the step, nested dicts as `a/b`."""
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and key != "step":
+            yield f"{prefix}{key}", float(value)
+
+
+class _Metrics:
+    """Per-step JSON lines, appended to a file trimmed to the step the run starts from (each rank
+    its own; rank 0 also the files of ranks the world no longer has); on rank 0, the same numbers
+    as TensorBoard scalars (tag = the record's key, `data_skipped/<kind>/<reason>` for nested
+    ones), with `purge_step` dropping a killed run's events past the resume point."""
+
+    def __init__(self, run_dir: Path, recipe: TrainRecipe, d: Distributed, start_step: int):
+        stem = Path(recipe.log.jsonl).stem
+        path = run_dir / (recipe.log.jsonl if d.rank == 0 else f"{stem}.rank{d.rank}.jsonl")
+        mine = [path]
+        if d.rank == 0:  # the files of ranks the world no longer has: no other rank opens them
+            for p in run_dir.glob(f"{stem}.rank*.jsonl"):
+                other = re.fullmatch(rf"{re.escape(stem)}\.rank(\d+)\.jsonl", p.name)
+                if other and int(other[1]) >= d.world:
+                    mine.append(p)
+        for p in mine:
+            if n := trim_metrics(p, start_step):
+                log.info("%s: %d record(s) past step %d dropped: the run goes on from there", p, n, start_step)
+        self.file = open(path, "a")
+        self.tensorboard = tensorboard_writer(run_dir, recipe, start_step) if d.rank == 0 else None
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.tensorboard is not None:
+            for tag, value in _scalars(record):
+                self.tensorboard.add_scalar(tag, value, record["step"])
 
     def close(self) -> None:
         self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()  # flushes
 
 
-def train(recipe: TrainRecipe, run_dir: str | Path, *, resume: bool = True) -> dict[str, Any]:
+def tensorboard_writer(run_dir: Path, recipe: TrainRecipe, start_step: int):
+    """A SummaryWriter on run_dir/tensorboard, or None (log.tensorboard false, or the package
+    missing: one log line saying how to get it)."""
+    if not recipe.log.tensorboard:
+        return None
+    try:
+        # optional (the `tensorboard` extra); torch's writer imports the package itself
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("no TensorBoard logging: the tensorboard package is not installed "
+                 "(pip install 'mm1-pipeline[tensorboard]'; log.tensorboard: false silences this)")
+        return None
+    # purge_step: events of steps after the resume point, left by a killed run, are dropped by
+    # TensorBoard's reader, as the resumed run rewrites those steps
+    return SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
+
+
+def train(recipe: TrainRecipe, run_dir: str | Path, *, resume: bool = True,
+          overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run `recipe` to `recipe.steps`, checkpointing into `run_dir` (resuming from its newest
-    checkpoint when `resume`). Returns the final metrics: step, loss (the step's target-weighted
-    loss over every rank), losses per step of this invocation, skipped steps, last validation
-    losses. Raises `Diverged` after `max_bad_steps` consecutive non-finite steps, ValueError
-    when the mesh does not fit the world or the initial weights do not fit the model."""
+    checkpoint when `resume`); rank 0 first writes `run_dir/recipe.yaml` (`write_recipe_copy`:
+    the resolved recipe and the `overrides` it was loaded with, for the record). Returns the final
+    metrics: step, loss (the step's target-weighted loss over every rank), losses per step of this
+    invocation, skipped steps, last validation losses. Raises `Diverged` after `max_bad_steps`
+    consecutive non-finite steps, StartError when the mesh does not fit the world or the initial
+    weights do not fit the model."""
     d = init_distributed()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -598,6 +707,7 @@ def train(recipe: TrainRecipe, run_dir: str | Path, *, resume: bool = True) -> d
             log.info("%s: %s, %.1fM parameters (%.1fM active), peak lr %.3g, %d steps, world %d on %s, mesh dp_replicate=%d "
                      "dp_shard=%d ep=%d", recipe.name, recipe.model.name, n_params / 1e6, n_active / 1e6, peak, recipe.steps,
                      d.world, d.device, dims.dp_replicate, dims.dp_shard, dims.ep)
+            write_recipe_copy(run_dir, recipe, overrides, step)
 
         return _loop(recipe, run_dir, d, dims, model, optimizer, scheduler, step, skipped, losses, loader_state,
                      autocast, nan_at, stop_after)
@@ -638,7 +748,7 @@ def _loop(recipe, run_dir, d, dims, model, optimizer, scheduler, step, skipped, 
           nan_at, stop_after) -> dict[str, Any]:
     accum = recipe.data.grad_accum
     throughput = _Throughput(model, recipe, d.device)
-    metrics = _Metrics(run_dir, recipe, d.rank)
+    metrics = _Metrics(run_dir, recipe, d, step)
     consecutive, val = 0, {}
     description = describe(model)  # in every checkpoint, so `mm1 export` needs only the folder
     loader = _loader(recipe, model, recipe.data.outs, d, steps=recipe.steps * accum, repeat=True, state=loader_state)

@@ -1,11 +1,13 @@
 """The Dask cluster a run executes on, and how its per-partition tasks reach it.
 
-`Cluster(recipe)` is a client on the recipe's scheduler (`cluster.address`), or on a LocalCluster
+`Cluster(recipe)` is a client on the recipe's scheduler (`cluster.address`; a RecipeError when it
+does not answer within `cluster.connect_timeout_s`), or on a LocalCluster
 it starts (processes, bound to 127.0.0.1, `WORKER_CONFIG` in its workers); a context manager, so
 what it started is closed however the run ends. `run_tasks` submits one future per call with the
 resources the stages declare (client.submit: resource annotations on dataframe graphs are dropped
-by dask's graph optimisation) and returns the results in call order. `check_resources` fails
-before any task is submitted when no worker advertises what a segment needs.
+by dask's graph optimisation) and returns the results in call order, showing one live line per
+step on stderr (`Step`, `StepLine`). `check_resources` fails before any task is submitted when no
+worker advertises what a segment needs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import dask
@@ -21,9 +24,10 @@ from dask.distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
 from curate.engine.steps import Job
-from curate.recipe import Recipe
+from curate.recipe import Recipe, RecipeError
 
-__all__ = ["WORKER_CONFIG", "Cluster", "check_resources", "connect", "run_tasks", "segment_resources"]
+__all__ = ["WORKER_CONFIG", "Cluster", "Step", "StepLine", "check_resources", "connect", "run_tasks",
+           "segment_resources"]
 
 log = logging.getLogger("mm1.curate")
 
@@ -52,7 +56,12 @@ class Cluster:
         cfg = recipe.cluster
         self.cluster: LocalCluster | None = None
         if cfg.address:
-            self.client = Client(cfg.address, timeout="30s")
+            try:
+                self.client = Client(cfg.address, timeout=f"{cfg.connect_timeout_s}s")
+            except OSError as exc:  # distributed's connect timeout and refusals are OSErrors
+                raise RecipeError(f"cannot reach the Dask scheduler at {cfg.address} (no answer in "
+                                  f"{cfg.connect_timeout_s:g} s): start it with `dask scheduler` "
+                                  "or drop cluster.address") from exc
         else:
             # The nannies copy the config when they start: these settings reach our workers only.
             with dask.config.set(WORKER_CONFIG):
@@ -119,28 +128,72 @@ def segment_resources(job: Job, seg: int) -> dict[str, float]:
     return needed
 
 
-def run_tasks(client: Client, fn: Callable[..., dict[str, Any]], calls: list[tuple], desc: str, progress: bool,
-              resources: dict[str, float] | None = None, retries: int = 0) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Step:
+    """What a step's progress line shows: `label` (the step and the stages it runs), and how a
+    finished task counts: `tally(call, result)` -> (samples, kept, dropped) of its partition
+    (None: the line counts partitions only); `total`: the step's samples when known."""
+
+    label: str
+    tally: Callable[[tuple, dict[str, Any]], tuple[int, int, int]] | None = None
+    total: int | None = None
+
+
+class StepLine:
+    """One live line on stderr for a step (tqdm): samples done/total and samples/s, then
+    partitions done/total, kept and dropped so far (a step without a tally: partitions done/total
+    and partitions/s). `quiet` shows nothing."""
+
+    def __init__(self, step: Step, partitions: int, quiet: bool):
+        self.partitions, self.done, self.kept, self.dropped = partitions, 0, 0, 0
+        self.samples = step.tally is not None
+        self.bar = tqdm(total=step.total if self.samples else partitions, desc=step.label,
+                        unit=" samples" if self.samples else " partitions", disable=quiet, file=sys.stderr,
+                        postfix=self.postfix())
+
+    def postfix(self) -> str | None:
+        return f"{self.done}/{self.partitions} partitions, kept {self.kept:,}, dropped {self.dropped:,}" \
+            if self.samples else None
+
+    def add(self, samples: int, kept: int, dropped: int, partitions: int = 1) -> None:
+        """Tasks finished: their partitions' samples, kept and dropped."""
+        self.done += partitions
+        self.kept += kept
+        self.dropped += dropped
+        if self.samples:
+            self.bar.set_postfix_str(self.postfix(), refresh=False)
+        self.bar.update(samples if self.samples else partitions)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_tasks(client: Client, fn: Callable[..., dict[str, Any]], calls: list[tuple], step: Step | str,
+              progress: bool, resources: dict[str, float] | None = None, retries: int = 0) -> list[dict[str, Any]]:
     """Submit `fn(*args)` for each call as futures, wait for all, return the results in order.
 
     Each call's first argument is the `Job` and the next two name the task (partition, ...): the
     task key is unique per step, round, partition and recipe. The futures are released on
     return, so a worker that dies later does not make the scheduler recompute finished tasks.
-    A task's exception is a bug in a stage: it stops the run."""
+    A task's exception is a bug in a stage: it stops the run. `step` is what the progress line
+    shows (a plain label: partitions only), updated as each task finishes."""
+    if isinstance(step, str):
+        step = Step(step)
     futures = [
         client.submit(fn, *args, key=f"{fn.__name__}-r{args[0].round}-{'-'.join(map(str, args[1:3]))}-{args[0].recipe_hash}",
                       resources=resources or None, retries=retries, pure=False)
         for args in calls
     ]
+    call_of = {f.key: args for f, args in zip(futures, calls)}
     results: dict[Any, dict[str, Any]] = {}
-    bar = tqdm(total=len(futures), desc=desc, unit="part", disable=not progress, file=sys.stderr)
+    line = StepLine(step, len(futures), quiet=not progress)
     try:
         for fut in as_completed(futures):
             results[fut.key] = fut.result()
-            bar.update(1)
+            line.add(*step.tally(call_of[fut.key], results[fut.key]) if step.tally else (1, 0, 0))
         return [results[f.key] for f in futures]
     except BaseException:
         client.cancel(futures)
         raise
     finally:
-        bar.close()
+        line.close()

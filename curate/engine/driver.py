@@ -29,10 +29,13 @@ import pandas as pd
 import pyarrow as pa
 
 from curate.engine.commit import ObjectStorage, storage_for
-from curate.storage import dask_url, fs_path, is_url, location, parquet_file, parquet_files, read_schema, relative
+from curate.storage import (
+    dask_url, fs_path, is_url, location, parquet_file, parquet_files, read_schema, read_table, relative,
+)
 from curate.contract import KIND_DIRS, LEDGER_DIR, MANIFEST, inside
-from curate.engine.cluster import check_resources, connect, run_tasks, segment_resources
+from curate.engine.cluster import Step, StepLine, check_resources, connect, run_tasks, segment_resources
 from curate.engine.manifest import write_manifest
+from curate.engine.timing import GlobalPassClock
 from curate.recipe import Recipe
 from curate.sources.base import build_source
 from curate.stages.base import GlobalStage, build_stage
@@ -167,9 +170,11 @@ def run_global(job: Job, seg: int) -> dict[str, Any]:
         return done
     files = job.seg_files(seg, [p for p, k in enumerate(job.kinds) if k in stage.kinds])
     dropped, decisions, inputs = 0, job.decisions_dir(seg), job.global_input_dir(seg)
-    if files:
-        dropped, decisions, inputs = decide_global(
-            stage, read_live(files, stage.columns), decisions, inputs, live_schema(files[0], stage.columns))
+    with GlobalPassClock() as clock:
+        if files:
+            dropped, decisions, inputs = decide_global(
+                stage, read_live(files, stage.columns), decisions, inputs, live_schema(files[0], stage.columns))
+    rows_in = _count_rows(inputs) if files else 0
     marker = {
         "step": f"global{seg}",
         "stage": stage.name,
@@ -180,6 +185,10 @@ def run_global(job: Job, seg: int) -> dict[str, Any]:
         # dedup), documents it removed segments from
         "dropped": dropped,
         "decides_on": "segments" if _removes_segments(decisions) else "rows",
+        # the pass's time (curate.engine.timing) and the rows that reached it and that it kept
+        # whole (a stage removing segments keeps the rows it only takes segments from)
+        "wall_s": clock.wall_s, "cpu_s": clock.cpu_s, "rows_in": rows_in,
+        "rows_out": rows_in - _rows_removed(decisions),
         **({"summary": stage.summary()} if stage.summary() else {}),
         # where its decisions and inputs live, relative to the output: the next segment and a
         # retry round read them
@@ -192,6 +201,15 @@ def run_global(job: Job, seg: int) -> dict[str, Any]:
 def _removes_segments(decisions: Path) -> bool:
     files = parquet_files(decisions)
     return bool(files) and SEGMENTS_COLUMN in read_schema(files[0]).names
+
+
+def _rows_removed(decisions: Path) -> int:
+    """The rows a global stage's decisions drop whole (not those it removes segments from)."""
+    if not _removes_segments(decisions):
+        return _count_rows(decisions)
+    # file by file: a folder read skips the `_partition=<p>` folders (a leading underscore)
+    return sum(1 for f in parquet_files(decisions)
+               for s in read_table(f, columns=[SEGMENTS_COLUMN]).column(0).to_pylist() if not s)
 
 
 def global_state(job: Job, decisions: Path, inputs: Path) -> dict[str, str]:
@@ -242,31 +260,70 @@ def remove_unnamed(job: Job, manifest: dict[str, Any]) -> None:
     storage.remove_unnamed(job.round_dir, named)
 
 
+def _seg_tally(call: tuple, result: dict[str, Any]) -> tuple[int, int, int]:
+    """A segment task's partition: its rows, those still kept, those dropped by now."""
+    dropped = sum(result["dropped"].values())
+    return result["rows"], result["rows"] - dropped, dropped
+
+
+def _stage_names(configs: Any) -> str:
+    return " > ".join(build_stage(cfg).name for cfg in configs) or "copy"
+
+
 def run_segments(client: Any, job: Job, parts: list[int], progress: bool,
                  global_pass: Callable[[Job, int], dict[str, Any] | None]) -> list[dict[str, Any]]:
     """Every segment's row stages over partitions `parts`, each segment followed by its global
     stage through `global_pass(job, seg)` (None: the stage is not run in this round). Returns
-    the global passes' markers, in segment order."""
+    the global passes' markers, in segment order. Each step shows its line (`Step`): samples
+    done (of the first segment's rows, once known), kept and dropped so far."""
     retries = job.recipe.execution.task_retries
     label = "retry " if job.round else ""
     globals_: list[dict[str, Any]] = []
+    total: int | None = None
     for seg, segment in enumerate(job.segments):
         resources = segment_resources(job, seg)
         check_resources(client, resources)
-        run_tasks(client, run_segment, [(job, seg, p) for p in parts], f"{label}segment {seg}", progress,
-                  resources, retries)
-        if segment.global_stage is not None:
+        step = Step(f"{label}segment {seg}: {_stage_names(segment.row_stages)}", _seg_tally, total)
+        results = run_tasks(client, run_segment, [(job, seg, p) for p in parts], step, progress, resources, retries)
+        total = sum(r["rows"] for r in results)
+        if segment.global_stage is None:
+            continue
+        kept = sum(_seg_tally((), r)[1] for r in results)
+        line = StepLine(Step(f"{label}global {seg}: {_stage_names([segment.global_stage])}", _seg_tally, total),
+                        len(parts), quiet=not progress)
+        try:
             marker = global_pass(job, seg)
             if marker is not None:
                 globals_.append(marker)
+                kept -= marker["rows_in"] - marker["rows_out"] if "rows_in" in marker else marker["dropped"]
+            line.add(total, kept, total - kept, len(parts))
+        finally:
+            line.close()
     return globals_
+
+
+def segment_rows(job: Job, parts: list[int]) -> dict[int, int]:
+    """Partition -> its rows (kept and dropped), as its last segment's marker counts them."""
+    markers = job.storage.read_markers([job.marker(f"seg{len(job.segments) - 1}", p) for p in parts])
+    return {p: m["rows"] for p, m in zip(parts, markers)}
 
 
 def run_plans(client: Any, job: Job, parts: list[int], progress: bool) -> dict[int, list[int]]:
     """The shard cut of each partition in `parts`: partition -> samples per shard."""
-    plans = run_tasks(client, run_plan, [(job, p) for p in parts], "retry plan" if job.round else "plan",
-                      progress, retries=job.recipe.execution.task_retries)
+    rows = segment_rows(job, parts)
+
+    def tally(call: tuple, result: dict[str, Any]) -> tuple[int, int, int]:
+        kept = sum(result["shard_counts"])
+        return rows[call[1]], kept, rows[call[1]] - kept
+
+    step = Step("retry plan" if job.round else "plan", tally, sum(rows.values()))
+    plans = run_tasks(client, run_plan, [(job, p) for p in parts], step, progress,
+                      retries=job.recipe.execution.task_retries)
     return {p: plan["shard_counts"] for p, plan in zip(parts, plans)}
+
+
+def _pack_tally(call: tuple, result: dict[str, Any]) -> tuple[int, int, int]:
+    return result["inputs"], result["kept"], result["dropped"]
 
 
 def _execute(job: Job, client: Any, progress: bool) -> dict[str, Any]:
@@ -285,6 +342,7 @@ def _execute(job: Job, client: Any, progress: bool) -> dict[str, Any]:
     globals_ = run_segments(client, job, parts, progress, run_global)
     counts = run_plans(client, job, parts, progress)
     first = number_shards(job, counts)
-    packs = run_tasks(client, run_pack, [(job, p, first[p], counts[p]) for p in parts], "pack", progress,
+    step = Step("pack", _pack_tally, sum(segment_rows(job, parts).values()))
+    packs = run_tasks(client, run_pack, [(job, p, first[p], counts[p]) for p in parts], step, progress,
                       retries=job.recipe.execution.task_retries)
     return write_manifest(job, packs, globals_)

@@ -5,7 +5,9 @@ global stages' markers and writes it last (with the pairs' `sizes.json` beside t
 The run builds it from nothing; a retry round passes the committed manifest as `earlier` and
 the same code amends it: the round's shards added, its withdrawn samples listed, the ledger files
 of the partitions it rewrote replaced, its count deltas added, its global stages' entries
-replaced, and one `retries` entry appended. What the round did not touch stays as it was. The
+replaced, and one `retries` entry appended (with the round's own `stages`). What the round did
+not touch stays as it was. `stages` (each stage's seconds and rows: `stage_times`) is summed from
+the segment tasks' done markers and the global passes' markers. The
 keys are the shard contract's (`curate.contract` reads them; train and tools read them there).
 """
 
@@ -20,13 +22,16 @@ from typing import Any
 
 from curate.contract import FORMAT_VERSION, KIND_DIRS, MANIFEST, SIZES_JSON, sizes_json
 from curate.engine.steps import Job
+from curate.stages.base import build_stage
 
-__all__ = ["LEDGER_NAME", "code_version", "ledger_by_partition", "write_manifest"]
+__all__ = ["LEDGER_NAME", "TIMES", "code_version", "ledger_by_partition", "stage_times", "write_manifest"]
 
+# what the manifest's `stages` records of each stage (module docstring)
+TIMES = ("wall_s", "cpu_s", "rows_in", "rows_out")
 # a ledger file the manifest names: ledger/<partition>.parquet, or .r<round>.parquet from a retry
 LEDGER_NAME = re.compile(r"^ledger/(\d{5})(?:\.r(\d+))?\.parquet$")
-# what a global stage's marker holds that its manifest entry does not
-MARKER_ONLY = ("recipe_hash", "fingerprint", "step", "changed")
+# what a global stage's marker holds that its manifest entry does not (its time goes to `stages`)
+MARKER_ONLY = ("recipe_hash", "fingerprint", "step", "changed", *TIMES)
 # what each retry round's pack markers count, summed in the round's `retries` entry
 RETRY_COUNTS = ("retried", "recovered", "failed_again", "dropped", "changed")
 
@@ -70,6 +75,30 @@ def pack_delta(pack: dict[str, Any]) -> Counter[str]:
     return delta
 
 
+def stage_times(job: Job, globals_: list[dict[str, Any]], every_stage: bool) -> dict[str, dict[str, Any]]:
+    """The `stages` entry of `job`'s round: each row stage's times and rows summed over the
+    segment markers its partitions committed in this round, each global stage's from its pass's
+    marker in `globals_`. `every_stage`: list the stages no partition ran too (at zero)."""
+    out: dict[str, dict[str, Any]] = {}
+    passes = {g["stage"]: g for g in globals_ if "wall_s" in g}
+    order = 0
+    for seg, segment in enumerate(job.segments):
+        markers = [m for m in job.storage.read_markers(
+            [job.marker(f"seg{seg}", p) for p in range(len(job.partitions))]) if m]
+        configs = [(cfg, "rows") for cfg in segment.row_stages]
+        if segment.global_stage is not None:
+            configs.append((segment.global_stage, "global"))
+        for cfg, kind in configs:
+            name = build_stage(cfg).name
+            measured = [passes[name]] if name in passes else [m["stages"][name] for m in markers
+                                                              if name in m.get("stages", {})]
+            if measured or every_stage:
+                out[name] = {"order": order, "pass": kind, **{k: sum(t[k] for t in measured) for k in TIMES}}
+                out[name].update({k: round(out[name][k], 6) for k in ("wall_s", "cpu_s")})
+            order += 1
+    return out
+
+
 def write_manifest(job: Job, packs: list[dict[str, Any]], globals_: list[dict[str, Any]],
                    earlier: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build the manifest of `job`'s round from its pack markers (one per partition it packed)
@@ -89,6 +118,7 @@ def write_manifest(job: Job, packs: list[dict[str, Any]], globals_: list[dict[st
             "counts": {"partitions": len(job.partitions), "inputs": 0, "kept": 0, "dropped": 0},
             "drops": {},  # "stage/reason" -> count
             "global": {},
+            "stages": stage_times(job, globals_, every_stage=True),
         }
     else:
         m = dict(earlier)
@@ -138,4 +168,5 @@ def _retry_entry(job: Job, packs: list[dict[str, Any]], globals_: list[dict[str,
         "new_shards": dict(sorted((k, v) for k, v in new_shards.items() if v)),
         "partitions": sorted(pk["partition"] for pk in packs),
         "global": {g["stage"]: {"dropped": g["dropped"], "changed": g["changed"]} for g in globals_},
+        "stages": stage_times(job, globals_, every_stage=False),
     }

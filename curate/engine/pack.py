@@ -34,7 +34,7 @@ from curate.contract import (
     shard_stem,
     sidecar_path,
     sidecar_row,
-    sidecar_schema,
+    sidecar_table,
     tar_path,
 )
 from curate.documents import segment_counts
@@ -129,7 +129,8 @@ class ShardWriter:
 
     `write(row)` assigns the next key, writes the members and returns the key. `close()`
     publishes both files and returns the shard's manifest entry. With `tokens`, each sidecar
-    row gets the sample's `token_count` and the tokenizer's id.
+    row gets the sample's `token_count` and the tokenizer's id. The sidecar's schema is known at
+    `close()`: its carried `meta_` columns are typed over the shard's rows (`sidecar_table`).
     """
 
     def __init__(self, storage: Storage, out: str | Path, kind: str, shard: int, record_schema: pa.Schema,
@@ -145,7 +146,7 @@ class ShardWriter:
         self._file = storage.open_write(self.tmp_tar)
         self._hash = _HashingWriter(self._file)
         self._tar = tarfile.open(fileobj=self._hash, mode="w", format=tarfile.USTAR_FORMAT)
-        self._schema = sidecar_schema(kind, record_schema)
+        self._record = record_schema
         self._rows: list[dict[str, Any]] = []
         self.count = 0
         self.tokens = tokens
@@ -170,7 +171,7 @@ class ShardWriter:
         self._file.close()
         tar_bytes = self._hash.position
         tar_sha = self._hash.sha256.hexdigest()
-        table = pa.Table.from_pylist(self._rows, schema=self._schema)
+        table = sidecar_table(self.kind, self._record, self._rows)
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
         sidecar = buffer.getvalue()

@@ -45,6 +45,7 @@ from curate.contract import (
     record_schema,
     unpackable,
 )
+from curate.engine.timing import StageTimes
 from curate.engine.pack import LedgerRows, ShardWriter, ledger_row, plan_shards, row_footprint, shard_label
 from curate.recipe import Recipe
 from curate.tokens import TokenCounter
@@ -327,7 +328,8 @@ def _segment_input(job: Job, seg: int, p: int) -> Iterator[pa.Table]:
 
 
 def run_segment(job: Job, seg: int, p: int) -> dict[str, Any]:
-    """Per-partition task: read, run the segment's row stages, commit the intermediate."""
+    """Per-partition task: read, run the segment's row stages, commit the intermediate. The
+    marker counts its rows and the drops so far, and each stage's time (`stages`: StageTimes)."""
     done = finished(job, f"seg{seg}", p)
     if done is not None:
         return done
@@ -340,10 +342,11 @@ def run_segment(job: Job, seg: int, p: int) -> dict[str, Any]:
     tmp = storage.attempt_path(final)
     rows = 0
     drops: Counter[str] = Counter()
+    times = StageTimes()
     with storage.open_write(tmp) as fh, pq.ParquetWriter(fh, schema, compression="zstd") as writer:
         for table in _segment_input(job, seg, p):
             for stage in stages:
-                table = stage.process(table)
+                table = times.run(stage.name, stage.process, table)
             table = table.append_column(PARTITION_COLUMN, pa.array([p] * table.num_rows, pa.int32())) \
                 if PARTITION_COLUMN not in table.column_names else table
             table = _clear_dropped_payload(conform(table, schema))
@@ -356,7 +359,7 @@ def run_segment(job: Job, seg: int, p: int) -> dict[str, Any]:
                     drops[f"{stage_name}/{reason}"] += 1
     data = storage.publish(tmp, final)
     return commit(job, f"seg{seg}", p, rows=rows, dropped=dict(sorted(drops.items())),
-                  data=relative(data, job.out))
+                  data=relative(data, job.out), stages=times.totals)
 
 
 def final_rows(job: Job, p: int, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from curate.recipe_io import RecipeError
 from curate.storage import is_url, location
 from curate.sources.base import Partition, Source, fingerprint
 from curate.sources.remote import file_facts, input_labels, remote_matches
@@ -92,7 +93,8 @@ def _check_header(source: str, records: RecordFile, label: str, columns: Sequenc
         return  # empty, or a malformed first row: the records speak for themselves
     missing = [c for c in columns if c not in first[1]]
     if missing:
-        raise ValueError(f"source {source!r}: {label} has no column {missing[0]!r} (its columns: {sorted(first[1])})")
+        raise RecipeError(f"source {source!r}: {records.path} has no column {missing[0]!r} (its columns: "
+                          f"{sorted(first[1])}); name one of them in the recipe")
 
 
 def json_object(values: dict[str, Any]) -> str | None:

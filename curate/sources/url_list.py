@@ -12,13 +12,17 @@ the file's path relative to the common parent of all the source's files and the 
 `RecordFile`'s (0-based, blank lines and the csv header not counted). A row carries the stripped
 `url`, the `caption` (null when `caption_column` is null, and always for `txt` files, which hold
 urls only) and, in `extra` (a JSON object), the record's other columns: all of them, or only the
-`extra_columns` named. Image columns stay null: a download stage fills them.
+`extra_columns` named. `extra_types` gives each of them its sidecar type (curate/carried.py):
+the file's Arrow type for parquet, text for csv/tsv (which declare none), the value's own JSON
+type for json/jsonl; packing writes them as the sidecar's `meta_<name>` columns. Image columns
+stay null: a download stage fills them.
 
 Drop code (stage "source"): `malformed_row` for a record that cannot be read (bad JSON, a JSON
 value that is not an object, a csv row with the wrong number of fields), a record whose url is
 missing or empty, or whose url or caption is not text. The detail names the file, the record
 index and why. A url column (or a named caption or extra column) absent from a csv, tsv or parquet
-file's header is a recipe mistake, reported when the partitions are planned.
+file's header is a recipe mistake, a RecipeError naming the file and the columns it has, raised
+when the partitions are planned.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from curate.storage import is_url, location
+from curate.recipe_io import RecipeError
+from curate.contract import meta_type_name, value_type_name
+from curate.storage import is_url, location, parquet_file
 from curate.sources.base import Partition, Source, SourceConfig, fingerprint, register
 from curate.sources.remote import file_facts, input_labels, remote_matches
 from curate.sources.tabular import RecordFile, Span
@@ -115,11 +121,14 @@ class UrlListSource(Source):
         first = next(iter(records.read(Span(0, 1))), None)  # from the top: past the header
         if first is None or not isinstance(first[1], dict):
             return  # empty, or a malformed first row: the records speak for themselves
-        wanted = [self.config.url_column, self.config.caption_column, *(self.config.extra_columns or [])]
-        missing = [c for c in wanted if c is not None and c not in first[1]]
+        c = self.config
+        wanted = [("url_column", c.url_column), ("caption_column", c.caption_column),
+                  *(("extra_columns", name) for name in c.extra_columns or [])]
+        missing = [(option, name) for option, name in wanted if name is not None and name not in first[1]]
         if missing:
-            raise ValueError(f"source {self.name!r}: {label} has no column {missing[0]!r} "
-                             f"(its columns: {sorted(first[1])})")
+            option, name = missing[0]
+            raise RecipeError(f"source {self.name!r}: {records.path} has no column {name!r} "
+                              f"(its columns: {sorted(first[1])}); set {option} in the recipe to one of them")
 
     # reading (worker) -------------------------------------------------------------------------
 
@@ -129,9 +138,14 @@ class UrlListSource(Source):
     def _rows(self, partition: Partition) -> Iterator[dict[str, Any]]:
         records = self._record_file(partition.payload["file"])
         label = partition.payload["label"]
+        declared = None  # column -> sidecar type, where the file declares types
+        if records.format == "parquet":
+            declared = {f.name: meta_type_name(f.type) for f in parquet_file(location(records.path)).schema_arrow}
+        elif records.format in ("csv", "tsv"):
+            declared = {}  # every column text
         for index, record in records.read(Span(**partition.payload["span"])):
             locator = f"{label}#{index}"
-            row = self._row(record)
+            row = self._row(record, declared)
             if isinstance(row, str):
                 url = record.get(self.config.url_column) if isinstance(record, dict) else None
                 yield self.dropped_row(locator, MALFORMED_ROW, f"{label} record {index}: {row}",
@@ -139,8 +153,8 @@ class UrlListSource(Source):
                 continue
             yield {"id": f"{self.name}:{locator}", **row}
 
-    def _row(self, record: dict[str, Any] | str) -> dict[str, Any] | str:
-        """The row's url, caption and extra, or why the record is malformed."""
+    def _row(self, record: dict[str, Any] | str, declared: dict[str, str] | None) -> dict[str, Any] | str:
+        """The row's url, caption, extra and extra_types, or why the record is malformed."""
         if isinstance(record, str):
             return record
         c = self.config
@@ -154,12 +168,18 @@ class UrlListSource(Source):
         caption = record.get(c.caption_column) if c.caption_column is not None else None
         if caption is not None and not isinstance(caption, str):
             return f"{c.caption_column!r} is not text ({type(caption).__name__})"
-        return {"url": url.strip(), "caption": caption, "extra": self._extra(record)}
+        extra = self._extra(record)
+        if not extra:
+            return {"url": url.strip(), "caption": caption, "extra": None}
+        types = {k: declared.get(k, "string") if declared is not None else value_type_name(v) for k, v in extra.items()}
+        return {"url": url.strip(), "caption": caption, "extra": _json(extra), "extra_types": _json(types)}
 
-    def _extra(self, record: dict[str, Any]) -> str | None:
+    def _extra(self, record: dict[str, Any]) -> dict[str, Any]:
         c = self.config
         if c.extra_columns is None:
-            rest = {k: v for k, v in record.items() if k not in (c.url_column, c.caption_column)}
-        else:
-            rest = {k: record[k] for k in c.extra_columns if k in record}
-        return json.dumps(rest, sort_keys=True, ensure_ascii=False, default=str) if rest else None
+            return {k: v for k, v in record.items() if k not in (c.url_column, c.caption_column)}
+        return {k: record[k] for k in c.extra_columns if k in record}
+
+
+def _json(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str)

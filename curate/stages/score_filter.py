@@ -191,7 +191,10 @@ class ScoreTopFraction(GlobalStage):
             keys = part["_key"].to_numpy(dtype=np.uint64)
             ids = part["id"].astype(str).to_numpy()
             out = (keys < np.uint64(key)) | ((keys == np.uint64(key)) & (ids > cut_id))
-            return part.loc[out, ["id", "_partition"]].assign(drop_reason=reason, drop_detail=detail)
+            # the row's own score leads the detail (as score_filter's does): the report's histograms read it
+            scores = [key_score(int(k)) for k in keys[out]]
+            own = [f"{cfg.column} {s:.4f}, " if s is not None else f"no {cfg.column}, " for s in scores]
+            return part.loc[out, ["id", "_partition"]].assign(drop_reason=reason, drop_detail=[o + detail for o in own])
 
         return keyed.map_partitions(below, meta=empty)
 

@@ -14,7 +14,8 @@ The recipe: caption_length_filter -> url_dedup (global) -> download -> image -> 
 
 1. A clean in-process run on the session's LocalCluster (`shared_cluster`, once per module):
    every bad input is exactly one ledger row with its stable stage/code, the redirect is kept,
-   the extra column reaches KEY.json, every input is accounted for once, and `mm1 verify` passes.
+   the extra column reaches KEY.json and the sidecar, every input is accounted for once, and
+   `mm1 verify` passes.
 2. The `mm1 curate` driver (its own LocalCluster) SIGKILLed while segment 1 (the downloads) is
    under way, then rerun with `--address` on an external `dask scheduler` + two `dask worker`s:
    the external workers fetch what the killed run left, and the output is byte-identical to
@@ -50,7 +51,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from curate.contract import LEDGER_DIR, read_ledger, read_manifest
+from curate.contract import LEDGER_DIR, read_ledger, read_manifest, read_sidecars
 from curate.recipe import parse_recipe
 from tools.demo.server import LoopbackHTTPServer
 from tools.verify import verify
@@ -435,6 +436,10 @@ def test_clean_run_accounts_for_every_url(clean, site, output_checks):
         image = Image.open(io.BytesIO(tar.extractfile(f"{redirected['key']}.jpg").read()))
         assert image.format == "JPEG" and min(image.size) == 256
     assert meta["license"] == urls.redirect_license and meta["url"] == urls.redirect_url
+    # ... and in the sidecar, as `meta_license` (a csv's columns are text)
+    carried = read_sidecars(out, "pair", columns=["key", "meta_license"])
+    assert str(carried.schema.field("meta_license").type) == "string"
+    assert dict(zip(*carried.to_pydict().values()))[redirected["key"]] == urls.redirect_license
 
     # Fetched once each in the clean run: url_dedup ran before the download; no retries.
     assert clean.hits["/redirect/" + urls.redirect_url.rsplit("/", 1)[1]] == 1

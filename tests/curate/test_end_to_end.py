@@ -18,7 +18,7 @@ from collections import Counter
 import pytest
 
 from curate.contract import KIND_DIRS, read_ledger, read_manifest, read_sidecars, shard_urls
-from tools.stats import compute_stats
+from tools.stats import compute_stats, format_stats
 from tools.verify import verify
 
 
@@ -113,6 +113,29 @@ def test_manifest_and_stats_agree_with_ledger(demo):
         assert stats["kinds"][kind]["token_count"]["sum"] == sum(tokens) > 0
         assert len(stats["kinds"][kind]["tokenizers"]) == 1
     assert verify(out).ok
+
+
+def test_every_stage_has_its_time_and_rows_in_the_manifest(demo):
+    """`stages`: each stage of the recipe, in its order, timed (> 0: no timing beyond that), and
+    its rows in less rows out are the ledger's drops by it (a global stage that removes segments
+    also drops the documents it empties later, in the ledger under its name)."""
+    manifest = read_manifest(demo["out"])
+    names = [cfg.get("name") or cfg["kind"] for cfg in manifest["recipe"]["stages"]]
+    stages = manifest["stages"]
+    assert sorted(stages, key=lambda n: stages[n]["order"]) == names
+    drops = Counter(r["stage"] for r in read_ledger(demo["out"], columns=["stage", "outcome"]).to_pylist()
+                    if r["outcome"] == "dropped")
+    for name, t in stages.items():
+        assert t["wall_s"] > 0 and t["cpu_s"] > 0, name
+        assert t["rows_in"] >= t["rows_out"] >= 0, name
+        if t["pass"] == "rows" or manifest["global"][name]["decides_on"] == "rows":
+            assert t["rows_in"] - t["rows_out"] == drops[name], name
+        else:
+            assert t["rows_in"] - t["rows_out"] <= drops[name], name
+    assert stages["download"]["rows_in"] > 0 and stages["download"]["pass"] == "rows"
+    assert stages["near_dedup"]["pass"] == "global" and "wall_s" not in manifest["global"]["near_dedup"]
+    text = format_stats(compute_stats(demo["out"]))
+    assert all(f"\n  {n}" in text for n in names) and "stage times" in text
 
 
 def test_no_intermediate_or_temporary_files_left(demo):
@@ -241,3 +264,21 @@ def test_documents_keep_their_images_and_lose_repeated_paragraphs(demo):
     assert (truncated["stage"], truncated["drop_reason"]) == ("source", "read_error")
     dead = [r for r in ledger.values() if r["drop_reason"] == "too_few_images"]
     assert len(dead) == 1 and dead[0]["segments_dropped"] >= 1  # its image 404'd: the segment went first
+
+
+def test_sidecars_hold_texts_and_the_url_lists_columns(demo):
+    """The text sidecar holds each record's text, exactly its KEY.txt; the URL list's extra column
+    (license) reaches the pair sidecar as `meta_license`, typed as the csv declares it (text), null
+    for pairs from other sources."""
+    import pyarrow as pa
+    import webdataset as wds
+
+    out = demo["out"]
+    txt = {s["__key__"]: s["txt"].decode() for s in wds.WebDataset(shard_urls(out, "text"), shardshuffle=False)}
+    side = read_sidecars(out, "text", columns=["key", "text"])
+    assert side.schema.field("text").type == pa.string() and dict(zip(*side.to_pydict().values())) == txt
+    pairs = read_sidecars(out, "pair", columns=["source", "meta_license"])
+    assert pairs.schema.field("meta_license").type == pa.string()
+    by_source = Counter((r["source"], r["meta_license"]) for r in pairs.to_pylist())
+    assert by_source[("web", "cc0")] >= 1 and all(lic is None for src, lic in by_source if src != "web")
+    assert {lic for src, lic in by_source if src == "web"} == {"cc0"}

@@ -39,7 +39,12 @@ AFTER_A_RETRY_ROUND: dict[str, Any] = {
     "counts": {"partitions": 2, "inputs": 9, "kept": 6, "dropped": 3},
     "drops": {"download/http_404": 2, "exact_dedup/duplicate": 1},
     "global": {"exact_dedup": {"segment": 1, "state": {"decisions": "_work/global1"}, "summary": {"cutoff": None}}},
-    "retries": [{"round": 1, "retried": 2, "recovered": 1, "new_shards": {"pair": 1}}],
+    "stages": {"download": {"order": 0, "pass": "rows", "wall_s": 1.5, "cpu_s": 0.25, "rows_in": 9, "rows_out": 7},
+               "exact_dedup": {"order": 1, "pass": "global", "wall_s": 0.5, "cpu_s": 0.125, "rows_in": 7,
+                               "rows_out": 6}},
+    "retries": [{"round": 1, "retried": 2, "recovered": 1, "new_shards": {"pair": 1},
+                 "stages": {"download": {"order": 0, "pass": "rows", "wall_s": 0.5, "cpu_s": 0.125, "rows_in": 2,
+                                         "rows_out": 1}}}],
 }
 
 
@@ -58,6 +63,7 @@ def test_an_engine_manifest_round_trips_byte_for_byte(demo_output) -> None:
         assert entry.withdrawn is None and manifest.withdrawn_keys(kind) == {}
     assert manifest.ledger == tuple(raw["ledger"]) and manifest.global_stages == raw["global"]
     assert manifest.retries is None and "retries" not in manifest.to_dict()
+    assert manifest.stages == raw["stages"] and "stages" not in manifest.extra  # a typed field
 
 
 def test_a_retried_manifest_round_trips_in_the_writers_order() -> None:
@@ -104,6 +110,7 @@ def test_leaf_values_are_kept_as_written_for_verify_to_judge() -> None:
     (lambda m: m["counts"].update(kept="6"), "`counts` must map names to integers"),
     (lambda m: m.update(drops=None), "`drops` must map names to integers"),
     (lambda m: m.update({"global": []}), "`global` must be an object"),
+    (lambda m: m.update(stages=[]), "`stages` must be an object"),
     (lambda m: m.update(retries={}), "`retries` must be a list"),
 ])
 def test_a_structure_a_reader_cannot_walk_names_the_key(change, problem, tmp_path: Path) -> None:

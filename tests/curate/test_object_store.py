@@ -113,7 +113,11 @@ def test_a_run_on_s3_killed_and_resumed_equals_the_clean_local_run(reference, s3
     reference.assert_same_output(copy)
     reference.check_ledger_invariant(copy)
     stats, expected = compute_stats(out), compute_stats(reference.out)
-    assert stats.pop("out") == out and {**stats, "out": 0} == {**expected, "out": 0}
+
+    def untimed(s: dict) -> dict:  # each run times its own stages: their rows must agree, not seconds
+        return {**s, "out": 0, "stages": [{**t, "wall_s": 0, "cpu_s": 0, "rows_per_s": 0} for t in s["stages"]]}
+
+    assert stats["out"] == out and untimed(stats) == untimed(expected)
 
     # every attempt-named object left under _work is one a marker names (the global stage's
     # decisions and inputs); the segments' rows are gone (keep_intermediate is off)

@@ -13,7 +13,7 @@ from PIL import Image
 from skimage import data
 
 from curate.engine.commit import Storage
-from curate.contract import image_digest, member_footprint, record_schema, sample_key
+from curate.contract import image_digest, member_footprint, meta_value, record_schema, sample_key
 from curate.engine.pack import ShardWriter, plan_shards, sample_footprint
 
 
@@ -33,7 +33,7 @@ def _pair(i: int, img: bytes) -> dict:
         "id": f"src:{i}", "source": "src", "url": f"http://127.0.0.1/{i}.jpg",
         "caption": f"caption number {i}", "image": img, "image_format": "jpg",
         "image_sha256": image_digest(img), "image_nbytes": len(img), "width": 128, "height": 128,
-        "extra": json.dumps({"license": "cc-by"}), "attempts": 2,
+        "extra": json.dumps({"license": "cc-by"}), "extra_types": json.dumps({"license": "string"}), "attempts": 2,
     }
 
 
@@ -101,6 +101,40 @@ def test_doc_and_text_kinds(tmp_path, images):
     with tarfile.open(tmp_path / entry["name"]) as tar:
         assert tar.extractfile(f"{keys[0]}.txt").read() == b"Plain text only."
     assert entry["name"] == "text/00000.tar"
+    side = pq.read_table(tmp_path / entry["sidecar"]).to_pylist()[0]
+    assert (side["text"], side["text_chars"]) == ("Plain text only.", 16)  # the text, as KEY.txt holds it
+
+
+def test_carried_columns_are_typed_meta_columns(tmp_path, images):
+    """A source's typed extra columns become `meta_<name>` sidecar columns, typed over the shard:
+    one type stays, ints and floats give float64, other mixes text (JSON), no type at all null;
+    KEY.json is what it was, and rows without types leave the columns null."""
+    carried = [  # extra, extra_types
+        ({"license": "cc0", "w": 3, "p": 0.25, "nsfw": False, "mixed": 1, "none": None},
+         {"license": "string", "w": "int32", "p": "float", "nsfw": "bool", "mixed": "int64", "none": None}),
+        ({"license": "cc-by", "w": 4, "p": 1, "nsfw": True, "mixed": "x", "none": None},
+         {"license": "string", "w": "int32", "p": "int64", "nsfw": "bool", "mixed": "string", "none": None}),
+        ({"license": "untyped"}, None),
+    ]
+    rows = [_pair(i, img) | {"extra": json.dumps(e), "extra_types": json.dumps(t) if t else None}
+            for i, (img, (e, t)) in enumerate(zip(images, carried))]
+    keys, entry = _write(tmp_path, "pair", rows, shard=0)
+    table = pq.read_table(tmp_path / entry["sidecar"])
+    meta = [f for f in table.schema if f.name.startswith("meta_")]
+    assert [(f.name, str(f.type)) for f in meta] == [
+        ("meta_license", "string"), ("meta_mixed", "string"), ("meta_none", "null"), ("meta_nsfw", "bool"),
+        ("meta_p", "double"), ("meta_w", "int32")]
+    assert table.select([f.name for f in meta]).to_pylist() == [
+        {"meta_license": "cc0", "meta_mixed": "1", "meta_none": None, "meta_nsfw": False, "meta_p": 0.25, "meta_w": 3},
+        {"meta_license": "cc-by", "meta_mixed": "x", "meta_none": None, "meta_nsfw": True, "meta_p": 1.0, "meta_w": 4},
+        dict.fromkeys([f.name for f in meta]),
+    ]
+    with tarfile.open(tmp_path / entry["name"]) as tar:
+        key_jsons = [json.loads(tar.extractfile(f"{key}.json").read()) for key in keys]
+    assert "extra_types" not in key_jsons[1] and key_jsons[1]["mixed"] == "x" and key_jsons[1]["p"] == 1
+    for key_json, row in zip(key_jsons[:2], table.to_pylist()):  # what `mm1 verify` checks
+        for f in meta:
+            assert json.dumps(meta_value(key_json[f.name[5:]], f.type)) == json.dumps(row[f.name])
 
 
 def test_unsupported_image_format_is_refused(tmp_path, images):

@@ -85,6 +85,7 @@ def build_output(out: Path) -> dict[str, Any]:
         image = encode(img, size, fmt)
         pair_rows.append({
             "id": id_, "source": source, "url": url, "attempts": attempts, "extra": json.dumps({"n": i}),
+            "extra_types": json.dumps({"n": "int64"}),  # a typed carried column: the sidecar's meta_n
             "caption": caption, "image": image, "image_format": fmt, "image_sha256": image_digest(image),
             "image_nbytes": len(image), "width": size[0], "height": size[1], "original_width": size[0] * 2,
             "original_height": size[1] * 2, "clip_score": 0.25 + i / 10,

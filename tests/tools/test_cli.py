@@ -22,7 +22,8 @@ ENTRY_POINTS = sorted(
     + ["tools.servers.s3", "tools.servers.chat", "tools.demo.tiny_models"])
 
 FROZEN = {
-    "curate": ["--address", "--no-progress", "--output", "--restart", "--retry-failed", "--workers", "recipe"],
+    "curate": ["--address", "--allow-empty", "--no-progress", "--output", "--restart", "--retry-failed", "--workers",
+               "recipe"],
     "stats": ["--json", "out"],
     "verify": ["out"],
     "demo": ["--dir"],

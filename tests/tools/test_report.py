@@ -5,7 +5,10 @@ as the issue says: --headless --no-sandbox --disable-gpu --disable-background-ne
 loads with no console error and no network request, its figures are there, every number it marks
 as `mm1 stats`' (data-stat) equals compute_stats', and a screenshot is saved
 (test-output/report.png). Then two runs side by side: the demo against its own inputs curated
-again with another score cut."""
+again with another score cut. In both, no chart's tick labels overlap (their boxes as Chromium
+lays them out). Without the browser: the funnel lists every stage of the recipe, the mixture
+section needs more than one kind, score histograms count dropped rows, and recipes are compared
+stage by stage."""
 
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tools.report import build_report, collect
+from tools.report import build_report, collect, dropped_score, score_histograms
+from tools.report_html import align_stages, recipe_changes
 from tools.stats import compute_stats
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,6 +82,22 @@ def _shown(text: str) -> float:
     return float(text[:-1]) / 100 if text.endswith("%") else float(text)
 
 
+# every chart's tick labels as laid out: [chart label, [[text, left, top, right, bottom], ...]]
+_TICKS = """return Array.from(document.querySelectorAll('svg.chart')).map(svg => [svg.getAttribute('aria-label'),
+  Array.from(svg.querySelectorAll('text')).map(t => { const r = t.getBoundingClientRect();
+    return [t.textContent, r.left, r.top, r.right, r.bottom]; })]);"""
+
+
+def _overlapping_labels(driver) -> list:
+    bad = []
+    for chart, boxes in driver.execute_script(_TICKS):
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                if a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]:
+                    bad.append((chart, a[0], b[0]))
+    return bad
+
+
 def test_the_report_in_a_real_browser(demo_output, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -92,6 +113,8 @@ def test_the_report_in_a_real_browser(demo_output, browser, tmp_path):
         assert browser.find_element(By.ID, section).is_displayed()
     assert len(browser.find_elements(By.CSS_SELECTOR, "svg.chart")) >= 20
     assert len(browser.find_elements(By.CSS_SELECTOR, "line.threshold")) == 1  # score_top_fraction's cutoff
+    assert browser.find_elements(By.CSS_SELECTOR, "rect.dropped")  # the rows below it, from the ledger
+    assert _overlapping_labels(browser) == []
     images = browser.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
     assert len(images) >= 12 and all(done and width > 0 for done, width in images)
     cards = browser.find_elements(By.CSS_SELECTOR, "#samples .sample")
@@ -187,8 +210,69 @@ def test_two_runs_side_by_side_show_what_the_threshold_moved(demo_output, strict
     count_a = next(d["count"] for d in a["drops"]["ranked"] if d["stage"] == "score_top_fraction")
     count_b = next(d["count"] for d in b["drops"]["ranked"] if d["stage"] == "score_top_fraction")
     assert row.split()[1:] == [str(count_a), str(count_b), f"+{count_b - count_a}"]
-    assert "fraction" in changes  # the recipe difference is listed
+    assert "fraction: 0.9 → 0.5" in changes  # the recipe difference, by stage
+    assert _overlapping_labels(browser) == []
     for section in ("funnel", "distributions", "samples"):
         columns = browser.find_elements(By.CSS_SELECTOR, f"#{section} [data-run]")
         assert [c.get_attribute("data-run") for c in columns] == ["0", "1"]
     assert len(browser.find_elements(By.CSS_SELECTOR, "line.threshold")) == 2  # each run's cut
+
+
+def _recipe(stages: list[dict]) -> dict:
+    return {"output": {"path": "out"}, "sources": [{"kind": "url_list", "path": "a.parquet"}], "stages": stages}
+
+
+def test_recipes_compare_stage_by_stage():
+    """A stage inserted in the middle: it is the one difference reported (not every later stage),
+    a later stage whose option changed is named with that option, a removed one as removed."""
+    a = [{"kind": "download"}, {"kind": "image"}, {"kind": "score_filter", "name": "clip_cut", "min_score": 0.2},
+         {"kind": "exact_dedup"}]
+    b = [{"kind": "download"}, {"kind": "caption_length_filter", "min_words": 2}, {"kind": "image"},
+         {"kind": "score_filter", "name": "clip_cut", "min_score": 0.3}]
+    assert [(st, (sa or sb)["kind"]) for st, sa, sb in align_stages(a, b)] == [
+        ("same", "download"), ("added", "caption_length_filter"), ("same", "image"), ("changed", "score_filter"),
+        ("removed", "exact_dedup")]
+    diff = recipe_changes(_recipe(a), {**_recipe(b), "output": {"path": "out2"}})
+    assert [(d["status"], d["where"]) for d in diff] == [
+        ("added", "stage caption_length_filter"), ("changed", "stage clip_cut (score_filter)"),
+        ("removed", "stage exact_dedup"), ("changed", "output.path")]
+    assert diff[1]["what"] == "min_score: 0.2 → 0.3"
+    assert diff[0]["what"] == 'added: {"min_words": 2}'
+
+
+def test_funnel_lists_every_stage_and_the_mixture_needs_two_kinds(curated, edit_manifest, tmp_path):
+    """The fixture's recipe names stages that dropped nothing: they are in the funnel, in order,
+    with 0. With pairs only, the page has no mixture section."""
+    out = curated["out"]
+    stages = [{"kind": "caption_length_filter"}, {"kind": "download"},
+              {"kind": "image_size_filter", "name": "image_filter"}, {"kind": "score_filter", "min_score": 0.1},
+              {"kind": "language_filter", "name": "lang"}]
+    edit_manifest(out, lambda m: m.update(recipe={"stages": stages}))
+    run = collect(out, samples=1)
+    assert [(r["stage"], r["dropped"], r["remaining"]) for r in run.funnel["pair"]] == [
+        ("inputs", 0, 10), ("caption_length_filter", 0, 10), ("download", 4, 6), ("image_filter", 1, 5),
+        ("score_filter", 0, 5), ("lang", 0, 5)]
+    assert [r["stage"] for r in run.funnel["text"]] == ["inputs", "lang", "dedup"]  # dedup: not in this recipe
+    html = build_report([out], tmp_path / "three.html", samples=1).read_text()
+    assert 'id="mixture"' in html and 'href="#mixture"' in html
+
+    def pairs_only(m: dict) -> None:
+        for kind in ("doc", "text"):
+            del m["kinds"][kind]
+    edit_manifest(out, pairs_only)
+    html = build_report([out], tmp_path / "pairs.html", samples=1).read_text()
+    assert 'id="mixture"' not in html and 'href="#mixture"' not in html and 'id="funnel"' in html
+
+
+def test_score_histograms_count_kept_and_dropped_rows():
+    """Dropped rows' scores come from the ledger's details (both score rules lead them with the
+    score); kept and dropped are counted over the same bins."""
+    assert dropped_score("clip_score_low", "clip_score 0.1234 < 0.28") == ("clip_score", 0.1234)
+    assert dropped_score("clip_score_low", "clip_score 0.2000, not in the top 90% by clip_score (cutoff 0.3, id a)") \
+        == ("clip_score", 0.2)
+    assert dropped_score("clip_score_low", "no clip_score") is None
+    assert dropped_score("too_small", "32x32 < 64") is None
+    h = score_histograms({"clip_score": [np.array([0.5, 0.9])]}, {"clip_score": [0.1, 0.2]},
+                         {"clip_score": [{"value": 0.3, "label": "cut"}]})["clip_score"]
+    assert (h["n"], h["n_dropped"], sum(h["counts"]), sum(h["dropped"])) == (2, 2, 2, 2)
+    assert h["edges"][0] == 0.1 and h["edges"][-1] == 0.9 and h["dropped"][0] == 1 and h["counts"][-1] == 1

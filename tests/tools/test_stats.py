@@ -29,6 +29,25 @@ def test_json_serialisable_and_formatted(stats: dict[str, Any]) -> None:
     assert "download/http_404" in text and "(no url)" in text and "pairs/00001.tar" in text
 
 
+def test_stage_times_when_the_manifest_has_them(curated: dict[str, Any], stats: dict[str, Any],
+                                                edit_manifest: Any) -> None:
+    assert stats["stages"] == [] and "stage times" not in format_stats(stats)  # an older output: none
+    edit_manifest(curated["out"], lambda m: m.update(stages={
+        "language_filter": {"order": 1, "pass": "rows", "wall_s": 0.0, "cpu_s": 0.0, "rows_in": 0, "rows_out": 0},
+        "download": {"order": 0, "pass": "rows", "wall_s": 2.5, "cpu_s": 1.25, "rows_in": 1000, "rows_out": 900},
+        "exact_dedup": {"order": 2, "pass": "global", "wall_s": 0.5, "cpu_s": 0.75, "rows_in": 900, "rows_out": 850},
+    }))
+    after = compute_stats(curated["out"])
+    assert [(s["stage"], s["rows_per_s"]) for s in after["stages"]] == [
+        ("download", 400.0), ("language_filter", None), ("exact_dedup", 1800.0)]
+    lines = format_stats(after).splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("stage times")))
+    assert lines[at].split()[2:] == ["wall", "s", "CPU", "s", "rows", "in", "rows", "out", "rows/s"]
+    assert lines[at + 1].split() == ["download", "2.500", "1.250", "1,000", "900", "400.0"]
+    assert lines[at + 2].split() == ["language_filter", "0.000", "0.000", "0", "0", "-"]
+    assert lines[at + 3].split() == ["exact_dedup", "(global)", "0.500", "0.750", "900", "850", "1,800.0"]
+
+
 def test_counts_per_kind_and_shard(curated: dict[str, Any], stats: dict[str, Any]) -> None:
     out: Path = curated["out"]
     sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in out.rglob("*.tar")}

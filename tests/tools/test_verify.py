@@ -307,3 +307,20 @@ def test_doc_image_member_missing(curated: dict[str, Any], rehash: Any) -> None:
     rehash(out, "docs/00000.tar")
     errors = verify(out).errors
     assert "docs/00000.tar: 0000000000.json has image segments [0, 1], the tar has image members [0]" in errors
+
+
+def test_sidecar_copies_disagreeing_with_the_members(curated: dict[str, Any], rehash: Any) -> None:
+    """A text sidecar's `text` must be KEY.txt and a carried `meta_<name>` KEY.json's `name`."""
+    out = curated["out"]
+    for name, column, value in [("text/00000.parquet", "text", "edited"), ("pairs/00000.parquet", "meta_n", 7)]:
+        table = pq.read_table(out / name)
+        i = table.schema.get_field_index(column)
+        values = table[column].to_pylist()
+        values[1] = value
+        pq.write_table(table.set_column(i, table.schema.field(i), pa.array(values, table.schema.field(i).type)),
+                       out / name)
+        rehash(out, name)
+    assert verify(out).errors == [
+        "pairs/00000.parquet: key 0000000001: meta_n is 7, 0000000001.json has 'n': 1",
+        "text/00000.parquet: key 0000000001: `text` differs from 0000000001.txt",
+    ]

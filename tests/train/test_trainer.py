@@ -3,7 +3,8 @@ MM1 (random weights: mechanics only): the loss falls in one process; two torchru
 (gloo, CPU) agree on the loss, and a NaN injected on one rank skips the step on both without a
 hang, keeping non-finite weights out of the checkpoints, and their checkpoint resumes on one
 process (the loader's epoch resharded from 2 slots to 1); a run killed after step 5 and resumed
-from its step-3 checkpoint repeats the losses it logged before the kill exactly.
+from its step-3 checkpoint repeats the losses it logged before the kill exactly, and leaves one
+series of steps in metrics.jsonl and TensorBoard. The run directory holds the resolved recipe.
 
 Subprocesses run `python -m tools.cli train` (torchrun for two ranks); their metrics.jsonl
 files are read back. Timeouts are generous bounds against hangs, not timings."""
@@ -19,11 +20,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
 from train.recipe import load_train_recipe
-from train.trainer import EXIT_STOPPED, INJECT_NAN_ENV, STOP_AFTER_ENV
+from train.trainer import (EXIT_STOPPED, INJECT_NAN_ENV, STOP_AFTER_ENV, tensorboard_writer, trim_metrics,
+                           write_recipe_copy)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_TRAIN = ROOT / "recipes" / "train" / "demo.yaml"
@@ -61,6 +65,21 @@ def _records(path: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
+def _tensorboard_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of the run's TensorBoard events as TensorBoard's reader gives them (events a
+    resume purged left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("loss")]
+
+
+def _as_logged(records: dict[int, dict]) -> list[tuple[int, float]]:
+    """metrics.jsonl's (step, loss) as TensorBoard stores them (float32)."""
+    return [(step, float(np.float32(r["loss"]))) for step, r in sorted(records.items())]
+
+
 def _lists_under(state, keys: tuple[str, ...]) -> list[list]:
     """The lists of items under `keys` anywhere in a loader slot's state (its packers' buffers,
     its pending chunks), or under a per-source dict there, whatever the nesting."""
@@ -81,7 +100,11 @@ def test_the_loss_falls_in_one_process(demo_trained):
     one process, 40 steps of batch 4 x 256 tokens, lr 3e-3, warmup 5): the mean loss of the last
     5 steps is below 0.8 x the first 5's (it lands near 0.74), the lr warms up and ends the cosine
     at 10% of the peak, and steps 20 and 40 are checkpointed. (Validation at its cadence:
-    test_fsdp2_with_activation_checkpointing_on_cpu.)"""
+    test_fsdp2_with_activation_checkpointing_on_cpu.) The run directory holds the resolved
+    recipe, which loads back as the run's, and TensorBoard events with metrics.jsonl's losses; the
+    export's files are readable by all, as the umask lets any file be."""
+    from tools.demo.run import TRAIN_RECIPE
+
     demo, final, _ = demo_trained
     run = demo.root / "run"
     losses = final["losses"]
@@ -95,6 +118,13 @@ def test_the_loss_falls_in_one_process(demo_trained):
     assert records[40]["lr"] == pytest.approx(3e-4)  # the cosine ends at 10% of the peak
     assert records[10]["tokens_per_s"] > 0 and records[10]["memory_gib"] > 0
     assert sorted(p.name for p in run.glob("step-*")) == ["step-00000020", "step-00000040"]
+    assert load_train_recipe(run / "recipe.yaml") == load_train_recipe(TRAIN_RECIPE, {
+        "data.outs": [str(demo.out)], "data.tokenizer": str(demo.tokenizer)})
+    assert _tensorboard_losses(run) == _as_logged(records)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {oct(f.stat().st_mode & 0o777) for f in (demo.root / "export").rglob("*") if f.is_file()}
+    assert modes == {oct(0o666 & ~umask)}
 
 
 def test_consecutive_non_finite_steps_stop_the_run(curated, tmp_path, monkeypatch):
@@ -138,6 +168,7 @@ def test_two_ranks_take_steps_and_agree_on_the_loss(two_ranks):
     r0 = _records(two_ranks / "metrics.jsonl")
     r1 = _records(two_ranks / "metrics.rank1.jsonl")
     assert sorted(r0) == sorted(r1) == list(range(1, 7))
+    assert len(list((two_ranks / "tensorboard").iterdir())) == 1  # rank 0's events only
     for step in (1, 2, 4, 5, 6):
         a, b = r0[step], r1[step]
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]  # one all-reduced value
@@ -261,21 +292,62 @@ def test_a_sharded_checkpoint_exports_in_one_process(two_ranks, tmp_path):
 def test_a_killed_run_resumes_with_the_same_losses(curated, tmp_path):
     """Deterministic mode, 2 loader workers, 6 steps, checkpoints every 3: killed (os._exit)
     after step 5, resumed from step 3; steps 4-5 repeat the losses and lrs the run logged before
-    the kill (up to it the run is an uninterrupted one), and step 6 follows."""
+    the kill (up to it the run is an uninterrupted one), and step 6 follows. The resumed run's
+    steps 4-5 replace the killed run's in metrics.jsonl and in TensorBoard (flushed at the kill):
+    one series, 1 to 6. recipe.yaml holds the resolved recipe and the overrides given; the
+    resume, with the same recipe, rewrites it and keeps no other copy."""
+    run = tmp_path / "run"
     common = {"steps": 6, "checkpoint.every": 3, "deterministic": "true", "data.workers": 2}
-    killed = _mm1_train(curated, tmp_path / "run", env={STOP_AFTER_ENV: "5"}, **common)
+    killed = _mm1_train(curated, run, env={STOP_AFTER_ENV: "5"}, **common)
     assert killed.returncode == EXIT_STOPPED, killed.stderr[-4000:]
-    assert [p.name for p in (tmp_path / "run").glob("step-*")] == ["step-00000003"]
-    expected = _records(tmp_path / "run" / "metrics.jsonl")
+    assert [p.name for p in run.glob("step-*")] == ["step-00000003"]
+    expected = _records(run / "metrics.jsonl")
     assert sorted(expected) == [1, 2, 3, 4, 5]  # step 5 ran, then the kill
+    assert _tensorboard_losses(run) == _as_logged(expected)
+    overrides = dict(o.split("=", 1) for o in _overrides(curated, **common))
+    header = (run / "recipe.yaml").read_text().splitlines()[1]
+    assert yaml.safe_load(header.removeprefix("# overrides: ")) == {k: yaml.safe_load(v) for k, v in overrides.items()}
+    recipe = load_train_recipe(DEMO_TRAIN, {k: yaml.safe_load(v) for k, v in overrides.items()})
+    assert load_train_recipe(run / "recipe.yaml") == recipe
     resumed = _mm1_train(curated, tmp_path / "run", **common)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {tmp_path / 'run' / 'step-00000003'} at step 3" in resumed.stderr
 
-    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 4, 5, 6]  # the resumed run rewrote 4-5
-    got = _records(tmp_path / "run" / "metrics.jsonl")
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the resumed run's 4-5 replaced the killed run's
+    got = _records(run / "metrics.jsonl")
     for step in (4, 5):
         assert got[step]["loss"] == expected[step]["loss"], step
         assert got[step]["lr"] == expected[step]["lr"]
     assert math.isfinite(got[6]["loss"]) and not got[6]["skipped"]
+    assert _tensorboard_losses(run) == _as_logged(got)
+    assert "resumed from step 3" in (run / "recipe.yaml").read_text()
+    assert load_train_recipe(run / "recipe.yaml") == recipe and not list(run.glob("recipe.until-*"))
+
+
+def test_the_run_directory_keeps_the_recipe_that_trained_each_kept_step(tmp_path, caplog):
+    """A resume with another recipe keeps the one that trained the steps up to the resume point
+    as recipe.until-step-<N>.yaml; a second resume from the same step keeps that one, not the
+    recipe whose steps were discarded. Metrics past the resume point go, and so does a line a
+    crash cut short. Without the tensorboard package the run logs how to get it, once."""
+    a, b, c = (load_train_recipe(DEMO_TRAIN, {"steps": n}) for n in (6, 8, 10))
+    write_recipe_copy(tmp_path, a, {"steps": 6}, 0)
+    write_recipe_copy(tmp_path, b, {"steps": 8}, 3)
+    write_recipe_copy(tmp_path, c, None, 3)
+    assert load_train_recipe(tmp_path / "recipe.yaml") == c
+    assert load_train_recipe(tmp_path / "recipe.until-step-00000003.yaml") == a
+    assert (tmp_path / "recipe.yaml").read_text().splitlines()[1] == "# overrides: {}"
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    assert trim_metrics(metrics, 3) == 3
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+        with caplog.at_level("INFO", logger="mm1.train"):
+            assert tensorboard_writer(tmp_path, a, 0) is None
+    assert [r.getMessage() for r in caplog.records if "tensorboard" in r.getMessage()] == [
+        "no TensorBoard logging: the tensorboard package is not installed "
+        "(pip install 'mm1-pipeline[tensorboard]'; log.tensorboard: false silences this)"]
+    assert not (tmp_path / "tensorboard").exists()

@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import os
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -235,3 +236,25 @@ def test_recipe_accepts_a_url_list_source():
     })
     config = recipe.sources[0]
     assert isinstance(config, UrlListConfig) and config.extra_columns is None and config.format is None
+
+
+def test_extra_columns_carry_their_types(tmp_path):
+    """Each extra column's sidecar type travels in `extra_types`: parquet's Arrow type (text for a
+    type whose values JSON does not keep), text for csv, a JSON value's own type for jsonl."""
+    records = [{"url": f"http://x.example/{i}.jpg", "caption": "c", "license": "cc0", "w": i, "p": 0.5 * i,
+                "nsfw": i == 1, "tags": ["a", "b"], "seen": datetime(2024, 1, i + 1)} for i in range(2)]
+    table = pa.Table.from_pylist(records).cast(pa.schema([
+        ("url", pa.string()), ("caption", pa.string()), ("license", pa.string()), ("w", pa.int32()),
+        ("p", pa.float32()), ("nsfw", pa.bool_()), ("tags", pa.list_(pa.string())), ("seen", pa.timestamp("s"))]))
+    pq.write_table(table, tmp_path / "l.parquet")
+    rows = read_all(source(tmp_path / "l.parquet"))
+    assert json.loads(rows[0]["extra_types"]) == {"license": "string", "w": "int32", "p": "float", "nsfw": "bool",
+                                                  "tags": "string", "seen": "string"}
+    assert json.loads(rows[1]["extra"])["seen"] == "2024-01-02 00:00:00"  # as KEY.json holds it
+    jsonl = write(tmp_path / "l", "jsonl", [{**r, "seen": None, "big": 2**70} for r in records])
+    rows = read_all(source(jsonl))
+    assert json.loads(rows[1]["extra_types"]) == {"license": "string", "w": "int64", "p": "double", "nsfw": "bool",
+                                                  "tags": "string", "seen": None, "big": "string"}
+    rows = read_all(source(write(tmp_path / "l", "csv", RECORDS[:1])))
+    assert json.loads(rows[0]["extra_types"]) == {"width": "string", "license": "string"}
+    assert read_all(source(write(tmp_path / "u", "txt", RECORDS[:1]), caption_column=None))[0]["extra_types"] is None

@@ -1,0 +1,108 @@
+"""What `mm1` exits with, and the checks that choose an exit status other than 0 or 1.
+
+The exit statuses (one table for every command: `EXIT_CODES`, shown by `mm1 --help` and the README):
+0 success; 1 a bug (an uncaught exception, with its traceback); 2 a recipe, input or environment
+problem (one short message); 3 training diverged; 4 `mm1 verify` found damage; 5 a curation run
+that kept nothing of a kind it had inputs for; 130 interrupted (Ctrl-C).
+
+`missing_extra(exc)` turns a ModuleNotFoundError for a module of an optional extra into the line
+saying what to install. `kept_nothing(out)` reads a finished output's ledger and says, per kind
+that had inputs and kept none, which stage dropped the most of them, its top reason and an
+example; `retry_kept_nothing(entry)` judges a retry round by its own counts.
+
+Standard library only at import: `mm1 --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_INPUT = 2
+EXIT_DIVERGED = 3  # train.trainer.EXIT_DIVERGED (not imported: it loads torch)
+EXIT_DAMAGED = 4
+EXIT_EMPTY = 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+EXIT_CODES = f"""exit status (every command):
+  {EXIT_OK}    success
+  {EXIT_BUG}    a bug: an uncaught exception (its traceback is printed; please report it)
+  {EXIT_INPUT}    a recipe, input or environment problem: one message saying what, where and what to do
+       (-v adds the traceback)
+  {EXIT_DIVERGED}    mm1 train: training diverged (max_bad_steps non-finite steps in a row)
+  {EXIT_DAMAGED}    mm1 verify: the output is damaged (each problem is printed as FAIL ...)
+  {EXIT_EMPTY}    mm1 curate: the run finished but kept nothing of a kind it had inputs for; the
+       stage that dropped them, its top reason and an example are printed (--allow-empty: a warning)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); run the same command again to resume"""
+
+# top-level module -> the optional dependency group of pyproject.toml that installs it
+OPTIONAL_EXTRAS: dict[str, str] = {
+    "torch": "train",
+    "torchvision": "train",
+    "open_clip": "train",
+    "safetensors": "train",
+    "transformers": "vecap",
+    "s3fs": "s3",
+    "gcsfs": "gcs",
+    "tensorboard": "tensorboard",
+    "skimage": "demo",
+    "sklearn": "demo",
+    "img2dataset": "bench",
+    "trafilatura": "bench",
+    "resiliparse": "bench",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The message for a missing module of an optional extra; None for any other module."""
+    top = (exc.name or "").split(".")[0]
+    extra = OPTIONAL_EXTRAS.get(top)
+    if extra is None:
+        return None
+    return f"needs the optional dependency {top}: pip install 'mm1-pipeline[{extra}]'"
+
+
+def kept_nothing(out: str | Path, recipe: Mapping[str, Any]) -> list[str]:
+    """One line per record kind of the output at `out` that had inputs and kept none. It names
+    the last stage (in `recipe`'s order, the source first) that dropped any of them: that stage
+    dropped every row of the kind that reached it; with its top reason and one example: its id,
+    url and drop detail."""
+    # pyarrow and curate only when a run has finished (CLI start-up)
+    import pyarrow.compute as pc
+
+    from curate.contract import read_ledger  # (as above)
+
+    order = ["source", *(s.get("name") or s["kind"] for s in recipe.get("stages", []))]
+    ledger = read_ledger(out, columns=["id", "kind", "url", "outcome", "stage", "drop_reason", "drop_detail"])
+    problems = []
+    for kind in sorted(set(ledger.column("kind").to_pylist())):
+        rows = ledger.filter(pc.equal(ledger.column("kind"), kind))
+        if pc.any(pc.equal(rows.column("outcome"), "kept")).as_py():
+            continue
+        counts = rows.group_by(["stage", "drop_reason"]).aggregate([("id", "count")]).to_pylist()
+        stage = max({c["stage"] for c in counts},
+                    key=lambda s: (order.index(s) if s in order else -1, str(s)))
+        at_stage = [c for c in counts if c["stage"] == stage]
+        top = max(at_stage, key=lambda c: (c["id_count"], str(c["drop_reason"])))
+        example = rows.filter(pc.and_(pc.equal(rows.column("stage"), stage),
+                                      pc.equal(rows.column("drop_reason"), top["drop_reason"]))).slice(0, 1)
+        ex = {name: example.column(name)[0].as_py() for name in ("id", "url", "drop_detail")}
+        detail = ex["drop_detail"] or ""
+        problems.append(
+            f"kept no {kind} of {rows.num_rows} inputs: stage {stage!r} dropped all "
+            f"{sum(c['id_count'] for c in at_stage)} that reached it, most for {top['drop_reason']!r} "
+            f"({top['id_count']}), e.g. {ex['id']}" + (f" ({ex['url']})" if ex["url"] else "")
+            + (f": {detail[:200]}{'...' if len(detail) > 200 else ''}" if detail else ""))
+    return problems
+
+
+def retry_kept_nothing(entry: Mapping[str, Any]) -> list[str]:
+    """A retry round (its `retries` entry) that retried rows and recovered none."""
+    if entry.get("retried", 0) and not entry.get("recovered", 0):
+        return [f"retry round {entry.get('round')} recovered none of the {entry['retried']} rows it retried: "
+                f"{entry.get('failed_again', 0)} failed again (transient), {entry.get('dropped', 0)} dropped "
+                f"for other reasons"]
+    return []
