@@ -4,12 +4,17 @@ and what was expected, never mid-run.
 The recipe hash covers what determines the output (sources, stages and their parameters, the
 output layout, the tokenizer) and not how it is executed (cluster address, worker counts,
 batch size, resource annotations): a run may resume on a bigger cluster.
+
+`load_recipe` also checks that every local input the recipe names exists (`missing_inputs`),
+relative to the working directory, so a wrong path fails at once rather than minutes into a run.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Union
@@ -27,7 +32,7 @@ from curate.tokens import check_tokenizer_path
 from curate.units import parse_bytes
 
 __all__ = ["ClusterConfig", "ExecutionConfig", "OutputConfig", "Recipe", "RecipeError", "TokenizerConfig",
-           "load_recipe", "parse_recipe"]
+           "load_recipe", "missing_inputs", "parse_recipe"]
 
 
 class _Strict(BaseModel):
@@ -57,7 +62,7 @@ class OutputConfig(_Strict):
 class ClusterConfig(_Strict):
     """Where to run. Execution only: not part of the recipe hash."""
 
-    address: str | None = None  # a running scheduler, e.g. tcp://10.0.0.5:8786
+    address: str | None = None  # a running scheduler, e.g. tcp://10.0.0.5:8786; `env`: see load_recipe
     connect_timeout_s: float = Field(10, gt=0)  # how long to try to reach `address` before giving up
     n_workers: int = Field(2, ge=1)
     threads_per_worker: int = Field(1, ge=1)
@@ -160,12 +165,22 @@ class Recipe(_Strict):
         """What determines the output: the part of the recipe the hash covers."""
         data = self.model_dump(mode="json", exclude={"cluster", "execution"})
         data["output"].pop("path")
+        for source in data["sources"]:
+            if source.get("limit") is None:  # no dry-run limit: hashes as before the field existed
+                source.pop("limit", None)
         for cfg, stage in zip(self.stages, data["stages"]):
             stage.pop("resources", None)
             if stage.get("name") is None:  # unnamed: hashes as before the field existed
                 stage.pop("name", None)
             _drop_execution_only(cfg, stage)
         return data
+
+    def limited(self, n: int) -> "Recipe":
+        """A dry run of this recipe: the first `n` inputs of each source (their `limit`), written
+        to its own output, `OUTPUT.limit-N`, so a real run's output is never mixed with it."""
+        sources = [s.model_copy(update={"limit": n}) for s in self.sources]
+        output = self.output.model_copy(update={"path": f"{self.output.path.rstrip('/')}.limit-{n}"})
+        return self.model_copy(update={"sources": sources, "output": output})
 
     def hash(self) -> str:
         blob = json.dumps(self.determining(), sort_keys=True, separators=(",", ":")).encode()
@@ -188,6 +203,57 @@ def parse_recipe(data: Any, origin: str = "<recipe>") -> Recipe:
     return validate_recipe(Recipe, data, origin)
 
 
-def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read a YAML recipe (safe_load), apply dotted-key overrides, validate (curate/recipe_io.py)."""
-    return parse_recipe(read_recipe_yaml(path, overrides), str(path))
+# `cluster.address: env`: the scheduler's address comes from the first of these that is set
+# (or from `mm1 curate --address`, an override set before this is read)
+ADDRESS_FROM_ENV = "env"
+SCHEDULER_ENV = ("MM1_SCHEDULER", "DASK_SCHEDULER_ADDRESS")
+
+
+def missing_inputs(recipe: Recipe) -> list[tuple[str, str]]:
+    """(key, absolute path tried) of each local input the recipe names that does not exist: a
+    source's `path` (each file, folder or glob of it; a glob must match something), an
+    image_folder's mapping file (relative to its folder) and a recaptioning model given as a local
+    path. Relative paths are relative to the working directory; URLs (s3://...) are not checked."""
+    missing = []
+    for i, src in enumerate(recipe.sources):
+        paths = [src.path] if isinstance(src.path, str) else list(src.path)
+        for j, p in enumerate(paths):
+            key = f"sources.{i}.path" + (f".{j}" if not isinstance(src.path, str) else "")
+            if not is_url(p) and not (glob.glob(p, recursive=True) if glob.has_magic(p) else os.path.exists(p)):
+                missing.append((key, os.path.abspath(p)))
+        captions = getattr(src, "captions", "sidecar")
+        if src.kind == "image_folder" and captions != "sidecar" and not is_url(src.path) and not is_url(captions):
+            mapping = os.path.join(src.path, captions)
+            if not os.path.isfile(mapping):
+                missing.append((f"sources.{i}.captions", os.path.abspath(mapping)))
+    for i, stage in enumerate(recipe.stages):
+        for role in ("captioner", "fusion"):
+            model = getattr(getattr(stage, role, None), "model", None)
+            if isinstance(model, str) and model.startswith(("/", "./", "../")) and not os.path.exists(model):
+                missing.append((f"stages.{i}.{role}.model", os.path.abspath(model)))
+    return missing
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, check_inputs: bool = True) -> Recipe:
+    """Read a YAML recipe (safe_load), apply dotted-key overrides, validate (curate/recipe_io.py).
+    `cluster.address: env` (the shipped cluster recipes') takes the scheduler's address from the
+    first of `SCHEDULER_ENV` that is set. With `check_inputs` (off only to read a recipe written for
+    another machine), a local input that does not exist (`missing_inputs`) is a RecipeError naming
+    each key and the absolute path tried, and so is `address: env` with none of them set."""
+    data = read_recipe_yaml(path, overrides)
+    cluster = data.get("cluster") if isinstance(data, dict) else None
+    if isinstance(cluster, dict) and cluster.get("address") == ADDRESS_FROM_ENV:
+        found = next((os.environ[v] for v in SCHEDULER_ENV if os.environ.get(v)), None)
+        if found is None and check_inputs:
+            raise RecipeError(f"{path}: cluster.address is {ADDRESS_FROM_ENV!r}, but neither "
+                              f"{' nor '.join(SCHEDULER_ENV)} is set: give the Dask scheduler's address "
+                              "with --address tcp://HOST:8786 or in one of them, or drop cluster.address "
+                              "to run on a local cluster")
+        cluster["address"] = found or cluster["address"]
+    recipe = parse_recipe(data, str(path))
+    if check_inputs and (missing := missing_inputs(recipe)):
+        lines = "\n".join(f"  {key}: {tried}" for key, tried in missing)
+        raise RecipeError(f"{path}: input paths that do not exist (relative paths are relative to the working "
+                          f"directory, {os.getcwd()}):\n{lines}\nfix them in the recipe, with --override KEY=PATH, "
+                          "or run from the folder the recipe expects")
+    return recipe

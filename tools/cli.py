@@ -23,6 +23,7 @@ def _curate(args: argparse.Namespace) -> int:
     # CLI start-up: each command loads its library when it runs (module docstring)
     from curate.contract import Manifest, location
     from curate.recipe import load_recipe
+    from curate.recipe_io import parse_override
     from curate.storage import is_url
     from curate.engine.retry import RetryError, retry_failed
     from curate.engine.driver import ResumeError, run_recipe
@@ -30,7 +31,7 @@ def _curate(args: argparse.Namespace) -> int:
     if args.retry_failed and args.restart:
         print("mm1 curate: --retry-failed and --restart exclude each other", file=sys.stderr)
         return 2
-    overrides = {}
+    overrides = dict(parse_override(o) for o in args.override)
     if args.output:
         overrides["output.path"] = args.output
     if args.address:
@@ -38,6 +39,12 @@ def _curate(args: argparse.Namespace) -> int:
     if args.workers:
         overrides["cluster.n_workers"] = args.workers
     recipe = load_recipe(args.recipe, overrides)
+    if args.limit is not None:
+        if args.limit < 1:
+            print(f"mm1 curate: --limit {args.limit}: give a number of inputs, 1 or more", file=sys.stderr)
+            return EXIT_INPUT
+        recipe = recipe.limited(args.limit)
+        print(f"dry run: the first {args.limit} inputs of each source -> {recipe.output.path}")
     out = location(recipe.output.path)
     if not is_url(out) and out.exists() and not out.is_dir():
         print(f"mm1 curate: output.path {out.resolve()} is a file, not a folder: name a new folder "
@@ -148,6 +155,18 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference(args: argparse.Namespace) -> int:
+    from tools.reference import find, format_text  # CLI start-up: loaded when this command runs
+
+    if args.kind is not None:
+        try:
+            find(args.command, args.kind)
+        except KeyError as exc:
+            return _input_error(args, exc.args[0])
+    print(format_text(args.command, args.kind))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tools.demo.run import run_demo  # CLI start-up: loaded when this command runs
 
@@ -174,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--allow-empty", action="store_true",
                    help="a run that keeps nothing of a kind it had inputs for: warn and exit 0, not 5")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a recipe key, e.g. stages.0.image_size=384 (repeatable; the value is read as YAML)")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="a dry run: the first N inputs of each source, into OUTPUT.limit-N")
     p.set_defaults(func=_curate)
 
     p = sub.add_parser("stats", help="statistics of a curated output (sidecars + ledger only)")
@@ -206,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="cast the weights (default: as stored, fp32)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face decoder folder")
     p.set_defaults(func=_export)
+
+    for which in ("sources", "stages"):
+        p = sub.add_parser(which, help=f"every {which[:-1]} kind a recipe may use, with its options and defaults")
+        p.add_argument("kind", nargs="?", help=f"one {which[:-1]} kind, shown in full")
+        p.set_defaults(func=_reference)
 
     p = sub.add_parser("demo", help="build the demo inputs, curate them, print stats and verify")
     p.add_argument("--dir", default="demo_out", help="where inputs and outputs go")

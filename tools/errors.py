@@ -3,12 +3,14 @@
 The exit statuses (one table for every command: `EXIT_CODES`, shown by `mm1 --help` and the README):
 0 success; 1 a bug (an uncaught exception, with its traceback); 2 a recipe, input or environment
 problem (one short message); 3 training diverged; 4 `mm1 verify` found damage; 5 a curation run
-that kept nothing of a kind it had inputs for; 130 interrupted (Ctrl-C).
+that kept nothing of a kind it had inputs for, or where one stage dropped every row of the at
+least 20 that reached it; 130 interrupted (Ctrl-C).
 
 `missing_extra(exc)` turns a ModuleNotFoundError for a module of an optional extra into the line
-saying what to install. `kept_nothing(out)` reads a finished output's ledger and says, per kind
-that had inputs and kept none, which stage dropped the most of them, its top reason and an
-example; `retry_kept_nothing(entry)` judges a retry round by its own counts.
+saying what to install. `kept_nothing(out, recipe)` reads a finished output's ledger and manifest
+and says, per kind that had inputs and kept none, which stage dropped them, and per stage that
+dropped all of its at least 20 rows, with the top reason and an example;
+`retry_kept_nothing(entry)` judges a retry round by its own counts.
 
 Standard library only at import: `mm1 --help` stays fast.
 """
@@ -17,7 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: pyarrow is not imported at CLI start-up
+    import pyarrow as pa
 
 EXIT_OK = 0
 EXIT_BUG = 1
@@ -25,6 +30,7 @@ EXIT_INPUT = 2
 EXIT_DIVERGED = 3  # train.trainer.EXIT_DIVERGED (not imported: it loads torch)
 EXIT_DAMAGED = 4
 EXIT_EMPTY = 5
+JUDGED_ROWS = 20  # a stage that dropped every row reaching it is an exit 5 from this many rows on
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 EXIT_CODES = f"""exit status (every command):
@@ -34,8 +40,9 @@ EXIT_CODES = f"""exit status (every command):
        (-v adds the traceback)
   {EXIT_DIVERGED}    mm1 train: training diverged (max_bad_steps non-finite steps in a row)
   {EXIT_DAMAGED}    mm1 verify: the output is damaged (each problem is printed as FAIL ...)
-  {EXIT_EMPTY}    mm1 curate: the run finished but kept nothing of a kind it had inputs for; the
-       stage that dropped them, its top reason and an example are printed (--allow-empty: a warning)
+  {EXIT_EMPTY}    mm1 curate: the run finished but kept nothing of a kind it had inputs for, or one
+       stage dropped every row of the at least {JUDGED_ROWS} that reached it; the stage, its top reason
+       and an example are printed (--allow-empty: a warning)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); run the same command again to resume"""
 
 # top-level module -> the optional dependency group of pyproject.toml that installs it
@@ -66,37 +73,57 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
 
 
 def kept_nothing(out: str | Path, recipe: Mapping[str, Any]) -> list[str]:
-    """One line per record kind of the output at `out` that had inputs and kept none. It names
-    the last stage (in `recipe`'s order, the source first) that dropped any of them: that stage
-    dropped every row of the kind that reached it; with its top reason and one example: its id,
-    url and drop detail."""
+    """What makes a finished run exit 5, one line each, from the output at `out`:
+    - per record kind that had inputs and kept none: the last stage (in `recipe`'s order, the
+      source first) that dropped any of them, which dropped every row of the kind that reached it;
+    - per stage that dropped every row of the at least `JUDGED_ROWS` that reached it (the
+      manifest's `stages` rows_in and rows_out, where it records them), though its kinds kept
+      rows another way; a stage the first rule named already is not named again.
+    Each with the stage's top reason and one example from the ledger: its id, url and drop detail."""
     # pyarrow and curate only when a run has finished (CLI start-up)
     import pyarrow.compute as pc
 
-    from curate.contract import read_ledger  # (as above)
+    from curate.contract import Manifest, read_ledger  # (as above)
 
     order = ["source", *(s.get("name") or s["kind"] for s in recipe.get("stages", []))]
     ledger = read_ledger(out, columns=["id", "kind", "url", "outcome", "stage", "drop_reason", "drop_detail"])
-    problems = []
+    problems, named = [], set()
     for kind in sorted(set(ledger.column("kind").to_pylist())):
         rows = ledger.filter(pc.equal(ledger.column("kind"), kind))
         if pc.any(pc.equal(rows.column("outcome"), "kept")).as_py():
             continue
-        counts = rows.group_by(["stage", "drop_reason"]).aggregate([("id", "count")]).to_pylist()
-        stage = max({c["stage"] for c in counts},
-                    key=lambda s: (order.index(s) if s in order else -1, str(s)))
-        at_stage = [c for c in counts if c["stage"] == stage]
-        top = max(at_stage, key=lambda c: (c["id_count"], str(c["drop_reason"])))
-        example = rows.filter(pc.and_(pc.equal(rows.column("stage"), stage),
-                                      pc.equal(rows.column("drop_reason"), top["drop_reason"]))).slice(0, 1)
-        ex = {name: example.column(name)[0].as_py() for name in ("id", "url", "drop_detail")}
-        detail = ex["drop_detail"] or ""
-        problems.append(
-            f"kept no {kind} of {rows.num_rows} inputs: stage {stage!r} dropped all "
-            f"{sum(c['id_count'] for c in at_stage)} that reached it, most for {top['drop_reason']!r} "
-            f"({top['id_count']}), e.g. {ex['id']}" + (f" ({ex['url']})" if ex["url"] else "")
-            + (f": {detail[:200]}{'...' if len(detail) > 200 else ''}" if detail else ""))
+        stage = max(set(rows.column("stage").to_pylist()), key=lambda s: (order.index(s) if s in order else -1, str(s)))
+        named.add(stage)
+        dropped, why = _top_reason(rows, stage)
+        problems.append(f"kept no {kind} of {rows.num_rows} inputs: stage {stage!r} dropped all {dropped} "
+                        f"that reached it, {why}")
+    times = Manifest.read(out).stages or {}
+    for stage, t in sorted(times.items(), key=lambda item: item[1].get("order", 0)):
+        if stage in named or t.get("rows_in", 0) < JUDGED_ROWS or t.get("rows_out", 0) != 0:
+            continue
+        _, why = _top_reason(ledger, stage)
+        problems.append(f"stage {stage!r} dropped all {t['rows_in']} rows that reached it, {why}")
     return problems
+
+
+def _top_reason(rows: pa.Table, stage: str) -> tuple[int, str]:
+    """(rows of the ledger table `rows` that `stage` dropped, "most for REASON (N), e.g. ID (URL):
+    DETAIL"); the second part says so where the ledger holds none of its drops."""
+    import pyarrow.compute as pc  # only once a run has finished (CLI start-up)
+
+    at_stage = rows.filter(pc.and_(pc.equal(rows.column("stage"), stage),
+                                   pc.equal(rows.column("outcome"), "dropped")))
+    if not at_stage.num_rows:
+        return 0, "and the ledger records none of its drops"
+    counts = at_stage.group_by(["drop_reason"]).aggregate([("id", "count")]).to_pylist()
+    top = max(counts, key=lambda c: (c["id_count"], str(c["drop_reason"])))
+    example = at_stage.filter(pc.equal(at_stage.column("drop_reason"), top["drop_reason"])).slice(0, 1)
+    ex = {name: example.column(name)[0].as_py() for name in ("id", "url", "drop_detail")}
+    detail = ex["drop_detail"] or ""
+    return at_stage.num_rows, (
+        f"most for {top['drop_reason']!r} ({top['id_count']}), e.g. {ex['id']}"
+        + (f" ({ex['url']})" if ex["url"] else "")
+        + (f": {detail[:200]}{'...' if len(detail) > 200 else ''}" if detail else ""))
 
 
 def retry_kept_nothing(entry: Mapping[str, Any]) -> list[str]:

@@ -7,7 +7,8 @@ any other source.
 What it reads, so that it stays fast on large outputs:
 - `mm1 stats`' numbers (`tools.stats.compute_stats`: the manifest, sidecar columns and the
   ledger streamed in batches): every number the page shows that `mm1 stats` also prints is that
-  number (the page marks them `data-stat="<path in the stats dict>"`);
+  number (the page marks them `data-stat="<path in the stats dict>"`), per-stage seconds and rows
+  included (the manifest's `stages`; no such section for an output written before it existed);
 - a second pass over the ledger's small columns: drops per kind and stage (the funnel: every
   stage of the recipe that sees the kind, in order, 0 where it dropped nothing), a few examples
   per drop code, duplicate group sizes (from the duplicate drops' details, which name the kept
@@ -323,8 +324,6 @@ def collect(out: str | Path, *, samples: int = 12, seed: int = 0, seq_len: int =
     manifest = Manifest.read(out)
     stats = compute_stats(out)
     order = _stage_order(manifest)
-    # TODO(issue 22, item 2): per-stage wall and CPU seconds. The manifest records no stage timing
-    # yet (curate/engine is adding it); show it in the funnel's table once it does.
     funnel, examples, groups, dropped_scores = _ledger_pass(out, manifest)
     cuts = _thresholds(manifest)
     scores, languages = {}, {}

@@ -243,6 +243,29 @@ def funnel(run: Run) -> str:
     return "".join(out)
 
 
+def stage_times(run: Run) -> str:
+    """Each stage's wall seconds (a bar per stage, recipe order) and its CPU seconds, rows in and
+    out and rows/s (`mm1 stats`' `stages`); nothing for an output whose manifest records none."""
+    rows = run.stats.get("stages") or []
+    if not rows:
+        return ""
+    labels = [r["stage"] + (" (global)" if r["pass"] == "global" else "") for r in rows]
+    out = [figure(hbar_chart(labels, [r["wall_s"] for r in rows], title="wall seconds per stage", width=520,
+                             gutter=170, value_text=lambda v: f"{v:,.2f} s"),
+                  "wall seconds per stage (row stages: summed over partitions; global passes: on the driver)"),
+           "<table><tr><th>stage</th><th>pass</th><th class=n>wall s</th><th class=n>CPU s</th>"
+           "<th class=n>rows in</th><th class=n>rows out</th><th class=n>rows/s</th></tr>"]
+    for i, r in enumerate(rows):
+        p = f"stages.{i}"
+        rate = "-" if r["rows_per_s"] is None else stat(p + ".rows_per_s", r["rows_per_s"])
+        out.append(f"<tr><td>{esc(r['stage'])}</td><td>{esc(r['pass'])}</td>"
+                   f"<td class=n>{stat(p + '.wall_s', r['wall_s'])}</td><td class=n>{stat(p + '.cpu_s', r['cpu_s'])}</td>"
+                   f"<td class=n>{stat(p + '.rows_in', r['rows_in'])}</td>"
+                   f"<td class=n>{stat(p + '.rows_out', r['rows_out'])}</td><td class=n>{rate}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
 def domains(run: Run) -> str:
     dom = run.stats["domains"]
     seen: dict[str, dict[str, Any]] = {}
@@ -371,7 +394,8 @@ def samples_section(run: Run) -> str:
     return "".join(out)
 
 
-SECTIONS = (("overview", "Overview", overview), ("funnel", "Funnel", funnel), ("domains", "Domains", domains),
+SECTIONS = (("overview", "Overview", overview), ("funnel", "Funnel", funnel), ("stages", "Stage times", stage_times),
+            ("domains", "Domains", domains),
             ("distributions", "Distributions", distributions), ("mixture", "Mixture", mixture_section),
             ("samples", "Samples", samples_section))
 

@@ -11,6 +11,8 @@ streams each partition as bounded Arrow tables in its kind's record schema.
   ("<source name>:<locator>"). An input that cannot be read (a malformed mapping row, a member
   of a broken tar) still yields a row, dropped at stage "source" with a reason: nothing entering
   the system is lost silently.
+
+A config's `limit` (a dry run) makes `build_source` return its first `limit` inputs only.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from curate.contract import record_schema
 
@@ -35,6 +37,7 @@ class SourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: str
     name: str  # unique within a recipe; prefixes every sample id
+    limit: int | None = Field(None, ge=1)  # a dry run: only the first `limit` inputs (`mm1 curate --limit N`)
 
 
 @dataclass(frozen=True)
@@ -116,5 +119,51 @@ def register(cls: type[Source]) -> type[Source]:
     return cls
 
 
+# the rows a partition of a limited source yields (set by `Limited.partitions`)
+LIMIT_KEY = "limit_rows"
+
+
+class Limited:
+    """The first `limit` inputs of a source, in its order: its partitions up to the one where the
+    count is reached, that one cut short. Listing them reads those inputs on the client (only
+    those: a dry run's few), since a listing does not say how many rows a partition holds."""
+
+    def __init__(self, source: Source, limit: int):
+        self.source, self.limit = source, limit
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the source's own
+        if name == "source":  # not set yet (unpickling): no recursion through this method
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def partitions(self) -> list[Partition]:
+        kept: list[Partition] = []
+        seen = 0
+        for part in self.source.partitions():
+            rows = 0
+            for table in self.source.read(part, self.limit - seen):
+                rows += table.num_rows
+                if seen + rows >= self.limit:
+                    break
+            rows = min(rows, self.limit - seen)
+            kept.append(Partition(part.source, part.index, {**part.payload, LIMIT_KEY: rows}, part.fingerprint))
+            seen += rows
+            if seen >= self.limit:
+                break
+        return kept
+
+    def read(self, partition: Partition, batch_size: int) -> Iterator[pa.Table]:
+        payload = dict(partition.payload)
+        left = payload.pop(LIMIT_KEY)
+        inner = Partition(partition.source, partition.index, payload, partition.fingerprint)
+        for table in self.source.read(inner, batch_size):
+            if left <= 0:
+                return
+            yield table.slice(0, left)
+            left -= min(left, table.num_rows)
+
+
 def build_source(config: SourceConfig) -> Source:
-    return SOURCES[config.kind](config)
+    """The source of `config`; with `limit`, its first `limit` inputs only (`Limited`)."""
+    source = SOURCES[config.kind](config)
+    return Limited(source, config.limit) if config.limit else source  # type: ignore[return-value]

@@ -41,7 +41,7 @@ def demo_root(tmp_path_factory):
 def _load(path, demo_root, overrides=None):
     if path.name == "demo.yaml":
         overrides = {**demo_overrides(demo_root), **(overrides or {})}
-    return load_recipe(path, overrides)
+    return load_recipe(path, overrides, check_inputs=False)  # the shipped recipes name data not on this machine
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])

@@ -9,23 +9,29 @@ import ast
 import importlib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from curate.engine.driver import plan_job
+from curate.recipe import SCHEDULER_ENV, load_recipe
+from curate.sources.base import build_source
 from tools.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 # python -m entry points with an argparse `main(argv)`: the benches, the loopback servers, the tiny models
 ENTRY_POINTS = sorted(
     [f"tools.bench.{p.stem}" for p in (ROOT / "tools" / "bench").glob("*.py") if p.stem != "__init__"]
-    + ["tools.servers.s3", "tools.servers.chat", "tools.demo.tiny_models"])
+    + ["tools.servers.s3", "tools.servers.chat", "tools.demo.tiny_models", "tools.reference"])
 
 FROZEN = {
-    "curate": ["--address", "--allow-empty", "--no-progress", "--output", "--restart", "--retry-failed", "--workers",
-               "recipe"],
+    "curate": ["--address", "--allow-empty", "--limit", "--no-progress", "--output", "--override", "--restart",
+               "--retry-failed", "--workers", "recipe"],
     "stats": ["--json", "out"],
     "verify": ["out"],
+    "sources": ["kind"],
+    "stages": ["kind"],
     "demo": ["--dir"],
     "export": ["--dtype", "--no-hf", "checkpoint", "out"],
     "report": ["--output", "--samples", "--seed", "out"],
@@ -75,3 +81,63 @@ def test_entry_points_answer_help(module, capsys):
     with pytest.raises(SystemExit) as done:
         importlib.import_module(module).main(["--help"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("usage:"), module
+
+
+def test_curate_overrides_and_checks_inputs_at_load(tmp_path, capsys, monkeypatch):
+    """`mm1 curate --override` sets recipe keys as `mm1 train`'s does; an input path that does not
+    exist fails at load (exit 2, at once), naming the key and the absolute path tried from the
+    working directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nsources: [{kind: image_folder, name: a, path: imgs}]\n"
+                      "stages: [{kind: image}]\noutput: {path: out}\n")
+    assert main(["curate", str(recipe), "--override", "stages.0.image_size=0"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.0.image.image_size: Input should be greater than or equal to 1 (got 0)" in err
+    started = time.monotonic()
+    assert main(["curate", str(recipe), "--override", "sources.0.path=nowhere",
+                 "--override", "sources.0.captions=caps.csv"]) == 2
+    assert time.monotonic() - started < 2
+    err = capsys.readouterr().err
+    assert f"  sources.0.path: {tmp_path / 'nowhere'}\n" in err
+    assert f"  sources.0.captions: {tmp_path / 'nowhere' / 'caps.csv'}\n" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_shipped_cluster_recipe_takes_the_scheduler_from_address_or_environment(tmp_path, capsys, monkeypatch):
+    """A shipped cluster recipe copied as is, with neither --address nor the environment set, fails
+    at once saying so; the environment variable or --address gives the scheduler."""
+    for name in SCHEDULER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    shipped = ROOT / "recipes" / "curate" / "pairs-cluster.yaml"
+    assert main(["curate", str(shipped)]) == 2
+    err = capsys.readouterr().err
+    assert "cluster.address is 'env', but neither MM1_SCHEDULER nor DASK_SCHEDULER_ADDRESS is set" in err
+    assert "--address" in err and "Traceback" not in err
+    (tmp_path / "urls.csv").write_text("url,caption\n")
+    inputs = {"sources.0.path": str(tmp_path / "urls.csv")}
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://10.0.0.5:8786")
+    assert load_recipe(shipped, inputs).cluster.address == "tcp://10.0.0.5:8786"
+    recipe = load_recipe(shipped, {**inputs, "cluster.address": "tcp://10.0.0.6:8786"})  # what --address sets
+    assert recipe.cluster.address == "tcp://10.0.0.6:8786"
+
+
+def test_limit_is_a_dry_run_of_the_first_inputs_into_its_own_output(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):  # the source reads bytes and captions; nothing decodes them before the image stage
+        (folder / f"{i}.jpg").write_bytes(b"not decoded here")
+        (folder / f"{i}.txt").write_text(f"caption {i}")
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: t\nsources: [{{kind: image_folder, name: a, path: {folder}, files_per_partition: 2}}]\n"
+                    f"output: {{path: {tmp_path / 'out'}}}\n")
+    full = load_recipe(path)
+    recipe = full.limited(3)
+    assert recipe.output.path == f"{tmp_path / 'out'}.limit-3" and recipe.hash() != full.hash()
+    job = plan_job(recipe)  # the listing, on the client: the partitions that hold the first 3 inputs
+    source = build_source(recipe.sources[0])
+    ids = [i for part in job.partitions for table in source.read(part, 1) for i in table.column("id").to_pylist()]
+    assert ids == ["a:0.jpg", "a:1.jpg", "a:2.jpg"] and len(job.partitions) == 2
+    assert main(["curate", str(path), "--limit", "0"]) == 2
+    assert "--limit 0: give a number of inputs, 1 or more" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """`mm1`'s exit statuses (tools/errors.py): each mistake a user can make is one message on stderr
-with exit 2 and no traceback; a run that keeps nothing exits 5 naming the stage; Ctrl-C exits 130
-saying how to resume. In process through `tools.cli.main`, except where the real process is the
-thing tested (a signal, a module missing at import)."""
+with exit 2 and no traceback; a run that keeps nothing, or with a stage that drops every row of
+at least 20, exits 5 naming the stage; Ctrl-C exits 130 saying how to resume. In process through
+`tools.cli.main`, except where the real process is the thing tested (a signal, a module missing at
+import)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import yaml
 
 from tools.cli import main
 from tools.errors import (EXIT_CODES, EXIT_DAMAGED, EXIT_EMPTY, EXIT_INPUT, EXIT_INTERRUPTED, OPTIONAL_EXTRAS,
-                          missing_extra, retry_kept_nothing)
+                          kept_nothing, missing_extra, retry_kept_nothing)
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCKED = 24  # rows: more than the 20 a stage must see before dropping all of them is judged
@@ -116,6 +117,28 @@ def test_a_run_that_keeps_nothing_names_the_stage(tmp_path, capsys, shared_clust
     _fails(capsys, ["curate", sizes, *address], EXIT_EMPTY,
            f"stage 'image_size_filter' dropped all {BLOCKED}", "'stage_error'",
            "run the image stage before this filter")
+
+
+def test_a_stage_that_dropped_all_of_its_rows_is_named(curated, edit_manifest):
+    """Every kind of the synthetic output kept rows, yet its manifest says `download` let none of
+    the 25 rows that reached it through: that stage is named with its top reason and an example
+    from the ledger. At exactly 20 rows too (here with no drops in the ledger to show); not under
+    20, nor where one row got through, nor for an output whose manifest records no stage rows."""
+    out = curated["out"]
+    assert kept_nothing(out, {}) == []
+
+    def timed(**rows: tuple[int, int]) -> None:
+        edit_manifest(out, lambda m: m.update(stages={
+            name: {"order": i, "pass": "rows", "wall_s": 0.1, "cpu_s": 0.1, "rows_in": n, "rows_out": kept}
+            for i, (name, (n, kept)) in enumerate(rows.items())}))
+
+    timed(download=(25, 0), image_filter=(19, 0), lang=(30, 1), caption_filter=(20, 0))
+    assert kept_nothing(out, {}) == [
+        "stage 'download' dropped all 25 rows that reached it, most for 'http_404' (2), "
+        "e.g. laion:5 (https://img.example.com/c.jpg): 404 Not Found",
+        "stage 'caption_filter' dropped all 20 rows that reached it, and the ledger records none of its drops"]
+    timed(download=(25, 1), image_filter=(19, 0))
+    assert kept_nothing(out, {}) == []
 
 
 def test_a_retry_round_is_judged_on_what_it_retried():

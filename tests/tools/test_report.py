@@ -7,13 +7,15 @@ as `mm1 stats`' (data-stat) equals compute_stats', and a screenshot is saved
 (test-output/report.png). Then two runs side by side: the demo against its own inputs curated
 again with another score cut. In both, no chart's tick labels overlap (their boxes as Chromium
 lays them out). Without the browser: the funnel lists every stage of the recipe, the mixture
-section needs more than one kind, score histograms count dropped rows, and recipes are compared
-stage by stage."""
+section needs more than one kind, stage times are listed in recipe order (and only where the
+manifest records them), score histograms count dropped rows, and recipes are compared stage by
+stage."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import numpy as np
 import pytest
 
 from tools.report import build_report, collect, dropped_score, score_histograms
-from tools.report_html import align_stages, recipe_changes
+from tools.report_html import align_stages, recipe_changes, render
 from tools.stats import compute_stats
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,7 +111,7 @@ def test_the_report_in_a_real_browser(demo_output, browser, tmp_path):
     assert [u for u in requests if u.startswith("file://")] == [path.as_uri()]
 
     # the figures: every section, charts, the score cut drawn, thumbnails that decoded
-    for section in ("overview", "funnel", "domains", "distributions", "mixture", "samples"):
+    for section in ("overview", "funnel", "stages", "domains", "distributions", "mixture", "samples"):
         assert browser.find_element(By.ID, section).is_displayed()
     assert len(browser.find_elements(By.CSS_SELECTOR, "svg.chart")) >= 20
     assert len(browser.find_elements(By.CSS_SELECTOR, "line.threshold")) == 1  # score_top_fraction's cutoff
@@ -212,7 +214,7 @@ def test_two_runs_side_by_side_show_what_the_threshold_moved(demo_output, strict
     assert row.split()[1:] == [str(count_a), str(count_b), f"+{count_b - count_a}"]
     assert "fraction: 0.9 → 0.5" in changes  # the recipe difference, by stage
     assert _overlapping_labels(browser) == []
-    for section in ("funnel", "distributions", "samples"):
+    for section in ("funnel", "stages", "distributions", "samples"):
         columns = browser.find_elements(By.CSS_SELECTOR, f"#{section} [data-run]")
         assert [c.get_attribute("data-run") for c in columns] == ["0", "1"]
     assert len(browser.find_elements(By.CSS_SELECTOR, "line.threshold")) == 2  # each run's cut
@@ -262,6 +264,27 @@ def test_funnel_lists_every_stage_and_the_mixture_needs_two_kinds(curated, edit_
     edit_manifest(out, pairs_only)
     html = build_report([out], tmp_path / "pairs.html", samples=1).read_text()
     assert 'id="mixture"' not in html and 'href="#mixture"' not in html and 'id="funnel"' in html
+
+
+def test_stage_times_list_every_stage_in_recipe_order(demo_output, curated, tmp_path):
+    """The demo's manifest records each stage's seconds: the "Stage times" section has a row per
+    stage of its recipe, in the recipe's order, in each column of a comparison; an output written
+    before the manifest had `stages` (the synthetic fixture's) has no such section."""
+    run = collect(demo_output[0], samples=0)
+    order = [s.get("name") or s["kind"] for s in run.manifest.recipe["stages"]]
+
+    def listed(page: str, column: str = "") -> list[str]:
+        section = re.search(r'<section id="stages".*?</section>', page, re.S).group(0)
+        if column:
+            section = re.search(rf'<div data-run="{column}">.*?</table>', section, re.S).group(0)
+        return re.findall(r"<tr><td>([^<]+)</td><td>(?:rows|global)</td>", section)
+
+    one = render([run])
+    assert 'href="#stages"' in one and listed(one) == order
+    two = render([run, run])
+    assert listed(two, "0") == listed(two, "1") == order
+    bare = build_report([curated["out"]], tmp_path / "bare.html", samples=0).read_text()
+    assert 'id="stages"' not in bare and 'href="#stages"' not in bare and 'id="funnel"' in bare
 
 
 def test_score_histograms_count_kept_and_dropped_rows():

@@ -101,8 +101,9 @@ def test_the_loss_falls_in_one_process(demo_trained):
     5 steps is below 0.8 x the first 5's (it lands near 0.74), the lr warms up and ends the cosine
     at 10% of the peak, and steps 20 and 40 are checkpointed. (Validation at its cadence:
     test_fsdp2_with_activation_checkpointing_on_cpu.) The run directory holds the resolved
-    recipe, which loads back as the run's, and TensorBoard events with metrics.jsonl's losses; the
-    export's files are readable by all, as the umask lets any file be."""
+    recipe, which loads back as the run's, under a header naming the overrides the demo gave,
+    and TensorBoard events with metrics.jsonl's losses; the export's files are readable by all,
+    as the umask lets any file be."""
     from tools.demo.run import TRAIN_RECIPE
 
     demo, final, _ = demo_trained
@@ -118,8 +119,10 @@ def test_the_loss_falls_in_one_process(demo_trained):
     assert records[40]["lr"] == pytest.approx(3e-4)  # the cosine ends at 10% of the peak
     assert records[10]["tokens_per_s"] > 0 and records[10]["memory_gib"] > 0
     assert sorted(p.name for p in run.glob("step-*")) == ["step-00000020", "step-00000040"]
-    assert load_train_recipe(run / "recipe.yaml") == load_train_recipe(TRAIN_RECIPE, {
-        "data.outs": [str(demo.out)], "data.tokenizer": str(demo.tokenizer)})
+    overrides = {"data.outs": [str(demo.out)], "data.tokenizer": str(demo.tokenizer)}
+    assert load_train_recipe(run / "recipe.yaml") == load_train_recipe(TRAIN_RECIPE, overrides)
+    header = (run / "recipe.yaml").read_text().splitlines()[1]  # the demo's overrides, as train_demo gave them
+    assert header.startswith("# overrides: ") and yaml.safe_load(header[len("# overrides: "):]) == overrides
     assert _tensorboard_losses(run) == _as_logged(records)
     umask = os.umask(0)
     os.umask(umask)

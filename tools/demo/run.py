@@ -135,11 +135,12 @@ def train_demo(root: Path, out: Path) -> dict[str, Any]:
     run = root / "run"
     if run.exists():
         shutil.rmtree(run)  # the inputs were rebuilt: a fresh run, never a resume
-    recipe = load_train_recipe(TRAIN_RECIPE, {
+    overrides = {
         "data.outs": [str(out)],
         "data.tokenizer": str(root / "inputs" / "tokenizer" / "tokenizer.json"),
-    })
-    result = train(recipe, run)
+    }
+    recipe = load_train_recipe(TRAIN_RECIPE, overrides)
+    result = train(recipe, run, overrides=overrides)
     losses = result["losses"]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     exported = export_checkpoint(run, root / "export")
