@@ -31,6 +31,7 @@ interpolated to another resolution, as open_clip's own loader would do silently.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -66,10 +67,29 @@ def _create_clip(cfg: VisionConfig, load_weights: bool, device: torch.device) ->
     if pretrained is not None and not _has_scheme(cfg):
         preprocess = open_clip.get_pretrained_cfg(cfg.model, pretrained) or None  # {} for a file
         pretrained = None
-    return open_clip.create_model(
-        cfg.model, pretrained=pretrained, load_weights=load_weights, device=device,
-        force_preprocess_cfg=preprocess, weights_only=True, **cfg.overrides,
-    )
+    # open_clip warns on the root logger that the model is "initialized randomly" whenever it loads
+    # no weights itself: here that is always (a tag or a file is loaded by `vision_state_dict`, and
+    # None means random weights by the recipe's choice), so the line would only mislead
+    quiet = _DropMessage("No pretrained weights loaded for model")
+    logging.getLogger().addFilter(quiet)
+    try:
+        return open_clip.create_model(
+            cfg.model, pretrained=pretrained, load_weights=load_weights, device=device,
+            force_preprocess_cfg=preprocess, weights_only=True, **cfg.overrides,
+        )
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+class _DropMessage(logging.Filter):
+    """Drops the records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 class VisionEncoder(nn.Module):

@@ -35,8 +35,11 @@ def _encoder(seed: int = 0, **kw) -> VisionEncoder:
     return VisionEncoder(_cfg(**kw))
 
 
-def test_patch_tokens_shape_and_attributes():
-    enc = _encoder()
+def test_patch_tokens_shape_and_attributes(caplog):
+    with caplog.at_level("WARNING"):
+        enc = _encoder()
+    # open_clip's "initialized randomly" line would mislead: our loader brings the weights, or none by choice
+    assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
     out = enc(torch.randn(3, 3, 56, 56))
     assert out.shape == (3, 16, 64)
     assert (enc.grid, enc.width, enc.n_patches, enc.image_size) == (4, 64, 16, 56)
