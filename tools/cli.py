@@ -288,5 +288,18 @@ def _input_error(args: argparse.Namespace, message: str) -> int:
     return EXIT_INPUT
 
 
+def run() -> None:
+    """The `mm1` command: `main`, then exit with its status; after Ctrl-C at once (os._exit), not
+    after what the interrupted command left running has ended (a Dask client still connecting, a
+    loader's workers: interpreter exit waits for such threads, a minute for a silent scheduler).
+    Nothing is lost: a curation run commits its work atomically, a training run its checkpoints."""
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
