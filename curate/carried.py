@@ -1,8 +1,11 @@
 """Carried input columns in the sidecars: the typed copies of a source's extra columns.
 
-A source that knows its columns' types (curate/sources/url_list.py) gives each record's carried
-columns (`extra`, a JSON object, as KEY.json gets them) their sidecar types in `extra_types`:
-a META_TYPES name, or null where a value has no type (a JSON null). The pack step writes them as
+A record's carried columns are `extra`, a JSON object, as KEY.json gets them. A source that knows
+their types (curate/sources/url_list.py) gives them in `extra_types`: a META_TYPES name, or null
+where a value has no type (a JSON null); for the others (an image folder's or a tar's json, a
+corpus's other fields, a WARC's facts) each value's JSON type gives it (`value_type_name`), so
+every sample's carried values reach the sidecar, whichever source it came from and whichever
+sources share its shard. The pack step writes them as
 `meta_<name>` sidecar columns, each typed over its shard's rows by `meta_type`, values converted
 by `meta_value` (curate/contract.py, `sidecar_table`); `mm1 verify` checks them against KEY.json.
 """

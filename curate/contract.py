@@ -376,10 +376,13 @@ def sidecar_row(kind: str, row: dict[str, Any], key: str, members: list[dict[str
         out["text"] = row.get("text") or ""  # exactly KEY.txt
         out["text_chars"] = len(out["text"])
         out["segments_dropped"] = len(json.loads(row.get("segment_drops") or "[]"))
-    if row.get("extra_types"):  # typed until `sidecar_table` knows the shard's column types
-        values = json.loads(row.get("extra") or "{}")
-        out["extra_types"] = {META_PREFIX + name: (values.get(name), t)
-                              for name, t in json.loads(row["extra_types"]).items()}
+    values = json.loads(row.get("extra") or "{}")
+    if isinstance(values, dict) and (values or row.get("extra_types")):
+        # typed until `sidecar_table` knows the shard's column types: as the source declares
+        # them (a URL list), else from the JSON values (a folder's or a tar's json, a WARC's facts)
+        types = json.loads(row["extra_types"]) if row.get("extra_types") else \
+            {name: value_type_name(v) for name, v in values.items()}
+        out["extra_types"] = {META_PREFIX + name: (values.get(name), t) for name, t in types.items()}
     return out
 
 

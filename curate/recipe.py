@@ -43,6 +43,8 @@ class OutputConfig(_Strict):
     # a local folder, or an fsspec URL of an object store (s3://bucket/run, gs://bucket/run):
     # credentials and endpoint come from the store's usual environment (AWS_*, GOOGLE_*)
     path: str
+    # each kind's kept samples, over all partitions in order, are cut into shards of at most
+    # these many samples and bytes: every shard is full but a kind's last (and a retry round's)
     shard_max_samples: int = Field(10_000, ge=1, le=MAX_SAMPLES_PER_SHARD)
     shard_max_bytes: int = Field(1_000_000_000, ge=1024)
 

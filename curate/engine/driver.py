@@ -7,8 +7,9 @@ tasks in `curate.engine.steps`), on the cluster of `curate.engine.cluster`:
     seg0   per partition: source -> row stages up to the first global stage -> intermediate
     global per global stage: a Dask dataframe pass over small columns -> drop decisions
     seg1.. per partition: previous intermediate + decisions -> next row stages -> intermediate
-    plan   per partition: how many shards its kept rows fill
-    pack   per partition: tars + sidecars + the ledger file
+    plan   per partition: its kept rows' tar footprints; the driver cuts each kind's shards
+           over consecutive partitions (full shards: only a kind's last may be short)
+    pack   per partition: the tars + sidecars of the shards it starts, + its ledger file
     manifest, written last by the driver from the pack markers (`curate.engine.manifest`)
 
 A `--retry-failed` round (`curate.engine.retry`) runs the same steps through `run_segments` and
@@ -35,6 +36,7 @@ from curate.storage import (
 from curate.contract import KIND_DIRS, LEDGER_DIR, MANIFEST, inside
 from curate.engine.cluster import Step, StepLine, check_resources, connect, run_tasks, segment_resources
 from curate.engine.manifest import write_manifest
+from curate.engine.pack import cut_shards
 from curate.engine.timing import GlobalPassClock
 from curate.recipe import Recipe
 from curate.sources.base import build_source
@@ -45,7 +47,6 @@ from curate.engine.steps import (
     WORK,
     Job,
     ResumeError,
-    number_shards,
     run_pack,
     run_plan,
     run_segment,
@@ -309,17 +310,17 @@ def segment_rows(job: Job, parts: list[int]) -> dict[int, int]:
 
 
 def run_plans(client: Any, job: Job, parts: list[int], progress: bool) -> dict[int, list[int]]:
-    """The shard cut of each partition in `parts`: partition -> samples per shard."""
+    """The footprints of each partition's kept rows (`run_plan`), for `cut_shards`."""
     rows = segment_rows(job, parts)
 
     def tally(call: tuple, result: dict[str, Any]) -> tuple[int, int, int]:
-        kept = sum(result["shard_counts"])
+        kept = len(result["footprints"])
         return rows[call[1]], kept, rows[call[1]] - kept
 
     step = Step("retry plan" if job.round else "plan", tally, sum(rows.values()))
     plans = run_tasks(client, run_plan, [(job, p) for p in parts], step, progress,
                       retries=job.recipe.execution.task_retries)
-    return {p: plan["shard_counts"] for p, plan in zip(parts, plans)}
+    return {p: plan["footprints"] for p, plan in zip(parts, plans)}
 
 
 def _pack_tally(call: tuple, result: dict[str, Any]) -> tuple[int, int, int]:
@@ -340,9 +341,8 @@ def _execute(job: Job, client: Any, progress: bool) -> dict[str, Any]:
         return write_manifest(job, packs, globals_)
     parts = list(range(n))
     globals_ = run_segments(client, job, parts, progress, run_global)
-    counts = run_plans(client, job, parts, progress)
-    first = number_shards(job, counts)
+    cuts = cut_shards(job.kinds, run_plans(client, job, parts, progress), job.recipe.output)
     step = Step("pack", _pack_tally, sum(segment_rows(job, parts).values()))
-    packs = run_tasks(client, run_pack, [(job, p, first[p], counts[p]) for p in parts], step, progress,
+    packs = run_tasks(client, run_pack, [(job, p, cuts[p]) for p in parts], step, progress,
                       retries=job.recipe.execution.task_retries)
     return write_manifest(job, packs, globals_)

@@ -13,7 +13,10 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
-from collections.abc import Iterable
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.engine.commit import Storage
+from curate.recipe import OutputConfig
 from curate.storage import location, relative
 from curate.tokens import TokenCounter
 from curate.contract import (
@@ -122,6 +126,55 @@ def plan_shards(footprints: Iterable[int], max_samples: int, max_bytes: int) -> 
     if n:
         counts.append(n)
     return counts
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Where partition p's kept rows go. A kind's kept rows, in partition order, are one stream
+    cut into full shards (`plan_shards`), so a shard may hold the end of one partition and the
+    start of the next ones; the partition holding a shard's first sample writes it.
+
+    `shards`: (shard number, samples) of each shard holding a kept row of p, in order; `skip`:
+    the samples of the first one that earlier partitions hold (p writes it only when 0);
+    `then`: the kind's later partitions whose kept rows fill the last shard p starts."""
+
+    shards: tuple[tuple[int, int], ...] = ()
+    skip: int = 0
+    then: tuple[int, ...] = ()
+
+
+def cut_shards(kinds: Sequence[str], footprints: Mapping[int, list[int]], out: OutputConfig,
+               after: Mapping[str, int] | None = None) -> dict[int, Cut]:
+    """Each partition's `Cut` from the footprints of its kept rows (`kinds[p]`: partition p's
+    kind): every kind's kept rows over the partitions in `footprints`, in partition order, cut
+    by the output's caps, its shards numbered from `after[kind]` (a retry round: after the kind's
+    last shard; the run starts at 0). Pure: the same footprints give the same cuts, so a resumed
+    run packs the same shards."""
+    cuts: dict[int, Cut] = {}
+    for kind in sorted({kinds[p] for p in footprints}):
+        parts = [p for p in sorted(footprints) if kinds[p] == kind]
+        counts = plan_shards((f for p in parts for f in footprints[p]), out.shard_max_samples, out.shard_max_bytes)
+        starts = list(accumulate(counts, initial=0))  # each shard's first sample in the stream
+        first = (after or {}).get(kind, 0)
+        offset = 0
+        for i, p in enumerate(parts):
+            n = len(footprints[p])
+            if not n:
+                cuts[p] = Cut()
+                continue
+            s0, s1 = bisect_right(starts, offset) - 1, bisect_right(starts, offset + n - 1) - 1
+            end = starts[s1 + 1]  # the stream position where p's last shard ends
+            then, filled = [], offset + n
+            for q in parts[i + 1:]:
+                if filled >= end:
+                    break
+                if footprints[q]:
+                    then.append(q)
+                    filled += len(footprints[q])
+            cuts[p] = Cut(tuple((first + s, counts[s]) for s in range(s0, s1 + 1)), offset - starts[s0],
+                          tuple(then) if starts[s1] >= offset else ())
+            offset += n
+    return cuts
 
 
 class ShardWriter:

@@ -22,8 +22,9 @@ the run's own steps (`curate.engine.steps`, driven by `curate.engine.driver.run_
             segment saw the retried rows the first time (they were dropped later) and are not
             run again.
     plan, pack per partition touched: the recovered kept rows go into NEW shards, numbered after
-            the kind's last shard; the partition's ledger file is written anew (a new name,
-            `ledger/<p>.r<r>.parquet`) with the retried and the changed rows updated and the
+            the kind's last shard and cut over the round's partitions as the run cuts them
+            (each round's last shard of a kind may be short); the partition's ledger file is
+            written anew (a new name, `ledger/<p>.r<r>.parquet`) with the retried and the changed rows updated and the
             attempts of both runs added up (the run's pack step, `steps.run_pack`, with
             `amend_ledger` as its ledger writer).
     manifest  written last, the round's amendment of the committed one (`curate.engine.manifest`):
@@ -75,7 +76,8 @@ from curate.engine.pack import LedgerRows
 from curate.recipe import Recipe
 from curate.stages.base import GlobalStage, build_stage
 from curate.stages.download import is_transient
-from curate.engine.steps import PARTITION_COLUMN, Job, commit, finished, number_shards, run_pack
+from curate.engine.pack import Cut, cut_shards
+from curate.engine.steps import PARTITION_COLUMN, Job, commit, finished, run_pack
 
 __all__ = ["RetryError", "amend_ledger", "retry_failed"]
 
@@ -370,12 +372,11 @@ def retry_failed(recipe: Recipe, *, progress: bool = True, client: Any = None) -
         globals_ = run_segments(client, job, parts, progress, global_pass)
         touched = sorted(set(parts) | _changed_partitions(job))
         plans = run_plans(client, job, parts, progress)
-        counts = {p: plans.get(p, []) for p in touched}
-        first = number_shards(job, counts, after={
+        cuts = cut_shards(job.kinds, plans, recipe.output, after={
             kind: max((s["shard"] for s in entry["shards"]), default=-1) + 1
             for kind, entry in manifest["kinds"].items()
         })
-        calls = [(job, p, first[p], counts[p], partial(amend_ledger, source=ledgers[p]), p in plans)
+        calls = [(job, p, cuts.get(p, Cut()), partial(amend_ledger, source=ledgers[p]), p in plans)
                  for p in touched]
         packs = run_tasks(client, run_pack, calls, "retry pack", progress, retries=retries)
     manifest = write_manifest(job, packs, globals_, earlier=manifest)

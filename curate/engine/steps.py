@@ -6,9 +6,10 @@ even at once: every write is idempotent). The three tasks, per partition:
 
     run_segment  source (or the previous intermediate + global decisions) -> row stages ->
                  intermediate parquet, one row group per batch
-    run_plan     how many shards the partition's kept rows fill (count and byte caps)
-    run_pack     tars + sidecars, globally numbered from the plan (`number_shards`), and the
-                 partition's ledger file, through a ledger writer: `write_ledger` writes it anew
+    run_plan     the tar footprint of each kept row (the driver cuts each kind's rows, over
+                 consecutive partitions, into full shards: `pack.cut_shards`)
+    run_pack     the tars + sidecars of the shards the partition starts (the last one filled
+                 from the next partitions' rows), keyed by the cut, and the partition's ledger file, through a ledger writer: `write_ledger` writes it anew
                  (the run), `curate.engine.retry.amend_ledger` amends the earlier one (a retry round)
 
 A `--retry-failed` round runs the same tasks on a `Job` whose `round` is r > 0 (its files under
@@ -22,8 +23,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +45,11 @@ from curate.contract import (
     UNSUPPORTED_FORMAT,
     conform,
     record_schema,
+    sample_key,
     unpackable,
 )
 from curate.engine.timing import StageTimes
-from curate.engine.pack import LedgerRows, ShardWriter, ledger_row, plan_shards, row_footprint, shard_label
+from curate.engine.pack import Cut, LedgerRows, ShardWriter, ledger_row, row_footprint, shard_label
 from curate.recipe import Recipe
 from curate.tokens import TokenCounter
 from curate.sources.base import Partition, build_source, fingerprint
@@ -398,55 +401,58 @@ def unfetched_images(row: dict[str, Any]) -> None:
 
 
 def run_plan(job: Job, p: int) -> dict[str, Any]:
-    """Per-partition task: the shard cut of this partition's kept rows."""
+    """Per-partition task: the footprint (bytes in a tar) of each of this partition's kept rows,
+    in order, from the small columns only. The driver cuts its kind's shards from them
+    (`cut_shards`)."""
     done = finished(job, "plan", p)
-    if done is not None:
+    if done is not None and "footprints" in done:  # (a marker of the per-partition cut: plan again)
         return done
     kind = job.kinds[p]
     schema = read_schema(job.seg_file(len(job.segments) - 1, p))
     columns = [n for n in schema.names if n not in HEAVY_COLUMNS]
-    footprints = (
-        row_footprint(kind, row) for row in final_rows(job, p, columns) if not row.get("drop_reason")
-    )
-    out = job.recipe.output
-    counts = plan_shards(footprints, out.shard_max_samples, out.shard_max_bytes)
-    return commit(job, "plan", p, shard_counts=counts)
+    footprints = [row_footprint(kind, row) for row in final_rows(job, p, columns) if not row.get("drop_reason")]
+    return commit(job, "plan", p, footprints=footprints)
 
 
-def number_shards(job: Job, shard_counts: Mapping[int, list[int]],
-                  after: Mapping[str, int] | None = None) -> dict[int, int]:
-    """Each partition's first shard number: its kind's shards numbered on in partition order,
-    from `after[kind]` (a retry round: after the kind's last shard; the run starts at 0)."""
-    next_shard: Counter[str] = Counter(after or {})
-    first: dict[int, int] = {}
-    for p in sorted(shard_counts):
-        first[p] = next_shard[job.kinds[p]]
-        next_shard[job.kinds[p]] += len(shard_counts[p])
-    return first
-
-
-def pack_rows(job: Job, p: int, first_shard: int, shard_counts: list[int],
-              shards: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """The ledger rows of partition p's final rows, in order; the kept ones are written on the
-    way into shards numbered from `first_shard` and cut as planned (`shard_counts`), each closed
-    shard's manifest entry appended to `shards`. Raises when the rows do not fill the plan."""
+def pack_rows(job: Job, p: int, cut: Cut, shards: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The ledger rows of partition p's final rows, in order, each kept one keyed by its place
+    in `cut`. The shards p starts are written on the way (their last samples read from the
+    partitions in `cut.then` when p's rows run out), each closed shard's manifest entry
+    appended to `shards`. Raises when the rows do not fill the cut."""
     kind = job.kinds[p]
     record = read_schema(job.seg_file(len(job.segments) - 1, p))
     tokens = job.token_counter()
     writer: ShardWriter | None = None
+    at, index = 0, cut.skip  # the shard of `cut.shards` the next kept row goes to, and its index there
     for row in final_rows(job, p):
         if row.get("drop_reason"):
             yield ledger_row(kind, row, None, None)
             continue
-        if writer is None:
-            writer = ShardWriter(job.storage, job.out, kind, first_shard + len(shards), record, tokens)
-        key = writer.write(row)
-        yield ledger_row(kind, row, shard_label(kind, writer.shard), key)
-        if writer.count == shard_counts[len(shards)]:
-            shards.append(writer.close())
-            writer = None
-    if writer is not None or len(shards) != len(shard_counts):
-        raise RuntimeError(f"partition {p}: packed {len(shards)} shards, planned {len(shard_counts)}")
+        if at >= len(cut.shards):
+            raise RuntimeError(f"partition {p}: more kept rows than its cut ({cut})")
+        shard, count = cut.shards[at]
+        if index == 0:
+            writer = ShardWriter(job.storage, job.out, kind, shard, record, tokens)
+        key = writer.write(row) if writer is not None else sample_key(shard, index)
+        yield ledger_row(kind, row, shard_label(kind, shard), key)
+        index += 1
+        if index == count:
+            if writer is not None:
+                shards.append(writer.close())
+            writer, at, index = None, at + 1, 0
+    if writer is not None:  # the last shard p starts: filled from the next partitions' kept rows
+        count = cut.shards[at][1]
+        more = (row for q in cut.then for row in final_rows(job, q) if not row.get("drop_reason"))
+        for row in islice(more, count - writer.count):
+            writer.write(row)
+        if writer.count != count:
+            raise RuntimeError(f"partition {p}: shard {writer.shard} got {writer.count} of {count} planned samples")
+        shards.append(writer.close())
+        at += 1
+    elif index:  # the last shard holding p's rows is written by the partition that starts it
+        at += 1
+    if at != len(cut.shards):
+        raise RuntimeError(f"partition {p}: its kept rows filled {at} of the {len(cut.shards)} shards of its cut")
 
 
 def write_ledger(job: Job, p: int, rows: Iterator[dict[str, Any]]) -> dict[str, Any]:
@@ -476,18 +482,18 @@ def write_ledger(job: Job, p: int, rows: Iterator[dict[str, Any]]) -> dict[str, 
 LedgerWriter = Callable[[Job, int, Iterator[dict[str, Any]]], dict[str, Any]]
 
 
-def run_pack(job: Job, p: int, first_shard: int, shard_counts: list[int],
-             ledger: LedgerWriter = write_ledger, has_rows: bool = True) -> dict[str, Any]:
-    """Per-partition task: write this partition's shards and its ledger file.
+def run_pack(job: Job, p: int, cut: Cut, ledger: LedgerWriter = write_ledger,
+             has_rows: bool = True) -> dict[str, Any]:
+    """Per-partition task: write the shards this partition starts and its ledger file.
 
-    The same step serves the run and a retry round: `first_shard` and `shard_counts` number
-    and cut the shards, `ledger` writes the ledger file from the rows' ledger rows, and
+    The same step serves the run and a retry round: `cut` (from `cut_shards`) numbers and cuts
+    the shards, `ledger` writes the ledger file from the rows' ledger rows, and
     `has_rows` False packs no row (a retry round amending the ledger of a partition it read
     no row of, for decisions its global passes changed)."""
     done = finished(job, "pack", p)
     if done is not None:
         return done
     shards: list[dict[str, Any]] = []
-    rows = pack_rows(job, p, first_shard, shard_counts, shards) if has_rows else iter(())
+    rows = pack_rows(job, p, cut, shards) if has_rows else iter(())
     written = ledger(job, p, rows)  # the shards are written as it consumes the rows
     return commit(job, "pack", p, kind=job.kinds[p], shards=shards, **written)

@@ -112,6 +112,11 @@ def test_manifest_and_stats_agree_with_ledger(demo):
         tokens = read_sidecars(out, kind, columns=["token_count"]).column("token_count").to_pylist()
         assert stats["kinds"][kind]["token_count"]["sum"] == sum(tokens) > 0
         assert len(stats["kinds"][kind]["tokenizers"]) == 1
+    # full shards: the pairs of several partitions in shards of 16 (only the last short; cut per
+    # partition they were 7/8/5/3/2/1), so a shard holds several partitions' samples
+    cap = manifest["recipe"]["output"]["shard_max_samples"]
+    pairs = [s["count"] for s in manifest["kinds"]["pair"]["shards"]]
+    assert pairs[:-1] == [cap] * (len(pairs) - 1) and 0 < pairs[-1] <= cap and len(pairs) >= 2, pairs
     assert verify(out).ok
 
 
@@ -268,8 +273,9 @@ def test_documents_keep_their_images_and_lose_repeated_paragraphs(demo):
 
 def test_sidecars_hold_texts_and_the_url_lists_columns(demo):
     """The text sidecar holds each record's text, exactly its KEY.txt; the URL list's extra column
-    (license) reaches the pair sidecar as `meta_license`, typed as the csv declares it (text), null
-    for pairs from other sources."""
+    (license) reaches the pair sidecar as `meta_license`, typed as the csv declares it (text), and
+    so do the other sources' carried values (the mapped folder's json), whichever shard they share;
+    null for pairs that carry none."""
     import pyarrow as pa
     import webdataset as wds
 
@@ -280,5 +286,6 @@ def test_sidecars_hold_texts_and_the_url_lists_columns(demo):
     pairs = read_sidecars(out, "pair", columns=["source", "meta_license"])
     assert pairs.schema.field("meta_license").type == pa.string()
     by_source = Counter((r["source"], r["meta_license"]) for r in pairs.to_pylist())
-    assert by_source[("web", "cc0")] >= 1 and all(lic is None for src, lic in by_source if src != "web")
-    assert {lic for src, lic in by_source if src == "web"} == {"cc0"}
+    licenses = {src: {lic for s, lic in by_source if s == src} for src, _ in by_source}
+    assert licenses["web"] == {"cc0"} and licenses["folder"] == {None}, licenses
+    assert licenses["mapped"] == {"CC0-1.0", "public-domain", "unknown"}, licenses

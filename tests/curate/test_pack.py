@@ -14,7 +14,8 @@ from skimage import data
 
 from curate.engine.commit import Storage
 from curate.contract import image_digest, member_footprint, meta_value, record_schema, sample_key
-from curate.engine.pack import ShardWriter, plan_shards, sample_footprint
+from curate.recipe import OutputConfig
+from curate.engine.pack import Cut, ShardWriter, cut_shards, plan_shards, sample_footprint
 
 
 def _jpeg(arr) -> bytes:
@@ -108,13 +109,14 @@ def test_doc_and_text_kinds(tmp_path, images):
 def test_carried_columns_are_typed_meta_columns(tmp_path, images):
     """A source's typed extra columns become `meta_<name>` sidecar columns, typed over the shard:
     one type stays, ints and floats give float64, other mixes text (JSON), no type at all null;
-    KEY.json is what it was, and rows without types leave the columns null."""
+    KEY.json is what it was. A row whose source declares no types (a folder's or a tar's json)
+    is typed from its JSON values, so a shard mixing sources holds every row's carried values."""
     carried = [  # extra, extra_types
         ({"license": "cc0", "w": 3, "p": 0.25, "nsfw": False, "mixed": 1, "none": None},
          {"license": "string", "w": "int32", "p": "float", "nsfw": "bool", "mixed": "int64", "none": None}),
         ({"license": "cc-by", "w": 4, "p": 1, "nsfw": True, "mixed": "x", "none": None},
          {"license": "string", "w": "int32", "p": "int64", "nsfw": "bool", "mixed": "string", "none": None}),
-        ({"license": "untyped"}, None),
+        ({"license": "untyped", "w": 5}, None),
     ]
     rows = [_pair(i, img) | {"extra": json.dumps(e), "extra_types": json.dumps(t) if t else None}
             for i, (img, (e, t)) in enumerate(zip(images, carried))]
@@ -123,18 +125,18 @@ def test_carried_columns_are_typed_meta_columns(tmp_path, images):
     meta = [f for f in table.schema if f.name.startswith("meta_")]
     assert [(f.name, str(f.type)) for f in meta] == [
         ("meta_license", "string"), ("meta_mixed", "string"), ("meta_none", "null"), ("meta_nsfw", "bool"),
-        ("meta_p", "double"), ("meta_w", "int32")]
+        ("meta_p", "double"), ("meta_w", "int64")]  # int32 declared + an untyped JSON int
     assert table.select([f.name for f in meta]).to_pylist() == [
         {"meta_license": "cc0", "meta_mixed": "1", "meta_none": None, "meta_nsfw": False, "meta_p": 0.25, "meta_w": 3},
         {"meta_license": "cc-by", "meta_mixed": "x", "meta_none": None, "meta_nsfw": True, "meta_p": 1.0, "meta_w": 4},
-        dict.fromkeys([f.name for f in meta]),
+        {**dict.fromkeys([f.name for f in meta]), "meta_license": "untyped", "meta_w": 5},
     ]
     with tarfile.open(tmp_path / entry["name"]) as tar:
         key_jsons = [json.loads(tar.extractfile(f"{key}.json").read()) for key in keys]
     assert "extra_types" not in key_jsons[1] and key_jsons[1]["mixed"] == "x" and key_jsons[1]["p"] == 1
-    for key_json, row in zip(key_jsons[:2], table.to_pylist()):  # what `mm1 verify` checks
+    for key_json, row in zip(key_jsons, table.to_pylist()):  # what `mm1 verify` checks
         for f in meta:
-            assert json.dumps(meta_value(key_json[f.name[5:]], f.type)) == json.dumps(row[f.name])
+            assert json.dumps(meta_value(key_json.get(f.name[5:]), f.type)) == json.dumps(row[f.name])
 
 
 def test_unsupported_image_format_is_refused(tmp_path, images):
@@ -162,3 +164,25 @@ def test_footprint_matches_the_written_tar(tmp_path, images):
     assert entry["bytes"] >= sample_footprint(sizes) + 1024
     assert entry["bytes"] - (sample_footprint(sizes) + 1024) < 10240
     assert member_footprint(1) == 1024 and member_footprint(512) == 1024 and member_footprint(513) == 1536
+
+
+def test_cut_shards_fills_shards_across_partitions():
+    """A kind's kept rows over consecutive partitions are one stream cut into full shards; the
+    partition holding a shard's first sample writes it, reading on into the next partitions."""
+    kinds = ["pair", "pair", "text", "pair", "pair"]
+    out = OutputConfig(path="unused", shard_max_samples=4)
+    footprints = {0: [1] * 7, 1: [1] * 2, 2: [1] * 3, 3: [], 4: [1] * 5}
+    cuts = cut_shards(kinds, footprints, out)
+    # pairs: 7 + 2 + 0 + 5 = 14 rows -> shards of 4, 4, 4, 2 (only the last short)
+    assert cuts[0] == Cut(((0, 4), (1, 4)), 0, (1,))
+    assert cuts[1] == Cut(((1, 4), (2, 4)), 3, (4,))  # ends shard 1, starts shard 2, filled by partition 4
+    assert cuts[3] == Cut()
+    assert cuts[4] == Cut(((2, 4), (3, 2)), 1, ())
+    assert cuts[2] == Cut(((0, 3),), 0, ())  # each kind numbers its own shards
+    # a retry round numbers on after the kind's last shard, over the partitions it packs
+    again = cut_shards(kinds, {1: [1] * 2, 4: [1] * 5}, out, after={"pair": 10})
+    assert again == {1: Cut(((10, 4),), 0, (4,)), 4: Cut(((10, 4), (11, 3)), 2, ())}
+    # the byte cap still cuts (an oversize sample alone), across partitions too
+    tight = OutputConfig(path="unused", shard_max_samples=4, shard_max_bytes=1024)
+    assert cut_shards(kinds, {0: [600, 600], 1: [300, 2000]}, tight) == {
+        0: Cut(((0, 1), (1, 2)), 0, (1,)), 1: Cut(((1, 2), (2, 1)), 1, ())}

@@ -34,6 +34,7 @@ from distributed.chaos import KillWorker
 
 from curate.recipe import parse_recipe
 from curate.engine.driver import ResumeError, plan_job, prepare_output, run_global, run_recipe
+from curate.engine.pack import cut_shards
 from curate.engine.steps import run_pack, run_plan, run_segment
 from tools.verify import verify
 
@@ -286,15 +287,8 @@ def test_same_task_twice_concurrently_leaves_one_correct_output(reference, share
 
     segs = _run_twice(tmp_path / "seg0", [(run_segment, "seg0", job, p, (0, p)) for p in range(n)])
     run_global(job, 0)  # the driver's step: it never runs twice at once
-    plans = [run_plan(job, p) for p in range(n)]
-    first, next_shard = [], 0
-    for plan in plans:
-        first.append(next_shard)
-        next_shard += len(plan["shard_counts"])
-    packs = _run_twice(
-        tmp_path / "pack",
-        [(run_pack, "pack", job, p, (p, first[p], plans[p]["shard_counts"])) for p in range(n)],
-    )
+    cuts = cut_shards(job.kinds, {p: run_plan(job, p)["footprints"] for p in range(n)}, recipe.output)
+    packs = _run_twice(tmp_path / "pack", [(run_pack, "pack", job, p, (p, cuts[p])) for p in range(n)])
 
     # Most tasks really ran twice at once: both attempts did the work and published the same names.
     assert sum(a and b for a, b, _ in segs) >= n // 2, [(a, b) for a, b, _ in segs]

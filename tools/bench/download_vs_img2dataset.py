@@ -669,12 +669,13 @@ def _partition(job: Any) -> int:
     # at call time: profile() patches these names in curate.engine.steps, and its workers re-import
     # this module (the note at the top)
     from curate.engine.driver import prepare_output
+    from curate.engine.pack import cut_shards
     from curate.engine.steps import run_pack, run_plan, run_segment
 
     prepare_output(job, restart=True)
     seg = run_segment(job, 0, 0)
     plan = run_plan(job, 0)
-    run_pack(job, 0, 0, plan["shard_counts"])
+    run_pack(job, 0, cut_shards(job.kinds, {0: plan["footprints"]}, job.recipe.output)[0])
     return int(seg["rows"])
 
 

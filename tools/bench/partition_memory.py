@@ -30,6 +30,7 @@ import pyarrow as pa
 from PIL import Image
 
 from curate.engine.driver import plan_job, prepare_output
+from curate.engine.pack import cut_shards
 from curate.engine.steps import run_pack, run_plan, run_segment
 from curate.recipe import parse_recipe
 from curate.sources.base import build_source
@@ -81,7 +82,7 @@ def child(mode: str, folder: str, out: str, n: int, batch_size: int) -> None:
     if mode == "streaming":
         run_segment(job, 0, 0)
         plan = run_plan(job, 0)
-        run_pack(job, 0, 0, plan["shard_counts"])
+        run_pack(job, 0, cut_shards(job.kinds, {0: plan["footprints"]}, recipe.output)[0])
     else:  # naive: the whole partition as one table, processed at once
         source = build_source(recipe.sources[0])
         table = pa.concat_tables(list(source.read(job.partitions[0], 1 << 30)))
