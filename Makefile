@@ -1,7 +1,10 @@
-# The two commands: `make demo` and `make test`. Each creates .venv and installs what is missing.
+# The two commands: `make demo` and `make test`. Each creates .venv and installs what is missing:
+# `make demo` what the demo runs (the demo extra), `make test` the dev extra too (the test tools,
+# the benchmarks' peers, the object-store server); a venv with the dev extra serves both.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+DEMO_STAMP := $(VENV)/.installed-demo
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test venv clean bench browser gpu-wheels
@@ -10,11 +13,17 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[demo]'
+	touch $(DEMO_STAMP)
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/mm1 demo
 
 # The report's browser test drives Debian's chromium through chromedriver: installed when missing

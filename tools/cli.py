@@ -30,7 +30,7 @@ def _curate(args: argparse.Namespace) -> int:
 
     if args.retry_failed and args.restart:
         print("mm1 curate: --retry-failed and --restart exclude each other", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     overrides = dict(parse_override(o) for o in args.override)
     if args.output:
         overrides["output.path"] = args.output
@@ -57,7 +57,7 @@ def _curate(args: argparse.Namespace) -> int:
             manifest = Manifest.from_dict(run_recipe(recipe, restart=args.restart, progress=not args.no_progress))
     except (ResumeError, RetryError) as exc:
         print(f"mm1 curate: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     c = manifest.counts
     print(f"curated {c['inputs']} inputs: {c['kept']} kept, {c['dropped']} dropped -> {out}")
     for r in (manifest.retries or [])[-1:] if args.retry_failed else []:
@@ -111,7 +111,7 @@ def _train(args: argparse.Namespace) -> int:
         recipe = load_train_recipe(args.recipe, overrides)
     except RecipeError as exc:
         print(f"mm1 train: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     run_dir = Path(args.run_dir or Path("runs") / recipe.name)
     # the trainer (torch's distributed and compile modules, ~2 s) after the recipe: a bad recipe fails fast
     from train.trainer import Diverged, StartError, train
@@ -123,7 +123,7 @@ def _train(args: argparse.Namespace) -> int:
         return exc.exit_code
     except StartError as exc:
         print(f"mm1 train: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     print(f"trained {recipe.name} to step {final['step']}: loss {final['loss']:.4f}, "
           f"{final['skipped']} steps skipped -> {run_dir}")
     return 0
@@ -148,7 +148,7 @@ def _export(args: argparse.Namespace) -> int:
         summary = export_checkpoint(Path(args.checkpoint), Path(args.out), hf_decoder=not args.no_hf, dtype=dtype)
     except (CheckpointError, ValueError) as exc:
         print(f"mm1 export: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     hf = summary["decoder_hf"] or f"no decoder_hf/ ({summary['decoder_hf_skipped']})"
     print(f"exported {summary['registry_name']} step {summary['step']} from {summary['checkpoint']}: "
           f"{summary['params'] / 1e6:.1f}M parameters, {summary['bytes'] / 2**20:.1f} MiB -> {summary['model']}; {hf}")
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
         return _input_error(args, str(exc))
     except ModuleNotFoundError as exc:
-        if (message := missing_extra(exc)) is None:
+        if (message := missing_extra(exc, args.command)) is None:
             raise
         return _input_error(args, message)
     except KeyboardInterrupt:

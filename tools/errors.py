@@ -47,11 +47,12 @@ EXIT_CODES = f"""exit status (every command):
 
 # top-level module -> the optional dependency group of pyproject.toml that installs it
 OPTIONAL_EXTRAS: dict[str, str] = {
-    "torch": "train",
-    "torchvision": "train",
-    "open_clip": "train",
+    "torch": "clip",
+    "torchvision": "clip",
+    "open_clip": "clip",
     "safetensors": "train",
     "transformers": "vecap",
+    "spacy": "text",
     "s3fs": "s3",
     "gcsfs": "gcs",
     "tensorboard": "tensorboard",
@@ -61,14 +62,19 @@ OPTIONAL_EXTRAS: dict[str, str] = {
     "trafilatura": "bench",
     "resiliparse": "bench",
 }
+# commands whose missing torch, torchvision or open_clip is the train extra's (it holds clip's)
+TRAINER_COMMANDS = ("train", "export")
 
 
-def missing_extra(exc: ModuleNotFoundError) -> str | None:
-    """The message for a missing module of an optional extra; None for any other module."""
+def missing_extra(exc: ModuleNotFoundError, command: str | None = None) -> str | None:
+    """The message for a missing module of an optional extra (for `command`: the trainer's
+    commands name the train extra); None for any other module."""
     top = (exc.name or "").split(".")[0]
     extra = OPTIONAL_EXTRAS.get(top)
     if extra is None:
         return None
+    if extra == "clip" and command in TRAINER_COMMANDS:
+        extra = "train"
     return f"needs the optional dependency {top}: pip install 'mm1-pipeline[{extra}]'"
 
 

@@ -133,6 +133,7 @@ def _summary(cls: type) -> tuple[str, str]:
             break
     full = doc + f"\n\nFrom its module:\n\n{module_doc}" if doc and "module docstring" in doc else doc or module_doc
     paragraph = " ".join((doc or module_doc).split("\n\n")[0].split())
+    paragraph = re.sub(r"\s*\((?:see )?(?:the )?module docstring[^)]*\)", "", paragraph)  # the full text holds it
     return re.split(r"(?<!\bal\.)(?<!e\.g\.)(?<=\.)\s+(?=[A-Z])", paragraph, maxsplit=1)[0].rstrip(":"), full
 
 

@@ -13,6 +13,7 @@ worker advertises what a segment needs.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -63,6 +64,10 @@ class Cluster:
                                   f"{cfg.connect_timeout_s:g} s): start it with `dask scheduler` "
                                   "or drop cluster.address") from exc
         else:
+            # Arrow's Acero (pandas 3's string operations in the global passes) prints a warning
+            # per unaligned buffer; copying them instead is what its docs advise. Read once per
+            # process: set before the workers start (they inherit it), here and for the client.
+            os.environ.setdefault("ACERO_ALIGNMENT_HANDLING", "reallocate")
             # The nannies copy the config when they start: these settings reach our workers only.
             with dask.config.set(WORKER_CONFIG):
                 self.cluster = LocalCluster(

@@ -129,14 +129,21 @@ def decide_global(stage: GlobalStage, live: Any, decisions_dir: Path, input_dir:
         dask.compute(
             live.to_parquet(input_url, write_index=False, compute=False, schema=schema,
                             storage_options=opts),
-            decisions.to_parquet(tmp_url, partition_on=[PARTITION_COLUMN], write_index=False,
-                                 compute=False, storage_options=opts),
+            decisions.to_parquet(tmp_url, partition_on=[PARTITION_COLUMN], write_index=False, compute=False,
+                                 schema=decision_schema(decisions.columns, schema), storage_options=opts),
         )
     dropped = _count_rows(tmp)
     published = []
     for folder, final in ((tmp, decisions_dir), (tmp_input, input_dir)):
         published.append(storage.publish_dir(folder, final) if parquet_files(folder) else final)
     return dropped, published[0], published[1]
+
+
+def decision_schema(columns: Any, live: pa.Schema) -> pa.Schema:
+    """The arrow schema a global stage's decisions are written with: `id` and `_partition` as
+    its input holds them, the rest text (dask would infer it from its own sample rows, which are
+    no strings for an object column on pandas 3)."""
+    return pa.schema([live.field(c) if c in live.names else pa.field(c, pa.string()) for c in columns])
 
 
 def _nullable_int64(dtype: pa.DataType) -> Any:

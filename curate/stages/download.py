@@ -99,6 +99,10 @@ def sniff_image_format(data: bytes) -> str:
 
 @register
 class DownloadStage(RowStage):
+    """Fetches each pair's image (and each document's images) over HTTP(S): a total deadline and
+    a byte cap per fetch, redirects checked against the allowed networks, robots.txt and per-host
+    rate limits respected, transient failures retried."""
+
     name = "download"
     kinds = ("pair", "doc")
 

@@ -39,6 +39,8 @@ def keep_smallest_id(live: Any, key: str, detail: str) -> Any:
 
 @register
 class ExactDedup(GlobalStage):
+    """Drops pairs whose image bytes are identical to a pair with a smaller id (a global pass)."""
+
     name = "exact_dedup"
     kinds = ("pair",)
     columns: ClassVar[list[str]] = ["image_sha256"]

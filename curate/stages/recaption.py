@@ -102,6 +102,9 @@ def _digest(*parts: str) -> str:
 
 @register
 class RecaptionStage(RowStage):
+    """VeCap-style recaptioning: a synthetic caption per image from a vision-language model,
+    fused with the alt-text into a visually enriched caption that keeps the alt-text's facts."""
+
     name = "recaption"
     kinds = ("pair", "doc")
 

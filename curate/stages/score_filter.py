@@ -48,6 +48,9 @@ def low_reason(column: str) -> str:
 
 @register
 class ScoreFilter(Filter):
+    """Drops pairs whose score column (a CLIP/DFN similarity, or any float column a stage added)
+    is below `min_score`."""
+
     name = "score_filter"
     kinds = ("pair",)
 

@@ -76,6 +76,8 @@ class ParagraphHashConfig(StageConfig):
 
 @register
 class ParagraphHash(RowStage):
+    """Adds a hash of each paragraph of docs and texts, for `paragraph_dedup`."""
+
     name = "paragraph_hash"
     Config = ParagraphHashConfig
     config: ParagraphHashConfig

@@ -81,6 +81,9 @@ class _CosineAtLeast:
 
 @register
 class SemanticDedup(GlobalStage):
+    """Drops all but one of each group of images whose embeddings (from `clip_score`) are within
+    a cosine `threshold` (a global pass)."""
+
     name = "semantic_dedup"
     kinds = ("pair",)
 

@@ -59,8 +59,10 @@ through all filters before the next is read) and keeps spaCy's vocabulary betwee
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import re
+import sys
 import threading
 from collections import Counter, OrderedDict
 from typing import Any, ClassVar, Literal
@@ -355,7 +357,26 @@ class DatatroveFilter(Filter):
         return self.Config.model_fields["kind"].default
 
 
-class GopherQualityConfig(StageConfig):
+def installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (spaCy costs a second)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None  # None: the import is blocked
+    return importlib.util.find_spec(module) is not None
+
+
+class DatatroveFilterConfig(StageConfig):
+    """A datatrove filter's options. Its word tokenizer is spaCy's: a recipe naming the stage
+    where spaCy is missing fails at load, naming the extra that installs it."""
+
+    @model_validator(mode="after")
+    def _needs_spacy(self) -> "DatatroveFilterConfig":
+        if not installed("spacy"):
+            raise ValueError(f"{self.kind} splits words with spaCy, which is not installed: "
+                             "pip install 'mm1-pipeline[text]'")
+        return self
+
+
+class GopherQualityConfig(DatatroveFilterConfig):
     kind: Literal["gopher_quality"] = "gopher_quality"
     min_doc_words: int | None = Field(50, ge=0)
     max_doc_words: int | None = Field(100_000, ge=1)
@@ -378,7 +399,7 @@ class GopherQuality(DatatroveFilter):
     filter_class = "gopher_quality_filter:GopherQualityFilter"
 
 
-class GopherRepetitionConfig(StageConfig):
+class GopherRepetitionConfig(DatatroveFilterConfig):
     kind: Literal["gopher_repetition"] = "gopher_repetition"
     dup_line_frac: float | None = Field(0.3, ge=0.0, le=1.0)
     dup_para_frac: float | None = Field(0.3, ge=0.0, le=1.0)
@@ -398,7 +419,7 @@ class GopherRepetition(DatatroveFilter):
     filter_class = "gopher_repetition_filter:GopherRepetitionFilter"
 
 
-class C4QualityConfig(StageConfig):
+class C4QualityConfig(DatatroveFilterConfig):
     kind: Literal["c4_quality"] = "c4_quality"
     split_paragraph: bool = True  # lines (C4); False: spaCy sentences
     remove_citations: bool = True
@@ -421,7 +442,7 @@ class C4Quality(DatatroveFilter):
     filter_class = "c4_filters:C4QualityFilter"
 
 
-class FineWebQualityConfig(StageConfig):
+class FineWebQualityConfig(DatatroveFilterConfig):
     kind: Literal["fineweb_quality"] = "fineweb_quality"
     line_punct_thr: float = Field(0.12, ge=0.0, le=1.0)
     line_punct_exclude_zero: bool = False

@@ -19,8 +19,9 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from curate.contract import read_sidecars
+from curate.contract import read_manifest, read_sidecars
 from curate.recipe import load_recipe
+from tools.cli import main
 from tools.demo.server import serve
 from tools.verify import verify
 
@@ -52,7 +53,7 @@ def run_example(cluster, name: str, inputs: Path, out: Path, **overrides) -> dic
     return manifest
 
 
-def test_image_folder(shared_cluster, tmp_path):
+def test_image_folder(shared_cluster, tmp_path, capsys):
     folder = tmp_path / "my_images"
     write_photos(folder)
     for name, (_, caption) in PHOTOS.items():
@@ -67,6 +68,16 @@ def test_image_folder(shared_cluster, tmp_path):
     assert manifest["counts"]["inputs"] == 6
     assert manifest["kinds"]["pair"]["count"] == manifest["counts"]["kept"] == 4
     assert manifest["drops"] == {"caption_length_filter/caption_too_short": 1, "exact_dedup/duplicate": 1}
+
+    # `mm1 curate --limit 2`: a dry run of the first two inputs, into its own output
+    address = shared_cluster.cluster.scheduler_address
+    argv = ["curate", str(EXAMPLES / "image-folder.yaml"), "--override", f"sources.0.path={folder}",
+            "--output", str(tmp_path / "out"), "--limit", "2", "--address", address, "--no-progress"]
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert f"dry run: the first 2 inputs of each source -> {tmp_path / 'out'}.limit-2" in said, said
+    dry = read_manifest(f"{tmp_path / 'out'}.limit-2")
+    assert dry["counts"] == {**dry["counts"], "inputs": 2, "kept": 2} and verify(f"{tmp_path / 'out'}.limit-2").ok
 
 
 def test_url_parquet(shared_cluster, tmp_path):

@@ -90,12 +90,21 @@ def test_an_unreachable_scheduler_fails_within_its_timeout(tmp_path, capsys):
 
 
 def test_a_missing_optional_extra_names_it(tmp_path):
-    recipe = _recipe(tmp_path, "clip", stages=[{"kind": "clip_score", "model": "ViT-B-32", "pretrained": None}])
-    code = ("import sys; sys.modules['open_clip'] = None; from tools.cli import main; "
-            f"sys.exit(main(['curate', {recipe!r}]))")
+    """A stage whose extra is not installed fails the recipe's load (exit 2) naming the extra:
+    open_clip (clip_score: the clip extra) and spaCy (datatrove's text filters: the text extra).
+    The modules are blocked in a fresh interpreter (sys.modules[name] = None), as when absent."""
+    clip = _recipe(tmp_path, "clip", stages=[{"kind": "clip_score", "model": "ViT-B-32", "pretrained": None}])
+    text = _recipe(tmp_path, "text", stages=[{"kind": "gopher_repetition"}])
+    code = ("import sys; sys.modules['open_clip'] = sys.modules['spacy'] = None; from tools.cli import main; "
+            f"codes = [main(['curate', r]) for r in ({clip!r}, {text!r})]; print(codes)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == EXIT_INPUT and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "needs the optional dependency open_clip: pip install 'mm1-pipeline[train]'" in proc.stderr
+    assert proc.stdout.strip() == f"[{EXIT_INPUT}, {EXIT_INPUT}]" and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "needs the optional dependency open_clip: pip install 'mm1-pipeline[clip]'" in proc.stderr
+    assert "stages.0" in proc.stderr and \
+        "gopher_repetition splits words with spaCy, which is not installed: pip install 'mm1-pipeline[text]'" in proc.stderr
+    # the trainer's commands name the train extra for the modules it shares with clip
+    assert missing_extra(ModuleNotFoundError("no", name="torch"), "train").endswith("'mm1-pipeline[train]'")
+    assert missing_extra(ModuleNotFoundError("no", name="torch"), "curate").endswith("'mm1-pipeline[clip]'")
 
 
 def test_a_run_that_keeps_nothing_names_the_stage(tmp_path, capsys, shared_cluster):
