@@ -97,7 +97,8 @@ def prepare_output(job: Job, restart: bool) -> None:
     storage.remove_temporaries(job.out)
 
 
-def _count_rows(folder: Path) -> int:
+def count_rows(folder: Path) -> int:
+    """Rows in the parquet files under `folder`, from their footers."""
     return sum(parquet_file(f).metadata.num_rows for f in parquet_files(folder))
 
 
@@ -132,7 +133,7 @@ def decide_global(stage: GlobalStage, live: Any, decisions_dir: Path, input_dir:
             decisions.to_parquet(tmp_url, partition_on=[PARTITION_COLUMN], write_index=False, compute=False,
                                  schema=decision_schema(decisions.columns, schema), storage_options=opts),
         )
-    dropped = _count_rows(tmp)
+    dropped = count_rows(tmp)
     published = []
     for folder, final in ((tmp, decisions_dir), (tmp_input, input_dir)):
         published.append(storage.publish_dir(folder, final) if parquet_files(folder) else final)
@@ -182,7 +183,7 @@ def run_global(job: Job, seg: int) -> dict[str, Any]:
         if files:
             dropped, decisions, inputs = decide_global(
                 stage, read_live(files, stage.columns), decisions, inputs, live_schema(files[0], stage.columns))
-    rows_in = _count_rows(inputs) if files else 0
+    rows_in = count_rows(inputs) if files else 0
     marker = {
         "step": f"global{seg}",
         "stage": stage.name,
@@ -196,7 +197,7 @@ def run_global(job: Job, seg: int) -> dict[str, Any]:
         # the pass's time (curate.engine.timing) and the rows that reached it and that it kept
         # whole (a stage removing segments keeps the rows it only takes segments from)
         "wall_s": clock.wall_s, "cpu_s": clock.cpu_s, "rows_in": rows_in,
-        "rows_out": rows_in - _rows_removed(decisions),
+        "rows_out": rows_in - rows_removed(decisions),
         **({"summary": stage.summary()} if stage.summary() else {}),
         # where its decisions and inputs live, relative to the output: the next segment and a
         # retry round read them
@@ -211,10 +212,10 @@ def _removes_segments(decisions: Path) -> bool:
     return bool(files) and SEGMENTS_COLUMN in read_schema(files[0]).names
 
 
-def _rows_removed(decisions: Path) -> int:
+def rows_removed(decisions: Path) -> int:
     """The rows a global stage's decisions drop whole (not those it removes segments from)."""
     if not _removes_segments(decisions):
-        return _count_rows(decisions)
+        return count_rows(decisions)
     # file by file: a folder read skips the `_partition=<p>` folders (a leading underscore)
     return sum(1 for f in parquet_files(decisions)
                for s in read_table(f, columns=[SEGMENTS_COLUMN]).column(0).to_pylist() if not s)

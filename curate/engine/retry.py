@@ -62,22 +62,24 @@ from curate.storage import dask_url, parquet_file, parquet_files, read_table, re
 from curate.contract import LEDGER_DIR, LEDGER_SCHEMA, inside, read_manifest
 from curate.engine.driver import (
     EXACT_INTEGERS,
+    count_rows,
     decide_global,
     global_state,
     live_schema,
     plan_job,
     prepare_output,
     read_live,
+    rows_removed,
     run_plans,
     run_segments,
 )
 from curate.engine.manifest import LEDGER_NAME, RETRY_COUNTS, ledger_by_partition, write_manifest
-from curate.engine.pack import LedgerRows
+from curate.engine.pack import Cut, LedgerRows, cut_shards
 from curate.recipe import Recipe
 from curate.stages.base import GlobalStage, build_stage
 from curate.stages.download import is_transient
-from curate.engine.pack import Cut, cut_shards
 from curate.engine.steps import PARTITION_COLUMN, Job, commit, finished, run_pack
+from curate.engine.timing import GlobalPassClock
 
 __all__ = ["RetryError", "amend_ledger", "retry_failed"]
 
@@ -234,8 +236,14 @@ def retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) ->
     if done is not None:
         return done
     # the task-based shuffle for every join here too (see curate.engine.driver.decide_global)
-    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+    with dask.config.set({"dataframe.shuffle.method": "tasks"}), GlobalPassClock() as clock:
         marker = _retry_global(job, seg, state, parts)
+    # its time and the rows that reached it this round, as the run's pass records them (the
+    # round's `stages` in the manifest)
+    decisions, inputs = (inside(job.out, marker["state"][k]) for k in ("decisions", "input"))
+    rows_in = count_rows(inputs) if inputs.exists() else 0
+    marker.update(wall_s=clock.wall_s, cpu_s=clock.cpu_s, rows_in=rows_in,
+                  rows_out=rows_in - rows_removed(decisions) if decisions.exists() else rows_in)
     storage.write_marker(marker_path, marker)
     return marker
 

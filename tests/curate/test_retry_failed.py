@@ -285,6 +285,11 @@ def test_retry_failed_recovers_exactly_what_an_all_success_run_keeps(site, refer
     assert r1["dropped"] == 3  # gone (now 404), a duplicate of 3, one too small
     assert r1["recovered"] == len(transient) - 4
     assert r1["withdrawn"] == 1
+    # the round's stage times: its row stages over the retried rows, its global pass over all
+    # the rows that reach it (the earlier ones and the recovered), one row removed (withdrawn 5)
+    dedup = r1["stages"]["exact_dedup"]
+    assert dedup["pass"] == "global" and dedup["wall_s"] > 0 and dedup["rows_in"] > r1["recovered"], r1["stages"]
+    assert r1["stages"]["download"]["rows_in"] == len(transient), r1["stages"]
     after1 = _outcomes(out)
     assert after1[_id(10)][:3] == ("dropped", "download", "http_404")
     assert after1[_id(13)][:3] == ("dropped", "download", "http_503")
