@@ -328,11 +328,12 @@ def keep_best(live: Any, groups: Any, score_column: str | None, detail: str) -> 
     wanted = ["id", "_partition", *([score_column] if score_column else [])]
     members = groups.merge(live[wanted], on="id", how="inner", npartitions=n)
     members = members.shuffle(on="group", npartitions=n)
+    text = live.dtypes["id"]  # the text dtype: object on pandas 2, str on pandas 3
     meta = pd.DataFrame({
-        "id": pd.Series(dtype=live.dtypes["id"]),
+        "id": pd.Series(dtype=text),
         "_partition": pd.Series(dtype=live.dtypes["_partition"]),
-        "drop_reason": pd.Series(dtype=object),
-        "drop_detail": pd.Series(dtype=object),
+        "drop_reason": pd.Series(dtype=text),
+        "drop_detail": pd.Series(dtype=text),
     })
     return members.map_partitions(_drop_all_but_best, score_column, detail, meta=meta)
 

@@ -163,12 +163,13 @@ def segment_decisions(removed: Any, live: Any) -> Any:
     """The GlobalStage decisions (with `segments`) of the removed occurrences, one row a document."""
     n = max(1, removed.npartitions)
     removed = removed.shuffle(on="id", npartitions=n)
+    text = live.dtypes["id"]  # the text dtype: object on pandas 2, str on pandas 3
     meta = pd.DataFrame({
-        "id": pd.Series(dtype=live.dtypes["id"]),
+        "id": pd.Series(dtype=text),
         "_partition": pd.Series(dtype=live.dtypes["_partition"]),
-        "drop_reason": pd.Series(dtype=object),
-        "drop_detail": pd.Series(dtype=object),
-        "segments": pd.Series(dtype=object),
+        "drop_reason": pd.Series(dtype=text),
+        "drop_detail": pd.Series(dtype=text),
+        "segments": pd.Series(dtype=text),
     })
     return removed.map_partitions(_decide, meta=meta)
 
