@@ -53,6 +53,8 @@ OPTIONAL_EXTRAS: dict[str, str] = {
     "safetensors": "train",
     "transformers": "vecap",
     "spacy": "text",
+    "cv2": "safety",
+    "phonenumbers": "safety",
     "s3fs": "s3",
     "gcsfs": "gcs",
     "tensorboard": "tensorboard",

@@ -6,7 +6,7 @@ The run builds it from nothing; a retry round passes the committed manifest as `
 the same code amends it: the round's shards added, its withdrawn samples listed, the ledger files
 of the partitions it rewrote replaced, its count deltas added, its global stages' entries
 replaced, and one `retries` entry appended (with the round's own `stages`). What the round did
-not touch stays as it was. `stages` (each stage's seconds and rows: `stage_times`) is summed from
+not touch stays as it was. `stages` (each stage's seconds and rows, and what it counted: `stage_times`) is summed from
 the segment tasks' done markers and the global passes' markers. The
 keys are the shard contract's (`curate.contract` reads them; train and tools read them there).
 """
@@ -95,6 +95,9 @@ def stage_times(job: Job, globals_: list[dict[str, Any]], every_stage: bool) -> 
             if measured or every_stage:
                 out[name] = {"order": order, "pass": kind, **{k: sum(t[k] for t in measured) for k in TIMES}}
                 out[name].update({k: round(out[name][k], 6) for k in ("wall_s", "cpu_s")})
+                counts = sum((Counter(t.get("counts", {})) for t in measured), Counter())
+                if counts:  # what the stage counted (Stage.count): faces blurred, addresses replaced
+                    out[name]["counts"] = dict(sorted(counts.items()))
             order += 1
     return out
 

@@ -3,7 +3,8 @@
 `StageTimes` is what a segment task (`curate.engine.steps.run_segment`) times its row stages
 with: per stage, wall seconds (time.perf_counter), CPU seconds, the live rows (no drop_reason)
 that reached it (`rows_in`) and those it let through (`rows_out`), summed over the task's
-batches; `totals` is what the task's done marker records under `stages`. `GlobalPassClock`
+batches, and the counts the stage made (`Stage.count`: faces blurred, addresses replaced) under
+`counts`; `totals` is what the task's done marker records under `stages`. `GlobalPassClock`
 times a global pass from the driver: wall seconds there, CPU seconds of the cluster's worker
 processes during the pass (their process clocks read before and after: what else they ran
 meanwhile, idle overhead included, counts too).
@@ -20,10 +21,13 @@ from __future__ import annotations
 
 import resource
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
+
+from curate.stages.base import counting
 
 __all__ = ["GlobalPassClock", "StageTimes", "cpu_clock", "live_rows"]
 
@@ -61,13 +65,17 @@ class StageTimes:
         """`process(table)`, timed and counted under `name`."""
         rows_in = live_rows(table)
         wall, cpu = time.perf_counter(), self.cpu()
-        out = process(table)
+        with counting() as counts:
+            out = process(table)
         wall, cpu = time.perf_counter() - wall, self.cpu() - cpu
         entry = self.totals.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0, "rows_in": 0, "rows_out": 0})
         entry["wall_s"] += wall
         entry["cpu_s"] += cpu
         entry["rows_in"] += rows_in
         entry["rows_out"] += live_rows(out)
+        if counts:
+            merged = Counter(entry.get("counts", {})) + counts
+            entry["counts"] = dict(sorted(merged.items()))
         return out
 
 

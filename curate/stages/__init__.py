@@ -34,5 +34,6 @@ from curate.stages import minhash  # noqa: F401
 from curate.stages import segment_dedup  # noqa: F401
 from curate.stages import text_decontaminate  # noqa: F401
 from curate.stages import recaption  # noqa: F401
+from curate.stages import metaclip  # noqa: F401
 
 __all__ = ["STAGES", "Drop", "Filter", "GlobalStage", "RowStage", "Stage", "StageConfig", "build_stage", "register"]

@@ -17,7 +17,11 @@ A new stage is one class plus `@register` and its test.
 
 from __future__ import annotations
 
+import threading
 import traceback
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import pyarrow as pa
@@ -92,6 +96,15 @@ class Stage:
 
     def setup(self) -> None:
         """Load models or other heavy state. Called once per worker process, lazily."""
+
+    def count(self, key: str, n: int = 1) -> None:
+        """Add `n` to this stage's count `key` (faces blurred, emails replaced, rows a blocklist
+        matched): a segment task sums them per stage into its marker, and the manifest's
+        `stages.<name>.counts` over the run. Counted in the thread that runs `process` (see
+        `counting`); a count made elsewhere (a pool thread) is not recorded."""
+        counter = getattr(_COUNTING, "counter", None)
+        if counter is not None and n:
+            counter[key] += n
 
 
 class RowStage(Stage):
@@ -181,6 +194,22 @@ class GlobalStage(Stage):
     def summary(self) -> dict[str, Any]:
         """Facts of the last `decide` for the manifest (a cutoff, counts): small, JSON-able."""
         return {}
+
+
+_COUNTING = threading.local()
+
+
+@contextmanager
+def counting() -> Iterator[Counter[str]]:
+    """Collect the `Stage.count` calls this thread makes inside the block (one stage's `process`
+    of one batch). Thread-local, so tasks sharing a worker process and its stage instances keep
+    their counts apart."""
+    outer = getattr(_COUNTING, "counter", None)
+    _COUNTING.counter = counter = Counter()
+    try:
+        yield counter
+    finally:
+        _COUNTING.counter = outer
 
 
 def mark_dropped(row: dict[str, Any], stage: str, drop: Drop) -> None:

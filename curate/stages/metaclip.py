@@ -1,0 +1,419 @@
+"""MetaCLIP balancing (Xu et al., "Demystifying CLIP Data"; MetaCLIP 2 for the worldwide setting):
+a pool of pairs balanced over a metadata distribution (WordNet synsets, Wikipedia titles, n-grams)
+instead of filtered by a model's scores.
+
+`metaclip_balance`, a global stage over pairs:
+
+- **Matching**, as MetaCLIP's reference matcher (`substr_matching`) does it: the alt-text
+  (`text_column`, `caption` by default: never a synthetic caption) gets a space at each end and
+  around each of `, . ; : ? ! `` ` and its tabs and line breaks become spaces; an entry matches
+  when " entry " occurs in that text. Case-sensitive as the reference ("Cat" is not "cat": list
+  both where both are wanted); "cat" matches neither "education" nor "cats". One Aho-Corasick
+  automaton (pyahocorasick) per metadata list finds every entry, overlapping ones included, in
+  one scan of the text. `padding: metaclip2` pads entries as MetaCLIP 2 does: no space on an end
+  that is punctuation or a character of a script written without spaces (CJK, Thai, Lao,
+  Burmese, Khmer, Tibetan).
+- **Counting**: per entry, the pairs matching it over the whole pool that reaches the stage, a
+  tree reduction of per-partition counts on the cluster.
+- **Sampling**: entry e selects a pair with MetaCLIP's probability t / max(count_e, t); a pair is
+  kept when any of its entries selects it, so an entry matched by fewer than `t` pairs keeps all of
+  them and a head entry keeps about `t`. The draws are a 64-bit hash of (`seed`, sample id,
+  entry), not a process RNG: a rerun, a resume or another partitioning decides the same. Drops:
+  `no_metadata_match` (no entry matched), `balanced_out` (no matched entry selected it; the
+  detail names its most frequent entries and their counts), `no_metadata_language` (worldwide:
+  the pair's language has no metadata list and there is no default list).
+- **Worldwide** (MetaCLIP 2): `languages` maps a language code (the `language` column of
+  `language_filter`) to its own metadata list and `t`; a pair's entries are looked up in its
+  language's list, else in the top-level `metadata` (the `other` list).
+- **Summary** (the manifest's `global.<stage>.summary`, plotted by the report): per list, its
+  entries, those matched, t, pairs matched and kept, the head (the most matched entries with
+  their counts before and after), the tail (entries per count decade before and after), and the
+  sorted count curves at log-spaced ranks.
+
+Metadata files are a JSON list of strings (MetaCLIP's `metadata.json`) or text, one entry a line;
+a repeated entry counts once (its first position). They are read when the recipe loads (a missing
+or empty file fails there, naming it) and indexed once per worker process. Like the eval sets of
+the decontamination stages, their content is not part of the recipe hash: give a changed list a
+new path.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import string
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import ahocorasick
+import numpy as np
+import pandas as pd
+from dask import compute, delayed
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from curate.stages.base import GlobalStage, StageConfig, register
+
+NO_MATCH = "no_metadata_match"
+BALANCED_OUT = "balanced_out"
+NO_LANGUAGE = "no_metadata_language"
+OTHER = "other"  # the top-level list's name in the summary and the details
+HEAD_ENTRIES = 20  # entries listed in the summary's head
+DETAIL_ENTRIES = 3  # entries named in a balanced_out detail
+
+# MetaCLIP's spacing of a text: these get a space each side, these become a space
+_WRAPPED = ",.;:?!`"
+_SPACED = "\t\n\r"
+_SPACING = str.maketrans({**{c: f" {c} " for c in _WRAPPED}, **{c: " " for c in _SPACED}})
+_NO_SPACE_SCRIPTS = (  # code point ranges of scripts written without spaces between words
+    (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF), (0x2CEB0, 0x2EBEF), (0xF900, 0xFAFF), (0x2E80, 0x2EFF), (0x2F00, 0x2FDF),
+    (0x2FF0, 0x2FFF), (0x0E00, 0x0E7F), (0x0E80, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF),
+    (0x0F00, 0x0FFF),
+)
+_WIDE_PUNCTUATION = set("，。、；：？！“”‘’（）【】《》〈〉「」『』～—")
+
+
+def spaced(text: str) -> str:
+    """A text as MetaCLIP matches in it: padded, punctuation spaced, tabs and breaks to spaces."""
+    return f" {text} ".translate(_SPACING)
+
+
+def _unpadded_end(char: str) -> bool:
+    code = ord(char)
+    return (char in string.punctuation or char in _WIDE_PUNCTUATION
+            or any(lo <= code <= hi for lo, hi in _NO_SPACE_SCRIPTS))
+
+
+def padded(entry: str, padding: str = "metaclip1") -> str:
+    """An entry as the automaton looks for it: " entry " (MetaCLIP), or, with `metaclip2`, without
+    the space on an end that is punctuation or a no-space script's character (MetaCLIP 2)."""
+    if padding == "metaclip1":
+        return f" {entry} "
+    return ("" if _unpadded_end(entry[0]) else " ") + entry + ("" if _unpadded_end(entry[-1]) else " ")
+
+
+def read_metadata(path: str) -> list[str]:
+    """The entries of a metadata file in order, a repeated one at its first position only.
+    ValueError naming the path when it is missing, unreadable or holds no entry."""
+    if not os.path.isfile(path):
+        raise ValueError(f"metadata file {os.path.abspath(path)!r} does not exist")
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        raw = fh.read()
+    if path.endswith(".json"):
+        try:
+            entries = json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"metadata file {path!r}: not JSON ({exc})") from None
+        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+            raise ValueError(f"metadata file {path!r}: expected a JSON list of strings")
+    else:
+        entries = raw.splitlines()
+    entries = [e.strip() for e in entries if e.strip()]
+    if not entries:
+        raise ValueError(f"metadata file {path!r} holds no entry")
+    return list(dict.fromkeys(entries))
+
+
+@dataclass(frozen=True)
+class MetadataList:
+    """One metadata list as the stage uses it: its entries, `t`, and its first entry's index in
+    the stage's one count vector (lists are laid end to end)."""
+
+    name: str
+    path: str
+    t: int
+    offset: int
+    entries: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=8)
+def _automaton(path: str, mtime: float, padding: str) -> Any:
+    """The Aho-Corasick automaton of a metadata file (value: the entry's index), built once per
+    process (keyed by the file's modification time too)."""
+    automaton = ahocorasick.Automaton()
+    for index, entry in enumerate(read_metadata(path)):
+        automaton.add_word(padded(entry, padding), index)
+    automaton.make_automaton()
+    return automaton
+
+
+def matcher(path: str, padding: str = "metaclip1") -> Any:
+    return _automaton(path, os.path.getmtime(path), padding)
+
+
+def match(automaton: Any, text: str) -> list[int]:
+    """The sorted indices of the entries matched in `text` (MetaCLIP's substring matching)."""
+    return sorted({index for _, index in automaton.iter(spaced(text))})
+
+
+# ---------------------------------------------------------------------------------------------
+# Draws: a uniform number per (seed, sample id, entry) from hashes, vectorised
+# ---------------------------------------------------------------------------------------------
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def id_hashes(ids: Any, seed: int) -> np.ndarray:
+    """A 64-bit hash of each sample id under `seed` (blake2b): stable across processes and runs."""
+    key = seed.to_bytes(8, "little", signed=True)
+    return np.array([int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8, key=key).digest(), "little")
+                     for i in ids], dtype=np.uint64)
+
+
+def draws(row_hashes: np.ndarray, entries: np.ndarray) -> np.ndarray:
+    """Uniform [0, 1) numbers, one per (row hash, entry) pair: splitmix64 of the two mixed."""
+    with np.errstate(over="ignore"):
+        z = row_hashes ^ (entries.astype(np.uint64) * _GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+class LanguageMetadata(BaseModel):
+    """One language's metadata list and its `t` (worldwide balancing)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    metadata: str
+    t: int = Field(ge=1)
+
+    @field_validator("metadata")
+    @classmethod
+    def _readable(cls, value: str) -> str:
+        read_metadata(value)
+        return value
+
+
+class MetaclipBalanceConfig(StageConfig):
+    kind: Literal["metaclip_balance"] = "metaclip_balance"
+    # the list for pairs of every language (or, with `languages`, of the others); a JSON list of
+    # strings or one entry a line. Optional only when `languages` lists every language kept.
+    metadata: str | None = None
+    t: int = Field(20_000, ge=1)  # MetaCLIP: 20k for its 400M set, 170k for 2.5B
+    languages: dict[str, LanguageMetadata] = Field(default_factory=dict)
+    text_column: str = Field("caption", pattern=r"^[a-z][a-z0-9_]*$")
+    padding: Literal["metaclip1", "metaclip2"] = "metaclip1"
+    seed: int = 0
+
+    @field_validator("metadata")
+    @classmethod
+    def _readable(cls, value: str | None) -> str | None:
+        if value is not None:
+            read_metadata(value)  # fails at recipe load, naming the path
+        return value
+
+    @model_validator(mode="after")
+    def _some_list(self) -> MetaclipBalanceConfig:
+        if not self.languages and self.metadata is None:
+            raise ValueError("give `metadata` (a metadata file), `languages` (one per language), or both")
+        return self
+
+
+@register
+class MetaclipBalance(GlobalStage):
+    """Balances pairs over metadata entries, as MetaCLIP curates (module docstring)."""
+
+    name = "metaclip_balance"
+    Config = MetaclipBalanceConfig
+    config: MetaclipBalanceConfig
+    kinds = ("pair",)
+
+    def __init__(self, config: MetaclipBalanceConfig):
+        super().__init__(config)
+        self.last_summary: dict[str, Any] = {}
+
+    @property
+    def columns(self) -> list[str]:  # type: ignore[override]
+        cfg = self.config
+        return [cfg.text_column, *(["language"] if cfg.languages else [])]
+
+    def lists(self) -> list[MetadataList]:
+        """The metadata lists, laid end to end: each language's, then the top-level one (`other`)."""
+        cfg = self.config
+        named = [(lang, m.metadata, m.t) for lang, m in sorted(cfg.languages.items())]
+        if cfg.metadata is not None:
+            named.append((OTHER, cfg.metadata, cfg.t))
+        out, offset = [], 0
+        for name, path, t in named:
+            entries = tuple(read_metadata(path))
+            out.append(MetadataList(name, path, t, offset, entries))
+            offset += len(entries)
+        return out
+
+    def decide(self, live: Any) -> Any:
+        cfg = self.config
+        lists = self.lists()
+        width = sum(len(m.entries) for m in lists)
+        where = {m.name: (m.path, m.offset) for m in lists}
+        meta = live._meta[["id", "_partition"]].assign(_entries=pd.Series([], dtype=object))
+        matched = live.map_partitions(_match_partition, where, cfg.text_column, cfg.padding, meta=meta).persist()
+        counts = _tree_sum([delayed(_count_partition)(d, width) for d in matched.to_delayed()], width)
+        probability = np.concatenate([
+            np.minimum(1.0, m.t / np.maximum(counts[m.offset:m.offset + len(m.entries)], 1)) for m in lists])
+        labels = [f"{m.name}:{e}" if cfg.languages else e for m in lists for e in m.entries]
+        # one graph key each, not a copy of a 500,000-entry vector in every task
+        p, c, names = (delayed(x, pure=True) for x in (probability, counts, labels))
+        kept = _tree_sum([delayed(_count_partition)(d, width, p, cfg.seed) for d in matched.to_delayed()], width)
+        self.last_summary = balance_summary(lists, counts, kept, *_row_totals(matched, p, cfg.seed))
+        empty = live._meta[["id", "_partition"]].assign(drop_reason="", drop_detail="")
+        return matched.map_partitions(_drops, p, c, names, cfg.seed, meta=empty)
+
+    def summary(self) -> dict[str, Any]:
+        return dict(self.last_summary)
+
+
+def _match_partition(part: pd.DataFrame, where: dict[str, tuple[str, int]], text_column: str,
+                     padding: str) -> pd.DataFrame:
+    """Each row's matched entries (indices in the stage's count vector, int32), or None when its
+    language has no list (worldwide without a default list)."""
+    languages = part["language"] if "language" in part.columns else None
+    found: list[np.ndarray | None] = []
+    for i, text in enumerate(part[text_column].tolist()):
+        lang = OTHER
+        if languages is not None and languages.iloc[i] in where:
+            lang = languages.iloc[i]
+        if lang not in where:
+            found.append(None)
+            continue
+        path, offset = where[lang]
+        hits = match(matcher(path, padding), text if isinstance(text, str) else "")
+        found.append(np.asarray(hits, dtype=np.int32) + np.int32(offset))
+    return part[["id", "_partition"]].assign(_entries=pd.Series(found, index=part.index, dtype=object))
+
+
+def _flat(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(row position, entry) of every match in a partition."""
+    lists = [e if e is not None else np.zeros(0, np.int32) for e in part["_entries"].tolist()]
+    lengths = np.fromiter((len(e) for e in lists), dtype=np.int64, count=len(lists))
+    rows = np.repeat(np.arange(len(lists)), lengths)
+    entries = np.concatenate(lists) if lists else np.zeros(0, np.int32)
+    return rows, entries.astype(np.int64)
+
+
+def _selected(part: pd.DataFrame, probability: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, entries, kept per row): which rows some matched entry selects."""
+    rows, entries = _flat(part)
+    hashes = id_hashes(part["id"].tolist(), seed)
+    chosen = draws(hashes[rows], entries) < probability[entries]
+    kept = np.bincount(rows[chosen], minlength=len(part)) > 0
+    return rows, entries, kept
+
+
+def _count_partition(part: pd.DataFrame, width: int, probability: np.ndarray | None = None,
+                     seed: int = 0) -> np.ndarray:
+    """Matches per entry in a partition; with `probability`, only those of the rows kept."""
+    if probability is None:
+        _, entries = _flat(part)
+        return np.bincount(entries, minlength=width).astype(np.int64)
+    rows, entries, kept = _selected(part, probability, seed)
+    return np.bincount(entries[kept[rows]], minlength=width).astype(np.int64)
+
+
+def _tree_sum(parts: list[Any], width: int) -> np.ndarray:
+    """The sum of per-partition count vectors, added pairwise on the cluster."""
+    while len(parts) > 1:
+        parts = [delayed(np.add)(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i]
+                 for i in range(0, len(parts), 2)]
+    return compute(parts[0])[0] if parts else np.zeros(width, np.int64)
+
+
+def _row_totals(matched: Any, probability: Any, seed: int) -> tuple[int, int, int]:
+    """(rows, rows matching some entry, rows kept) over the pool, counted on the cluster."""
+
+    def totals(part: pd.DataFrame, probability: np.ndarray) -> pd.DataFrame:
+        _, _, kept = _selected(part, probability, seed)
+        some = [e is not None and len(e) > 0 for e in part["_entries"].tolist()]
+        return pd.DataFrame({"rows": [len(part)], "matched": [int(sum(some))], "kept": [int(kept.sum())]})
+
+    meta = pd.DataFrame({"rows": pd.Series([], dtype="int64"), "matched": pd.Series([], dtype="int64"),
+                         "kept": pd.Series([], dtype="int64")})
+    sums = matched.map_partitions(totals, probability, meta=meta).sum().compute()
+    return int(sums["rows"]), int(sums["matched"]), int(sums["kept"])
+
+
+def _drops(part: pd.DataFrame, probability: np.ndarray, counts: np.ndarray, labels: list[str],
+           seed: int) -> pd.DataFrame:
+    rows, entries, kept = _selected(part, probability, seed)
+    reasons, details = [], []
+    ids, out_ids, out_parts = part["id"].tolist(), [], []
+    partitions = part["_partition"].tolist()
+    by_row: dict[int, list[int]] = {}
+    for r, e in zip(rows.tolist(), entries.tolist()):
+        by_row.setdefault(r, []).append(e)
+    for r, found in enumerate(part["_entries"].tolist()):
+        if kept[r]:
+            continue
+        if found is None:
+            reason, detail = NO_LANGUAGE, "no metadata list for the pair's language and no default list"
+        elif len(found) == 0:
+            reason, detail = NO_MATCH, "the alt-text matches no metadata entry"
+        else:
+            top = sorted(by_row[r], key=lambda e: (-counts[e], e))[:DETAIL_ENTRIES]
+            named = ", ".join(f"{labels[e]!r} ({int(counts[e]):,} pairs, p {probability[e]:.3g})" for e in top)
+            more = len(by_row[r]) - len(top)
+            reason, detail = BALANCED_OUT, f"no entry selected it: {named}" + (f" and {more} more" if more else "")
+        out_ids.append(ids[r])
+        out_parts.append(partitions[r])
+        reasons.append(reason)
+        details.append(detail)
+    out = pd.DataFrame({"id": out_ids, "_partition": out_parts, "drop_reason": reasons, "drop_detail": details})
+    return out.astype({"id": part["id"].dtype, "_partition": part["_partition"].dtype})
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary: the entry-count distribution before and after
+# ---------------------------------------------------------------------------------------------
+
+
+def _decades(counts: np.ndarray) -> dict[str, int]:
+    """Entries per count decade: "0", "1-9", "10-99", ..."""
+    out = {"0": int((counts == 0).sum())}
+    lo = 1
+    while lo <= max(1, int(counts.max(initial=0))):
+        out[f"{lo}-{10 * lo - 1}"] = int(((counts >= lo) & (counts < 10 * lo)).sum())
+        lo *= 10
+    return out
+
+
+def _curve(counts: np.ndarray) -> list[list[int]]:
+    """[rank, count] of the counts sorted descending, at ranks 1, 2, 5, 10, 20, 50, ... and the last
+    nonzero one: the log-log curve the report draws."""
+    ordered = np.sort(counts[counts > 0])[::-1]
+    ranks, r = [], 1
+    while r <= len(ordered):
+        ranks.extend(x for x in (r, 2 * r, 5 * r) if x <= len(ordered))
+        r *= 10
+    if len(ordered) and (not ranks or ranks[-1] != len(ordered)):
+        ranks.append(len(ordered))
+    return [[k, int(ordered[k - 1])] for k in ranks]
+
+
+def balance_summary(lists: list[MetadataList], counts: np.ndarray, kept: np.ndarray, rows: int,
+                    matched: int, kept_rows: int) -> dict[str, Any]:
+    """What the manifest records of a balancing pass (module docstring)."""
+    out: dict[str, Any] = {"rows": rows, "matched": matched, "kept": kept_rows, "lists": {}}
+    for m in lists:
+        before = counts[m.offset:m.offset + len(m.entries)]
+        after = kept[m.offset:m.offset + len(m.entries)]
+        head = np.argsort(-before, kind="stable")[:HEAD_ENTRIES]
+        out["lists"][m.name] = {
+            "path": os.path.basename(m.path), "t": m.t, "entries": len(m.entries),
+            "entries_matched": int((before > 0).sum()),
+            "entries_over_t": int((before > m.t).sum()),
+            "head": [{"entry": m.entries[i], "before": int(before[i]), "after": int(after[i])}
+                     for i in head if before[i] > 0],
+            "tail_before": _decades(before), "tail_after": _decades(after),
+            "curve_before": _curve(before), "curve_after": _curve(after),
+        }
+    return out
+
+
+__all__ = ["BALANCED_OUT", "NO_LANGUAGE", "NO_MATCH", "MetaclipBalance", "MetaclipBalanceConfig", "draws",
+           "id_hashes", "match", "matcher", "padded", "read_metadata", "spaced"]
