@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.contract import Manifest
+from tools.report_balance import balance_section
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'none'; base-uri 'none'; form-action 'none'"
 COLORS = ("#2f6db5", "#d9822b")
@@ -254,14 +255,15 @@ def stage_times(run: Run) -> str:
                              gutter=170, value_text=lambda v: f"{v:,.2f} s"),
                   "wall seconds per stage (row stages: summed over partitions; global passes: on the driver)"),
            "<table><tr><th>stage</th><th>pass</th><th class=n>wall s</th><th class=n>CPU s</th>"
-           "<th class=n>rows in</th><th class=n>rows out</th><th class=n>rows/s</th></tr>"]
+           "<th class=n>rows in</th><th class=n>rows out</th><th class=n>rows/s</th><th>counted</th></tr>"]
     for i, r in enumerate(rows):
         p = f"stages.{i}"
         rate = "-" if r["rows_per_s"] is None else stat(p + ".rows_per_s", r["rows_per_s"])
         out.append(f"<tr><td>{esc(r['stage'])}</td><td>{esc(r['pass'])}</td>"
                    f"<td class=n>{stat(p + '.wall_s', r['wall_s'])}</td><td class=n>{stat(p + '.cpu_s', r['cpu_s'])}</td>"
                    f"<td class=n>{stat(p + '.rows_in', r['rows_in'])}</td>"
-                   f"<td class=n>{stat(p + '.rows_out', r['rows_out'])}</td><td class=n>{rate}</td></tr>")
+                   f"<td class=n>{stat(p + '.rows_out', r['rows_out'])}</td><td class=n>{rate}</td>"
+                   f"<td>{esc(', '.join(f'{k} {v:,}' for k, v in r.get('counts', {}).items()))}</td></tr>")
     out.append("</table>")
     return "".join(out)
 
@@ -394,8 +396,13 @@ def samples_section(run: Run) -> str:
     return "".join(out)
 
 
+def balancing(run: Run) -> str:
+    """MetaCLIP balancing passes: entry counts before and after (tools/report_balance.py)."""
+    return balance_section(run.manifest.global_stages, run.manifest.recipe)
+
+
 SECTIONS = (("overview", "Overview", overview), ("funnel", "Funnel", funnel), ("stages", "Stage times", stage_times),
-            ("domains", "Domains", domains),
+            ("domains", "Domains", domains), ("balancing", "Balancing", balancing),
             ("distributions", "Distributions", distributions), ("mixture", "Mixture", mixture_section),
             ("samples", "Samples", samples_section))
 

@@ -328,7 +328,8 @@ def _stage_times(stages: dict[str, dict[str, Any]] | None) -> list[dict[str, Any
     """The manifest's per-stage seconds in recipe order, with rows/s (rows in over wall seconds);
     none for an output written before the manifest recorded them."""
     rows = [{"stage": name, **{k: t.get(k) for k in ("pass", "wall_s", "cpu_s", "rows_in", "rows_out")},
-             "rows_per_s": t["rows_in"] / t["wall_s"] if t.get("wall_s") else None}
+             "rows_per_s": t["rows_in"] / t["wall_s"] if t.get("wall_s") else None,
+             "counts": t.get("counts") or {}}  # what the stage counted (faces blurred, addresses replaced)
             for name, t in (stages or {}).items()]
     return sorted(rows, key=lambda r: (stages or {})[r["stage"]].get("order", 0))
 
@@ -377,9 +378,10 @@ def format_stats(stats: dict[str, Any]) -> str:
                       f"{'rows/s':>10}"]
         for s in stats["stages"]:
             rate = "-" if s["rows_per_s"] is None else f"{s['rows_per_s']:,.1f}"
+            counted = ", ".join(f"{k} {v:,}" for k, v in s.get("counts", {}).items())
             lines.append(f"  {s['stage'] + (' (global)' if s['pass'] == 'global' else ''):<35} "
                          f"{s['wall_s']:>10,.3f} {s['cpu_s']:>10,.3f} {s['rows_in']:>10,} {s['rows_out']:>10,} "
-                         f"{rate:>10}")
+                         f"{rate:>10}" + (f"  counted: {counted}" if counted else ""))
     lines += ["", "attempts"] + _dist_lines("attempts", stats["attempts"])
     for kind, k in stats["kinds"].items():
         lines += ["", f"{kind} samples"]

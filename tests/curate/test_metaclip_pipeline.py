@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from curate.engine.driver import plan_job, prepare_output
 from curate.engine.steps import run_segment
 from curate.recipe import parse_recipe
+from tools.report_balance import balance_section
 
 from .conftest import check_ledger_invariant, ledger_digests
 
@@ -61,6 +62,9 @@ def test_interrupted_and_resumed_runs_balance_as_the_clean_run(shared_cluster, t
     assert all(h["before"] == h["after"] for h in head[1:])  # the tails, all under t
     assert summary["kept"] == sum(1 for i, r in outcomes.items() if r != "balanced_out"
                                   and r != "no_metadata_match")
+    # the report's section: both curves, t, the head
+    section = balance_section(manifest["global"], manifest["recipe"])
+    assert section.count("<polyline") == 2 and f"t = {T}" in section and "<td>cat</td><td class=n>400</td>" in section
 
     # interrupted inside the first segment: half its partitions done, then resumed on the cluster
     resumed = tmp_path / "resumed"
