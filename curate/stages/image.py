@@ -1,8 +1,8 @@
 """The image stage: check that a pair's image decodes, then resize and re-encode it.
 
-This is the only stage that rewrites image bytes (besides the downloader that fetches them). It
-runs first among the per-sample stages, so every later stage sees small, uniform RGB images and
-their true original size.
+Besides the downloader that fetches them and face_blur (which blurs faces in place), this is the
+only stage that rewrites image bytes. It runs first among the per-sample stages, so every later
+stage sees small, uniform RGB images and their true original size.
 
 Contract, for each live row:
 - reads `image` (untrusted bytes) and ignores the incoming `image_format`: the format is what
