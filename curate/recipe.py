@@ -27,7 +27,7 @@ from curate.contract import MAX_SAMPLES_PER_SHARD, record_schema
 from curate.storage import check_url, is_url
 from curate.recipe_io import RecipeError, read_recipe_yaml, validate_recipe
 from curate.sources.base import SOURCES
-from curate.stages.base import STAGES, GlobalStage
+from curate.stages.base import STAGES, GlobalStage, Stage
 from curate.tokens import check_tokenizer_path
 from curate.units import parse_bytes
 
@@ -146,8 +146,14 @@ class Recipe(_Strict):
                 )
         # every column a stage reads exists by then: in the records, or added by an earlier stage
         available = {name for kind in kinds for name in record_schema(kind).names}
+        earlier: list[Stage] = []
         for i, s in enumerate(self.stages):
             stage = STAGES[s.kind](s)
+            try:
+                stage.check_recipe(earlier)
+            except ValueError as exc:
+                raise ValueError(f"stages.{i} ({stage.name}): {exc}") from None
+            earlier.append(stage)
             missing = [c for c in stage.input_columns if c not in available]
             if missing:
                 raise ValueError(
@@ -191,10 +197,13 @@ class Recipe(_Strict):
 
 def _drop_execution_only(cfg: BaseModel, dumped: dict[str, Any]) -> None:
     """Remove the fields marked execution_only (a downloader's threads, a model's device) from
-    `dumped`, in nested configs too (a recaptioning stage's models)."""
+    `dumped`, in nested configs too (a recaptioning stage's models), and those marked added_later
+    while they hold their default (a recipe written before the field existed hashes as it did)."""
     for name, field in type(cfg).model_fields.items():
         extra = field.json_schema_extra
         if isinstance(extra, dict) and extra.get("execution_only"):
+            dumped.pop(name, None)
+        elif isinstance(extra, dict) and extra.get("added_later") and getattr(cfg, name) == field.default:
             dumped.pop(name, None)
         elif isinstance(getattr(cfg, name), BaseModel) and isinstance(dumped.get(name), dict):
             _drop_execution_only(getattr(cfg, name), dumped[name])

@@ -50,6 +50,7 @@ OPTIONAL_EXTRAS: dict[str, str] = {
     "torch": "clip",
     "torchvision": "clip",
     "open_clip": "clip",
+    "timm": "clip",
     "safetensors": "train",
     "transformers": "vecap",
     "spacy": "text",

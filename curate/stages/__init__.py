@@ -35,5 +35,9 @@ from curate.stages import segment_dedup  # noqa: F401
 from curate.stages import text_decontaminate  # noqa: F401
 from curate.stages import recaption  # noqa: F401
 from curate.stages import metaclip  # noqa: F401
+from curate.stages import blocklist  # noqa: F401
+from curate.stages import pii  # noqa: F401
+from curate.stages import face_blur  # noqa: F401
+from curate.stages import image_scores  # noqa: F401
 
 __all__ = ["STAGES", "Drop", "Filter", "GlobalStage", "RowStage", "Stage", "StageConfig", "build_stage", "register"]

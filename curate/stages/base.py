@@ -5,7 +5,8 @@ size, a lazy `setup()` (models load once per worker process, never in `__init__`
 `process(table) -> table`. Stages never delete rows: a rejected row gets `drop_stage`,
 `drop_reason` (a short stable code) and `drop_detail`. Scoring stages only add columns, declared
 in `output_columns` so the runner knows the schema before any data flows. Only the image stage
-rewrites image bytes, and only the pack step writes tars.
+and face_blur (which re-encodes only the images it blurred faces in) rewrite image bytes, besides
+the download stage that fetches them; only the pack step writes tars.
 
 Two shapes:
 - `RowStage` (and `Filter`): per-partition work, run on bounded batches inside one Dask task.
@@ -96,6 +97,11 @@ class Stage:
 
     def setup(self) -> None:
         """Load models or other heavy state. Called once per worker process, lazily."""
+
+    def check_recipe(self, earlier: list[Stage]) -> None:
+        """Checks across stages, when the recipe loads: raise ValueError (saying what to change) if
+        this stage cannot follow `earlier`, the recipe's stages before it in order (a score head
+        reading the embeddings of another model's clip_score stage). Default: nothing to check."""
 
     def count(self, key: str, n: int = 1) -> None:
         """Add `n` to this stage's count `key` (faces blurred, emails replaced, rows a blocklist

@@ -17,11 +17,12 @@ from curate.stages.base import build_stage
 from curate.stages.score_filter import ScoreFilter, ScoreTopFraction, find_cutoff, key_score, score_keys
 
 
-def _reference(frame: pd.DataFrame, fraction: float) -> set[str]:
-    """The ids a top-fraction keeps, by the rule written out: sort everything at once."""
+def _reference(frame: pd.DataFrame, fraction: float, lowest: bool = False) -> set[str]:
+    """The ids a top-fraction keeps, by the rule written out: sort everything at once (nulls last
+    in either order)."""
     n = len(frame)
     k = math.ceil(fraction * n - 1e-9)
-    key = frame["score"].fillna(-np.inf)
+    key = (-frame["score"] if lowest else frame["score"]).fillna(-np.inf)
     order = frame.assign(_s=key).sort_values(["_s", "id"], ascending=[False, True], kind="mergesort")
     return set(order["id"].iloc[:k])
 
@@ -58,6 +59,26 @@ def test_top_fraction_equals_the_rule_on_all_scores_at_once(fraction, ties, null
         assert summary["cutoff_id"] in want
 
 
+@pytest.mark.parametrize("fraction", [0.3, 0.9])
+def test_lowest_fraction_keeps_the_lowest_scores_nulls_last(fraction):
+    """order: lowest (an NSFW probability): the same exact rule on the reversed order, ties by id,
+    nulls still ranked last; the rows dropped are the high ones."""
+    frame = _frame(3000, seed=11, ties=True, nulls=True)
+    want = _reference(frame, fraction, lowest=True)
+    stage = build_stage(ScoreTopFraction.Config(column="score", fraction=fraction, order="lowest",
+                                                exact_fetch_rows=1000))
+    with dask.config.set(scheduler="synchronous"):
+        for nparts in (1, 6):
+            dropped = stage.decide(dd.from_pandas(frame, npartitions=nparts)).compute()
+            assert set(frame["id"]) - set(dropped["id"]) == want
+            assert set(dropped["drop_reason"]) == {"score_high"}
+    summary = stage.summary()
+    assert summary["cutoff_id"] in want and summary["kept"] == len(want)
+    kept = frame[frame["id"].isin(want)]["score"]
+    assert summary["cutoff_score"] == pytest.approx(float(np.float32(kept.max())))
+    assert "not in the lowest" in dropped["drop_detail"].iloc[0]
+
+
 def test_histogram_passes_and_a_huge_tie_resolve_exactly():
     """exact_fetch_rows tiny: the cutoff is found through every histogram level, and inside one
     score shared by most rows the rank falls to the id sort."""
@@ -87,6 +108,24 @@ def test_score_filter_threshold_and_missing_scores():
     assert (drop.reason, drop.detail) == ("clip_score_low", "clip_score 0.2000 < 0.28")
     assert stage.check({"clip_score": None}).reason == "clip_score_low"
     assert stage.check({}).detail == "no clip_score"
+
+
+def test_score_filter_max_score_and_both_bounds(tmp_path):
+    """max_score keeps scores at most the bound (`<column>_high` above it); with both bounds each
+    side drops with its own code; a missing score fails the first bound; no bound fails at load."""
+    high = ScoreFilter(ScoreFilter.Config(column="nsfw_score", max_score=0.5))
+    assert high.check({"nsfw_score": 0.5}) is None
+    assert high.check({"nsfw_score": 0.9}) == ("nsfw_score_high", "nsfw_score 0.9000 > 0.5")
+    assert high.check({"nsfw_score": None}) == ("nsfw_score_high", "no nsfw_score")
+    band = ScoreFilter(ScoreFilter.Config(column="aesthetic_score", min_score=4.5, max_score=9))
+    assert [getattr(band.check({"aesthetic_score": v}), "reason", None) for v in (4.0, 5.0, 9.5)] == [
+        "aesthetic_score_low", None, "aesthetic_score_high"]
+    data = {
+        "name": "x", "sources": [{"kind": "image_folder", "name": "f", "path": str(tmp_path)}],
+        "stages": [{"kind": "score_filter", "column": "caption"}], "output": {"path": str(tmp_path / "o")},
+    }
+    with pytest.raises(RecipeError, match="stages.0.*give min_score, max_score or both"):
+        parse_recipe(data, "<test>")
 
 
 def test_bad_fraction_fails_at_recipe_load(tmp_path):
