@@ -13,6 +13,8 @@ from curate.stages.base import build_stage
 from curate.units import parse_bytes
 from tools.demo.run import demo_overrides
 from tools.demo.docs import build_doc_inputs
+from tools.convert_heads import write_demo_heads
+from tools.demo.web import write_blocklists
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes" / "curate").glob("*.yaml"))
@@ -35,6 +37,8 @@ def demo_root(tmp_path_factory):
     tokenizer), built as `mm1 demo` builds them."""
     root = tmp_path_factory.mktemp("demo")
     build_doc_inputs(root / "inputs", "http://127.0.0.1:1")
+    write_blocklists(root / "inputs")
+    write_demo_heads(root / "inputs" / "models" / "heads")
     return root
 
 

@@ -37,7 +37,7 @@ def test_demo_twice(demo_trained, shared_cluster, tmp_path, capsys):
     content = _content(root)
     second = run_demo(root, client=shared_cluster.client)
     out = capsys.readouterr().out
-    assert "verify: OK" in out and "87 inputs -> 44 kept (doc 8, pair 26, text 10), 43 dropped" in out
+    assert "verify: OK" in out and "89 inputs -> 44 kept (doc 8, pair 26, text 10), 45 dropped" in out
     trained = re.findall(r"for (\d+) steps on the curated shards: loss (\d+\.\d+) -> (\d+\.\d+)",
                          first_printed + out)
     assert len(trained) == 2  # each demo run ends by training the tiny MM1 on what it curated

@@ -26,8 +26,9 @@ from curate.engine.driver import run_recipe
 from tools.demo.data import build_demo_inputs
 from tools.demo.docs import build_doc_inputs
 from tools.demo.server import serve
+from tools.convert_heads import write_demo_heads
 from tools.demo.tiny_models import build_tiny_lm, build_tiny_vlm
-from tools.demo.web import build_www, write_url_list
+from tools.demo.web import build_www, write_blocklists, write_url_list
 from tools.report import build_report
 from tools.stats import compute_stats, format_stats
 from tools.verify import verify
@@ -60,6 +61,12 @@ def demo_overrides(root: Path) -> dict[str, str]:
     overrides[f"stages.{recaption}.captioner.model"] = str(inputs / "models" / "vlm")
     overrides[f"stages.{recaption}.fusion.model"] = str(inputs / "models" / "llm")
     overrides[f"stages.{recaption}.cache_dir"] = str(root / "recaption_cache")
+    blocklists = inputs / "blocklists"
+    overrides[f"stages.{_index(stages, 'kind', 'url_blocklist')}.domains.0"] = str(blocklists / "domains.txt")
+    overrides[f"stages.{_index(stages, 'kind', 'hash_blocklist')}.sha256.0"] = str(blocklists / "takedowns.sha256")
+    for kind in ("aesthetic", "nsfw", "watermark"):
+        overrides[f"stages.{_index(stages, 'kind', f'{kind}_score')}.weights"] = \
+            str(inputs / "models" / "heads" / f"{kind}.safetensors")
     overrides["tokenizer.path"] = str(inputs / "tokenizer" / "tokenizer.json")
     overrides["output.path"] = str(root / "curated")
     return overrides
@@ -73,7 +80,9 @@ def demo_inputs(root: Path) -> Iterator[dict[str, Any]]:
     summary = build_demo_inputs(inputs)
     build_tiny_vlm(inputs / "models" / "vlm")  # the recaptioning stage's models: RANDOM weights
     build_tiny_lm(inputs / "models" / "llm")
+    write_demo_heads(inputs / "models" / "heads")  # the score heads: RANDOM weights
     www = build_www(inputs, inputs / "folder")
+    write_blocklists(inputs)
     with serve(www) as base:
         docs = build_doc_inputs(inputs, base)
         more = {"web": write_url_list(inputs, base), **docs["sources"]}

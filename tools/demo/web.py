@@ -10,6 +10,7 @@ on the server's port, so `write_url_list(root, base)` writes it once the server 
 from __future__ import annotations
 
 import csv
+import hashlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,29 @@ WWW_IMAGES = [
     ("horse_web.jpg", "horse", fit(), "jpg"),
 ]
 NOT_AN_IMAGE = ("not_an_image.jpg", b"<!DOCTYPE html><html><body>Sorry, this page moved.</body></html>\n")
+# A served image whose SHA-256 the demo's hash blocklist names (a takedown request), and a host
+# its domain blocklist names (with every subdomain): both dropped as `blocklisted`.
+TAKEDOWN = ("takedown.jpg", "camera", chain(crop((0, 0, 400, 400)), fit(320)), "jpg")
+BLOCKED_DOMAIN = "tracker.demo.test"
+
+
+def _served_bytes(src: str, transform: Any, fmt: str) -> bytes | None:
+    original = DemoImages().get(src)
+    return None if original is None else encode(transform(original), fmt, JPEG_QUALITY if fmt == "jpg" else None)
+
+
+def write_blocklists(root: Path) -> dict[str, str]:
+    """Write the demo's blocklists under `root/blocklists` (no server needed: the recipe names
+    them when it loads): a domain list and a SHA-256 list of the takedown image's served bytes."""
+    folder = Path(root) / "blocklists"
+    folder.mkdir(parents=True, exist_ok=True)
+    domains = folder / "domains.txt"
+    domains.write_text(f"# hosts no image is fetched from (and their subdomains)\n{BLOCKED_DOMAIN}\n")
+    hashes = folder / "takedowns.sha256"
+    body = _served_bytes(*TAKEDOWN[1:])
+    digest = hashlib.sha256(body).hexdigest() if body is not None else "0" * 64
+    hashes.write_text(f"# sha256 of images taken down on request (as fetched)\n{digest}  {TAKEDOWN[0]}\n")
+    return {"domains": str(domains), "sha256": str(hashes)}
 
 
 def build_www(root: Path, folder: Path) -> Path:
@@ -42,6 +66,8 @@ def build_www(root: Path, folder: Path) -> Path:
         original = images.get(src)
         if original is not None:
             (www / name).write_bytes(encode(transform(original), fmt, JPEG_QUALITY if fmt == "jpg" else None))
+    if (body := _served_bytes(*TAKEDOWN[1:])) is not None:
+        (www / TAKEDOWN[0]).write_bytes(body)
     (www / NOT_AN_IMAGE[0]).write_bytes(NOT_AN_IMAGE[1])
     shutil.copyfile(Path(folder) / "coffee.jpg", www / "coffee_copy.jpg")
     return www
@@ -69,6 +95,8 @@ def write_url_list(root: Path, base: str) -> dict[str, Any]:
         [f"{base}/img/horse_web.jpg", "Un cheval noir dessiné sur un fond blanc, vu de profil", "cc0"],
         ["file:///etc/passwd", "A local file that must never be read by a downloader", "cc0"],
         [f"http://unknown.demo.test:{port}/img/rocket_web.jpg", "A host name that no resolver knows", "cc0"],
+        [f"http://ads.{BLOCKED_DOMAIN}:{port}/img/rocket_web.jpg", "A banner from a host on the domain blocklist", "cc0"],
+        [f"{base}/img/{TAKEDOWN[0]}", "A photographer with a camera, taken down at the owner's request", "cc0"],
     ]
     path = Path(root) / "urls" / "urls.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,5 +114,6 @@ def write_url_list(root: Path, base: str) -> dict[str, Any]:
         "bad_url": 1,
         "dns_error": 1,
         "malformed_row": 1,
+        "blocklisted": 2,  # a subdomain of BLOCKED_DOMAIN (before download), TAKEDOWN's bytes (after)
     }
     return {"path": str(path), "expected_inputs": len(rows) + 1, "expected_kept": 5, "expected_drops": drops}
