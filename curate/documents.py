@@ -39,6 +39,9 @@ DOC_IMAGE_FIELDS: dict[str, str] = {
     "original_height": "image_original_heights",
 }
 IMAGE_LISTS = tuple(DOC_IMAGE_FIELDS.values())
+# A doc column named `<column>_per_image` is a list aligned with `images` (a model stage's value per
+# image that is too big for the segments JSON: an embedding); removing an image removes its entry.
+PER_IMAGE = "_per_image"
 PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n+")
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -118,7 +121,8 @@ def remove_segments(kind: str, row: dict[str, Any], drops: dict[int, tuple[str, 
     if kind != "doc":
         raise ValueError(f"{kind} records have no segments")
     segments = load_segments(row)
-    lists = {name: list(row.get(name) or []) for name in IMAGE_LISTS}
+    aligned = [*IMAGE_LISTS, *(name for name in row if name.endswith(PER_IMAGE))]
+    lists = {name: list(row.get(name) or []) for name in aligned}
     kept, recorded, removed_images = [], [], set()
     for i, seg in enumerate(segments):
         if i not in drops:
@@ -159,10 +163,17 @@ def is_empty(kind: str, row: dict[str, Any]) -> bool:
 
 def image_views(row: dict[str, Any]) -> list[dict[str, Any]]:
     """One pair-shaped dict per image of a doc (`image`, `image_format`, `width`, ...): what a
-    per-image stage (the image stage, the size filters) reads and writes."""
+    per-image stage (the image stage, the size filters) reads and writes; with the numbers a model
+    stage wrote into the image's segment (`clip_score`, `nsfw_score`: a score filter reads them)."""
     n = len(row.get("images") or [])
     lists = {pair: list(row.get(name) or [None] * n) for pair, name in DOC_IMAGE_FIELDS.items()}
-    return [{"id": row.get("id"), "url": None, **{pair: lists[pair][i] for pair in lists}} for i in range(n)]
+    scores: dict[int, dict[str, Any]] = {}
+    for seg in load_segments(row):
+        if seg.get("type") == "image" and seg.get("image") is not None:
+            scores[int(seg["image"])] = {k: v for k, v in seg.items() if k != "image"
+                                         and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return [{"id": row.get("id"), "url": None, **scores.get(i, {}), **{pair: lists[pair][i] for pair in lists}}
+            for i in range(n)]
 
 
 def store_image_views(row: dict[str, Any], views: list[dict[str, Any]]) -> None:

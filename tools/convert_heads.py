@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from curate.stages.image_scores import HEAD_FORMAT, TASKS, read_head
+from curate.stages.score_heads import HEAD_FORMAT, TASKS, read_head
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 WATERMARK_TIMM, WATERMARK_SIZE = "efficientnet_b3", 256

@@ -12,6 +12,12 @@ Contract, for each live row with image bytes:
   tokenised with the model's tokenizer and truncated at its context length (an empty caption is
   scored like any other text; a filter decides what to do with it).
 
+A doc's images are scored one by one against their alt-text (`doc_caption: alt`; the nearest text
+segment when an image has none) or the nearest text (`nearest_text`): each score goes into its
+image's segment and their mean into the doc's `<column>`, each embedding into
+`<embedding_column>_per_image` (aligned with `images`), and an image that does not decode removes
+its segment (curate/stages/doc_images.py).
+
 The model: `model` is an open_clip name (`ViT-B-32`, `ViT-H-14-378-quickgelu`, ...), or
 `hf-hub:org/repo` / `local-dir:/path` as open_clip reads them; `pretrained` is an open_clip tag
 (`laion2b_s34b_b79k`, `dfn5b`, `openai`, ...) or a checkpoint file on disk, or null for random
@@ -41,7 +47,9 @@ import pyarrow.compute as pc
 from PIL import Image
 from pydantic import Field, model_validator
 
+from curate.documents import PER_IMAGE, table_kind
 from curate.stages.base import Drop, RowStage, StageConfig, register
+from curate.stages.doc_images import score_doc_images
 from curate.stages.image import DECODE_ERROR, to_rgb
 
 _COLUMN = r"^[a-z][a-z0-9_]*$"
@@ -86,7 +94,7 @@ def _check_model(model: str, pretrained: str | None) -> None:
 @register
 class ClipScoreStage(RowStage):
     name = "clip_score"
-    kinds = ("pair",)
+    kinds = ("pair", "doc")
 
     class Config(StageConfig):
         kind: Literal["clip_score"] = "clip_score"
@@ -98,7 +106,10 @@ class ClipScoreStage(RowStage):
         init_seed: int = 0
         column: str = Field("clip_score", pattern=_COLUMN)
         embedding_column: str | None = Field("clip_embedding", pattern=_COLUMN)
-        extra_caption_columns: list[str] = Field(default_factory=list)
+        extra_caption_columns: list[str] = Field(default_factory=list)  # pairs' (synthetic captions)
+        # what a doc's image is scored against: its alt-text (the nearest text segment when it has
+        # none), or the nearest text segment (curate/stages/doc_images.py)
+        doc_caption: Literal["alt", "nearest_text"] = Field("alt", json_schema_extra={"added_later": True})
         precision: Literal["fp32", "bf16", "fp16"] = "fp32"
         # execution only: where and how fast, not what
         device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra={"execution_only": True})
@@ -123,6 +134,7 @@ class ClipScoreStage(RowStage):
         out.update({f"{cfg.column}_{c}": pa.float32() for c in cfg.extra_caption_columns})
         if cfg.embedding_column:
             out[cfg.embedding_column] = pa.list_(pa.float16())
+            out[cfg.embedding_column + PER_IMAGE] = pa.list_(pa.list_(pa.float16()))  # a doc's, per image
         return out
 
     def setup(self) -> None:
@@ -178,14 +190,22 @@ class ClipScoreStage(RowStage):
     def process(self, table: pa.Table) -> pa.Table:
         self.ensure_setup()
         cfg = self.config
-        n = table.num_rows
-        todo = pc.indices_nonzero(pc.and_(pc.is_null(table.column("drop_reason")),
-                                          pc.is_valid(table.column("image")))).to_pylist()
+        if table_kind(table.schema) == "doc":  # each image against its alt-text or nearby text
+            return score_doc_images(table, self, lambda rows: self._score(rows, []), {cfg.column: "mean"},
+                                    [cfg.embedding_column] if cfg.embedding_column else [], cfg.doc_caption)
         missing = [c for c in cfg.extra_caption_columns if c not in table.column_names]
         if missing:  # a recipe mistake, not a sample's fault: fail the task with what is wrong
             raise ValueError(f"clip_score: extra_caption_columns {missing} are not columns of the "
                              f"records (no earlier stage adds them); columns: {table.column_names}")
-        captions = {c: table.column(c).to_pylist() for c in ["caption", *cfg.extra_caption_columns]}
+        return self._score(table, cfg.extra_caption_columns)
+
+    def _score(self, table: pa.Table, extra_captions: list[str]) -> pa.Table:
+        """The pairs' pass: each live row's image against its caption (and `extra_captions`)."""
+        cfg = self.config
+        n = table.num_rows
+        todo = pc.indices_nonzero(pc.and_(pc.is_null(table.column("drop_reason")),
+                                          pc.is_valid(table.column("image")))).to_pylist()
+        captions = {c: table.column(c).to_pylist() for c in ["caption", *extra_captions]}
         scores = {c: [None] * n for c in captions}
         embeddings: list[Any] = [None] * n
         drops: dict[int, Drop] = {}

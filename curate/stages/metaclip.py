@@ -267,13 +267,14 @@ class MetaclipBalance(GlobalStage):
         counts = _tree_sum([delayed(_count_partition)(d, width) for d in matched.to_delayed()], width)
         probability = np.concatenate([
             np.minimum(1.0, m.t / np.maximum(counts[m.offset:m.offset + len(m.entries)], 1)) for m in lists])
-        labels = [f"{m.name}:{e}" if cfg.languages else e for m in lists for e in m.entries]
         # one graph key each, not a copy of a 500,000-entry vector in every task
-        p, c, names = (delayed(x, pure=True) for x in (probability, counts, labels))
+        p, c = (delayed(x, pure=True) for x in (probability, counts))
         kept = _tree_sum([delayed(_count_partition)(d, width, p) for d in matched.to_delayed()], width)
         self.last_summary = balance_summary(lists, counts, kept, *_row_totals(matched, p))
         empty = live._meta[["id", "_partition"]].assign(drop_reason="", drop_detail="")
-        return matched.map_partitions(_drops, p, c, names, meta=empty)
+        # the entries' names for the details: read on the workers (their matchers read the same files)
+        named = [(m.name if cfg.languages else "", m.path, m.offset, len(m.entries)) for m in lists]
+        return matched.map_partitions(_drops, p, c, named, meta=empty)
 
     def summary(self) -> dict[str, Any]:
         return dict(self.last_summary)
@@ -348,7 +349,22 @@ def _row_totals(matched: Any, probability: Any) -> tuple[int, int, int]:
     return int(sums["rows"]), int(sums["matched"]), int(sums["kept"])
 
 
-def _drops(part: pd.DataFrame, probability: np.ndarray, counts: np.ndarray, labels: list[str]) -> pd.DataFrame:
+def _label(named: list[tuple[str, str, int, int]], entry: int) -> str:
+    """An entry's name in a detail (`lang:entry` with per-language lists), from its list's file."""
+    for prefix, path, offset, size in named:
+        if offset <= entry < offset + size:
+            name = _entries(path, os.path.getmtime(path))[entry - offset]
+            return f"{prefix}:{name}" if prefix else name
+    raise IndexError(entry)
+
+
+@functools.lru_cache(maxsize=8)
+def _entries(path: str, mtime: float) -> tuple[str, ...]:
+    return tuple(read_metadata(path))
+
+
+def _drops(part: pd.DataFrame, probability: np.ndarray, counts: np.ndarray,
+           named: list[tuple[str, str, int, int]]) -> pd.DataFrame:
     rows, entries, kept = _selected(part, probability)
     reasons, details = [], []
     ids, out_ids, out_parts = part["id"].tolist(), [], []
@@ -365,9 +381,9 @@ def _drops(part: pd.DataFrame, probability: np.ndarray, counts: np.ndarray, labe
             reason, detail = NO_MATCH, "the alt-text matches no metadata entry"
         else:
             top = sorted(by_row[r], key=lambda e: (-counts[e], e))[:DETAIL_ENTRIES]
-            named = ", ".join(f"{labels[e]!r} ({int(counts[e]):,} pairs, p {probability[e]:.3g})" for e in top)
+            names = ", ".join(f"{_label(named, e)!r} ({int(counts[e]):,} pairs, p {probability[e]:.3g})" for e in top)
             more = len(by_row[r]) - len(top)
-            reason, detail = BALANCED_OUT, f"no entry selected it: {named}" + (f" and {more} more" if more else "")
+            reason, detail = BALANCED_OUT, f"no entry selected it: {names}" + (f" and {more} more" if more else "")
         out_ids.append(ids[r])
         out_parts.append(partitions[r])
         reasons.append(reason)

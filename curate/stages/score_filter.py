@@ -58,10 +58,12 @@ def high_reason(column: str) -> str:
 @register
 class ScoreFilter(Filter):
     """Drops pairs whose score column (a CLIP/DFN similarity, or any float column a stage added)
-    is below `min_score` or above `max_score`."""
+    is below `min_score` or above `max_score`; in a doc, each image by the score its segment holds
+    (a model stage wrote it there: curate/stages/doc_images.py), removing the image's segment."""
 
     name = "score_filter"
-    kinds = ("pair",)
+    kinds = ("pair", "doc")
+    per_image = True
 
     class Config(StageConfig):
         kind: Literal["score_filter"] = "score_filter"

@@ -289,3 +289,29 @@ def test_sidecars_hold_texts_and_the_url_lists_columns(demo):
     licenses = {src: {lic for s, lic in by_source if s == src} for src, _ in by_source}
     assert licenses["web"] == {"cc0"} and licenses["folder"] == {None}, licenses
     assert licenses["mapped"] == {"CC0-1.0", "public-domain", "unknown"}, licenses
+
+
+def test_safety_and_quality_stages_leave_their_marks(demo):
+    """The demo's score heads (RANDOM weights) fill the pair and doc sidecars (a doc's from its
+    images, each image's score in its segment); face_blur and pii_redact record their counts per
+    sample and in the manifest; the blocklists dropped what they list."""
+    import json
+
+    out = demo["out"]
+    scores = ["clip_score", "aesthetic_score", "nsfw_score", "watermark_score"]
+    for kind in ("pair", "doc"):
+        side = read_sidecars(out, kind, columns=["key", *scores, "faces_blurred", "pii_emails"]).to_pylist()
+        assert side and all(r[c] is not None for r in side for c in scores), kind
+        assert all(r["faces_blurred"] is not None and r["pii_emails"] is not None for r in side), kind
+    manifest = read_manifest(out)
+    counts = {name: t.get("counts", {}) for name, t in manifest["stages"].items()}
+    assert counts["face_blur"]["faces"] >= 1 and counts["url_blocklist"] == {"domains.txt": 1}
+    assert counts["hash_blocklist"] == {"takedowns.sha256": 1}
+    blocked = [r for r in read_ledger(out, columns=["drop_reason", "stage"]).to_pylist()
+               if r["drop_reason"] == "blocklisted"]
+    assert sorted(r["stage"] for r in blocked) == ["hash_blocklist", "url_blocklist"]
+    import webdataset as wds
+
+    first = next(iter(wds.WebDataset(shard_urls(out, "doc"), shardshuffle=False)))
+    images = [s for s in json.loads(first["json"])["segments"] if s["type"] == "image"]
+    assert images and all(isinstance(s.get("nsfw_score"), float) for s in images), images

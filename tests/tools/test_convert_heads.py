@@ -21,7 +21,8 @@ from torchvision import transforms as T
 
 from curate.contract import record_schema
 from curate.stages.base import build_stage
-from curate.stages.image_scores import WatermarkScore, head_forward, read_head
+from curate.stages.image_scores import WatermarkScore
+from curate.stages.score_heads import head_forward, read_head
 from tools.convert_heads import main
 
 torch.manual_seed(0)  # the random stand-in values; only their shapes and names are the published ones

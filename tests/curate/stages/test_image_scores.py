@@ -23,7 +23,8 @@ from curate.contract import record_schema
 from curate.recipe import RecipeError, parse_recipe
 from curate.stages.base import build_stage
 from curate.stages.clip_score import ClipScoreStage
-from curate.stages.image_scores import AestheticScore, NsfwScore, WatermarkScore, read_safetensors_header
+from curate.stages.image_scores import AestheticScore, NsfwScore, WatermarkScore
+from curate.stages.score_heads import read_safetensors_header
 from curate.stages.score_filter import ScoreFilter
 from tools.convert_heads import write_random_head
 
