@@ -134,14 +134,20 @@ def _ledger_pass(out: Path, manifest: Manifest) -> tuple[dict, dict, dict, dict]
 # sidecar columns: scores (with the recipe's thresholds), languages
 
 
-def _thresholds(manifest: Manifest) -> dict[str, list[dict[str, Any]]]:
-    """score column -> the cuts the recipe made on it: a score_filter's min_score, a
-    score_top_fraction's cutoff (from the manifest's summary of that pass)."""
+def _thresholds(manifest: Manifest, kind: str) -> dict[str, list[dict[str, Any]]]:
+    """score column -> the cuts the recipe made on it, for `kind`'s histograms: a score_filter's
+    min_score and max_score, a score_top_fraction's cutoff (from the manifest's summary of that
+    pass). Pairs only: a doc's column aggregates its images' scores, which the cuts apply to one
+    by one (and score_top_fraction ranks pairs only)."""
     cuts: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    if kind != "pair":
+        return cuts
     for s in (manifest.recipe or {}).get("stages", []):
         name = s.get("name") or s["kind"]
-        if s["kind"] == "score_filter" and s.get("min_score") is not None:
-            cuts[s.get("column", "clip_score")].append({"value": float(s["min_score"]), "label": f"{name} ≥ {s['min_score']}"})
+        for bound, sign in (("min_score", "≥"), ("max_score", "≤")):
+            if s["kind"] == "score_filter" and s.get(bound) is not None:
+                cuts[s.get("column", "clip_score")].append({"value": float(s[bound]),
+                                                            "label": f"{name} {sign} {s[bound]}"})
         if s["kind"] == "score_top_fraction":
             summary = (manifest.global_stages or {}).get(name, {}).get("summary", {})
             if summary.get("cutoff_score") is not None:
@@ -325,14 +331,13 @@ def collect(out: str | Path, *, samples: int = 12, seed: int = 0, seq_len: int =
     stats = compute_stats(out)
     order = _stage_order(manifest)
     funnel, examples, groups, dropped_scores = _ledger_pass(out, manifest)
-    cuts = _thresholds(manifest)
     scores, languages = {}, {}
     for kind in KINDS:
         if kind not in manifest.kinds:
             continue
         floats, langs = _columns(out, manifest, kind)
         dropped = {key.split("/", 1)[1]: v for key, v in dropped_scores.items() if key.startswith(f"{kind}/")}
-        for name, h in score_histograms(floats, dropped, cuts).items():
+        for name, h in score_histograms(floats, dropped, _thresholds(manifest, kind)).items():
             scores[f"{kind}/{name}"] = h
         if langs:
             languages[kind] = dict(langs.most_common())

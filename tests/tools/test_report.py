@@ -129,7 +129,7 @@ def test_the_report_in_a_real_browser(demo_output, browser, tmp_path):
     for el in marked:
         key, value = el.get_attribute("data-stat"), json.loads(el.get_attribute("data-value"))
         assert value == _resolve(stats, key), key
-        assert math.isclose(_shown(el.text), value, rel_tol=1e-3, abs_tol=5e-4), (key, el.text, value)
+        assert math.isclose(_shown(el.text), value, rel_tol=1e-3, abs_tol=5.01e-4), (key, el.text, value)  # half a shown digit (6.25% shows 6.2%)
     kept = browser.find_element(By.CSS_SELECTOR, '[data-stat="outcomes.kept"]').text
     assert kept == f"{stats['outcomes']['kept']:,}" == "44"
 
