@@ -19,9 +19,9 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
-from curate.recipe_io import RecipeError
 
 from curate.recipe import parse_recipe
+from curate.recipe_io import RecipeError
 from curate.stages import STAGES, build_stage
 from curate.stages.metaclip import (
     BALANCED_OUT,
@@ -33,6 +33,7 @@ from curate.stages.metaclip import (
     matcher,
     read_metadata,
 )
+from tools.bench.metaclip_balance import reference_spacing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,16 +41,9 @@ from curate.stages.metaclip import (
 # ---------------------------------------------------------------------------------------------
 
 
-def reference_spacing(text: str) -> str:
-    spaced = f" {text} "
-    for punct in [",", ".", ";", ":", "?", "!", "`"]:
-        spaced = spaced.replace(punct, f" {punct} ")
-    for char in ["\t", "\n", "\r"]:
-        spaced = spaced.replace(char, " ")
-    return spaced
-
-
 def reference_matching(text: str, metadata: list[str]) -> set[str]:
+    """MetaCLIP's first published matcher: every entry tried on the spaced text (its `spacing`
+    is the benchmark's copy of the reference's, tools/bench/metaclip_balance.py)."""
     text = reference_spacing(text)
     return {entry for entry in metadata if f" {entry} " in text}
 
