@@ -102,14 +102,23 @@ def count_rows(folder: Path) -> int:
     return sum(parquet_file(f).metadata.num_rows for f in parquet_files(folder))
 
 
-def live_schema(source: Path | str, columns: list[str]) -> pa.Schema:
-    """The arrow schema of `id`, `_partition` and `columns` in parquet data at `source` (a file
-    or a folder of files): what a global stage's input is written with (dask cannot infer list
-    columns such as embeddings from pandas)."""
-    path = location(source)
-    first = path if path.is_file() else parquet_files(path)[0]
-    schema = read_schema(first)
-    return pa.schema([schema.field(c) for c in ["id", PARTITION_COLUMN, *columns]])
+def live_schema(sources: Path | str | list[Path], columns: list[str]) -> pa.Schema:
+    """The arrow schema of `id`, `_partition` and `columns` in parquet data at `sources` (files,
+    or a file or folder of files): what a global stage's input is written with (dask cannot infer
+    list columns such as embeddings from pandas). A column is typed as the first file holding it
+    has it (a stage over two record kinds reads columns one kind lacks); null in none."""
+    if isinstance(sources, list):
+        files = [location(f) for f in sources]
+    else:
+        path = location(sources)
+        files = [path] if path.is_file() else parquet_files(path)
+    fields: dict[str, pa.Field] = {}
+    for f in files:
+        schema = read_schema(f)
+        fields.update({c: schema.field(c) for c in schema.names if c not in fields})
+        if all(c in fields for c in ["id", PARTITION_COLUMN, *columns]):
+            break
+    return pa.schema([fields.get(c, pa.field(c, pa.null())) for c in ["id", PARTITION_COLUMN, *columns]])
 
 
 def decide_global(stage: GlobalStage, live: Any, decisions_dir: Path, input_dir: Path,
@@ -156,14 +165,43 @@ def _nullable_int64(dtype: pa.DataType) -> Any:
 EXACT_INTEGERS: dict[str, Any] = {"types_mapper": _nullable_int64}
 
 
-def read_live(files: list[Path], columns: list[str]) -> Any:
+def read_live(files: list[Path], columns: list[str], kinds: list[str] | None = None) -> Any:
     """The rows of these intermediate files that no stage dropped, with `columns` (+ id and
-    partition): what a global stage decides over."""
-    urls = [dask_url(f) for f in files]
-    ddf = dd.read_parquet([u for u, _ in urls], columns=["id", PARTITION_COLUMN, "drop_reason", *columns],
-                          split_row_groups=False, arrow_to_pandas=EXACT_INTEGERS,
-                          storage_options=urls[0][1] if urls else None)
+    partition): what a global stage decides over. `kinds`: each file's record kind, for a stage
+    over several: a kind's files may lack some of `columns` (a pair has no `segments`), which are
+    read as nulls, typed as where another kind has them (one footer read per kind)."""
+    wanted = ["id", PARTITION_COLUMN, "drop_reason", *columns]
+    by_kind: dict[str, list[Path]] = {}
+    for f, kind in zip(files, kinds or [""] * len(files)):
+        by_kind.setdefault(kind, []).append(f)
+    groups: dict[tuple[str, ...], list[Path]] = {}
+    for group in by_kind.values():
+        names = set(read_schema(group[0]).names) if kinds and len(by_kind) > 1 else set(wanted)
+        groups.setdefault(tuple(c for c in wanted if c in names), []).extend(group)
+    parts = []
+    for present, group in groups.items():
+        urls = [dask_url(f) for f in group]
+        parts.append(dd.read_parquet([u for u, _ in urls], columns=list(present), split_row_groups=False,
+                                     arrow_to_pandas=EXACT_INTEGERS, storage_options=urls[0][1] if urls else None))
+    if len(parts) > 1:
+        dtypes = {c: dtype for p in parts for c, dtype in p.dtypes.items()}
+        parts = [p.map_partitions(_with_nulls, {c: dtypes.get(c, object) for c in wanted if c not in p.columns},
+                                  wanted, meta=_with_nulls(p._meta, {c: dtypes.get(c, object) for c in wanted
+                                                                     if c not in p.columns}, wanted))
+                 for p in parts]
+        ddf = dd.concat(parts)
+    else:
+        ddf = parts[0]
+        missing = {c: object for c in wanted if c not in ddf.columns}
+        if missing:
+            ddf = ddf.map_partitions(_with_nulls, missing, wanted, meta=_with_nulls(ddf._meta, missing, wanted))
     return ddf[ddf["drop_reason"].isnull()].drop(columns=["drop_reason"])
+
+
+def _with_nulls(part: pd.DataFrame, missing: dict[str, Any], order: list[str]) -> pd.DataFrame:
+    """`part` with the `missing` columns as nulls of their dtypes, columns in `order`."""
+    return part.assign(**{c: pd.Series([None] * len(part), index=part.index, dtype=dtype)
+                          for c, dtype in missing.items()})[order]
 
 
 def run_global(job: Job, seg: int) -> dict[str, Any]:
@@ -177,12 +215,14 @@ def run_global(job: Job, seg: int) -> dict[str, Any]:
     done = valid_marker(storage, marker_path, job, fp)
     if done is not None:
         return done
-    files = job.seg_files(seg, [p for p, k in enumerate(job.kinds) if k in stage.kinds])
+    parts = [p for p, k in enumerate(job.kinds) if k in stage.kinds]
+    files = job.seg_files(seg, parts)
     dropped, decisions, inputs = 0, job.decisions_dir(seg), job.global_input_dir(seg)
     with GlobalPassClock() as clock:
         if files:
             dropped, decisions, inputs = decide_global(
-                stage, read_live(files, stage.columns), decisions, inputs, live_schema(files[0], stage.columns))
+                stage, read_live(files, stage.columns, [job.kinds[p] for p in parts]), decisions, inputs,
+                live_schema(files, stage.columns))
     rows_in = count_rows(inputs) if files else 0
     marker = {
         "step": f"global{seg}",

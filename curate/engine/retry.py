@@ -257,8 +257,10 @@ def _retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) -
     earlier = [_changes_dir(job, s) for s in range(seg)]
     for folder in earlier:
         before = _without(before, _read_dir(folder, ["id"])) if before is not None else None
-    files = job.seg_files(seg, [p for p in parts if job.kinds[p] in stage.kinds])
-    pieces = [x for x in (before, read_live(files, stage.columns) if files else None) if x is not None]
+    staged = [p for p in parts if job.kinds[p] in stage.kinds]
+    files = job.seg_files(seg, staged)
+    pieces = [x for x in (before, read_live(files, stage.columns, [job.kinds[p] for p in staged]) if files else None)
+              if x is not None]
     dropped = changed = 0
     decisions, inputs, changes = job.decisions_dir(seg), job.global_input_dir(seg), None
     if pieces:
@@ -266,7 +268,7 @@ def _retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) -
         # a retried row dropped at a later segment the first time reached this stage then too:
         # it is in both pieces, with the same values
         live = live.drop_duplicates(subset=["id"], split_out=max(1, live.npartitions))
-        schema = live_schema(files[0] if files else inside(job.out, state["input"]), stage.columns)
+        schema = live_schema(files if files else inside(job.out, state["input"]), stage.columns)
         dropped, decisions, inputs = decide_global(stage, live, decisions, inputs, schema)
         changed, changes = _publish_changes(job, seg, stage, state, parts, decisions, inputs)
     else:

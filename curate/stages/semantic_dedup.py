@@ -2,7 +2,12 @@
 
 `semantic_dedup`: images whose embeddings (from `clip_score`) are closer than a cosine threshold
 are one group; one is kept per group. A global stage through Dask (curate/engine/near_groups.py's
-four steps), never an all-pairs matrix.
+four steps), never an all-pairs matrix. Its items are the pairs and, with `docs: true`, the
+image segments of docs (their embeddings from `<embedding_column>_per_image`, their scores from
+their segments), grouped by kind (`across_kinds: true`: together, so that an image kept in a
+pair removes its copy from a document). A dropped pair is dropped whole, a doc's duplicate image
+removes its segment (`duplicate`; a doc left with no segment is dropped `empty_document`), as
+doc_image_dedup does.
 
 Candidates by random-hyperplane LSH (SimHash): `bands` x `bits_per_band` fixed random
 hyperplanes (drawn from `seed`, so every worker and every run uses the same ones); a row's key
@@ -34,20 +39,25 @@ part. With random weights (tests, demo) the embeddings mean nothing: the mechani
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
+import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from curate.documents import PER_IMAGE
 from curate.stages.base import GlobalStage, RowStage, StageConfig, register
 from curate.stages.clip_score import ClipScoreStage
+from curate.stages.segment_dedup import segment_decisions
 from curate.stages.eval_decontaminate import EVAL_OVERLAP, EvalSetConfig, list_eval_images
 from curate.engine.near_groups import near_duplicate_decisions
 
 _COLUMN = r"^[a-z][a-z0-9_]*$"
+SEGMENTS = "segments"
 
 
 def simhash_bands(vectors: np.ndarray, bands: int, bits: int, seed: int) -> np.ndarray:
@@ -79,13 +89,61 @@ class _CosineAtLeast:
         return (a * b).sum(axis=1) >= self.threshold - 1e-6
 
 
+SEP = "\x1f"  # between a doc's id and an image segment's index in the id of the image's item
+
+
+def _image_items(part: pd.DataFrame, column: str, score: str | None) -> pd.DataFrame:
+    """One item per embedded image: a pair (its id, `_segment` -1) or an image segment of a doc
+    (id `<doc id>SEP<segment>`, its embedding from `<column>_per_image`, its score from the
+    segment, where clip_score wrote it)."""
+    items: list[tuple[Any, Any, Any, Any, int]] = []  # (id, partition, vector, score, segment)
+    per_image = part[column + PER_IMAGE] if column + PER_IMAGE in part.columns else None
+    docs = part["segments"] if "segments" in part.columns else None
+    pair_scores = part[score].tolist() if score else [None] * len(part)
+    for k, (row_id, p, vector) in enumerate(zip(part["id"], part["_partition"], part[column])):
+        doc = docs.iloc[k] if docs is not None else None
+        if isinstance(doc, str):
+            images = per_image.iloc[k] if per_image is not None else None
+            for j, seg in enumerate(json.loads(doc)):
+                index = seg.get("image") if seg.get("type") == "image" else None
+                if index is not None and images is not None and index < len(images) and images[index] is not None:
+                    items.append((f"{row_id}{SEP}{j}", p, images[index], seg.get(score) if score else None, j))
+        elif vector is not None:
+            items.append((row_id, p, vector, pair_scores[k], -1))
+    ids, parts, vectors, scores, segments = (list(c) for c in zip(*items)) if items else ([], [], [], [], [])
+    out = pd.DataFrame({"id": pd.Series(ids, dtype=part["id"].dtype),
+                        "_partition": pd.Series(parts, dtype=part["_partition"].dtype),
+                        column: pd.Series(vectors, dtype=object), "_segment": pd.Series(segments, dtype=np.int64)})
+    if score:
+        out[score] = pd.Series(scores, dtype=np.float64)
+    return out
+
+
+def _readable(detail: pd.Series) -> pd.Series:
+    return detail.str.replace(SEP, " segment ", regex=False)
+
+
+def _pair_decisions(drops: pd.DataFrame) -> pd.DataFrame:
+    pairs = drops[~drops["id"].str.contains(SEP, regex=False)]
+    return pairs.assign(drop_detail=_readable(pairs["drop_detail"]),
+                        segments=pd.Series([None] * len(pairs), index=pairs.index, dtype=drops["id"].dtype))
+
+
+def _doc_occurrences(drops: pd.DataFrame) -> pd.DataFrame:
+    docs = drops[drops["id"].str.contains(SEP, regex=False)]
+    split = docs["id"].str.rsplit(SEP, n=1)
+    return pd.DataFrame({"id": pd.Series(split.str[0], dtype=drops["id"].dtype),
+                         "_partition": docs["_partition"], "segment": split.str[1].astype(np.int64),
+                         "note": _readable(docs["drop_detail"])})
+
+
 @register
 class SemanticDedup(GlobalStage):
     """Drops all but one of each group of images whose embeddings (from `clip_score`) are within
-    a cosine `threshold` (a global pass)."""
+    a cosine `threshold` (a global pass): pairs whole, a doc's image by its segment."""
 
     name = "semantic_dedup"
-    kinds = ("pair",)
+    kinds = ("pair", "doc")
 
     class Config(StageConfig):
         kind: Literal["semantic_dedup"] = "semantic_dedup"
@@ -95,28 +153,48 @@ class SemanticDedup(GlobalStage):
         bands: int = Field(80, ge=1, le=256)
         bits_per_band: int = Field(26, ge=1, le=62)
         seed: int = 0
+        # the image segments of docs too (their embeddings from clip_score's `_per_image` column)
+        docs: bool = Field(False, json_schema_extra={"added_later": True})
+        # with docs: False groups pairs with pairs and a doc's images with docs' images (each
+        # kind's own dedup, as DataComp's and OBELICS's); True: a doc's image and a pair's too
+        across_kinds: bool = Field(False, json_schema_extra={"added_later": True})
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        if not config.docs:  # the runner reads only the pairs' partitions
+            self.kinds = ("pair",)  # type: ignore[misc]
 
     config: Config
 
     @property
-    def columns(self) -> list[str]:  # type: ignore[override]
+    def input_columns(self) -> list[str]:
         cfg = self.config
         return [cfg.embedding_column, *([cfg.score_column] if cfg.score_column else [])]
+
+    @property
+    def columns(self) -> list[str]:  # type: ignore[override]
+        # with docs, their images' embeddings and the segments naming them (and their scores)
+        docs = [self.config.embedding_column + PER_IMAGE, SEGMENTS] if self.config.docs else []
+        return [*self.input_columns, *docs]
 
     def decide(self, live: Any) -> Any:
         cfg = self.config
         band_names = [f"_band{b}" for b in range(cfg.bands)]
-        live = live[live[cfg.embedding_column].notnull()]
+        items_meta = _image_items(live._meta, cfg.embedding_column, cfg.score_column)
+        docs = live
+        live = live.map_partitions(_image_items, cfg.embedding_column, cfg.score_column, meta=items_meta)
 
         def with_bands(part: pd.DataFrame) -> pd.DataFrame:
             keys = (simhash_bands(_stack(part[cfg.embedding_column]), cfg.bands, cfg.bits_per_band, cfg.seed)
                     if len(part) else np.empty((0, cfg.bands), dtype=np.int64))
+            if not cfg.across_kinds:  # a doc image's keys apart from every pair's: bit 62 (keys use <= 62 bits)
+                keys = keys | (part["_segment"].to_numpy() >= 0).astype(np.int64)[:, None] << np.int64(62)
             return part.assign(**{name: keys[:, b] for b, name in enumerate(band_names)})
 
         meta = live._meta.assign(**{name: np.int64(0) for name in band_names})
         banded = live.map_partitions(with_bands, meta=meta)
         self._stats: dict[str, int] = {}
-        return near_duplicate_decisions(
+        drops = near_duplicate_decisions(
             banded,
             bands=band_names,
             columns=[cfg.embedding_column],
@@ -125,6 +203,14 @@ class SemanticDedup(GlobalStage):
             score_column=cfg.score_column,
             stats=self._stats,
         )
+        if not cfg.docs:  # pairs only: their decisions as they are
+            return drops
+        drops = drops.persist()
+        pair_meta = _pair_decisions(drops._meta)
+        doc_meta = _doc_occurrences(drops._meta)
+        pairs = drops.map_partitions(_pair_decisions, meta=pair_meta)
+        images = segment_decisions(drops.map_partitions(_doc_occurrences, meta=doc_meta), docs)
+        return dd.concat([pairs, images[pair_meta.columns.tolist()]])
 
     def summary(self) -> dict[str, Any]:
         return dict(getattr(self, "_stats", {}))

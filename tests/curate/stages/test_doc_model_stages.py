@@ -9,19 +9,26 @@ from __future__ import annotations
 import io
 import json
 
+import dask
+import dask.dataframe as dd
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from skimage import data as skdata
 
 from curate.contract import record_schema
 from curate.documents import dump_json, image_views, load_segments
+from curate.engine.driver import live_schema, read_live
 from curate.stages import STAGES, build_stage
 from curate.stages.base import counting
 from curate.stages.clip_score import ClipScoreStage
 from curate.stages.doc_images import image_caption
 from curate.stages.score_filter import ScoreFilter
+from curate.stages.semantic_dedup import SemanticDedup
+from tools.convert_heads import write_random_head
 
 TINY = {
     "embed_dim": 32,
@@ -111,8 +118,6 @@ def test_score_filter_cuts_images_of_docs_by_their_segment_scores(scored):
 def test_score_heads_score_each_image_of_a_doc(tmp_path, scored):
     """RANDOM-weight heads: the aesthetic and NSFW heads read each image's clip_score embedding,
     the watermark model its bytes; a doc's column is the mean (aesthetic) or its worst image (max)."""
-    from tools.convert_heads import write_random_head
-
     heads = {kind: write_random_head(tmp_path / f"{kind}.safetensors", kind, model, None, dim, seed=3)
              for kind, model, dim in [("aesthetic", "ViT-B-32", 32), ("nsfw", "ViT-B-32", 32),
                                       ("watermark", "test_efficientnet", None)]}
@@ -126,3 +131,79 @@ def test_score_heads_score_each_image_of_a_doc(tmp_path, scored):
         assert len(values) == 2 and all(isinstance(v, float) for v in values)
         assert one[column] == pytest.approx(aggregate(values), abs=1e-5)
     assert 0 < one["watermark_score"] < 1 and 0 < one["nsfw_score"] < 1
+
+
+def test_semantic_dedup_groups_doc_images_and_with_across_kinds_pairs_too():
+    """Two docs sharing an image keep it where it scores best, a pair copying a pair goes whole;
+    with across_kinds a doc image that copies a pair's image is removed from the doc too (the
+    pair has the better score); decisions name segments for docs, nothing for pairs."""
+
+    rng = np.random.default_rng(0)
+    a, b, c = (v / np.linalg.norm(v) for v in rng.standard_normal((3, 16)))
+
+    def near(v):
+        w = v + 0.01 * rng.standard_normal(16)
+        return (w / np.linalg.norm(w)).astype(np.float16).tolist()
+
+    def doc(images, scores):
+        segments = [{"type": "text", "text": "words"}]
+        for i, s in enumerate(scores):
+            segments += [{"type": "image", "image": i, "clip_score": s}, {"type": "text", "text": "more"}]
+        return json.dumps(segments), images
+
+    d1, d1_images = doc([near(a), near(b)], [0.3, 0.2])
+    d2, d2_images = doc([near(b)], [0.9])
+    frame = pd.DataFrame({
+        "id": ["p:1", "p:2", "p:3", "d:1", "d:2"],
+        "_partition": [0, 0, 1, 2, 2],
+        "clip_embedding": [near(a), near(a), near(c), None, None],
+        "clip_score": [0.5, 0.4, 0.1, 0.25, 0.9],
+        "clip_embedding_per_image": [None, None, None, d1_images, d2_images],
+        "segments": [None, None, None, d1, d2],
+    })
+
+    def decide(**cfg):
+        stage = SemanticDedup(SemanticDedup.Config(threshold=0.95, bands=16, bits_per_band=8, docs=True, **cfg))
+        with dask.config.set({"dataframe.convert-string": False}):  # lists stay lists (parquet's do)
+            decisions = stage.decide(dd.from_pandas(frame, npartitions=2)).compute()
+        return {r["id"]: r for r in decisions.to_dict("records")}, stage.summary()
+
+    # by default each kind on its own: the pairs' copy goes, the docs' shared image goes from d:1
+    rows, _ = decide()
+    assert set(rows) == {"p:2", "d:1"} and json.loads(rows["d:1"]["segments"]) == [3]
+    rows, summary = decide(across_kinds=True)
+    assert set(rows) == {"p:2", "d:1"}
+    assert rows["p:2"]["drop_reason"] == "duplicate" and rows["p:2"]["segments"] is None
+    assert "p:1" in rows["p:2"]["drop_detail"]
+    assert json.loads(rows["d:1"]["segments"]) == [1, 3]  # both its images: one copies p:1, one d:2's
+    assert "p:1" in rows["d:1"]["drop_detail"] and "d:2 segment 1" in rows["d:1"]["drop_detail"]
+    assert summary["groups"] == 2
+
+
+def test_a_global_pass_over_two_kinds_reads_the_columns_each_has(tmp_path):
+    """The runner's read of a global stage's input over pair and doc files (read_live): a column
+    one kind lacks (a pair's `segments`) comes as nulls, typed as the other kind has it, and the
+    input's schema (live_schema) types every column; semantic_dedup with docs decides over both."""
+    vec = pa.list_(pa.float16())
+    rng = np.random.default_rng(1)
+    v = (rng.standard_normal(16) / 4).astype(np.float16).tolist()
+    pairs = pa.table({"id": ["p:1"], "_partition": pa.array([0], pa.int32()), "drop_reason": pa.nulls(1, pa.string()),
+                      "clip_embedding": pa.array([v], vec), "clip_score": pa.array([0.5], pa.float32()),
+                      "clip_embedding_per_image": pa.nulls(1, pa.list_(vec))})
+    segments = json.dumps([{"type": "image", "image": 0, "clip_score": 0.1},
+                           {"type": "image", "image": 1, "clip_score": 0.2}])
+    docs = pa.table({"id": ["d:1"], "_partition": pa.array([1], pa.int32()), "drop_reason": pa.nulls(1, pa.string()),
+                     "clip_embedding": pa.nulls(1, vec), "clip_score": pa.array([0.15], pa.float32()),
+                     "clip_embedding_per_image": pa.array([[v, v]], pa.list_(vec)), "segments": [segments]})
+    files = [tmp_path / "00000.parquet", tmp_path / "00001.parquet"]
+    pq.write_table(pairs, files[0])
+    pq.write_table(docs, files[1])
+    stage = SemanticDedup(SemanticDedup.Config(docs=True, across_kinds=True))
+    schema = live_schema(files, stage.columns)
+    assert schema.field("segments").type == pa.string() and schema.field("clip_embedding").type == vec
+    live = read_live(files, stage.columns, ["pair", "doc"])
+    assert sorted(live.compute()["id"]) == ["d:1", "p:1"]
+    decisions = stage.decide(live).compute()
+    assert decisions.to_dict("records") == [{
+        "id": "d:1", "_partition": 1, "drop_reason": "duplicate", "segments": "[0, 1]",
+        "drop_detail": "image embedding within cosine 0.95 of p:1"}]
