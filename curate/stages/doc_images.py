@@ -13,17 +13,28 @@ its pair code on them unchanged. `fold_images(...)` writes the per-image results
   (the sidecar's): `mean` for a quality score, `max` for a risk (the doc's worst image);
 - each vector column (an embedding) into `<column>_per_image`, a list aligned with `images`
   (intermediate data only, as the pairs' embeddings).
+
+The global dedup stages over pairs and docs' images (semantic_dedup, near_dedup with `docs`):
+`image_items` makes one item per image, a pair or an image segment of a doc (its id
+`<doc id>SEP<segment>`, its value from `<column>_per_image` or from its segment); `image_decisions`
+turns the items' drops back into the stage's decisions: a pair's whole, a doc's as the segments it
+loses (segment_dedup's decisions).
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, Literal
 
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from curate.contract import conform, record_schema
+from curate.stages.segment_dedup import segment_decisions
 from curate.documents import (
     EMPTY_DOCUMENT,
     PER_IMAGE,
@@ -35,7 +46,9 @@ from curate.documents import (
     remove_segments,
 )
 
-Aggregate = Literal["mean", "max"]
+Aggregate = Literal["mean", "max", "none"]  # "none": the value stays in the segments only
+SEP = "\x1f"  # between a doc's id and an image segment's index in the id of the image's item
+SEGMENTS = "segments"
 CAPTION_CHARS = 1000  # of the text around an image used as its caption (a tokenizer cuts it anyway)
 
 
@@ -103,9 +116,11 @@ def fold_images(table: pa.Table, results: pa.Table, where: list[tuple[int, int]]
             values = [result[column] for i, result in items
                       if result.get(column) is not None and not result.get("drop_reason")]
             for i, result in items:
-                if result.get(column) is not None and i in at:
-                    segments[at[i]][column] = round(float(result[column]), 6)
-            doc[column] = (max(values) if how == "max" else sum(values) / len(values)) if values else None
+                value = result.get(column)
+                if value is not None and i in at:  # an integer (a hash) as it is, a score rounded
+                    segments[at[i]][column] = value if isinstance(value, int) else round(float(value), 6)
+            if how != "none":
+                doc[column] = (max(values) if how == "max" else sum(values) / len(values)) if values else None
         doc["segments"] = dump_json(segments)
         drops = {at[i]: (result["drop_reason"], result.get("drop_detail") or "")
                  for i, result in items if result.get("drop_reason") and i in at}
@@ -134,4 +149,67 @@ def doc_schema(table: pa.Table, columns: dict[str, pa.DataType]) -> pa.Schema:
     return schema
 
 
-__all__ = ["Aggregate", "doc_schema", "fold_images", "image_caption", "image_rows", "score_doc_images"]
+def image_items(part: pd.DataFrame, column: str, score: str | None, source: str) -> pd.DataFrame:
+    """One item per image with a value: a pair (its id, `_segment` -1, its `column`) or an image
+    segment of a doc (id `<doc id>SEP<segment>`; its value from `<column>_per_image` when `source`
+    is PER_IMAGE, else from its segment's `column` key; its score from its segment)."""
+    items: list[tuple[Any, Any, Any, Any, int]] = []  # (id, partition, value, score, segment)
+    per_image = part[column + PER_IMAGE] if source == PER_IMAGE and column + PER_IMAGE in part.columns else None
+    docs = part[SEGMENTS] if SEGMENTS in part.columns else None
+    pair_scores = part[score].tolist() if score else [None] * len(part)
+    for k, (row_id, p, value) in enumerate(zip(part["id"], part["_partition"], part[column])):
+        doc = docs.iloc[k] if docs is not None else None
+        if isinstance(doc, str):
+            values = per_image.iloc[k] if per_image is not None else None
+            for j, seg in enumerate(json.loads(doc)):
+                index = seg.get("image") if seg.get("type") == "image" else None
+                if index is None:
+                    continue
+                if per_image is not None:
+                    found = values[index] if values is not None and index < len(values) else None
+                else:
+                    found = seg.get(column)
+                if found is not None:
+                    items.append((f"{row_id}{SEP}{j}", p, found, seg.get(score) if score else None, j))
+        elif not (value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value))):
+            items.append((row_id, p, value, pair_scores[k], -1))
+    ids, parts, values_, scores, segments = (list(c) for c in zip(*items)) if items else ([], [], [], [], [])
+    dtype = part[column].dtype if source != PER_IMAGE else object
+    out = pd.DataFrame({"id": pd.Series(ids, dtype=part["id"].dtype),
+                        "_partition": pd.Series(parts, dtype=part["_partition"].dtype),
+                        column: pd.Series(values_, dtype=dtype), "_segment": pd.Series(segments, dtype=np.int64)})
+    if score:
+        out[score] = pd.Series(scores, dtype=np.float64)
+    return out
+
+
+def _readable(detail: pd.Series) -> pd.Series:
+    return detail.str.replace(SEP, " segment ", regex=False)
+
+
+def _pair_decisions(drops: pd.DataFrame) -> pd.DataFrame:
+    pairs = drops[~drops["id"].str.contains(SEP, regex=False)]
+    return pairs.assign(drop_detail=_readable(pairs["drop_detail"]),
+                        segments=pd.Series([None] * len(pairs), index=pairs.index, dtype=drops["id"].dtype))
+
+
+def _doc_occurrences(drops: pd.DataFrame) -> pd.DataFrame:
+    docs = drops[drops["id"].str.contains(SEP, regex=False)]
+    split = docs["id"].str.rsplit(SEP, n=1)
+    return pd.DataFrame({"id": pd.Series(split.str[0], dtype=drops["id"].dtype),
+                         "_partition": docs["_partition"], "segment": split.str[1].astype(np.int64),
+                         "note": _readable(docs["drop_detail"])})
+
+
+def image_decisions(drops: Any, live: Any) -> Any:
+    """A dedup's decisions from its items' drops (a dask frame: id, _partition, drop_reason,
+    drop_detail): a pair's as they are (no `segments`), a doc's images as the segments it loses."""
+    drops = drops.persist()
+    pair_meta = _pair_decisions(drops._meta)
+    pairs = drops.map_partitions(_pair_decisions, meta=pair_meta)
+    images = segment_decisions(drops.map_partitions(_doc_occurrences, meta=_doc_occurrences(drops._meta)), live)
+    return dd.concat([pairs, images[pair_meta.columns.tolist()]])
+
+
+__all__ = ["SEP", "SEGMENTS", "Aggregate", "doc_schema", "fold_images", "image_caption", "image_decisions",
+           "image_items", "image_rows", "score_doc_images"]

@@ -7,6 +7,10 @@ hash are never paired. See `curate.engine.near_groups` for the mechanics (bandin
 pairs verified by Hamming distance, components) and the keep rule (the highest `score_column`,
 nulls last, then the smallest id), and `NearDedupConfig` for the banding. An `image_phash` that
 reaches the stage as anything but an integer column is a bug upstream (TypeError), not a drop.
+
+With `docs: true` the image segments of docs take part too (their hashes from their segments,
+where `phash` wrote them), grouped with docs' images only, or with the pairs as well
+(`across_kinds: true`); a doc's duplicate image removes its segment (curate/stages/doc_images.py).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from curate.engine.near_groups import (
     near_duplicate_decisions,
 )
 from curate.stages.base import GlobalStage, StageConfig, register
+from curate.stages.doc_images import SEGMENTS, image_decisions, image_items
 from curate.stages.phash import BITS, DEFAULT_MAX_DISTANCE
 
 _COLUMN = r"^[a-z][a-z0-9_]*$"
@@ -70,6 +75,10 @@ class NearDedupConfig(StageConfig):
     score_column: str | None = Field(None, pattern=_COLUMN)
     max_bucket: int = Field(DEFAULT_MAX_BUCKET, ge=2)
     window: int = Field(DEFAULT_WINDOW, ge=1)
+    # the image segments of docs too (their hashes from their segments, where phash wrote them)
+    docs: bool = Field(False, json_schema_extra={"added_later": True})
+    # with docs: False groups pairs with pairs and docs' images with docs' images; True: together
+    across_kinds: bool = Field(False, json_schema_extra={"added_later": True})
 
     @model_validator(mode="after")
     def _bands_fit(self) -> NearDedupConfig:
@@ -98,6 +107,16 @@ def within_distance(max_distance: int):
     return accept
 
 
+def same_kind(accept: Any) -> Any:
+    """`accept`, for two items of one kind only (two pairs, or two images of docs)."""
+
+    def both(a: pd.DataFrame, b: pd.DataFrame) -> np.ndarray:
+        kind = (a["_segment"].to_numpy() >= 0) == (b["_segment"].to_numpy() >= 0)
+        return kind & accept(a, b)
+
+    return both
+
+
 def _with_band_keys(df: pd.DataFrame, masks: list[int]) -> pd.DataFrame:
     keys = hamming_band_keys(df["image_phash"].to_numpy(dtype=np.int64), masks)
     return df.assign(**{f"_band{j}": keys[:, j] for j in range(len(masks))})
@@ -115,11 +134,17 @@ class NearDedup(GlobalStage):
     def __init__(self, config: NearDedupConfig):
         super().__init__(config)
         self.last_summary: dict[str, Any] = {}
+        if not config.docs:  # the runner reads only the pairs' partitions
+            self.kinds = ("pair",)  # type: ignore[misc]
+
+    @property
+    def input_columns(self) -> list[str]:
+        score = self.config.score_column
+        return ["image_phash", *([score] if score else [])]
 
     @property
     def columns(self) -> list[str]:  # type: ignore[override]
-        score = self.config.score_column
-        return ["image_phash", *([score] if score else [])]
+        return [*self.input_columns, *([SEGMENTS] if self.config.docs else [])]
 
     def decide(self, live: Any) -> Any:
         cfg = self.config
@@ -128,16 +153,23 @@ class NearDedup(GlobalStage):
             raise TypeError(f"near_dedup: image_phash was read as {dtype}, which cannot hold 64-bit hashes; "
                             "it must reach the stage as an integer column")
         masks = hamming_band_masks(cfg.max_distance, cfg.block_count, BITS)
+        docs = live
+        if cfg.docs:  # one item per pair and per image segment of a doc
+            meta = image_items(live._meta, "image_phash", cfg.score_column, SEGMENTS)
+            live = live.map_partitions(image_items, "image_phash", cfg.score_column, SEGMENTS, meta=meta)
         live = live[live["image_phash"].notnull()]
         bands = [f"_band{j}" for j in range(len(masks))]
         meta = live._meta.assign(**{b: np.zeros(0, dtype=np.int64) for b in bands})
         banded = live.map_partitions(_with_band_keys, masks, meta=meta)
         stats: dict[str, int] = {}
+        accept = within_distance(cfg.max_distance)
+        if cfg.docs and not cfg.across_kinds:
+            accept = same_kind(accept)
         decisions = near_duplicate_decisions(
             banded,
             bands=bands,
-            columns=["image_phash"],
-            accept=within_distance(cfg.max_distance),
+            columns=["image_phash", *(["_segment"] if cfg.docs else [])],
+            accept=accept,
             detail=f"near duplicate of {{kept}} (perceptual hashes linked within {cfg.max_distance} of 64 bits)",
             score_column=cfg.score_column,
             order="image_phash",
@@ -146,7 +178,7 @@ class NearDedup(GlobalStage):
             stats=stats,
         )
         self.last_summary = {"band_keys": len(masks), **stats}
-        return decisions
+        return image_decisions(decisions, docs) if cfg.docs else decisions
 
     def summary(self) -> dict[str, Any]:
         return dict(self.last_summary)

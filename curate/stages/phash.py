@@ -25,7 +25,9 @@ Why these choices: low frequencies survive re-encoding and rescaling; the median
 balanced (half ones) and independent of brightness and contrast; dropping DC keeps 64 useful bits.
 The ground truth in tests/curate/stages/test_phash.py measures what this buys.
 
-Contract of `phash`, for each live pair (doc images can reuse `phash_bytes` later):
+A doc's images are hashed one by one, each hash into its image's segment (`"image_phash": ...`,
+in KEY.json too), an image that fails removing its segment (curate/stages/doc_images.py); the
+doc's own `image_phash` is 0. Contract of `phash`, for each live pair:
 - reads `image` (any format Pillow decodes; grayscale, CMYK, palette, alpha and tiny images all
   hash), sets `image_phash`;
 - or drops the row: `missing_image` (no bytes), `decode_error` (bytes that do not decode,
@@ -48,6 +50,8 @@ import pyarrow.compute as pc
 from PIL import Image
 from pydantic import Field
 
+from curate.documents import table_kind
+from curate.stages.doc_images import score_doc_images
 from curate.stages.base import Drop, RowStage, StageConfig, register
 from curate.stages.image import (
     DECODE_ERROR,
@@ -168,7 +172,7 @@ class PhashStage(RowStage):
     name = "phash"
     Config = PhashConfig
     config: PhashConfig
-    kinds = ("pair",)
+    kinds = ("pair", "doc")
     output_columns: ClassVar[dict[str, pa.DataType]] = {"image_phash": pa.int64()}
 
     def process_row(self, row: dict[str, Any]) -> Drop | None:
@@ -188,6 +192,9 @@ class PhashStage(RowStage):
         null in a partition file would round every hash in it and near_dedup would compare
         garbage. Dropped rows never reach a global stage, a sidecar or the ledger's columns: the 0
         is never read."""
-        out = super().process(table)
+        if table_kind(table.schema) == "doc":  # each image's hash into its segment (near_dedup's docs)
+            out = score_doc_images(table, self, super().process, {"image_phash": "none"})
+        else:
+            out = super().process(table)
         i = out.schema.get_field_index("image_phash")
         return out.set_column(i, out.schema.field(i), pc.fill_null(out.column(i), 0))

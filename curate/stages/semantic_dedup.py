@@ -39,10 +39,8 @@ part. With random weights (tests, demo) the embeddings mean nothing: the mechani
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
-import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -52,12 +50,11 @@ from pydantic import Field
 from curate.documents import PER_IMAGE
 from curate.stages.base import GlobalStage, RowStage, StageConfig, register
 from curate.stages.clip_score import ClipScoreStage
-from curate.stages.segment_dedup import segment_decisions
+from curate.stages.doc_images import SEGMENTS, image_decisions, image_items
 from curate.stages.eval_decontaminate import EVAL_OVERLAP, EvalSetConfig, list_eval_images
 from curate.engine.near_groups import near_duplicate_decisions
 
 _COLUMN = r"^[a-z][a-z0-9_]*$"
-SEGMENTS = "segments"
 
 
 def simhash_bands(vectors: np.ndarray, bands: int, bits: int, seed: int) -> np.ndarray:
@@ -87,54 +84,6 @@ class _CosineAtLeast:
         a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
         b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
         return (a * b).sum(axis=1) >= self.threshold - 1e-6
-
-
-SEP = "\x1f"  # between a doc's id and an image segment's index in the id of the image's item
-
-
-def _image_items(part: pd.DataFrame, column: str, score: str | None) -> pd.DataFrame:
-    """One item per embedded image: a pair (its id, `_segment` -1) or an image segment of a doc
-    (id `<doc id>SEP<segment>`, its embedding from `<column>_per_image`, its score from the
-    segment, where clip_score wrote it)."""
-    items: list[tuple[Any, Any, Any, Any, int]] = []  # (id, partition, vector, score, segment)
-    per_image = part[column + PER_IMAGE] if column + PER_IMAGE in part.columns else None
-    docs = part["segments"] if "segments" in part.columns else None
-    pair_scores = part[score].tolist() if score else [None] * len(part)
-    for k, (row_id, p, vector) in enumerate(zip(part["id"], part["_partition"], part[column])):
-        doc = docs.iloc[k] if docs is not None else None
-        if isinstance(doc, str):
-            images = per_image.iloc[k] if per_image is not None else None
-            for j, seg in enumerate(json.loads(doc)):
-                index = seg.get("image") if seg.get("type") == "image" else None
-                if index is not None and images is not None and index < len(images) and images[index] is not None:
-                    items.append((f"{row_id}{SEP}{j}", p, images[index], seg.get(score) if score else None, j))
-        elif vector is not None:
-            items.append((row_id, p, vector, pair_scores[k], -1))
-    ids, parts, vectors, scores, segments = (list(c) for c in zip(*items)) if items else ([], [], [], [], [])
-    out = pd.DataFrame({"id": pd.Series(ids, dtype=part["id"].dtype),
-                        "_partition": pd.Series(parts, dtype=part["_partition"].dtype),
-                        column: pd.Series(vectors, dtype=object), "_segment": pd.Series(segments, dtype=np.int64)})
-    if score:
-        out[score] = pd.Series(scores, dtype=np.float64)
-    return out
-
-
-def _readable(detail: pd.Series) -> pd.Series:
-    return detail.str.replace(SEP, " segment ", regex=False)
-
-
-def _pair_decisions(drops: pd.DataFrame) -> pd.DataFrame:
-    pairs = drops[~drops["id"].str.contains(SEP, regex=False)]
-    return pairs.assign(drop_detail=_readable(pairs["drop_detail"]),
-                        segments=pd.Series([None] * len(pairs), index=pairs.index, dtype=drops["id"].dtype))
-
-
-def _doc_occurrences(drops: pd.DataFrame) -> pd.DataFrame:
-    docs = drops[drops["id"].str.contains(SEP, regex=False)]
-    split = docs["id"].str.rsplit(SEP, n=1)
-    return pd.DataFrame({"id": pd.Series(split.str[0], dtype=drops["id"].dtype),
-                         "_partition": docs["_partition"], "segment": split.str[1].astype(np.int64),
-                         "note": _readable(docs["drop_detail"])})
 
 
 @register
@@ -180,9 +129,9 @@ class SemanticDedup(GlobalStage):
     def decide(self, live: Any) -> Any:
         cfg = self.config
         band_names = [f"_band{b}" for b in range(cfg.bands)]
-        items_meta = _image_items(live._meta, cfg.embedding_column, cfg.score_column)
+        items_meta = image_items(live._meta, cfg.embedding_column, cfg.score_column, PER_IMAGE)
         docs = live
-        live = live.map_partitions(_image_items, cfg.embedding_column, cfg.score_column, meta=items_meta)
+        live = live.map_partitions(image_items, cfg.embedding_column, cfg.score_column, PER_IMAGE, meta=items_meta)
 
         def with_bands(part: pd.DataFrame) -> pd.DataFrame:
             keys = (simhash_bands(_stack(part[cfg.embedding_column]), cfg.bands, cfg.bits_per_band, cfg.seed)
@@ -203,14 +152,7 @@ class SemanticDedup(GlobalStage):
             score_column=cfg.score_column,
             stats=self._stats,
         )
-        if not cfg.docs:  # pairs only: their decisions as they are
-            return drops
-        drops = drops.persist()
-        pair_meta = _pair_decisions(drops._meta)
-        doc_meta = _doc_occurrences(drops._meta)
-        pairs = drops.map_partitions(_pair_decisions, meta=pair_meta)
-        images = segment_decisions(drops.map_partitions(_doc_occurrences, meta=doc_meta), docs)
-        return dd.concat([pairs, images[pair_meta.columns.tolist()]])
+        return image_decisions(drops, docs) if cfg.docs else drops  # pairs only: their decisions as they are
 
     def summary(self) -> dict[str, Any]:
         return dict(getattr(self, "_stats", {}))

@@ -26,6 +26,8 @@ from curate.stages import STAGES, build_stage
 from curate.stages.base import counting
 from curate.stages.clip_score import ClipScoreStage
 from curate.stages.doc_images import image_caption
+from curate.stages.near_dedup import NearDedup
+from curate.stages.phash import PhashStage
 from curate.stages.score_filter import ScoreFilter
 from curate.stages.semantic_dedup import SemanticDedup
 from tools.convert_heads import write_random_head
@@ -207,3 +209,33 @@ def test_a_global_pass_over_two_kinds_reads_the_columns_each_has(tmp_path):
     assert decisions.to_dict("records") == [{
         "id": "d:1", "_partition": 1, "drop_reason": "duplicate", "segments": "[0, 1]",
         "drop_detail": "image embedding within cosine 0.95 of p:1"}]
+
+
+def test_phash_and_near_dedup_on_doc_images(docs):
+    """phash writes each doc image's hash into its segment (an int, all 64 bits); near_dedup with
+    docs removes a doc's copy of an image another doc keeps, and with across_kinds a pair's copy."""
+    hashed = PhashStage(PhashStage.Config()).process(docs)
+    rows = {r["id"]: r for r in hashed.to_pylist()}
+    one = [s for s in load_segments(rows["d:1"]) if s["type"] == "image"]
+    assert all(isinstance(s["image_phash"], int) for s in one) and rows["d:1"]["image_phash"] == 0
+    assert json.loads(rows["d:2"]["segment_drops"])[0]["reason"] == "decode_error"  # "not an image"
+    astro, coffee = (s["image_phash"] for s in one)
+    coffee2 = next(s["image_phash"] for s in load_segments(rows["d:2"]) if s["type"] == "image")
+    assert coffee2 == coffee
+    frame = pd.DataFrame({
+        "id": ["p:1", "d:1", "d:2"], "_partition": [0, 1, 1],
+        "image_phash": pd.array([astro, 0, 0], dtype="Int64"),
+        "segments": [None, rows["d:1"]["segments"], rows["d:2"]["segments"]],
+    })
+
+    def decide(**cfg):
+        stage = NearDedup(NearDedup.Config(docs=True, **cfg))
+        with dask.config.set({"dataframe.convert-string": False}):
+            out = stage.decide(dd.from_pandas(frame, npartitions=2)).compute()
+        return {r["id"]: r for r in out.to_dict("records")}
+
+    within = decide()  # d:1 and d:2 share the coffee image: the smaller id keeps it
+    assert set(within) == {"d:2"} and json.loads(within["d:2"]["segments"]) == [2]  # after its broken image went
+    across = decide(across_kinds=True)  # and p:1's astronaut is d:1's: no scores, the smaller id ("d:1...") keeps it
+    assert set(across) == {"d:2", "p:1"} and across["p:1"]["segments"] is None
+    assert "d:1 segment 1" in across["p:1"]["drop_detail"]
