@@ -127,7 +127,7 @@ class NearDedup(GlobalStage):
     """Drops all but one of each group of images with perceptual hashes within `max_distance`."""
 
     name = "near_dedup"
-    kinds = ("pair",)
+    kinds = ("pair", "doc")  # docs with `docs: true` only (__init__)
     Config = NearDedupConfig
     config: NearDedupConfig
 

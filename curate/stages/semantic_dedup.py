@@ -92,7 +92,7 @@ class SemanticDedup(GlobalStage):
     a cosine `threshold` (a global pass): pairs whole, a doc's image by its segment."""
 
     name = "semantic_dedup"
-    kinds = ("pair", "doc")
+    kinds = ("pair", "doc")  # docs with `docs: true` only (__init__)
 
     class Config(StageConfig):
         kind: Literal["semantic_dedup"] = "semantic_dedup"
