@@ -20,8 +20,9 @@ def test_metadata_and_captions_are_deterministic_and_overlap():
 
 
 @pytest.mark.slow
-def test_ours_and_the_reference_match_the_same_and_balancing_runs(capsys):
-    report = run(entries=30_000, captions=2_000, rows=6_000, t=50, workers=1, loop_sample=5)
+def test_ours_and_the_reference_match_the_same_and_balancing_runs(capsys, shared_cluster):
+    report = run(entries=30_000, captions=2_000, rows=6_000, t=50, workers=2, loop_sample=5,
+                 client=shared_cluster.client)  # the balancing pass on the session's cluster
     m = report["matching"]
     assert m["captions_differing"] == 0 and m["matches_per_caption"] > 1
     assert m["ours"]["captions_per_s"] > 0 and m["reference"]["captions_per_s"] > 0

@@ -178,26 +178,33 @@ def write_pool(captions: list[str], rows: int, folder: Path) -> list[str]:
     return files
 
 
-def bench_balance(path: Path, captions: list[str], rows: int, t: int, workers: int, work: Path) -> dict[str, Any]:
+def bench_balance(path: Path, captions: list[str], rows: int, t: int, workers: int, work: Path,
+                  client: Client | None = None) -> dict[str, Any]:
+    """The balancing pass over `rows` rows on a fresh LocalCluster of `workers` processes, or on
+    `client`'s cluster (a test's shared one)."""
     files = write_pool(captions, rows, work / "pool")
-    with dask.config.set(WORKER_CONFIG):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                               dashboard_address=None)
-    client = Client(cluster)
+    cluster = None
+    if client is None:
+        with dask.config.set(WORKER_CONFIG):
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                   dashboard_address=None)
+    own = client or Client(cluster)
     try:
-        pids = list(client.run(os.getpid).values())
+        pids = list(own.run(os.getpid).values())
         stage = MetaclipBalance(MetaclipBalanceConfig(metadata=str(path), t=t))
-        with PeakRss(pids) as memory, dask.config.set({"dataframe.shuffle.method": "tasks"}):
+        with own.as_current(), PeakRss(pids) as memory, dask.config.set({"dataframe.shuffle.method": "tasks"}):
             t0 = time.perf_counter()
             decisions = stage.decide(read_live(files, ["caption"]))
             decisions.to_parquet(str(work / "decisions"), write_index=False)
             seconds = time.perf_counter() - t0
         dropped = pq.read_table(work / "decisions", columns=["drop_reason"]).column("drop_reason").to_pylist()
     finally:
-        client.close()
-        cluster.close()
+        if cluster is not None:
+            own.close()
+            cluster.close()
     summary = stage.summary()
     other = summary["lists"]["other"]
+    workers = len(pids)
     return {"rows": rows, "partitions": len(files), "t": t, "workers": workers, "seconds": round(seconds, 2),
             "rows_per_s": round(rows / seconds), "dropped": len(dropped),
             "drop_reasons": {r: dropped.count(r) for r in sorted(set(dropped))},
@@ -207,7 +214,8 @@ def bench_balance(path: Path, captions: list[str], rows: int, t: int, workers: i
             "peak_rss_one_worker_mib": round(memory.peak_one / 2**20, 1)}
 
 
-def run(entries: int, captions: int, rows: int, t: int, workers: int, loop_sample: int) -> dict[str, Any]:
+def run(entries: int, captions: int, rows: int, t: int, workers: int, loop_sample: int,
+        client: Client | None = None) -> dict[str, Any]:
     words = vocabulary()
     metadata = build_metadata(entries, words)
     texts = build_captions(captions, words)
@@ -221,7 +229,7 @@ def run(entries: int, captions: int, rows: int, t: int, workers: int, loop_sampl
             "matching": bench_matching(metadata, texts, path, loop_sample),
         }
         if rows:
-            report["balance"] = bench_balance(path, texts, rows, t, workers, Path(tmp))
+            report["balance"] = bench_balance(path, texts, rows, t, workers, Path(tmp), client)
     return report
 
 
