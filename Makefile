@@ -50,10 +50,11 @@ bench: $(STAMP)
 # What the GPU machines (Python 3.12, torch 2.11, no registry) lack for tools/bench/gpu_suite.py:
 # open_clip (its torch, torchvision, timm, regex, tqdm, huggingface_hub and safetensors are there)
 # with ftfy + wcwidth, and pydantic (train/recipe.py, the curate stages) with its parts;
-# typing_extensions because pydantic needs >= 4.16. cp312 wheels, pinned to what the tests ran,
+# typing_extensions because pydantic needs >= 4.16; pyahocorasick because importing the stages'
+# registry imports metaclip_balance's matcher. cp312 wheels, pinned to what the tests ran,
 # 5.1 MiB; a device call carries build/gpu_wheels (tools/bench/gpu_suite.py says how).
 GPU_WHEELS := open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.5 pydantic==2.14.4 pydantic-core==2.50.5 \
-	annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+	annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 pyahocorasick==2.3.1
 gpu-wheels: $(STAMP)
 	rm -rf build/gpu_wheels
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -11,9 +11,11 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 from tools.errors import (EXIT_CODES, EXIT_DAMAGED, EXIT_EMPTY, EXIT_INPUT, EXIT_INTERRUPTED, kept_nothing,
                           missing_extra, retry_kept_nothing)
@@ -250,6 +252,7 @@ RESUME = {
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit status (`EXIT_CODES`): user-caused errors are one line on stderr."""
     args = build_parser().parse_args(argv)
+    _SIGINT["command"] = args.command
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,  # WARNING: open_clip's root-logger INFO lines
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -275,8 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _input_error(args, message)
     except KeyboardInterrupt:
-        print(f"\nmm1 {args.command}: interrupted; " + RESUME.get(args.command, "run the same command again"),
-              file=sys.stderr)
+        print(_interrupted(args.command), file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
@@ -288,11 +290,33 @@ def _input_error(args: argparse.Namespace, message: str) -> int:
     return EXIT_INPUT
 
 
+_SIGINT: dict[str, Any] = {"pressed": False, "command": "mm1"}  # what `_on_sigint` knows
+
+
+def _interrupted(command: str) -> str:
+    return f"\nmm1 {command}: interrupted; " + RESUME.get(command, "run the same command again")
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """Ctrl-C: the first raises KeyboardInterrupt (the command stops as it would by default); a
+    second leaves at once (os._exit 130), whatever the first is still waiting on: cleanup after a
+    KeyboardInterrupt may block (a Dask client closing a connection that never opened) and
+    swallow later ones (seen under load: test_ctrl_c_exits_130_saying_how_to_resume)."""
+    if _SIGINT["pressed"]:
+        sys.stderr.write(_interrupted(_SIGINT["command"]) + "\n")
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    _SIGINT["pressed"] = True
+    raise KeyboardInterrupt
+
+
 def run() -> None:
     """The `mm1` command: `main`, then exit with its status; after Ctrl-C at once (os._exit), not
     after what the interrupted command left running has ended (a Dask client still connecting, a
     loader's workers: interpreter exit waits for such threads, a minute for a silent scheduler).
-    Nothing is lost: a curation run commits its work atomically, a training run its checkpoints."""
+    A second Ctrl-C exits at once wherever the first left the process (`_on_sigint`). Nothing is
+    lost: a curation run commits its work atomically, a training run its checkpoints."""
+    signal.signal(signal.SIGINT, _on_sigint)
     code = main()
     if code == EXIT_INTERRUPTED:
         sys.stdout.flush()
