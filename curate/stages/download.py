@@ -37,7 +37,6 @@ the fetch's code, in the doc's `segment_drops`), not the document (`_process_doc
 
 from __future__ import annotations
 
-import ipaddress
 import random
 import re
 import time
@@ -51,7 +50,7 @@ from pydantic import Field, field_validator
 
 from curate.contract import image_digest
 from curate.web.hosts import DomainLimiter, LimitedFetcher, interleave_by_host
-from curate.web.addresses import Resolver, StaticResolver
+from curate.web.addresses import Resolver, StaticResolver, allowed_networks
 from curate.web.drops import CONNECTION_ERROR, TIMEOUT
 from curate.web.fetcher import Fetcher, FetchPolicy, FetchResult
 from curate.web.robots import ROBOTS_DISALLOWED, RobotsCache
@@ -113,7 +112,9 @@ class DownloadStage(RowStage):
         deadline_s: float = Field(10.0, gt=0)  # total per request: connect, redirects, body
         max_bytes: int = Field(16 * 2**20, ge=1024)  # counted after any decompression
         max_redirects: int = Field(5, ge=0, le=20)
-        # CIDRs exempt from the non-public address block (the demo allows 127.0.0.0/8)
+        # CIDRs exempt from the non-public address block (the demo allows 127.0.0.0/8), on every
+        # port, or on the ports an entry names: "10.0.0.5:443", "10.0.0.0/8:80,443", "[::1]:8080"
+        # (then a redirect to another port of the address is blocked too)
         allow_networks: list[str] = Field(default_factory=list)
         # a static name -> IP map; when given, no DNS is asked at all (tests, the demo)
         hosts: dict[str, str] | None = None
@@ -140,8 +141,7 @@ class DownloadStage(RowStage):
         @field_validator("allow_networks")
         @classmethod
         def _networks(cls, v: list[str]) -> list[str]:
-            for net in v:
-                ipaddress.ip_network(net, strict=False)  # ValueError names the bad entry
+            allowed_networks(v)  # ValueError names the bad entry
             return v
 
     config: Config

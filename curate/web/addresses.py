@@ -177,15 +177,54 @@ def parse_url(url: str) -> Target:
     return Target(scheme, host, port, path, name if port == default else f"{name}:{port}")
 
 
-def allowed_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
-    """The networks exempt from blocking (`FetchPolicy.allow_networks`); ValueError names a bad one."""
-    return tuple(ipaddress.ip_network(net, strict=False) for net in cidrs)
+class Allowed(NamedTuple):
+    """A network exempt from blocking, on `ports` only (None: every port)."""
+
+    network: IPNetwork
+    ports: frozenset[int] | None = None
+
+    def admits(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
+        return addr in self.network and (self.ports is None or port in self.ports)
 
 
-def checked_addresses(resolver: Resolver, target: Target, allow: Sequence[IPNetwork]) -> list[str]:
-    """The host's addresses, all of them checked: one non-public address outside `allow` blocks
-    the host (a mixed answer is how rebinding attacks start). Raises `FetchFailure` with
-    `DNS_ERROR` (no usable answer) or `BLOCKED`."""
+def allowed_network(entry: str) -> Allowed:
+    """One `allow_networks` entry: a CIDR or address (every port), or with ports after a colon:
+    `127.0.0.1:8080`, `10.0.0.0/8:80,443`, `[::1]:8080`, `[fd00::/8]:443`. ValueError names it."""
+    text, ports = entry.strip(), None
+    if text.startswith("["):
+        net, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"allow_networks entry {entry!r}: write [IPv6 network]:port[,port...]")
+        text, ports = net, rest[1:] if rest else None
+    elif text.count(":") == 1:  # an IPv4 network with ports (an IPv6 one has several colons)
+        text, ports = text.split(":")
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise ValueError(f"allow_networks entry {entry!r}: {exc}") from None
+    if ports is None:
+        return Allowed(network)
+    try:
+        numbers = frozenset(int(p) for p in ports.split(","))
+    except ValueError:
+        numbers = frozenset()
+    if not numbers or not all(0 < p < 65536 for p in numbers):
+        raise ValueError(f"allow_networks entry {entry!r}: ports are numbers 1-65535 separated by commas")
+    return Allowed(network, numbers)
+
+
+def allowed_networks(entries: Iterable[str]) -> tuple[Allowed, ...]:
+    """The networks exempt from blocking (`FetchPolicy.allow_networks`), each on its ports;
+    ValueError names a bad entry."""
+    return tuple(allowed_network(e) for e in entries)
+
+
+def checked_addresses(resolver: Resolver, target: Target, allow: Sequence[Allowed]) -> list[str]:
+    """The host's addresses, all of them checked: one non-public address outside `allow` (its
+    network on the target's port) blocks the host (a mixed answer is how rebinding attacks start).
+    An entry with ports admits those ports only: allowing a mirror at 10.0.0.5:443 does not allow
+    a redirect to 10.0.0.5:22. Raises `FetchFailure` with `DNS_ERROR` (no usable answer) or
+    `BLOCKED`."""
     try:
         ips = resolver.resolve(target.host, target.port)
     except ResolveError as exc:
@@ -200,7 +239,9 @@ def checked_addresses(resolver: Resolver, target: Target, allow: Sequence[IPNetw
             detail = f"{target.host}: resolver gave {clean_text(ip, 60)!r}, not an IP address"
             raise FetchFailure(DNS_ERROR, detail) from None
         inner = _embedded_v4(addr)
-        if kind and not any(a in net for net in allow for a in (addr, inner) if a is not None):
+        if kind and not any(net.admits(a, target.port) for net in allow for a in (addr, inner) if a is not None):
             named = ip if target.host == ip else f"{target.host} resolves to {ip}"
+            if any(a in net.network for net in allow for a in (addr, inner) if a is not None):
+                raise FetchFailure(BLOCKED, f"{named}: {kind} address, port {target.port} not allowed")
             raise FetchFailure(BLOCKED, f"{named}: {kind} address")
     return ips

@@ -297,6 +297,33 @@ def test_redirect_to_a_blocked_address_never_dials_it(base):
         canary.close()
 
 
+def test_an_allowed_address_on_a_port_it_does_not_name_is_blocked_without_connecting(base, server):
+    """allow_networks entries may name ports: a redirect from the allowed port to another port of
+    the same address is refused (`blocked`) and that port sees no connection; the named port
+    works; a bad entry fails where the policy is built, naming it."""
+    port = server.server_address[1]
+    canary = socket.socket()
+    canary.bind(("127.0.0.1", 0))  # an allowed address, another port
+    canary.listen(8)
+    try:
+        other = canary.getsockname()[1]
+        allow = (f"127.0.0.1:{port}",)
+        assert _fetch(f"{base}/img.jpg", allow_networks=allow).ok
+        r = _fetch(f"{base}/redirect-to?url=http://127.0.0.1:{other}/x.jpg", allow_networks=allow)
+        assert r.reason == "blocked" and r.detail == f"127.0.0.1: loopback address, port {other} not allowed"
+        assert r.dialled == ["127.0.0.1"]  # the first hop only
+        canary.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            canary.accept()  # nothing ever connected
+        assert _fetch(f"{base}/img.jpg", allow_networks=(f"127.0.0.0/8:{other},{port}",)).ok
+        assert _fetch(f"{base}/img.jpg", allow_networks=(f"[::1]:{port}", "127.0.0.1/32")).ok
+    finally:
+        canary.close()
+    for bad in ("127.0.0.1:0", "127.0.0.1:http", "[::1", "10.0.0.0/33:80"):
+        with pytest.raises(ValueError, match="allow_networks entry"):
+            Fetcher(FetchPolicy(allow_networks=(bad,)))
+
+
 def test_redirect_to_another_scheme_is_bad_url(fetcher, base):
     r = fetcher.fetch(f"{base}/redirect-to?url=file:///etc/passwd")
     assert r.reason == "bad_url" and r.final_url == "file:///etc/passwd"
