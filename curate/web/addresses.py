@@ -4,7 +4,8 @@ Contracts (DESIGN.md, "Fetching from the web"):
 - `parse_url(url)` accepts http and https URLs only and splits them into a `Target` (host lower
   case, IDNA-encoded or a normalised IP literal, the request path percent-encoded); anything
   else raises `FetchFailure(BAD_URL, ...)`.
-- Names resolve through one injectable `Resolver` (system DNS) or `StaticResolver` (a fixed map:
+- Names resolve through one injectable `Resolver` (system DNS, bounded by the request's time left
+  and cached per process, answers and failures) or `StaticResolver` (a fixed map:
   tests, the demo, pinned hosts; it never falls back to DNS). IP literals, legacy IPv4 spellings
   included (`http://2130706433/` is 127.0.0.1), resolve to themselves without asking anyone.
 - `checked_addresses` resolves a target and classifies every address it gets (`address_class`):
@@ -18,11 +19,15 @@ import functools
 import ipaddress
 import re
 import socket
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import NamedTuple
 from urllib.parse import quote, urlsplit
 
-from curate.web.drops import BAD_URL, BLOCKED, DNS_ERROR, FetchFailure, clean_text
+from curate.web.drops import BAD_URL, BLOCKED, DNS_ERROR, TIMEOUT, FetchFailure, clean_text
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -39,19 +44,75 @@ class ResolveError(Exception):
     """A host name has no usable address."""
 
 
+class ResolveTimeout(ResolveError):
+    """The resolver did not answer within the time the request had left."""
+
+
 class Resolver:
-    """The one place names become addresses: system DNS via `socket.getaddrinfo`.
+    """The one place names become addresses: system DNS via `socket.getaddrinfo`, bounded and
+    cached per process (a download stage's resolver lives as long as its worker's stage).
 
-    Note the system resolver blocks and is not bounded by the request deadline."""
+    - Bounded: a lookup runs on a daemon thread and the request waits for it at most `timeout`
+      (the time its deadline has left): a resolver that never answers ends the request as a
+      `timeout`, not a stall. At most `threads` lookups run at once (a dead DNS server cannot
+      pile up threads); the others wait, each bounded by its caller's timeout.
+    - Cached: an answer for `ttl_s`, a failure (no such name) for `negative_ttl_s` (getaddrinfo
+      gives no TTLs); concurrent requests for one name share one lookup. A timeout is not cached.
+    """
 
-    def resolve(self, host: str, port: int) -> list[str]:
-        if (literal := _literal(host)) is not None:
-            return [literal]
+    def __init__(self, ttl_s: float = 300.0, negative_ttl_s: float = 60.0, threads: int = 8):
+        self.ttl_s, self.negative_ttl_s = ttl_s, negative_ttl_s
+        self._slots = threading.BoundedSemaphore(threads)
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[float, list[str] | ResolveError]] = {}
+        self._inflight: dict[str, Future] = {}
+        self.lookups = 0  # system lookups started (cache misses): statistics and tests
+
+    def lookup(self, host: str, port: int) -> list[str]:
+        """The system's answer (no cache, no bound): what a test replaces."""
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:
             raise ResolveError(f"{host}: {getattr(exc, 'strerror', None) or exc}") from None
         return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+    def resolve(self, host: str, port: int, timeout: float | None = None) -> list[str]:
+        if (literal := _literal(host)) is not None:
+            return [literal]
+        with self._lock:
+            cached = self._cache.get(host)
+            if cached is not None and cached[0] > time.monotonic():
+                answer = cached[1]
+                if isinstance(answer, ResolveError):
+                    raise answer
+                return list(answer)
+            future = self._inflight.get(host)
+            if future is None:
+                future = self._inflight[host] = Future()
+                self.lookups += 1
+                threading.Thread(target=self._run, args=(host, port, future), daemon=True,
+                                 name="mm1-dns").start()
+        try:
+            return list(future.result(timeout))
+        except FutureTimeout:
+            raise ResolveTimeout(f"{host}: the resolver did not answer within {timeout:g}s") from None
+
+    def _run(self, host: str, port: int, future: Future) -> None:
+        with self._slots:
+            try:
+                answer: list[str] | ResolveError = self.lookup(host, port)
+            except ResolveError as exc:
+                answer = exc
+            except Exception as exc:  # noqa: BLE001 - any failure of the lookup is this name's
+                answer = ResolveError(f"{host}: {type(exc).__name__}: {exc}")
+        ttl = self.negative_ttl_s if isinstance(answer, ResolveError) else self.ttl_s
+        with self._lock:
+            self._cache[host] = (time.monotonic() + ttl, answer)
+            self._inflight.pop(host, None)
+        if isinstance(answer, ResolveError):
+            future.set_exception(answer)
+        else:
+            future.set_result(answer)
 
 
 class StaticResolver(Resolver):
@@ -64,7 +125,7 @@ class StaticResolver(Resolver):
             for name, ips in hosts.items()
         }
 
-    def resolve(self, host: str, port: int) -> list[str]:
+    def resolve(self, host: str, port: int, timeout: float | None = None) -> list[str]:
         if (literal := _literal(host)) is not None:
             return [literal]
         try:
@@ -219,14 +280,17 @@ def allowed_networks(entries: Iterable[str]) -> tuple[Allowed, ...]:
     return tuple(allowed_network(e) for e in entries)
 
 
-def checked_addresses(resolver: Resolver, target: Target, allow: Sequence[Allowed]) -> list[str]:
+def checked_addresses(resolver: Resolver, target: Target, allow: Sequence[Allowed],
+                      timeout: float | None = None) -> list[str]:
     """The host's addresses, all of them checked: one non-public address outside `allow` (its
     network on the target's port) blocks the host (a mixed answer is how rebinding attacks start).
     An entry with ports admits those ports only: allowing a mirror at 10.0.0.5:443 does not allow
     a redirect to 10.0.0.5:22. Raises `FetchFailure` with `DNS_ERROR` (no usable answer) or
-    `BLOCKED`."""
+    `BLOCKED`, or `TIMEOUT` when the resolver does not answer within `timeout`."""
     try:
-        ips = resolver.resolve(target.host, target.port)
+        ips = resolver.resolve(target.host, target.port, timeout)
+    except ResolveTimeout as exc:  # transient: a retry round asks again
+        raise FetchFailure(TIMEOUT, clean_text(exc)) from None
     except ResolveError as exc:
         raise FetchFailure(DNS_ERROR, clean_text(exc)) from None
     if not ips:

@@ -268,7 +268,8 @@ class Fetcher:
             target = parse_url(req.url)
             if req.gate is not None and (closed := req.gate(req.url)) is not None:
                 raise FetchFailure(*closed)
-            ips = checked_addresses(self.resolver, target, self._allow)
+            req.phase = f"resolving {target.host}"
+            ips = checked_addresses(self.resolver, target, self._allow, req.clock.remaining())
             with self._held(req, target.host):
                 outcome = self._hop(req, target, ips, last=hop == self.policy.max_redirects)
             if isinstance(outcome, FetchResult):

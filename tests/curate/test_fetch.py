@@ -372,6 +372,51 @@ def test_resolvers():
     assert Resolver().resolve("127.0.0.1", 80) == ["127.0.0.1"]  # a literal asks no one
 
 
+class _ScriptedDns(Resolver):
+    """The system resolver's bounding and caching over a scripted lookup: `answers` maps a name
+    to its addresses, a ResolveError, or None for a server that never answers (until `release`)."""
+
+    def __init__(self, answers, **kwargs):
+        super().__init__(**kwargs)
+        self.answers, self.release, self.asked = answers, threading.Event(), []
+
+    def lookup(self, host, port):
+        self.asked.append(host)
+        answer = self.answers[host]
+        if answer is None:
+            self.release.wait(60)
+            raise ResolveError(f"{host}: released")
+        if isinstance(answer, ResolveError):
+            raise answer
+        return list(answer)
+
+
+def test_a_resolver_that_never_answers_ends_as_a_timeout_within_the_deadline(server):
+    port = server.server_address[1]
+    dns = _ScriptedDns({"silent.test": None})
+    try:
+        started = time.monotonic()
+        r = _fetch(f"http://silent.test:{port}/img.jpg", resolver=dns, deadline_s=1.0)
+        assert r.reason == "timeout" and "did not answer within" in r.detail, (r.reason, r.detail)
+        assert time.monotonic() - started < 10  # about the 1 s deadline; only a hang reaches 10
+        assert r.dialled == []
+    finally:
+        dns.release.set()
+
+
+def test_names_are_asked_once_while_cached_answers_and_failures_alike(server):
+    port = server.server_address[1]
+    dns = _ScriptedDns({"images.test": ["127.0.0.1"], "gone.test": ResolveError("gone.test: no such name")})
+    with Fetcher(FetchPolicy(allow_networks=LOOPBACK, deadline_s=10.0), resolver=dns) as f:
+        assert all(f.fetch(f"http://images.test:{port}/img.jpg").ok for _ in range(3))
+        assert [f.fetch(f"http://gone.test:{port}/img.jpg").reason for _ in range(2)] == ["dns_error"] * 2
+    assert dns.asked == ["images.test", "gone.test"] and dns.lookups == 2
+    expired = _ScriptedDns({"images.test": ["127.0.0.1"]}, ttl_s=0.0)
+    for _ in range(2):
+        assert expired.resolve("images.test", port) == ["127.0.0.1"]
+    assert expired.asked == ["images.test", "images.test"]  # a TTL of 0 caches nothing
+
+
 @pytest.mark.parametrize(
     "url",
     ["file:///etc/passwd", "ftp://127.0.0.1/x.jpg", "data:image/png;base64,AAAA", "http:///x.jpg",
