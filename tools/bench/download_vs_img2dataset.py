@@ -487,7 +487,10 @@ def measure(which: str, args: dict[str, Any], server: ImageServer, workdir: Path
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2])
-        mem = TreeMemory(proc.pid, worker_threads=args["threads"])
+        # img2dataset's workers are told from its stats logger (one thread) by their download
+        # threads; ours are every spawned Dask worker (several threads from the start): a short run's
+        # download pool can end between two samples, and under load it did (worker RSS read as 0)
+        mem = TreeMemory(proc.pid, worker_threads=args["threads"] if which == "img2dataset" else 2)
         rc = proc.wait()
         memory = mem.stop()
     lifetime, sys1, me1 = time.perf_counter() - t0, psutil.cpu_times(), psutil.Process().cpu_times()
