@@ -140,7 +140,7 @@ def _automaton(path: str, mtime: float, padding: str) -> Any:
     """The Aho-Corasick automaton of a metadata file (value: the entry's index), built once per
     process (keyed by the file's modification time too)."""
     automaton = ahocorasick.Automaton()
-    for index, entry in enumerate(read_metadata(path)):
+    for index, entry in enumerate(_entries(path, mtime)):
         automaton.add_word(padded(entry, padding), index)
     automaton.make_automaton()
     return automaton
