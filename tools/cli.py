@@ -29,6 +29,7 @@ def _curate(args: argparse.Namespace) -> int:
     from curate.storage import is_url
     from curate.engine.retry import RetryError, retry_failed
     from curate.engine.driver import ResumeError, run_recipe
+    from curate.engine.cluster import WorkerEnvironmentError
 
     if args.retry_failed and args.restart:
         print("mm1 curate: --retry-failed and --restart exclude each other", file=sys.stderr)
@@ -57,7 +58,7 @@ def _curate(args: argparse.Namespace) -> int:
             manifest = Manifest.from_dict(retry_failed(recipe, progress=not args.no_progress))
         else:
             manifest = Manifest.from_dict(run_recipe(recipe, restart=args.restart, progress=not args.no_progress))
-    except (ResumeError, RetryError) as exc:
+    except (ResumeError, RetryError, WorkerEnvironmentError) as exc:  # WorkerEnvironmentError: exit 2, an environment problem
         print(f"mm1 curate: {exc}", file=sys.stderr)
         return EXIT_INPUT
     c = manifest.counts
@@ -87,7 +88,7 @@ def _stats(args: argparse.Namespace) -> int:
     from tools.stats import compute_stats, format_stats  # CLI start-up: loaded when this command runs
 
     stats = compute_stats(args.out)
-    print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
+    print(json.dumps(stats, indent=1) if args.json else format_stats(stats, top_domains=args.top_domains))
     return 0
 
 
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="statistics of a curated output (sidecars + ledger only)")
     p.add_argument("out")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--top-domains", type=int, default=20, metavar="N",
+                   help="rows of the Domains table (download DNS and connections; the manifest keeps 100)")
     p.set_defaults(func=_stats)
 
     p = sub.add_parser("verify", help="re-read every shard and check it against manifest and ledger")

@@ -285,6 +285,30 @@ def domains(run: Run) -> str:
                    f'<td><svg width="120" height="10"><rect width="120" height="10" fill="#eceef2"/>'
                    f'<rect width="{120 * rate:.1f}" height="10" fill="{COLORS[0]}"/></svg></td></tr>')
     out.append("</table>")
+    return "".join(out) + fetch_domains(run)
+
+
+_FETCH_COLUMNS = (("requests", "requests"), ("bytes", "bytes"), ("DNS lookups", "dns_lookups"),
+                  ("cached", "dns_cached"), ("DNS errors", "dns_errors"), ("DNS timeouts", "dns_timeouts"),
+                  ("opened", "opened"), ("reused", "reused"), ("conn. errors", "conn_failures"))
+
+
+def fetch_domains(run: Run) -> str:
+    """Each download stage's DNS and connections per domain (`mm1 stats`' Domains table, its
+    first 20 domains, "(other)" and the total); nothing for an output that recorded none."""
+    out = []
+    for name, d in (run.stats.get("fetch_domains") or {}).items():
+        head = "".join(f"<th class=n>{h}</th>" for h, _ in _FETCH_COLUMNS)
+        out.append(f"<p>DNS and connections of {esc(name)}, by requests:</p><table><tr><th>domain</th>{head}"
+                   "<th class=n>DNS hit rate</th><th class=n>mean DNS ms</th></tr>")
+        rows = [(f"fetch_domains.{name}.rows.{i}", r) for i, r in enumerate(d["rows"])
+                if i < 20 or r["domain"] == "(other)"] + [(f"fetch_domains.{name}.total", d["total"])]
+        for path, r in rows:
+            cells = "".join(f"<td class=n>{stat(f'{path}.{k}', r[k])}</td>" for _, k in _FETCH_COLUMNS)
+            mean = "-" if r["dns_mean_ms"] is None else f"{r['dns_mean_ms']:,.1f}"
+            out.append(f"<tr><td>{esc(r['domain'])}</td>{cells}<td class=n>{pct(r['dns_hit_rate'])}</td>"
+                       f"<td class=n>{mean}</td></tr>")
+        out.append("</table>")
     return "".join(out)
 
 

@@ -27,6 +27,7 @@ from curate.contract import (
 
 PERCENTILES = (5, 25, 50, 75, 95)
 TOP_DOMAINS = 20
+TOP_FETCH_DOMAINS = 20  # rows of the printed Domains table (DNS and connections); the manifest keeps 100
 
 # Fixed histogram edges: bucket i holds edges[i-1] <= v < edges[i].
 PIXEL_EDGES = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -320,6 +321,7 @@ def compute_stats(out: str | Path) -> dict[str, Any]:
         },
         "kinds": kinds,
         "stages": _stage_times(manifest.stages),
+        "fetch_domains": _fetch_domains(manifest.stages),
         **_ledger_stats(out),
     }
 
@@ -332,6 +334,63 @@ def _stage_times(stages: dict[str, dict[str, Any]] | None) -> list[dict[str, Any
              "counts": t.get("counts") or {}}  # what the stage counted (faces blurred, addresses replaced)
             for name, t in (stages or {}).items()]
     return sorted(rows, key=lambda r: (stages or {})[r["stage"]].get("order", 0))
+
+
+def _fetch_domains(stages: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """Per stage that recorded them (download: curate/web/netstats.py), its per-domain DNS and
+    connection numbers: `rows` ranked as the manifest ranks them (by requests, then DNS
+    resolutions, then name; "(other)" last; the manifest's JSON keeps no order), each with
+    its DNS cache hit rate (cached / (lookups + cached)) and mean lookup ms (dns_ms / lookups),
+    and their `total`."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in (stages or {}).items():
+        table = entry.get("domains")
+        if not table:
+            continue
+        rows = [_domain_row(domain, dict(zip(table["columns"], values))) for domain, values in table["rows"].items()]
+        rows.sort(key=lambda r: (r["domain"] == "(other)", -r.get("requests", 0),
+                                 -(r.get("dns_lookups", 0) + r.get("dns_cached", 0)), r["domain"]))
+        total = {c: sum(r[c] for r in rows) for c in table["columns"]}
+        out[name] = {"rows": rows, "total": _domain_row("(total)", total)}
+    return out
+
+
+def _domain_row(domain: str, values: dict[str, Any]) -> dict[str, Any]:
+    lookups, cached = values.get("dns_lookups", 0), values.get("dns_cached", 0)
+    return {"domain": domain, **values,
+            "dns_hit_rate": cached / (lookups + cached) if lookups + cached else None,
+            "dns_mean_ms": values.get("dns_ms", 0) / lookups if lookups else None}
+
+
+# the Domains table: (heading, key, width) per column
+_DOMAIN_COLUMNS = (("requests", "requests", 9), ("bytes", "bytes", 14), ("lookups", "dns_lookups", 8),
+                   ("cached", "dns_cached", 8), ("hit rate", "dns_hit_rate", 8), ("dns err", "dns_errors", 8),
+                   ("dns t/o", "dns_timeouts", 8), ("mean ms", "dns_mean_ms", 8), ("opened", "opened", 8),
+                   ("reused", "reused", 8), ("conn err", "conn_failures", 8))
+
+
+def _domain_lines(name: str, d: dict[str, Any], top: int) -> list[str]:
+    """The Domains table of one stage: its `top` domains by requests, "(other)", the total."""
+    named = [r for r in d["rows"] if r["domain"] != "(other)"]
+    other = [r for r in d["rows"] if r["domain"] == "(other)"]
+    shown = named[:top]
+    lines = [f"Domains ({name}: DNS and connections; {len(shown)} of the {len(named)} the manifest names, "
+             "by requests)",
+             f"  {'domain':<32}" + "".join(f" {h:>{w}}" for h, _, w in _DOMAIN_COLUMNS)]
+    for r in [*shown, *other, d["total"]]:
+        cells = [_domain_cell(k, r.get(k, 0)) for _, k, _ in _DOMAIN_COLUMNS]
+        lines.append(f"  {r['domain'][:32]:<32}" + "".join(f" {c:>{w}}" for c, (_, _, w) in zip(cells, _DOMAIN_COLUMNS)))
+    if len(named) > top:
+        lines.append(f"  ({len(named) - top:,} more domains not shown: --top-domains N)")
+    return lines
+
+
+def _domain_cell(key: str, v: Any) -> str:
+    if key == "dns_hit_rate":
+        return _pct(v)
+    if key == "dns_mean_ms":
+        return "-" if v is None else f"{v:,.1f}"
+    return _num(v)
 
 
 def _num(v: Any) -> str:
@@ -353,8 +412,9 @@ def _dist_lines(name: str, d: dict[str, Any]) -> list[str]:
     return [head, f"  {'':<18} {hist}"] if hist else [head]
 
 
-def format_stats(stats: dict[str, Any]) -> str:
-    """A plain-text report of `compute_stats`'s result, for the terminal."""
+def format_stats(stats: dict[str, Any], top_domains: int = TOP_FETCH_DOMAINS) -> str:
+    """A plain-text report of `compute_stats`'s result, for the terminal; the Domains table (DNS
+    and connections) shows `top_domains` domains."""
     lines = [f"output {stats['out']}  (recipe {stats['name']}, hash {stats['recipe_hash']})", ""]
     t = stats["totals"]
     lines.append(f"shards {t['shards']:,}  samples {t['samples']:,}  tar bytes {t['tar_bytes']:,}")
@@ -382,6 +442,8 @@ def format_stats(stats: dict[str, Any]) -> str:
             lines.append(f"  {s['stage'] + (' (global)' if s['pass'] == 'global' else ''):<35} "
                          f"{s['wall_s']:>10,.3f} {s['cpu_s']:>10,.3f} {s['rows_in']:>10,} {s['rows_out']:>10,} "
                          f"{rate:>10}" + (f"  counted: {counted}" if counted else ""))
+    for name, d in (stats.get("fetch_domains") or {}).items():
+        lines += ["", *_domain_lines(name, d, top_domains)]
     lines += ["", "attempts"] + _dist_lines("attempts", stats["attempts"])
     for kind, k in stats["kinds"].items():
         lines += ["", f"{kind} samples"]

@@ -89,7 +89,8 @@ def stage_times(job: Job, globals_: list[dict[str, Any]], every_stage: bool) -> 
         if segment.global_stage is not None:
             configs.append((segment.global_stage, "global"))
         for cfg, kind in configs:
-            name = build_stage(cfg).name
+            stage = build_stage(cfg)
+            name = stage.name
             measured = [passes[name]] if name in passes else [m["stages"][name] for m in markers
                                                               if name in m.get("stages", {})]
             if measured or every_stage:
@@ -98,6 +99,7 @@ def stage_times(job: Job, globals_: list[dict[str, Any]], every_stage: bool) -> 
                 counts = sum((Counter(t.get("counts", {})) for t in measured), Counter())
                 if counts:  # what the stage counted (Stage.count): faces blurred, addresses replaced
                     out[name]["counts"] = dict(sorted(counts.items()))
+                out[name].update(stage.merge_summaries(measured))  # its partitions' facts (download: `domains`)
             order += 1
     return out
 

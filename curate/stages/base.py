@@ -103,6 +103,21 @@ class Stage:
         this stage cannot follow `earlier`, the recipe's stages before it in order (a score head
         reading the embeddings of another model's clip_score stage). Default: nothing to check."""
 
+    # Per-partition facts beyond counts (download: DNS and connections per domain): a segment task
+    # starts each partition with `begin_partition`, puts `partition_summary()` in its marker's
+    # entry for the stage, and the manifest merges the partitions' entries with `merge_summaries`.
+    def begin_partition(self) -> None:
+        """Start this partition's facts from zero (in the task's thread)."""
+
+    def partition_summary(self) -> dict[str, Any]:
+        """This partition's facts, for its segment marker; {}: none."""
+        return {}
+
+    @staticmethod
+    def merge_summaries(measured: list[dict[str, Any]]) -> dict[str, Any]:
+        """The run's facts from the partitions' marker entries (bounded in size); {}: none."""
+        return {}
+
     def count(self, key: str, n: int = 1) -> None:
         """Add `n` to this stage's count `key` (faces blurred, emails replaced, rows a blocklist
         matched): a segment task sums them per stage into its marker, and the manifest's

@@ -33,6 +33,10 @@ Only rows that have a URL and no image yet are fetched, so rows from local sourc
 Docs: every image segment of a doc that has no bytes yet is fetched, with the same guards and
 politeness, all of a batch's docs' images on one pool; a failed image removes its segment (with
 the fetch's code, in the doc's `segment_drops`), not the document (`_process_docs`).
+
+What each domain cost (DNS lookups and cache hits, connections opened and reused, failures,
+requests, bytes) is tallied per row and summed per partition into its segment marker, then the
+manifest (`stages.download.domains`; curate/web/netstats.py), for `mm1 stats`' Domains table.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from curate.web.hosts import DomainLimiter, LimitedFetcher, interleave_by_host
 from curate.web.addresses import Resolver, StaticResolver, allowed_networks
 from curate.web.drops import CONNECTION_ERROR, TIMEOUT
 from curate.web.fetcher import Fetcher, FetchPolicy, FetchResult
+from curate.web.netstats import PartitionDomains, Tally
 from curate.web.robots import ROBOTS_DISALLOWED, RobotsCache
 from curate.documents import (
     EMPTY_DOCUMENT,
@@ -146,6 +151,19 @@ class DownloadStage(RowStage):
 
     config: Config
 
+    def __init__(self, config: StageConfig):
+        super().__init__(config)
+        self.domains = PartitionDomains()  # per-domain DNS and connection numbers (curate/web/netstats.py)
+
+    # the runner's per-partition protocol (curate/engine/steps.py run_segment, manifest.stage_times)
+    def begin_partition(self) -> None:
+        self.domains.begin()
+
+    def partition_summary(self) -> dict[str, Any]:
+        return self.domains.summary()
+
+    merge_summaries = staticmethod(PartitionDomains.merge_summaries)
+
     def setup(self) -> None:
         cfg = self.config
         policy = FetchPolicy(
@@ -219,9 +237,16 @@ class DownloadStage(RowStage):
         """Fetch URLs on the pool, hosts interleaved; outcomes in the order of `urls`."""
         order = interleave_by_host(urls)  # the fetch order only: each outcome goes to its own row
         outcomes: list[Any] = [None] * len(urls)
-        for k, outcome in zip(order, self.pool.map(self._fetch, [urls[k] for k in order])):
+        domains = self.domains.current()
+        for k, (outcome, hosts) in zip(order, self.pool.map(self._tallied, [urls[k] for k in order])):
             outcomes[k] = outcome
+            domains.add(hosts)
         return outcomes
+
+    def _tallied(self, url: str) -> tuple[tuple[FetchResult | Drop, int], dict[str, list[float]]]:
+        """`_fetch(url)` and what its requests cost per host (curate/web/netstats.py)."""
+        with Tally() as hosts:
+            return self._fetch(url), hosts
 
     def _process_docs(self, table: pa.Table) -> pa.Table:
         """The images of docs: every image segment without bytes yet, of every live doc of the

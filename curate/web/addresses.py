@@ -28,6 +28,7 @@ from typing import NamedTuple
 from urllib.parse import quote, urlsplit
 
 from curate.web.drops import BAD_URL, BLOCKED, DNS_ERROR, TIMEOUT, FetchFailure, clean_text
+from curate.web.netstats import DNS_CACHED, DNS_ERRORS, DNS_LOOKUPS, DNS_MS, DNS_TIMEOUTS, note
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -77,25 +78,42 @@ class Resolver:
         return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
     def resolve(self, host: str, port: int, timeout: float | None = None) -> list[str]:
+        """The name's addresses; each call noted in the thread's tally (curate/web/netstats.py)
+        as a lookup or a cached answer, and as a DNS error or timeout when it ends as one."""
         if (literal := _literal(host)) is not None:
             return [literal]
         with self._lock:
             cached = self._cache.get(host)
             if cached is not None and cached[0] > time.monotonic():
                 answer = cached[1]
-                if isinstance(answer, ResolveError):
-                    raise answer
-                return list(answer)
-            future = self._inflight.get(host)
-            if future is None:
-                future = self._inflight[host] = Future()
-                self.lookups += 1
-                threading.Thread(target=self._run, args=(host, port, future), daemon=True,
-                                 name="mm1-dns").start()
+            else:
+                answer = None
+                future = self._inflight.get(host)
+                started = future is None
+                if future is None:
+                    future = self._inflight[host] = Future()
+                    self.lookups += 1
+                    threading.Thread(target=self._run, args=(host, port, future), daemon=True,
+                                     name="mm1-dns").start()
+        if answer is not None:
+            note(host, DNS_CACHED)
+            if isinstance(answer, ResolveError):
+                note(host, DNS_ERRORS)
+                raise answer
+            return list(answer)
+        note(host, DNS_LOOKUPS if started else DNS_CACHED)
+        waited = time.monotonic()
         try:
             return list(future.result(timeout))
         except FutureTimeout:
+            note(host, DNS_TIMEOUTS)
             raise ResolveTimeout(f"{host}: the resolver did not answer within {timeout:g}s") from None
+        except ResolveError:
+            note(host, DNS_ERRORS)
+            raise
+        finally:
+            if started:
+                note(host, DNS_MS, 1000 * (time.monotonic() - waited))
 
     def _run(self, host: str, port: int, future: Future) -> None:
         with self._slots:
@@ -117,17 +135,18 @@ class Resolver:
 
 class StaticResolver(Resolver):
     """A fixed {name: ip or [ips]} map; IP literals resolve to themselves. An unknown name raises
-    `ResolveError` and never falls back to DNS (tests, the demo, pinned hosts)."""
+    `ResolveError` and never falls back to DNS (tests, the demo, pinned hosts). The map answers
+    `Resolver`'s lookups, so it is cached and counted like DNS: a run with a host map shows the
+    per-domain DNS statistics a run on DNS would."""
 
     def __init__(self, hosts: Mapping[str, str | Sequence[str]]):
+        super().__init__()
         self.hosts = {
             name.lower().rstrip("."): _ips([ips] if isinstance(ips, str) else ips)
             for name, ips in hosts.items()
         }
 
-    def resolve(self, host: str, port: int, timeout: float | None = None) -> list[str]:
-        if (literal := _literal(host)) is not None:
-            return [literal]
+    def lookup(self, host: str, port: int) -> list[str]:
         try:
             return list(self.hosts[host.lower().rstrip(".")])
         except KeyError:

@@ -28,7 +28,7 @@ ENTRY_POINTS = sorted(
 FROZEN = {
     "curate": ["--address", "--allow-empty", "--limit", "--no-progress", "--output", "--override", "--restart",
                "--retry-failed", "--workers", "recipe"],
-    "stats": ["--json", "out"],
+    "stats": ["--json", "--top-domains", "out"],
     "verify": ["out"],
     "sources": ["kind"],
     "stages": ["kind"],
