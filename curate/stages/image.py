@@ -30,20 +30,24 @@ without crop or padding, as img2dataset does. Downscaling averages areas (img2da
 upscaling uses Lanczos (its default). The side that is not set to `image_size` is rounded to
 nearest (img2dataset truncates, so it may differ by one pixel).
 
-Output is deterministic for the same input bytes and the same Pillow build: fixed filters and
-encoder settings, and no metadata carried (no EXIF, so no GPS position, no ICC profile, no text
-chunks). Pixels are not colour-managed: an image tagged with a wide-gamut ICC profile keeps its
-raw values, which is what a training loader decoding with Pillow sees anyway.
+Decoding is Pillow's, except PNGs that libspng (pyspng) decodes to the same pixels twice as fast
+(`_decode_png` says which). Output is deterministic for the same input bytes and the same Pillow
+build: fixed filters and encoder settings, and no metadata carried (no EXIF, so no GPS position,
+no ICC profile, no text chunks). Pixels are not colour-managed: an image tagged with a wide-gamut
+ICC profile keeps its raw values, which is what a training loader decoding with Pillow sees anyway.
 """
 
 from __future__ import annotations
 
 import io
 import re
+import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import pyspng
 from PIL import Image, UnidentifiedImageError
 from pydantic import Field, field_validator, model_validator
 
@@ -255,6 +259,72 @@ def oriented_rgb(img: Image.Image, exif_transpose: bool = True) -> Image.Image:
     return pixels
 
 
+# PNGs decode through libspng (pyspng), about twice as fast as Pillow's decoder on photographs,
+# wherever its pixels are the ones Pillow's decode gives after `to_rgb` (tests/curate/stages/
+# test_image_png.py checks every bit depth and colour type): Pillow's rawmode -> libspng's output
+# format. libspng expands palettes to RGB (what to_rgb does with a palette image), scales 1-, 2-
+# and 4-bit grey to 0..255 as Pillow's unpackers do, and keeps the high byte of 16-bit samples;
+# grey + alpha comes out as RGBA (libspng has no 8-bit grey + alpha output for it), composited on
+# white as Pillow's LA is; 16-bit grey comes out as grey + alpha (None: libspng's own choice), of
+# which the grey is kept at 16 bits for to_rgb to scale as it scales Pillow's.
+_SPNG_FORMATS: dict[str, str | None] = {
+    "1": "L", "L;2": "L", "L;4": "L", "L": "L", "I;16B": None,
+    "RGB": "RGB", "RGB;16B": "RGB",
+    "P;1": "RGB", "P;2": "RGB", "P;4": "RGB", "P": "RGB",
+    "LA": "RGBA", "LA;16B": "RGBA",
+    "RGBA": "RGBA", "RGBA;16B": "RGBA",
+}
+# Chunks after which Pillow must decode: APNG frames (Pillow picks the frame) and EXIF, and text
+# chunks by the keywords Pillow reads an orientation from (getexif would decode the whole file).
+_PILLOW_CHUNKS = frozenset({b"acTL", b"eXIf"})
+_TEXT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt"})
+_ORIENTATION_KEYWORDS = (b"Raw profile type exif\0", b"XML:com.adobe.xmp\0")
+
+
+def _libspng_may_decode(data: bytes) -> bool:
+    """Whether a PNG's chunks let libspng decode it: no animation, nothing Pillow reads an
+    orientation from, and every whole chunk's CRC right. pyspng has libspng check neither the
+    CRCs nor the zlib stream's checksum, so a body corrupted in transit, which Pillow refuses
+    (the stream's checksum fails), would otherwise decode to garbage pixels; the CRCs catch it
+    (0.3 ms per MiB). A truncated chunk list just ends the walk: libspng refuses a short image."""
+    view, pos, end = memoryview(data), 8, len(data)
+    while pos + 12 <= end:
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind in _PILLOW_CHUNKS:
+            return False
+        if kind in _TEXT_CHUNKS and any(data.startswith(key, pos + 8) for key in _ORIENTATION_KEYWORDS):
+            return False
+        if pos + 12 + length > end:
+            break
+        if zlib.crc32(view[pos + 4 : pos + 8 + length]) != struct.unpack_from(">I", data, pos + 8 + length)[0]:
+            return False
+        if kind == b"IEND":
+            break
+        pos += 12 + length
+    return True
+
+
+def _decode_png(img: Image.Image, data: bytes) -> Image.Image | None:
+    """A PNG's pixels from libspng, in a mode `to_rgb` turns into exactly the pixels it makes of
+    Pillow's decode, orientation 1 (the file has none); None where Pillow must decode instead: a
+    colour key or palette alpha (tRNS), APNG, EXIF or XMP, a bad CRC, or any libspng error (Pillow
+    then says whether the file is broken, so drops and their details stay Pillow's)."""
+    if len(img.tile) != 1 or "transparency" in img.info:
+        return None
+    rawmode = img.tile[0][3]  # (decoder, extents, offset, rawmode)
+    if rawmode not in _SPNG_FORMATS or not _libspng_may_decode(data):
+        return None
+    try:
+        pixels = pyspng.load(data, _SPNG_FORMATS[rawmode])
+    except RuntimeError:  # libspng refuses it: Pillow decides
+        return None
+    if pixels.dtype == np.uint16:  # 16-bit grey, as grey + alpha
+        pixels = pixels[:, :, 0]
+    if pixels.shape[:2] != (img.height, img.width):
+        return None
+    return Image.fromarray(pixels)
+
+
 def _apply(img: Image.Image, geometry: Geometry) -> Image.Image:
     if geometry.resize is not None:
         upscale = geometry.resize[0] > img.width
@@ -307,12 +377,15 @@ def transform_image(data: bytes, config: ImageConfig) -> Encoded | Drop:
         try:
             if config.jpeg_draft and fmt == "jpeg" and stored.resize and stored.resize[0] < width:
                 img.draft(None, stored.resize)
-            img.load()  # the first frame of an animation
+            decoded = _decode_png(img, data) if fmt == "png" else None
+            if decoded is None:
+                img.load()  # the first frame of an animation
         except Image.DecompressionBombError as exc:  # a frame or tile bigger than the header said
             return Drop(TOO_MANY_PIXELS, str(exc))
         except Exception as exc:  # noqa: BLE001 - truncated or corrupt data, whatever Pillow raises
             return Drop(DECODE_ERROR, describe_decode_error(exc, data))
-        orientation = _orientation(img) if config.exif_transpose else 1
+        # a PNG libspng decoded has no orientation (and Pillow's getexif would decode it again)
+        orientation = _orientation(img) if config.exif_transpose and decoded is None else 1
         if orientation in (5, 6, 7, 8):
             width, height = height, width
         geometry = plan_geometry(width, height, config.resize_mode, config.image_size, config.resize_only_if_bigger)
@@ -328,7 +401,7 @@ def transform_image(data: bytes, config: ImageConfig) -> Encoded | Drop:
         ):
             return Encoded(data, ext, (width, height), (width, height))
         try:
-            pixels = to_rgb(img)
+            pixels = to_rgb(img if decoded is None else decoded)
         except ValueError as exc:  # a mode Pillow cannot convert to RGB (LAB, HSV, multiband TIFF)
             return Drop(UNSUPPORTED_FORMAT, f"{fmt} in mode {img.mode}: {exc}")
         if orientation != 1:
