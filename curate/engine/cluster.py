@@ -7,7 +7,10 @@ what it started is closed however the run ends. `run_tasks` submits one future p
 resources the stages declare (client.submit: resource annotations on dataframe graphs are dropped
 by dask's graph optimisation) and returns the results in call order, showing one live line per
 step on stderr (`Step`, `StepLine`). `check_resources` fails before any task is submitted when no
-worker advertises what a segment needs.
+worker advertises what a segment needs. Before a step's tasks are submitted, `check_imports` has
+every worker import the modules they need (the task function's, each stage's and source's): a
+worker that cannot would die unpickling its first task, and the task wait for a worker forever;
+it is a `WorkerEnvironmentError` instead, naming the worker and the import error.
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ import dask
 from dask.distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
+from curate.engine.jobref import JobRef, call_with_job, share_job
 from curate.engine.steps import Job
 from curate.recipe import Recipe, RecipeError
+from curate.sources.base import SOURCES
+from curate.stages.base import STAGES
 
-__all__ = ["WORKER_CONFIG", "Cluster", "Step", "StepLine", "check_resources", "connect", "run_tasks",
-           "segment_resources"]
+__all__ = ["WORKER_CONFIG", "Cluster", "Step", "StepLine", "WorkerEnvironmentError", "check_imports",
+           "check_resources", "connect", "run_tasks", "segment_resources"]
 
 log = logging.getLogger("mm1.curate")
 
@@ -124,6 +130,36 @@ def check_resources(client: Client, needed: dict[str, float]) -> None:
             )
 
 
+class WorkerEnvironmentError(RuntimeError):
+    """A worker's environment cannot run the tasks (a module they need does not import there)."""
+
+
+def task_modules(fn: Callable[..., Any], job: Job) -> list[str]:
+    """The modules a worker imports to run `fn` on `job`: the task's own, and each of the recipe's
+    stages' and sources' (what unpickling the task and building its stages load)."""
+    modules = {fn.__module__}
+    modules |= {STAGES[cfg.kind].__module__ for s in job.segments for cfg in s.row_stages}
+    modules |= {STAGES[s.global_stage.kind].__module__ for s in job.segments if s.global_stage is not None}
+    modules |= {SOURCES[cfg.kind].__module__ for cfg in job.recipe.sources}
+    return sorted(modules)
+
+
+def check_imports(client: Client, modules: list[str]) -> None:
+    """Every worker imports `modules`, or a WorkerEnvironmentError names the workers that cannot
+    and why. distributed unpickles a task on the worker's connection to the scheduler: one that
+    fails there closes the connection and the worker (its nanny too), and the task waits for a
+    worker forever where none is left. `exec` is a builtin: it unpickles on any worker."""
+    answers = client.run(exec, f"import {', '.join(modules)}", on_error="return")
+    failed = {w: a for w, a in answers.items() if isinstance(a, BaseException)}
+    if failed:
+        worker, error = sorted(failed.items())[0]
+        more = f" (and {len(failed) - 1} more of the {len(answers)} workers)" if len(failed) > 1 else ""
+        raise WorkerEnvironmentError(
+            f"Dask worker {worker}{more} cannot import the modules its tasks need "
+            f"({', '.join(modules)}): {type(error).__name__}: {error}; install this project, with the "
+            "recipe's extras, in every worker's environment (the same version as the driver's)")
+
+
 def segment_resources(job: Job, seg: int) -> dict[str, float]:
     """The worker resources a task of segment `seg` holds: the most each row stage declares."""
     needed: dict[str, float] = {}
@@ -181,14 +217,24 @@ def run_tasks(client: Client, fn: Callable[..., dict[str, Any]], calls: list[tup
     task key is unique per step, round, partition and recipe. The futures are released on
     return, so a worker that dies later does not make the scheduler recompute finished tasks.
     A task's exception is a bug in a stage: it stops the run. `step` is what the progress line
-    shows (a plain label: partitions only), updated as each task finishes."""
+    shows (a plain label: partitions only), updated as each task finishes. The workers are
+    checked first (`check_imports`): one that cannot import what the tasks need ends the run
+    instead of stalling it."""
     if isinstance(step, str):
         step = Step(step)
-    futures = [
-        client.submit(fn, *args, key=f"{fn.__name__}-r{args[0].round}-{'-'.join(map(str, args[1:3]))}-{args[0].recipe_hash}",
-                      resources=resources or None, retries=retries, pure=False)
-        for args in calls
-    ]
+    if calls:
+        check_imports(client, task_modules(fn, calls[0][0]))
+    refs: dict[int, JobRef] = {}  # each Job once on the output, not once per task (curate.engine.jobref)
+    for args in calls:
+        if id(args[0]) not in refs:
+            refs[id(args[0])] = share_job(args[0])
+    futures = []
+    for args in calls:
+        ref = refs[id(args[0])]
+        futures.append(client.submit(
+            call_with_job, fn, ref, *args[1:], key=f"{fn.__name__}-r{ref.round}-{'-'.join(map(str, args[1:3]))}-"
+                                                  f"{ref.recipe_hash}",
+            resources=resources or None, retries=retries, pure=False))
     call_of = {f.key: args for f, args in zip(futures, calls)}
     results: dict[Any, dict[str, Any]] = {}
     line = StepLine(step, len(futures), quiet=not progress)

@@ -20,25 +20,33 @@ either into a path object (`pathlib.Path`, or a `upath.UPath` on the store) and
 3. The task's done marker is written last, atomically (one PUT on a store), recording counts,
    the recipe hash and the input fingerprint. Readers trust only what a marker names.
 
-Dask may run a task twice, concurrently: both attempts write their own temporaries and publish
-byte-identical files onto the same names, so the last rename (or upload) wins with the same
-content; on a store, each attempt's intermediate is its own object and the last marker names one
-of them whole.
+Dask may run a task twice, concurrently, and the twins' outputs may differ where the network fed
+them (a URL answered differently the second time). Each attempt writes its own temporaries; its
+intermediate is published and its marker written under the marker's lock (`marker_lock`), and
+the first marker stands: a twin that finds it written removes its own attempt and returns it.
+So a marker's counts describe the file it names. On a local disk the lock is an flock (the
+renames onto one final name would otherwise interleave with the markers: A's counts naming B's
+rows); a store needs none, as each attempt's intermediate is its own object and whichever marker
+is last names its own attempt whole. Final outputs (tars, sidecars, ledgers) are the same bytes
+in every attempt: the last rename (or upload) wins with the same content.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from curate.contract import TMP_SUFFIX
-from curate.storage import fs_path, is_url
+from curate.storage import fs_path, is_url, relative
 
 # an attempt's own name on an object store: NAME.<12 hex>[.EXT]
 ATTEMPT_NAME = re.compile(r"^(?P<stem>[^.]+)\.(?P<attempt>[0-9a-f]{12})(?P<ext>\.[A-Za-z0-9]+)?$")
@@ -102,6 +110,46 @@ class Storage:
 
     # markers -----------------------------------------------------------------------------------
 
+    @contextmanager
+    def marker_lock(self, marker: Path) -> Iterator[None]:
+        """Held while a task publishes what its marker names and writes the marker: twin attempts
+        take turns (module docstring). An flock on `<marker>.lock.tmp`, which the kernel releases
+        if the attempt dies (a leftover file is a temporary, swept by `remove_temporaries`); the
+        holder removes it, so an attempt that locked a file since removed locks the new one."""
+        marker = Path(marker)
+        lock = marker.with_name(f"{marker.name}.lock{TMP_SUFFIX}")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the holder before us removed the file we locked
+        try:
+            yield
+        finally:
+            os.unlink(lock)
+            os.close(fd)
+
+    def commit(self, marker: Path, content: dict[str, Any], earlier: Callable[[], dict[str, Any] | None],
+               attempt: tuple[Path, Path] | None = None, root: Path | None = None) -> dict[str, Any]:
+        """Publish `attempt` (an attempt's file, its final name; `data` in the marker names it as
+        published, relative to `root`) and write `content` as the done marker at `marker`, unless
+        `earlier()` finds a marker written: the first stands (module docstring), and this
+        attempt's file is removed. Returns the marker that stands."""
+        with self.marker_lock(marker):
+            if (found := earlier()) is not None:
+                if attempt is not None:
+                    self.remove(attempt[0])
+                return found
+            if attempt is not None:
+                content = {**content, "data": relative(self.publish(*attempt), root)}
+            self.write_marker(marker, content)
+        return content
+
     def write_marker(self, path: Path, content: dict[str, Any]) -> None:
         tmp = self.attempt_path(path)
         with self.open_write(tmp) as f:
@@ -161,6 +209,11 @@ class ObjectStorage(Storage):
 
     def publish_dir(self, tmp: Any, final: Any) -> Any:
         return tmp
+
+    @contextmanager
+    def marker_lock(self, marker: Any) -> Iterator[None]:
+        """No lock: each attempt's marker names its own objects (module docstring)."""
+        yield
 
     def remove(self, path: Any) -> None:
         where, fs = fs_path(path)

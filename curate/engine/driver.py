@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import dask
 import dask.dataframe as dd
+from dask.distributed import default_client
 import pandas as pd
 import pyarrow as pa
 
@@ -121,6 +122,20 @@ def live_schema(sources: Path | str | list[Path], columns: list[str]) -> pa.Sche
     return pa.schema([fields.get(c, pa.field(c, pa.null())) for c in ["id", PARTITION_COLUMN, *columns]])
 
 
+DECISION_GROUP = 16  # runner partitions whose decisions one task writes
+SHUFFLE_METHOD = "p2p"  # the global passes' shuffles (decide_global says why)
+
+
+def shuffle_method() -> str:
+    """SHUFFLE_METHOD on a distributed cluster; p2p needs one, so a pass computed by dask's local
+    scheduler (a test's, one process) shuffles with tasks."""
+    try:
+        default_client()
+    except ValueError:
+        return "tasks"
+    return SHUFFLE_METHOD
+
+
 def decide_global(stage: GlobalStage, live: Any, decisions_dir: Path, input_dir: Path,
                   schema: pa.Schema) -> tuple[int, Path, Path]:
     """Run a global stage over `live` (a dask dataframe of the rows that reach it: `id`,
@@ -131,11 +146,21 @@ def decide_global(stage: GlobalStage, live: Any, decisions_dir: Path, input_dir:
     storage = storage_for(decisions_dir)
     tmp, tmp_input = storage.attempt_path(decisions_dir), storage.attempt_path(input_dir)
     (tmp_url, opts), (input_url, _) = dask_url(tmp), dask_url(tmp_input)
-    # The task-based shuffle, not p2p: it recovers from workers dying mid-shuffle by
-    # recomputing, where p2p was seen to hang under repeated worker deaths (tests/curate/
-    # test_resume.py's chaos run). Only small columns move, so its overhead is affordable.
-    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+    # The p2p shuffle (SHUFFLE_METHOD), chosen by measurement (tools/bench/global_passes.py,
+    # BENCHMARKS.md): against the task-based shuffle at 1M rows on 2 workers, near_dedup took
+    # 48.7 s instead of 72.5, a quarter of the tasks and 486 MiB of peak worker memory instead of
+    # 1,154 (p2p streams its pieces through disk; the task shuffle holds them all in memory, so
+    # its peak grows with the rows). An early dask's p2p once hung under repeated worker deaths;
+    # this one finishes a pass with three workers killed in it (tests/curate/test_faults.py).
+    with dask.config.set({"dataframe.shuffle.method": shuffle_method()}):
+        # Decisions grouped by the runner's partition before they are written: a stage's output
+        # partitions each hold drops of every runner partition, and `partition_on` would write a
+        # file for every (output partition, runner partition) pair: P^2 files of a few rows (160,000
+        # at 4M rows in 400 partitions), a cost growing faster than the rows. Shuffled on
+        # `_partition` into one partition per DECISION_GROUP runner partitions: at most P files.
         decisions = stage.decide(live)
+        decisions = decisions.shuffle(on=PARTITION_COLUMN,
+                                      npartitions=max(1, -(-live.npartitions // DECISION_GROUP)))
         dask.compute(
             live.to_parquet(input_url, write_index=False, compute=False, schema=schema,
                             storage_options=opts),

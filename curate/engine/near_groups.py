@@ -121,8 +121,37 @@ def hamming_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _melt_bands(df: pd.DataFrame, bands: list[str], order: str | None) -> pd.DataFrame:
-    """One row per (row, band) with a non-null key: band (its index), key, order, id."""
+# ---------------------------------------------------------------------------------------------
+# Row references: what moves through the shuffles instead of the ids
+# ---------------------------------------------------------------------------------------------
+
+REF = "_ref"  # int64: (the row's partition of `live`) << 32 | its position in it
+ID_HASH = "_id_hash"  # int64: a hash of the id, the same in every process and partitioning
+
+
+def _with_refs(part: pd.DataFrame, partition_info: dict[str, Any] | None = None) -> pd.DataFrame:
+    number = partition_info["number"] if partition_info else 0
+    return part.assign(**{
+        REF: (np.int64(number) << np.int64(32)) + np.arange(len(part), dtype=np.int64),
+        ID_HASH: pd.util.hash_pandas_object(part["id"], index=False).to_numpy().view(np.int64),
+    })
+
+
+def with_refs(live: Any) -> Any:
+    """`live` with `_ref` (an int64 naming the row) and `_id_hash`. Band rows, candidate pairs
+    and component labels carry the 8-byte ref instead of the id string: measured at 100,000 rows
+    (tools/bench/global_passes.py) the string ids were most of the bytes shuffled and of the
+    time spent sorting buckets. A ref depends on how `live` is partitioned, so nothing decided
+    depends on its value: buckets over the cap are ordered by `_id_hash` (then the ref, for the
+    equal hashes of equal ids), components are sets, and `keep_best` ranks by the ids
+    themselves. `live` must be one expression read consistently (each use recomputes it)."""
+    meta = live._meta.assign(**{REF: np.zeros(0, dtype=np.int64), ID_HASH: np.zeros(0, dtype=np.int64)})
+    return live.map_partitions(_with_refs, meta=meta)
+
+
+def _melt_bands(df: pd.DataFrame, bands: list[str], order: str | None, key: str = "id") -> pd.DataFrame:
+    """One row per (row, band) with a non-null key: band (its index), key, order, id (the
+    row's `key` column)."""
     pieces = []
     for i, column in enumerate(bands):
         keys = df[column]
@@ -130,8 +159,8 @@ def _melt_bands(df: pd.DataFrame, bands: list[str], order: str | None) -> pd.Dat
         pieces.append(pd.DataFrame({
             "band": np.full(int(present.sum()), i, dtype=np.int32),
             "key": keys[present].astype(np.int64).to_numpy(),
-            "order": (df[order] if order else df["id"])[present].to_numpy(),
-            "id": df["id"][present].to_numpy(),
+            "order": (df[order] if order else df[key])[present].to_numpy(),
+            "id": df[key][present].to_numpy(),
         }))
     return pd.concat(pieces, ignore_index=True)
 
@@ -169,10 +198,12 @@ def band_pairs(
     order: str | None = None,
     max_bucket: int = DEFAULT_MAX_BUCKET,
     window: int = DEFAULT_WINDOW,
+    key: str = "id",
 ) -> Any:
     """Candidate pairs: rows of `live` (a dask dataframe with `id` and the integer `bands`
     columns) that share a non-null value in the same band column. Returns a dask dataframe
-    `[id_a, id_b]` with `id_a < id_b`, each pair once.
+    `[id_a, id_b]` with `id_a < id_b`, each pair once; `key` names the column the pairs are
+    made of (`id`, or `_ref` from `with_refs`).
 
     A bucket of more than `max_bucket` rows is sorted by (`order`, id) (by id alone when `order`
     is None) and each row is paired with its next `window` rows only (see the module docstring):
@@ -183,15 +214,15 @@ def band_pairs(
     if max_bucket < 2 or window < 1:
         raise ValueError(f"need max_bucket >= 2 and window >= 1, got {max_bucket}, {window}")
     n = max(1, live.npartitions)
-    columns = list(dict.fromkeys(["id", *bands, *([order] if order else [])]))
-    id_dtype = live.dtypes["id"]
+    columns = list(dict.fromkeys([key, *bands, *([order] if order else [])]))
+    id_dtype = live.dtypes[key]
     meta = pd.DataFrame({
         "band": pd.Series(dtype=np.int32),
         "key": pd.Series(dtype=np.int64),
         "order": pd.Series(dtype=live.dtypes[order] if order else id_dtype),
         "id": pd.Series(dtype=id_dtype),
     })
-    long = live[columns].map_partitions(_melt_bands, bands, order, meta=meta)
+    long = live[columns].map_partitions(_melt_bands, bands, order, key, meta=meta)
     long = long.shuffle(on=["band", "key"], npartitions=n)
     pair_meta = pd.DataFrame({"id_a": pd.Series(dtype=id_dtype), "id_b": pd.Series(dtype=id_dtype)})
     pairs = long.map_partitions(_bucket_pairs, max_bucket, window, meta=pair_meta)
@@ -212,15 +243,15 @@ def _accepted(df: pd.DataFrame, columns: list[str], accept: Accept) -> pd.DataFr
     return df.loc[keep, ["id_a", "id_b"]]
 
 
-def verify_pairs(live: Any, pairs: Any, columns: list[str], accept: Accept) -> Any:
+def verify_pairs(live: Any, pairs: Any, columns: list[str], accept: Accept, key: str = "id") -> Any:
     """The candidate `pairs` (`[id_a, id_b]`) that `accept` confirms, judged on `columns` of
-    `live` (joined onto both ends by id; rows missing from `live` drop the pair). Returns
+    `live` (joined onto both ends by `key`; rows missing from `live` drop the pair). Returns
     `[id_a, id_b]`, a subset of `pairs`."""
     n = max(1, pairs.npartitions)
-    features = live[["id", *columns]]
+    features = live[[key, *columns]]
     both = pairs
     for end in ("a", "b"):
-        renamed = features.rename(columns={"id": f"id_{end}", **{c: f"{c}_{end}" for c in columns}})
+        renamed = features.rename(columns={key: f"id_{end}", **{c: f"{c}_{end}" for c in columns}})
         both = both.merge(renamed, on=f"id_{end}", how="inner", npartitions=n)
     return both.map_partitions(_accepted, columns, accept, meta=pairs._meta)
 
@@ -319,14 +350,19 @@ def _drop_all_but_best(members: pd.DataFrame, score_column: str | None, detail: 
     })
 
 
-def keep_best(live: Any, groups: Any, score_column: str | None, detail: str) -> Any:
-    """The drop decisions of near-dedup groups: in each group of `groups` (`[id, group]`), all
-    but the best row by the keep rule (highest `score_column`, nulls and NaN last, then smallest
-    id), with code `duplicate` and `detail` (where `{kept}` becomes the kept id). `live` supplies
-    `_partition` and the score. Returns the GlobalStage decision columns."""
+def keep_best(live: Any, groups: Any, score_column: str | None, detail: str, key: str = "id") -> Any:
+    """The drop decisions of near-dedup groups: in each group of `groups` (`[id, group]`, `id`
+    holding `live`'s `key` column), all but the best row by the keep rule (highest
+    `score_column`, nulls and NaN last, then smallest id), with code `duplicate` and `detail`
+    (where `{kept}` becomes the kept id). `live` supplies the id, `_partition` and the score.
+    Returns the GlobalStage decision columns."""
     n = max(1, groups.npartitions)
-    wanted = ["id", "_partition", *([score_column] if score_column else [])]
-    members = groups.merge(live[wanted], on="id", how="inner", npartitions=n)
+    wanted = list(dict.fromkeys([key, "id", "_partition", *([score_column] if score_column else [])]))
+    if key != "id":
+        groups = groups.rename(columns={"id": key})
+    members = groups.merge(live[wanted], on=key, how="inner", npartitions=n)
+    if key != "id":
+        members = members.drop(columns=[key])
     members = members.shuffle(on="group", npartitions=n)
     text = live.dtypes["id"]  # the text dtype: object on pandas 2, str on pandas 3
     meta = pd.DataFrame({
@@ -359,9 +395,12 @@ def near_duplicate_decisions(
     """Band, verify, group and keep one: the decisions of a near-dedup GlobalStage over `live`
     (which holds `id`, `_partition`, the `bands`, the `columns` that `accept` reads and the
     optional `score_column`). When `stats` is a dict, it receives `candidate_pairs`,
-    `verified_pairs`, `grouped_rows` and `groups`, counted on the cluster."""
-    candidates = band_pairs(live, bands, order=order, max_bucket=max_bucket, window=window).persist()
-    edges = verify_pairs(live, candidates, columns, accept).persist()
+    `verified_pairs`, `grouped_rows` and `groups`, counted on the cluster. Rows travel as refs
+    (`with_refs`)."""
+    live = with_refs(live)
+    candidates = band_pairs(live, bands, order=order or ID_HASH, max_bucket=max_bucket, window=window,
+                            key=REF).persist()
+    edges = verify_pairs(live, candidates, columns, accept, key=REF).persist()
     groups = components(edges)
     if stats is not None:
         import dask  # ~0.1 s of import, paid where a global pass runs: the stages import this module
@@ -370,4 +409,4 @@ def near_duplicate_decisions(
             candidates.shape[0], edges.shape[0], groups.shape[0], groups["group"].nunique(),
         )
         stats.update(zip(("candidate_pairs", "verified_pairs", "grouped_rows", "groups"), map(int, counts)))
-    return keep_best(live, groups, score_column, detail)
+    return keep_best(live, groups, score_column, detail, key=REF)

@@ -217,23 +217,15 @@ def finished(job: Job, step: str, p: int) -> dict | None:
     return valid_marker(job.storage, job.marker(step, p), job, job.partitions[p].fingerprint)
 
 
-def commit(job: Job, step: str, p: int, **content: Any) -> dict[str, Any]:
-    """Write a task's done marker, last: from now on readers trust its outputs. On an object
-    store the first marker stands: a twin attempt that finishes later returns it, and its own
-    attempt objects stay unnamed (swept at the end of the run)."""
-    if job.storage.remote:
-        earlier = finished(job, step, p)
-        if earlier is not None:
-            return earlier
-    marker = {
-        "step": step,
-        "partition": p,
-        "recipe_hash": job.recipe_hash,
-        "fingerprint": job.partitions[p].fingerprint,
-        **content,
-    }
-    job.storage.write_marker(job.marker(step, p), marker)
-    return marker
+def commit(job: Job, step: str, p: int, attempt: tuple[Path, Path] | None = None,
+           **content: Any) -> dict[str, Any]:
+    """Publish the task's `attempt` (its file, the final name) and write its done marker, last:
+    from now on readers trust its outputs. The first marker stands (`Storage.commit`): a twin
+    attempt, which the network may have fed otherwise, returns it and drops its own file, so a
+    marker's counts are always those of the file it names."""
+    marker = {"step": step, "partition": p, "recipe_hash": job.recipe_hash,
+              "fingerprint": job.partitions[p].fingerprint, **content}
+    return job.storage.commit(job.marker(step, p), marker, lambda: finished(job, step, p), attempt, job.out)
 
 
 # A global stage's decision on one row: (stage, reason, detail, segments). `segments` None drops
@@ -346,6 +338,8 @@ def run_segment(job: Job, seg: int, p: int) -> dict[str, Any]:
     rows = 0
     drops: Counter[str] = Counter()
     times = StageTimes()
+    for stage in stages:  # per-partition facts (download's per-domain DNS) start at zero
+        stage.begin_partition()
     with storage.open_write(tmp) as fh, pq.ParquetWriter(fh, schema, compression="zstd") as writer:
         for table in _segment_input(job, seg, p):
             for stage in stages:
@@ -360,9 +354,10 @@ def run_segment(job: Job, seg: int, p: int) -> dict[str, Any]:
             ):
                 if reason:
                     drops[f"{stage_name}/{reason}"] += 1
-    data = storage.publish(tmp, final)
-    return commit(job, f"seg{seg}", p, rows=rows, dropped=dict(sorted(drops.items())),
-                  data=relative(data, job.out), stages=times.totals)
+    for stage in stages:  # into its marker entry (manifest.stage_times merges them)
+        times.totals.get(stage.name, {}).update(stage.partition_summary())
+    return commit(job, f"seg{seg}", p, (tmp, final), rows=rows, dropped=dict(sorted(drops.items())),
+                  stages=times.totals)
 
 
 def final_rows(job: Job, p: int, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
@@ -405,8 +400,10 @@ def run_plan(job: Job, p: int) -> dict[str, Any]:
     in order, from the small columns only. The driver cuts its kind's shards from them
     (`cut_shards`)."""
     done = finished(job, "plan", p)
-    if done is not None and "footprints" in done:  # (a marker of the per-partition cut: plan again)
-        return done
+    if done is not None:
+        if "footprints" in done:
+            return done
+        job.storage.remove(job.marker("plan", p))  # a marker of the per-partition cut: plan again
     kind = job.kinds[p]
     schema = read_schema(job.seg_file(len(job.segments) - 1, p))
     columns = [n for n in schema.names if n not in HEAVY_COLUMNS]

@@ -34,7 +34,9 @@ from pydantic import Field
 from curate.contract import conform
 from curate.documents import record_text, table_kind, words
 from curate.stages.base import STAGE_ERROR, Drop, GlobalStage, RowStage, StageConfig, register
-from curate.engine.near_groups import DEFAULT_MAX_BUCKET, DEFAULT_WINDOW, band_pairs, components, keep_best
+from curate.engine.near_groups import (
+    DEFAULT_MAX_BUCKET, DEFAULT_WINDOW, ID_HASH, REF, band_pairs, components, keep_best, with_refs,
+)
 
 MERSENNE = np.uint64((1 << 61) - 1)
 _SHIFT61 = np.uint64(61)
@@ -246,13 +248,13 @@ class MinhashDedupConfig(StageConfig):
 
 
 def _explode_bands(part: pd.DataFrame) -> pd.DataFrame:
-    """`[id, _band]`: one row per (row, band key). The keys are band-salted (step 6), so one
-    band column serves every band."""
+    """`[_ref, _id_hash, _band]`: one row per (row, band key). The keys are band-salted (step 6),
+    so one band column serves every band."""
     keys = part[COLUMN].to_numpy()
     lengths = np.fromiter((len(k) for k in keys), dtype=np.int64, count=len(keys))
     flat = np.concatenate([np.asarray(k, dtype=np.int64) for k in keys]) if len(keys) else np.zeros(0, np.int64)
-    ids = pd.Series(np.repeat(part["id"].to_numpy(), lengths), dtype=part["id"].dtype)
-    return pd.DataFrame({"id": ids, "_band": flat})
+    return pd.DataFrame({REF: np.repeat(part[REF].to_numpy(), lengths),
+                         ID_HASH: np.repeat(part[ID_HASH].to_numpy(), lengths), "_band": flat})
 
 
 @register
@@ -277,17 +279,20 @@ class MinhashDedup(GlobalStage):
         import dask  # imported where a global pass runs (~0.15 s): importing the stages stays light
 
         cfg = self.config
-        live = live[live[COLUMN].notnull()]
-        meta = pd.DataFrame({"id": pd.Series(dtype=live.dtypes["id"]), "_band": pd.Series(dtype=np.int64)})
-        long = live[["id", COLUMN]].map_partitions(_explode_bands, meta=meta)
-        candidates = band_pairs(long, ["_band"], max_bucket=cfg.max_bucket, window=cfg.window).persist()
+        live = with_refs(live[live[COLUMN].notnull()])  # refs, not ids, move through the shuffles
+        meta = pd.DataFrame({REF: pd.Series(dtype=np.int64), ID_HASH: pd.Series(dtype=np.int64),
+                             "_band": pd.Series(dtype=np.int64)})
+        long = live[[REF, ID_HASH, COLUMN]].map_partitions(_explode_bands, meta=meta)
+        candidates = band_pairs(long, ["_band"], order=ID_HASH, max_bucket=cfg.max_bucket, window=cfg.window,
+                                key=REF).persist()
         rounds: dict[str, int] = {}
         groups = components(candidates, stats=rounds)
         counts = dask.compute(candidates.shape[0], groups.shape[0], groups["group"].nunique())
         pairs, grouped, n_groups = map(int, counts)
         self.last_summary = {"candidate_pairs": pairs, "grouped_rows": grouped, "groups": n_groups,
                              "duplicates": grouped - n_groups, **rounds}
-        return keep_best(live, groups, cfg.score_column, "near duplicate of {kept} (MinHash-LSH: a band shared)")
+        return keep_best(live, groups, cfg.score_column, "near duplicate of {kept} (MinHash-LSH: a band shared)",
+                         key=REF)
 
     def summary(self) -> dict[str, Any]:
         return dict(self.last_summary)

@@ -37,6 +37,7 @@ from pydantic import Field
 
 from curate.documents import load_segments, paragraphs
 from curate.stages.base import Drop, GlobalStage, RowStage, StageConfig, register
+from curate.stages.exact_dedup import SHUFFLE_GROUP, shuffle_partitions
 from curate.contract import DUPLICATE
 
 HASH_COLUMN = "paragraph_hashes"
@@ -136,27 +137,48 @@ def occurrences_meta(live: Any) -> pd.DataFrame:
     })
 
 
+def _repeats(part: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Every occurrence but the first of each hash in one shuffled partition (every hash's
+    occurrences are in it): [id, _partition, segment, note]."""
+    ranked = part.sort_values(["hash", "id", "segment"], kind="stable", ignore_index=True)
+    hashes = ranked["hash"].to_numpy()
+    first = np.ones(len(ranked), dtype=bool)
+    first[1:] = hashes[1:] != hashes[:-1]
+    ids = ranked["id"].to_numpy(dtype=object)
+    kept = ids[np.flatnonzero(first)[np.cumsum(first) - 1]]
+    out = ranked.loc[~first, ["id", "_partition", "segment"]]
+    return out.assign(note=pd.Series([f"{what} first seen in {k}" for k in kept[~first]], index=out.index,
+                                     dtype=object))
+
+
+def _frequent(part: pd.DataFrame, what: str, max_occurrences: int) -> pd.DataFrame:
+    """Every occurrence of a hash found more than `max_occurrences` times, in one shuffled
+    partition: [id, _partition, segment, note]."""
+    counts = part.groupby("hash")["hash"].transform("size")
+    out = part.loc[counts > max_occurrences, ["id", "_partition", "segment"]]
+    note = [f"{what} in {c} places (max_occurrences {max_occurrences})" for c in counts[counts > max_occurrences]]
+    return out.assign(note=pd.Series(note, index=out.index, dtype=object))
+
+
+def _by_hash(occurrences: Any, n: int, decide: Any, *args: Any) -> Any:
+    """`decide(partition, *args)` over `occurrences` shuffled on the hash: one shuffle, each
+    partition deciding its hashes alone (a group-by and two joins took four shuffles)."""
+    meta = occurrences._meta[["id", "_partition", "segment"]].assign(note=pd.Series(dtype=object))
+    # a few occurrences a row, ~30 bytes each: one output per SHUFFLE_GROUP inputs (exact_dedup says why)
+    return occurrences.shuffle(on="hash", npartitions=shuffle_partitions(n, SHUFFLE_GROUP)).map_partitions(
+        decide, *args, meta=meta)
+
+
 def repeats_of_first(occurrences: Any, what: str, n: int) -> Any:
     """Every occurrence but the first of each hash (smallest id, then earliest segment), with a
     note naming the document that keeps it: [id, _partition, segment, note]."""
-    first_id = occurrences.groupby("hash")["id"].min(split_out=n).rename("kept_id").reset_index()
-    joined = occurrences.merge(first_id, on="hash", how="inner", npartitions=n)
-    in_first = joined[joined["id"] == joined["kept_id"]]
-    first_seg = in_first.groupby("hash")["segment"].min(split_out=n).rename("kept_segment").reset_index()
-    joined = joined.merge(first_seg, on="hash", how="inner", npartitions=n)
-    repeats = joined[(joined["id"] != joined["kept_id"]) | (joined["segment"] != joined["kept_segment"])]
-    return repeats.assign(note=f"{what} first seen in " + repeats["kept_id"].astype(str))[
-        ["id", "_partition", "segment", "note"]]
+    return _by_hash(occurrences, n, _repeats, what)
 
 
 def frequent(occurrences: Any, what: str, max_occurrences: int, n: int) -> Any:
     """Every occurrence of a hash found more than `max_occurrences` times: [id, _partition,
     segment, note]."""
-    counts = occurrences.groupby("hash")["id"].count(split_out=n).rename("count").reset_index()
-    counts = counts[counts["count"] > max_occurrences]
-    joined = occurrences.merge(counts, on="hash", how="inner", npartitions=n)
-    note = f"{what} in " + joined["count"].astype(str) + f" places (max_occurrences {max_occurrences})"
-    return joined.assign(note=note)[["id", "_partition", "segment", "note"]]
+    return _by_hash(occurrences, n, _frequent, what, max_occurrences)
 
 
 def segment_decisions(removed: Any, live: Any) -> Any:
