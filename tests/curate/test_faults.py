@@ -202,7 +202,7 @@ def test_twin_attempts_fed_differently_leave_a_marker_that_counts_its_file(flaky
 
 
 def test_workers_killed_during_a_p2p_global_pass_leave_the_same_decisions(tmp_path):
-    """url_dedup (the runner's `decide_global`, its p2p shuffle) over 30,000 rows with planted
+    """url_dedup (the runner's `decide_global`, its p2p shuffle) over 12,000 rows with planted
     duplicates on a `dask scheduler` + `dask worker --nworkers 2` of their own; a worker process
     is SIGKILLed twice while the pass runs (the nanny starts another). The pass ends, within a
     bound only a hang reaches, with exactly the planted duplicates dropped. (The task shuffle was
@@ -210,7 +210,7 @@ def test_workers_killed_during_a_p2p_global_pass_leave_the_same_decisions(tmp_pa
     from tools.bench.global_passes import BenchCluster, check, make_inputs, stage_config  # (the bench's cluster)
     from curate.engine.driver import decide_global, live_schema, read_live
 
-    made = make_inputs("url_dedup", 30_000, 3_000, str(tmp_path / "in"), 0.1, 8)
+    made = make_inputs("url_dedup", 12_000, 1_500, str(tmp_path / "in"), 0.1, 8)
     stage = stage_config("url_dedup", tmp_path / "in")
     files = [Path(f) for f in made["files"]]
     cluster = BenchCluster(2, tmp_path)
@@ -237,5 +237,5 @@ def test_workers_killed_during_a_p2p_global_pass_leave_the_same_decisions(tmp_pa
         killer.join(WAIT)
         cluster.close()
     assert len(kills) == 2
-    outcome = check("url_dedup", made["expect"], decisions, 30_000, {})
+    outcome = check("url_dedup", made["expect"], decisions, 12_000, {})
     assert outcome["ok"] and dropped == made["expect"]["dropped"], outcome

@@ -4,12 +4,13 @@ workers of their own and checks its outcome, and the JSON carries what BENCHMARK
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from tools.bench.global_passes import PASSES, main, make_inputs, planted_keys
+from tools.bench.global_passes import PASSES, machine, main, make_inputs, partitions_run, planted_keys, run_pass
 
 
 def test_planted_keys_copy_originals_only():
@@ -30,16 +31,20 @@ def test_every_stage_gets_inputs_with_its_columns(tmp_path):
 
 
 def test_a_pass_and_a_whole_run_report_their_numbers(tmp_path, capsys):
-    out = tmp_path / "gp.json"
-    assert main(["--rows", "4000", "--rows-per-partition", "1000", "--stages", "paragraph_dedup",
-                 "--json", str(out), "--tmp", str(tmp_path / "work")]) == 0
-    assert main(["--partitions-run", "4x50", "--json", str(out), "--tmp", str(tmp_path / "work")]) == 0
-    report = json.loads(out.read_text())
-    assert [p["stage"] for p in report["passes"]] == ["paragraph_dedup"]
-    for p in report["passes"]:
-        assert p["ok"] and p["rows"] == 4000 and p["partitions"] == 4 and p["tasks"] > 4
-        assert p["peak_worker_rss_mib"] > 50 and p["driver_peak_rss_mib"] > 50 and p["scheduler_peak_rss_mib"] > 50
-    run = report["partitions_runs"][0]
+    """run_pass and partitions_run in this process (main() runs each in a spawned driver of its
+    own: the same functions, a few seconds of imports more), then the JSON main() writes and
+    the markdown tables BENCHMARKS.md quotes."""
+    args = argparse.Namespace(rows_per_partition=1000, duplicates=0.1, dim=8, workers=2, keep=False,
+                              shuffle="p2p")
+    p = run_pass("paragraph_dedup", 4000, args, tmp_path)
+    assert p["ok"] and p["rows"] == 4000 and p["partitions"] == 4 and p["tasks"] > 4
+    assert p["peak_worker_rss_mib"] > 50 and p["driver_peak_rss_mib"] > 50 and p["scheduler_peak_rss_mib"] > 50
+    run = partitions_run(4, 50, args, tmp_path)
     assert run["ok"] and run["partitions"] == 4 and run["inputs"] == 200 and run["manifest_bytes"] > 0
+    report = {"machine": machine(), "passes": [p], "partitions_runs": [run]}
+    out = tmp_path / "gp.json"
+    out.write_text(json.dumps(report))
+    assert main(["--table", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "`paragraph_dedup`" in table and "all checked" in table and "4 partitions x 50 rows" in table
     assert report["machine"]["cores"] >= 1
-    assert "paragraph_dedup" in capsys.readouterr().out
