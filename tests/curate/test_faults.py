@@ -203,8 +203,9 @@ def test_twin_attempts_fed_differently_leave_a_marker_that_counts_its_file(flaky
 
 def test_workers_killed_during_a_p2p_global_pass_leave_the_same_decisions(tmp_path):
     """url_dedup (the runner's `decide_global`, its p2p shuffle) over 12,000 rows with planted
-    duplicates on a `dask scheduler` + `dask worker --nworkers 2` of their own; a worker process
-    is SIGKILLed twice while the pass runs (the nanny starts another). The pass ends, within a
+    duplicates on a `dask scheduler` + `dask worker --nworkers 2` of their own; both worker processes
+    are SIGKILLed while the pass runs (their nannies start others; killing them together, not
+    one after the other, keeps the pass from ending before the second kill). The pass ends, within a
     bound only a hang reaches, with exactly the planted duplicates dropped. (The task shuffle was
     used until p2p was measured: BENCHMARKS.md, global passes.)"""
     from tools.bench.global_passes import BenchCluster, check, make_inputs, stage_config  # (the bench's cluster)
@@ -217,16 +218,14 @@ def test_workers_killed_during_a_p2p_global_pass_leave_the_same_decisions(tmp_pa
     kills: list[int] = []
     stop = threading.Event()
 
-    def kill_twice() -> None:  # a worker that holds tasks of the pass, twice
-        while len(kills) < 2 and not stop.wait(0.2):
-            busy = [w for w, keys in cluster.client.processing().items() if keys]
-            if busy:
-                pid = cluster.client.run(os.getpid, workers=busy[:1]).popitem()[1]
-                os.kill(pid, signal.SIGKILL)
-                kills.append(pid)
-                stop.wait(0.5)
+    def kill_both() -> None:  # once a worker holds tasks of the pass, both worker processes at once
+        while not kills and not stop.wait(0.1):
+            if any(keys for keys in cluster.client.processing().values()):
+                for pid in cluster.client.run(os.getpid).values():
+                    os.kill(pid, signal.SIGKILL)
+                    kills.append(pid)
 
-    killer = threading.Thread(target=kill_twice, daemon=True)
+    killer = threading.Thread(target=kill_both, daemon=True)
     try:
         killer.start()
         # (pytest-timeout's 600 s ends a hang; the pass takes a few seconds)
