@@ -50,7 +50,7 @@ from typing import Any, Literal
 import ahocorasick
 import numpy as np
 import pandas as pd
-from dask import compute, delayed
+from dask import compute, delayed, persist
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from curate.stages.base import GlobalStage, StageConfig, register
@@ -61,6 +61,8 @@ NO_LANGUAGE = "no_metadata_language"
 OTHER = "other"  # the top-level list's name in the summary and the details
 HEAD_ENTRIES = 20  # entries listed in the summary's head
 DETAIL_ENTRIES = 3  # entries named in a balanced_out detail
+COUNT_GROUP = 16  # partitions counted by one task (decide)
+PARTITION = "_partition"  # the runner's partition column (curate.engine.driver)
 
 # MetaCLIP's spacing of a text: these get a space each side, these become a space
 _WRAPPED = ",.;:?!`"
@@ -260,93 +262,105 @@ class MetaclipBalance(GlobalStage):
         lists = self.lists()
         width = sum(len(m.entries) for m in lists)
         where = {m.name: (m.path, m.offset) for m in lists}
-        meta = live._meta[["id", "_partition"]].assign(_entries=pd.Series([], dtype=object),
-                                                         _hash=pd.Series([], dtype=np.uint64))
-        matched = live.map_partitions(_match_partition, where, cfg.text_column, cfg.padding, cfg.seed,
-                                      meta=meta).persist()
-        counts = _tree_sum([delayed(_count_partition)(d, width) for d in matched.to_delayed()], width)
+        # Each partition's matches are found once and held on the workers for the three passes
+        # over them, as flat arrays (`Matches`: ~13 B a row + 4 an entry matched), not a frame
+        # with the ids and an array object a row (~250 B a row: a worker's memory grew 2.7x
+        # from 1M to 4M rows; tools/bench/global_passes.py). The drops re-read the ids.
+        matched = [delayed(_match_partition)(part, where, cfg.text_column, cfg.padding, cfg.seed)
+                   for part in live[[c for c in live.columns if c != PARTITION]].to_delayed()]
+        matched = list(persist(*matched))
+        # Counted by tasks of COUNT_GROUP partitions' matches each: a count vector is the lists'
+        # width (4 MB for 500,000 entries) where a partition's matches are ~200 KB, so one vector
+        # a partition made memory and the bytes between workers grow with the partitions.
+        groups = [matched[i:i + COUNT_GROUP] for i in range(0, len(matched), COUNT_GROUP)] or [[]]
+        counts = compute(_tree_sum([delayed(_count_group)(g, width) for g in groups]))[0][:width]
         probability = np.concatenate([
             np.minimum(1.0, m.t / np.maximum(counts[m.offset:m.offset + len(m.entries)], 1)) for m in lists])
         # one graph key each, not a copy of a 500,000-entry vector in every task
         p, c = (delayed(x, pure=True) for x in (probability, counts))
-        kept = _tree_sum([delayed(_count_partition)(d, width, p) for d in matched.to_delayed()], width)
-        self.last_summary = balance_summary(lists, counts, kept, *_row_totals(matched, p))
-        empty = live._meta[["id", "_partition"]].assign(drop_reason="", drop_detail="")
+        kept = compute(_tree_sum([delayed(_count_group)(g, width, p) for g in groups]))[0]
+        self.last_summary = balance_summary(lists, counts, kept[:width], *map(int, kept[width:]))
+        empty = live._meta[["id", PARTITION]].assign(drop_reason="", drop_detail="")
         # the entries' names for the details: read on the workers (their matchers read the same files)
         named = [(m.name if cfg.languages else "", m.path, m.offset, len(m.entries)) for m in lists]
-        return matched.map_partitions(_drops, p, c, named, meta=empty)
+        drops = [delayed(_drops)(part, m, p, c, named)
+                 for part, m in zip(live[["id", PARTITION]].to_delayed(), matched)]
+        import dask.dataframe as dd  # (where a global pass runs: workers importing the stages don't need it)
+
+        return dd.from_delayed(drops, meta=empty, verify_meta=False)
 
     def summary(self) -> dict[str, Any]:
         return dict(self.last_summary)
 
 
+@dataclass(frozen=True)
+class Matches:
+    """One partition's matches, flat: row i matched `entries[offsets[i]:offsets[i + 1]]` (indices
+    in the stage's count vector); `listed[i]` is false when its language has no list (worldwide
+    without a default list); `hashes` are its id's hashes (the draws')."""
+
+    hashes: np.ndarray  # uint64, one a row
+    offsets: np.ndarray  # int64, rows + 1
+    entries: np.ndarray  # int32
+    listed: np.ndarray  # bool, one a row
+
+    def flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row position, entry) of every match."""
+        rows = np.repeat(np.arange(len(self.hashes)), np.diff(self.offsets))
+        return rows, self.entries.astype(np.int64)
+
+    def selected(self, probability: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, entries, kept per row): which rows some matched entry selects."""
+        rows, entries = self.flat()
+        chosen = draws(self.hashes[rows], entries) < probability[entries]
+        kept = np.bincount(rows[chosen], minlength=len(self.hashes)) > 0
+        return rows, entries, kept
+
+
 def _match_partition(part: pd.DataFrame, where: dict[str, tuple[str, int]], text_column: str,
-                     padding: str, seed: int) -> pd.DataFrame:
-    """Each row's matched entries (indices in the stage's count vector, int32), or None when its
-    language has no list (worldwide without a default list), and its id's hash (the draws')."""
-    languages = part["language"] if "language" in part.columns else None
-    found: list[np.ndarray | None] = []
+                     padding: str, seed: int) -> Matches:
+    """Each row's matched entries (the `Matches` of a partition)."""
+    languages = part["language"].tolist() if "language" in part.columns else None
+    found: list[np.ndarray] = []
+    listed = np.ones(len(part), dtype=bool)
     for i, text in enumerate(part[text_column].tolist()):
         lang = OTHER
-        if languages is not None and languages.iloc[i] in where:
-            lang = languages.iloc[i]
+        if languages is not None and languages[i] in where:
+            lang = languages[i]
         if lang not in where:
-            found.append(None)
+            listed[i] = False
             continue
         path, offset = where[lang]
         hits = match(matcher(path, padding), text if isinstance(text, str) else "")
         found.append(np.asarray(hits, dtype=np.int32) + np.int32(offset))
-    return part[["id", "_partition"]].assign(_entries=pd.Series(found, index=part.index, dtype=object),
-                                             _hash=id_hashes(part["id"].tolist(), seed))
+    lengths = np.zeros(len(part), dtype=np.int64)
+    lengths[listed] = [len(f) for f in found]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    entries = np.concatenate(found) if found else np.zeros(0, np.int32)
+    return Matches(id_hashes(part["id"].tolist(), seed), offsets, entries.astype(np.int32), listed)
 
 
-def _flat(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(row position, entry) of every match in a partition."""
-    lists = [e if e is not None else np.zeros(0, np.int32) for e in part["_entries"].tolist()]
-    lengths = np.fromiter((len(e) for e in lists), dtype=np.int64, count=len(lists))
-    rows = np.repeat(np.arange(len(lists)), lengths)
-    entries = np.concatenate(lists) if lists else np.zeros(0, np.int32)
-    return rows, entries.astype(np.int64)
+def _count_group(group: list[Matches], width: int, probability: np.ndarray | None = None) -> np.ndarray:
+    """Matches per entry in some partitions (with `probability`, only those of the rows kept),
+    then three totals: rows, rows matching some entry, rows kept (0 without `probability`)."""
+    out = np.zeros(width + 3, dtype=np.int64)
+    for m in group:
+        if probability is None:
+            out[:width] += np.bincount(m.entries, minlength=width)
+            kept = np.zeros(0, dtype=bool)
+        else:
+            rows, entries, kept = m.selected(probability)
+            out[:width] += np.bincount(entries[kept[rows]], minlength=width)
+        out[width:] += (len(m.hashes), int((np.diff(m.offsets) > 0).sum()), int(kept.sum()))
+    return out
 
 
-def _selected(part: pd.DataFrame, probability: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows, entries, kept per row): which rows some matched entry selects."""
-    rows, entries = _flat(part)
-    hashes = part["_hash"].to_numpy(dtype=np.uint64)
-    chosen = draws(hashes[rows], entries) < probability[entries]
-    kept = np.bincount(rows[chosen], minlength=len(part)) > 0
-    return rows, entries, kept
-
-
-def _count_partition(part: pd.DataFrame, width: int, probability: np.ndarray | None = None) -> np.ndarray:
-    """Matches per entry in a partition; with `probability`, only those of the rows kept."""
-    if probability is None:
-        _, entries = _flat(part)
-        return np.bincount(entries, minlength=width).astype(np.int64)
-    rows, entries, kept = _selected(part, probability)
-    return np.bincount(entries[kept[rows]], minlength=width).astype(np.int64)
-
-
-def _tree_sum(parts: list[Any], width: int) -> np.ndarray:
-    """The sum of per-partition count vectors, added pairwise on the cluster."""
+def _tree_sum(parts: list[Any]) -> Any:
+    """The sum of vectors, added pairwise on the cluster (a delayed)."""
     while len(parts) > 1:
         parts = [delayed(np.add)(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i]
                  for i in range(0, len(parts), 2)]
-    return compute(parts[0])[0] if parts else np.zeros(width, np.int64)
-
-
-def _row_totals(matched: Any, probability: Any) -> tuple[int, int, int]:
-    """(rows, rows matching some entry, rows kept) over the pool, counted on the cluster."""
-
-    def totals(part: pd.DataFrame, probability: np.ndarray) -> pd.DataFrame:
-        _, _, kept = _selected(part, probability)
-        some = [e is not None and len(e) > 0 for e in part["_entries"].tolist()]
-        return pd.DataFrame({"rows": [len(part)], "matched": [int(sum(some))], "kept": [int(kept.sum())]})
-
-    meta = pd.DataFrame({"rows": pd.Series([], dtype="int64"), "matched": pd.Series([], dtype="int64"),
-                         "kept": pd.Series([], dtype="int64")})
-    sums = matched.map_partitions(totals, probability, meta=meta).sum().compute()
-    return int(sums["rows"]), int(sums["matched"]), int(sums["kept"])
+    return parts[0]
 
 
 def _label(named: list[tuple[str, str, int, int]], entry: int) -> str:
@@ -363,33 +377,30 @@ def _entries(path: str, mtime: float) -> tuple[str, ...]:
     return tuple(read_metadata(path))
 
 
-def _drops(part: pd.DataFrame, probability: np.ndarray, counts: np.ndarray,
+def _drops(part: pd.DataFrame, m: Matches, probability: np.ndarray, counts: np.ndarray,
            named: list[tuple[str, str, int, int]]) -> pd.DataFrame:
-    rows, entries, kept = _selected(part, probability)
+    """The drops of one partition (`part`: its ids and partitions, in the order matched)."""
+    if len(part) != len(m.hashes):  # the two reads of one partition must agree
+        raise RuntimeError(f"metaclip_balance: a partition read {len(part)} rows, matched {len(m.hashes)}")
+    _, _, kept = m.selected(probability)
+    dropped = np.flatnonzero(~kept)
     reasons, details = [], []
-    ids, out_ids, out_parts = part["id"].tolist(), [], []
-    partitions = part["_partition"].tolist()
-    by_row: dict[int, list[int]] = {}
-    for r, e in zip(rows.tolist(), entries.tolist()):
-        by_row.setdefault(r, []).append(e)
-    for r, found in enumerate(part["_entries"].tolist()):
-        if kept[r]:
-            continue
-        if found is None:
+    offsets, entries = m.offsets, m.entries
+    for r in dropped.tolist():
+        found = entries[offsets[r]:offsets[r + 1]].tolist()
+        if not m.listed[r]:
             reason, detail = NO_LANGUAGE, "no metadata list for the pair's language and no default list"
-        elif len(found) == 0:
+        elif not found:
             reason, detail = NO_MATCH, "the alt-text matches no metadata entry"
         else:
-            top = sorted(by_row[r], key=lambda e: (-counts[e], e))[:DETAIL_ENTRIES]
+            top = sorted(found, key=lambda e: (-counts[e], e))[:DETAIL_ENTRIES]
             names = ", ".join(f"{_label(named, e)!r} ({int(counts[e]):,} pairs, p {probability[e]:.3g})" for e in top)
-            more = len(by_row[r]) - len(top)
+            more = len(found) - len(top)
             reason, detail = BALANCED_OUT, f"no entry selected it: {names}" + (f" and {more} more" if more else "")
-        out_ids.append(ids[r])
-        out_parts.append(partitions[r])
         reasons.append(reason)
         details.append(detail)
-    out = pd.DataFrame({"id": out_ids, "_partition": out_parts, "drop_reason": reasons, "drop_detail": details})
-    return out.astype({"id": part["id"].dtype, "_partition": part["_partition"].dtype})
+    out = part[["id", PARTITION]].iloc[dropped].reset_index(drop=True)
+    return out.assign(drop_reason=pd.Series(reasons, dtype=object), drop_detail=pd.Series(details, dtype=object))
 
 
 # ---------------------------------------------------------------------------------------------
