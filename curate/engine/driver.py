@@ -21,6 +21,7 @@ shards; the recipe hash and the input fingerprint guard against resuming a diffe
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,14 +49,14 @@ from curate.engine.steps import (
     WORK,
     Job,
     ResumeError,
+    plan_kept,
     run_pack,
-    run_plan,
     run_segment,
     split_segments,
     valid_marker,
 )
 
-__all__ = ["ResumeError", "plan_job", "prepare_output", "run_global", "run_plans", "run_recipe", "run_segments"]
+__all__ = ["PlanFootprints", "ResumeError", "plan_job", "prepare_output", "run_global", "run_plans", "run_recipe", "run_segments"]
 
 
 def plan_job(recipe: Recipe, out: Path | None = None) -> Job:
@@ -382,18 +383,57 @@ def segment_rows(job: Job, parts: list[int]) -> dict[int, int]:
     return {p: m["rows"] for p, m in zip(parts, markers)}
 
 
-def run_plans(client: Any, job: Job, parts: list[int], progress: bool) -> dict[int, list[int]]:
-    """The footprints of each partition's kept rows (`run_plan`), for `cut_shards`."""
+class PlanFootprints(Mapping[int, list[int]]):
+    """Each planned partition's kept rows' footprints, read back from its plan marker when
+    `cut_shards` reaches it, PLAN_BATCH markers at a time; `kept[p]`: the counts. The driver
+    holds one batch, not every kept row of the run (a Python int a row: ~36 GB at a billion)."""
+
+    def __init__(self, job: Job, kept: dict[int, int]):
+        self.job, self.kept = job, kept
+        self._order = sorted(kept, key=lambda p: (job.kinds[p], p))  # as cut_shards asks: kind by kind
+        self._place = {p: i for i, p in enumerate(self._order)}
+        self._batch: dict[int, list[int]] = {}
+
+    def __getitem__(self, p: int) -> list[int]:
+        if p not in self.kept:
+            raise KeyError(p)
+        if p not in self._batch:
+            i = self._place[p]
+            parts = self._order[i:i + PLAN_BATCH]
+            markers = self.job.storage.read_markers([self.job.marker("plan", q) for q in parts])
+            self._batch = {}
+            for q, marker in zip(parts, markers):
+                if marker is None or len(marker.get("footprints", ())) != self.kept[q]:
+                    raise ResumeError(f"{self.job.marker('plan', q)}: the plan marker is missing or changed "
+                                      "during the run")
+                self._batch[q] = marker["footprints"]
+        return self._batch[p]
+
+    def __contains__(self, p: object) -> bool:
+        return p in self.kept
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.kept)
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+
+PLAN_BATCH = 256  # plan markers read at once by PlanFootprints (concurrent GETs on an object store)
+
+
+def run_plans(client: Any, job: Job, parts: list[int], progress: bool) -> PlanFootprints:
+    """Plans each partition (`run_plan`: its kept rows' footprints, in its marker) and returns
+    the footprints for `cut_shards`, read back from the markers as it goes."""
     rows = segment_rows(job, parts)
 
     def tally(call: tuple, result: dict[str, Any]) -> tuple[int, int, int]:
-        kept = len(result["footprints"])
-        return rows[call[1]], kept, rows[call[1]] - kept
+        return rows[call[1]], result["kept"], rows[call[1]] - result["kept"]
 
     step = Step("retry plan" if job.round else "plan", tally, sum(rows.values()))
-    plans = run_tasks(client, run_plan, [(job, p) for p in parts], step, progress,
+    plans = run_tasks(client, plan_kept, [(job, p) for p in parts], step, progress,
                       retries=job.recipe.execution.task_retries)
-    return {p: plan["footprints"] for p, plan in zip(parts, plans)}
+    return PlanFootprints(job, {p: plan["kept"] for p, plan in zip(parts, plans)})
 
 
 def _pack_tally(call: tuple, result: dict[str, Any]) -> tuple[int, int, int]:
@@ -414,7 +454,8 @@ def _execute(job: Job, client: Any, progress: bool) -> dict[str, Any]:
         return write_manifest(job, packs, globals_)
     parts = list(range(n))
     globals_ = run_segments(client, job, parts, progress, run_global)
-    cuts = cut_shards(job.kinds, run_plans(client, job, parts, progress), job.recipe.output)
+    plans = run_plans(client, job, parts, progress)
+    cuts = cut_shards(job.kinds, plans, job.recipe.output, kept=plans.kept)
     step = Step("pack", _pack_tally, sum(segment_rows(job, parts).values()))
     packs = run_tasks(client, run_pack, [(job, p, cuts[p]) for p in parts], step, progress,
                       retries=job.recipe.execution.task_retries)

@@ -143,13 +143,16 @@ class Cut:
     then: tuple[int, ...] = ()
 
 
-def cut_shards(kinds: Sequence[str], footprints: Mapping[int, list[int]], out: OutputConfig,
-               after: Mapping[str, int] | None = None) -> dict[int, Cut]:
+def cut_shards(kinds: Sequence[str], footprints: Mapping[int, Sequence[int]], out: OutputConfig,
+               after: Mapping[str, int] | None = None, kept: Mapping[int, int] | None = None) -> dict[int, Cut]:
     """Each partition's `Cut` from the footprints of its kept rows (`kinds[p]`: partition p's
     kind): every kind's kept rows over the partitions in `footprints`, in partition order, cut
     by the output's caps, its shards numbered from `after[kind]` (a retry round: after the kind's
     last shard; the run starts at 0). Pure: the same footprints give the same cuts, so a resumed
-    run packs the same shards."""
+    run packs the same shards. With `kept` (each partition's count of footprints), each
+    partition's footprints are asked for once, in partition order (`driver.PlanFootprints` reads
+    them from the plan markers as they are reached)."""
+    sizes = kept if kept is not None else {p: len(f) for p, f in footprints.items()}
     cuts: dict[int, Cut] = {}
     for kind in sorted({kinds[p] for p in footprints}):
         parts = [p for p in sorted(footprints) if kinds[p] == kind]
@@ -158,7 +161,7 @@ def cut_shards(kinds: Sequence[str], footprints: Mapping[int, list[int]], out: O
         first = (after or {}).get(kind, 0)
         offset = 0
         for i, p in enumerate(parts):
-            n = len(footprints[p])
+            n = sizes[p]
             if not n:
                 cuts[p] = Cut()
                 continue
@@ -168,9 +171,9 @@ def cut_shards(kinds: Sequence[str], footprints: Mapping[int, list[int]], out: O
             for q in parts[i + 1:]:
                 if filled >= end:
                     break
-                if footprints[q]:
+                if sizes[q]:
                     then.append(q)
-                    filled += len(footprints[q])
+                    filled += sizes[q]
             cuts[p] = Cut(tuple((first + s, counts[s]) for s in range(s0, s1 + 1)), offset - starts[s0],
                           tuple(then) if starts[s1] >= offset else ())
             offset += n

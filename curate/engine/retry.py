@@ -72,6 +72,7 @@ from curate.engine.driver import (
     rows_removed,
     run_plans,
     run_segments,
+    shuffle_method,
 )
 from curate.engine.manifest import LEDGER_NAME, RETRY_COUNTS, ledger_by_partition, write_manifest
 from curate.engine.pack import Cut, LedgerRows, cut_shards
@@ -235,8 +236,8 @@ def retry_global(job: Job, seg: int, state: dict[str, str], parts: list[int]) ->
     done = storage.read_marker(marker_path)
     if done is not None:
         return done
-    # the task-based shuffle for every join here too (see curate.engine.driver.decide_global)
-    with dask.config.set({"dataframe.shuffle.method": "tasks"}), GlobalPassClock() as clock:
+    # the run's shuffle for every join here too: p2p on a cluster (curate.engine.driver.decide_global)
+    with dask.config.set({"dataframe.shuffle.method": shuffle_method()}), GlobalPassClock() as clock:
         marker = _retry_global(job, seg, state, parts)
     # its time and the rows that reached it this round, as the run's pass records them (the
     # round's `stages` in the manifest)
@@ -385,7 +386,7 @@ def retry_failed(recipe: Recipe, *, progress: bool = True, client: Any = None) -
         cuts = cut_shards(job.kinds, plans, recipe.output, after={
             kind: max((s["shard"] for s in entry["shards"]), default=-1) + 1
             for kind, entry in manifest["kinds"].items()
-        })
+        }, kept=plans.kept)
         calls = [(job, p, cuts.get(p, Cut()), partial(amend_ledger, source=ledgers[p]), p in plans)
                  for p in touched]
         packs = run_tasks(client, run_pack, calls, "retry pack", progress, retries=retries)

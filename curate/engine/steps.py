@@ -411,6 +411,13 @@ def run_plan(job: Job, p: int) -> dict[str, Any]:
     return commit(job, "plan", p, footprints=footprints)
 
 
+def plan_kept(job: Job, p: int) -> dict[str, int]:
+    """`run_plan` as the driver's task: its result is the kept rows' count; the footprints stay in
+    the marker, where the driver reads them back a batch of partitions at a time
+    (`driver.PlanFootprints`): gathering every partition's list held the whole run's on the driver."""
+    return {"kept": len(run_plan(job, p)["footprints"])}
+
+
 def pack_rows(job: Job, p: int, cut: Cut, shards: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """The ledger rows of partition p's final rows, in order, each kept one keyed by its place
     in `cut`. The shards p starts are written on the way (their last samples read from the

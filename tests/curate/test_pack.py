@@ -186,3 +186,22 @@ def test_cut_shards_fills_shards_across_partitions():
     tight = OutputConfig(path="unused", shard_max_samples=4, shard_max_bytes=1024)
     assert cut_shards(kinds, {0: [600, 600], 1: [300, 2000]}, tight) == {
         0: Cut(((0, 1), (1, 2)), 0, (1,)), 1: Cut(((1, 2), (2, 1)), 1, ())}
+
+
+def test_cut_shards_with_counts_asks_each_partition_once_in_order():
+    """With `kept` (the counts), `cut_shards` asks for each partition's footprints once, kind by
+    kind in partition order, and cuts as from the lists: the driver reads them back from the plan
+    markers a batch at a time (`driver.PlanFootprints`) instead of holding every kept row's."""
+    kinds = ["pair", "text", "pair", "pair", "text", "pair"]
+    footprints = {0: [1] * 7, 1: [1] * 3, 2: [1] * 2, 3: [], 4: [1] * 6, 5: [1] * 5}
+    asked: list[int] = []
+
+    class Recorded(dict):
+        def __getitem__(self, p):
+            asked.append(p)
+            return dict.__getitem__(self, p)
+
+    out = OutputConfig(path="unused", shard_max_samples=4)
+    cuts = cut_shards(kinds, Recorded(footprints), out, kept={p: len(f) for p, f in footprints.items()})
+    assert cuts == cut_shards(kinds, footprints, out)
+    assert asked == [0, 2, 3, 5, 1, 4]

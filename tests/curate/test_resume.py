@@ -392,7 +392,12 @@ def test_changed_input_refuses_to_resume(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_after_segment0_resumes_with_other_workers_and_batch_size(reference, tmp_path):
+def test_interrupted_after_segment0_resumes_with_other_workers_and_batch_size(reference, tmp_path, monkeypatch):
+    """(The plan markers are also read back two at a time here, `driver.PLAN_BATCH`: the shards
+    are still the reference's.)"""
+    import curate.engine.driver as driver
+
+    monkeypatch.setattr(driver, "PLAN_BATCH", 2)
     out = tmp_path / "curated"
     job = plan_job(_recipe(reference.data(out)))  # batch_size 4, like the reference
     prepare_output(job, restart=False)

@@ -62,7 +62,8 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from dask.distributed import Client
+from dask.distributed import Client, get_task_stream
+from dask.utils import key_split
 
 import curate.stages  # noqa: F401 - registers every stage
 from curate.engine import driver
@@ -310,6 +311,7 @@ class Peaks:
     def __init__(self, pids: dict[str, int], every: float = 0.05):
         self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
         self.peak = {name: 0 for name in pids}
+        self.when = {name: 0.0 for name in pids}  # time.time() of each peak
         self.every = every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -318,7 +320,9 @@ class Peaks:
         while not self._stop.is_set():
             for name, proc in self.procs.items():
                 try:
-                    self.peak[name] = max(self.peak[name], proc.memory_info().rss)
+                    rss = proc.memory_info().rss
+                    if rss > self.peak[name]:
+                        self.peak[name], self.when[name] = rss, time.time()
                 except psutil.Error:  # a worker restarted (a task retried): sampled again below
                     pass
             self._stop.wait(self.every)
@@ -330,6 +334,28 @@ class Peaks:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def peak_tasks(stream: list[dict[str, Any]], pids: dict[str, int], peaks: Peaks, around: float = 1.0) -> list[list[str]]:
+    """For each worker (as `worker_rss_mib` lists them), the task prefixes it computed within
+    `around` seconds of its peak RSS, most time first: where a pass's memory goes. (A p2p
+    shuffle's transfers and unpacking run outside tasks: `shuffle-transfer` and the tasks after
+    `shuffle-barrier` name them.)"""
+    out = []
+    for name, proc in sorted(((n, p) for n, p in peaks.procs.items() if n.startswith("worker")),
+                            key=lambda x: x[0]):
+        address = next((a for a, q in pids.items() if q == proc.pid), None)
+        t, busy = peaks.when[name], {}
+        for task in stream:
+            if task.get("worker") != address:
+                continue
+            for ss in task.get("startstops", ()):
+                overlap = min(ss["stop"], t + around) - max(ss["start"], t - around)
+                if ss.get("action") == "compute" and overlap > 0:
+                    prefix = key_split(task["key"])
+                    busy[prefix] = busy.get(prefix, 0.0) + overlap
+        out.append([p for p, _ in sorted(busy.items(), key=lambda x: -x[1])])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,13 +407,14 @@ def run_pass(stage_name: str, rows: int, args: argparse.Namespace, tmp: Path) ->
         pids = {f"worker{i}": pid for i, pid in enumerate(cluster.worker_pids)}
         pids.update(driver=os.getpid(), scheduler=cluster.scheduler_pid)
         sent0 = cluster.bytes_sent()
-        with cluster.client.as_current(), Peaks(pids) as peaks:
+        with cluster.client.as_current(), Peaks(pids) as peaks, get_task_stream(cluster.client) as stream:
             t0 = time.perf_counter()
             live = read_live(files, stage.columns, [made["kind"]] * len(files))
             dropped, decisions, inputs = decide_global(stage, live, folder / "decisions", folder / "global-input",
                                                        live_schema(files, stage.columns))
             seconds = time.perf_counter() - t0
         tasks, sent, digests = cluster.tasks_done(), cluster.bytes_sent() - sent0, cluster.byte_digests()
+        at_peak = peak_tasks(stream.data, cluster.client.run(os.getpid), peaks)
     finally:
         t0 = time.perf_counter()
         cluster.close()
@@ -402,7 +429,7 @@ def run_pass(stage_name: str, rows: int, args: argparse.Namespace, tmp: Path) ->
         "peak_worker_rss_mib": max(v for k, v in mib.items() if k.startswith("worker")),
         "worker_rss_mib": [v for k, v in mib.items() if k.startswith("worker")],
         "driver_peak_rss_mib": mib["driver"], "scheduler_peak_rss_mib": mib["scheduler"],
-        "tasks": tasks, "bytes_between_workers": sent, "worker_byte_digests": digests, "inputs_made_s": round(made_s, 1),
+        "tasks": tasks, "worker_peak_tasks": at_peak, "bytes_between_workers": sent, "worker_byte_digests": digests, "inputs_made_s": round(made_s, 1),
         "cluster_close_s": round(close_s, 1), **outcome,
     }
     if not args.keep:
