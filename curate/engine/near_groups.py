@@ -56,6 +56,7 @@ Accept = Callable[[pd.DataFrame, pd.DataFrame], np.ndarray]
 
 DEFAULT_MAX_BUCKET = 256  # rows in one bucket before it is windowed: at most ~32k pairs a bucket
 DEFAULT_WINDOW = 16  # pairs per row in a bucket over the cap
+GROUP_SHUFFLE = 10  # live partitions per output of keep_best's shuffle on the group
 EDGES_PER_PARTITION = 2_000_000  # in the connected-components rounds: small columns, ~100 MB
 
 
@@ -356,11 +357,17 @@ def keep_best(live: Any, groups: Any, score_column: str | None, detail: str, key
     `score_column`, nulls and NaN last, then smallest id), with code `duplicate` and `detail`
     (where `{kept}` becomes the kept id). `live` supplies the id, `_partition` and the score.
     Returns the GlobalStage decision columns."""
-    n = max(1, groups.npartitions)
     wanted = list(dict.fromkeys([key, "id", "_partition", *([score_column] if score_column else [])]))
     if key != "id":
         groups = groups.rename(columns={"id": key})
-    members = groups.merge(live[wanted], on=key, how="inner", npartitions=n)
+    # A hash join, both sides shuffled into one output per GROUP_SHUFFLE partitions of `live`.
+    # Not a broadcast: dask broadcasts a frame of few partitions (the components' output often
+    # has one) to every partition of `live`, time and memory growing with rows x partitions
+    # (near_dedup read 5.1 GB at 4M rows for 0.35 at 1M; tools/bench/global_passes.py), and a
+    # one-partition side always turns the join into that broadcast: hence the split in two.
+    n = max(1, live.npartitions // GROUP_SHUFFLE)
+    groups = groups.repartition(npartitions=max(2, groups.npartitions))
+    members = groups.merge(live[wanted], on=key, how="inner", npartitions=n, broadcast=False)
     if key != "id":
         members = members.drop(columns=[key])
     members = members.shuffle(on="group", npartitions=n)

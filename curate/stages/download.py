@@ -101,6 +101,25 @@ def sniff_image_format(data: bytes) -> str:
     return "unknown"
 
 
+def binary_array(values: list[bytes | None], dtype: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    """`pa.array(values, dtype)` for a batch of image bodies, each copied once into one buffer of
+    the exact size: pa.array grows its buffer by doubling as it goes (copying what it holds each
+    time), about half the CPU of this stage's own thread on the download bench's 250 KiB images."""
+    sizes = np.fromiter((0 if v is None else len(v) for v in values), np.int64, len(values))
+    offsets = np.zeros(len(values) + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    if dtype != pa.binary() or offsets[-1] > np.iinfo(np.int32).max:  # over 2 GiB: pa.array chunks it
+        return pa.array(values, dtype)
+    data = pa.allocate_buffer(int(offsets[-1]))
+    view = np.frombuffer(data, np.uint8)
+    for value, start, end in zip(values, offsets[:-1].tolist(), offsets[1:].tolist()):
+        if value is not None:
+            view[start:end] = memoryview(value)
+    valid = np.fromiter((v is not None for v in values), bool, len(values))
+    return pa.Array.from_buffers(dtype, len(values), [pa.py_buffer(np.packbits(valid, bitorder="little")),
+                                                      pa.py_buffer(offsets.astype(np.int32)), data])
+
+
 @register
 class DownloadStage(RowStage):
     """Fetches each pair's image (and each document's images) over HTTP(S): a total deadline and
@@ -333,9 +352,8 @@ class DownloadStage(RowStage):
             table = table.set_column(i, table.schema.field(i), pa.array(values, table.schema.field(i).type))
         if bodies:
             i = table.schema.get_field_index("image")
-            mask = np.zeros(table.num_rows, dtype=bool)
-            mask[fetched_rows] = True
-            image = pc.replace_with_mask(table.column(i).combine_chunks(), pa.array(mask),
-                                         pa.array(bodies, table.schema.field(i).type))
-            table = table.set_column(i, table.schema.field(i), image)
+            images = table.column(i).to_pylist()  # all None unless rows came with their bytes
+            for row, body in zip(fetched_rows, bodies):
+                images[row] = body
+            table = table.set_column(i, table.schema.field(i), binary_array(images, table.schema.field(i).type))
         return table
