@@ -258,3 +258,22 @@ def test_keep_best_prefers_the_highest_score_then_the_smallest_id():
         "e": "dup of d!",  # no scores: the smallest id
         "f": "dup of g!",  # any score beats none, even 0.0
     }
+
+
+def test_keep_best_never_broadcasts_the_groups_to_every_partition():
+    """The components' output often has one partition; dask turns a join with a one-partition
+    frame into a copy of it for every partition of the other side (rows x partitions: near_dedup
+    read 5.1 GB at 4M rows for 0.35 GB at 1M). keep_best's join is a hash join whatever the
+    groups' partitions, and still decides right."""
+    from dask.dataframe.dask_expr._merge import BlockwiseMerge
+
+    live = pd.DataFrame({"id": [f"r{i:03d}" for i in range(200)], "_partition": np.arange(200) // 10,
+                         "s": np.linspace(0, 1, 200)})
+    groups = pd.DataFrame({"id": ["r001", "r002", "r150"], "group": ["r001", "r001", "r150"]})
+    decided = keep_best(dd.from_pandas(live, npartitions=20), dd.from_pandas(groups, npartitions=1), "s",
+                        "dup of {kept}")
+    merges = [e for e in decided.expr.lower_completely().walk() if isinstance(e, BlockwiseMerge)]
+    # partition i with partition i of two shuffled sides, not one partition with every other
+    assert merges and all(m.left.npartitions == m.right.npartitions for m in merges)
+    got = decided.compute()
+    assert dict(zip(got["id"], got["drop_detail"])) == {"r001": "dup of r002"}  # r150: a group of one
