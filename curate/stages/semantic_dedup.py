@@ -23,6 +23,14 @@ a trap: with 8-bit bands 6% of ALL pairs are candidates (quadratic). For a lower
 lower `bits_per_band` (at 0.9 these defaults find only 76% of the pairs; 16 bits x 64 bands find
 99%), and for a corpus whose images sit close together (real CLIP embeddings of a narrow domain)
 raise it: chance candidates grow with (1 - angle/pi) ** bits_per_band.
+Chance candidates also grow with the rows: n rows make about n * bands / 2 ** (bits_per_band + 1)
+a row, quadratic in all (at 4M rows the defaults made 10M chance candidates for 0.4M true pairs,
+and the pass took 1.5x the per-row time of 1M: tools/bench/global_passes.py). With `scale: true`
+(the default) the pass counts the rows that reach it and picks the `bits_per_band` whose
+measured work a row (band keys, and chance candidates to verify) is least, with the `bands`
+that miss a pair at `threshold` no more often than the configured bands and bits do
+(`scaled_bands`: the defaults up to ~1M rows, 28 x 100 at 4M, 33 x 172 at 100M): LSH's
+n ** (1 + rho) instead of n ** 2. The bands and bits used are in the stage's summary.
 Each candidate pair is then verified exactly: cosine of the two (normalised) embeddings
 >= `threshold`. Groups are the connected components of the verified pairs.
 
@@ -39,6 +47,7 @@ part. With random weights (tests, demo) the embeddings mean nothing: the mechani
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import numpy as np
@@ -65,6 +74,33 @@ def simhash_bands(vectors: np.ndarray, bands: int, bits: int, seed: int) -> np.n
     signs = (vectors.astype(np.float32) @ planes.T) >= 0  # (n, bands * bits)
     weights = (1 << np.arange(bits, dtype=np.int64))
     return (signs.reshape(n, bands, bits).astype(np.int64) * weights).sum(axis=2)
+
+
+# What a chance candidate costs against a band key of a row, measured (global-passes bench,
+# 64-d, 1M and 4M rows: ~1.2 us a band key a row, ~34 us a candidate a row, verification included)
+CANDIDATE_COST = 27
+MAX_SCALED_BANDS = 512
+
+
+def scaled_bands(rows: int, bands: int, bits: int, threshold: float) -> tuple[int, int]:
+    """(bands, bits_per_band) for `rows` rows: the bits (never fewer than given) whose work per
+    row, band keys + CANDIDATE_COST x chance candidates (unrelated embeddings: a plane agrees half
+    the time, n * bands / 2 ** (bits + 1) a row), is least, each with the bands that miss a pair
+    at cosine `threshold` at most as often as the given bands and bits do. At most
+    MAX_SCALED_BANDS bands and 62 bits."""
+    agree = 1 - math.acos(min(1.0, threshold)) / math.pi  # one plane, a pair at the threshold
+    miss = (1 - agree ** bits) ** bands
+
+    def cost(b: int, k: int) -> float:
+        return b + CANDIDATE_COST * rows * b / 2 ** (k + 1)
+
+    while bits < 62 and rows * bands / 2 ** (bits + 1) >= 0.01:  # (below: nothing left to gain)
+        found = agree ** (bits + 1)
+        need = bands if found >= 1 or miss <= 0 else max(bands, math.ceil(math.log(miss) / math.log1p(-found)))
+        if need > MAX_SCALED_BANDS or cost(need, bits + 1) >= cost(bands, bits):
+            break
+        bands, bits = need, bits + 1
+    return bands, bits
 
 
 def _stack(column: pd.Series) -> np.ndarray:
@@ -102,6 +138,10 @@ class SemanticDedup(GlobalStage):
         bands: int = Field(80, ge=1, le=256)
         bits_per_band: int = Field(26, ge=1, le=62)
         seed: int = 0
+        # raise bits_per_band and bands (never below the given) where the rows reaching the pass
+        # would make chance candidates grow quadratically, keeping the recall at `threshold`;
+        # the manifest's summary of the stage has the values used
+        scale: bool = Field(True, json_schema_extra={"added_later": True})
         # the image segments of docs too (their embeddings from clip_score's `_per_image` column)
         docs: bool = Field(False, json_schema_extra={"added_later": True})
         # with docs: False groups pairs with pairs and a doc's images with docs' images (each
@@ -128,21 +168,25 @@ class SemanticDedup(GlobalStage):
 
     def decide(self, live: Any) -> Any:
         cfg = self.config
-        band_names = [f"_band{b}" for b in range(cfg.bands)]
         items_meta = image_items(live._meta, cfg.embedding_column, cfg.score_column, PER_IMAGE)
         docs = live
         live = live.map_partitions(image_items, cfg.embedding_column, cfg.score_column, PER_IMAGE, meta=items_meta)
+        bands, bits = cfg.bands, cfg.bits_per_band
+        if cfg.scale:
+            rows = int(live.map_partitions(len).sum().compute())
+            bands, bits = scaled_bands(rows, bands, bits, cfg.threshold)
+        band_names = [f"_band{b}" for b in range(bands)]
 
         def with_bands(part: pd.DataFrame) -> pd.DataFrame:
-            keys = (simhash_bands(_stack(part[cfg.embedding_column]), cfg.bands, cfg.bits_per_band, cfg.seed)
-                    if len(part) else np.empty((0, cfg.bands), dtype=np.int64))
+            keys = (simhash_bands(_stack(part[cfg.embedding_column]), bands, bits, cfg.seed)
+                    if len(part) else np.empty((0, bands), dtype=np.int64))
             if not cfg.across_kinds:  # a doc image's keys apart from every pair's: bit 62 (keys use <= 62 bits)
                 keys = keys | (part["_segment"].to_numpy() >= 0).astype(np.int64)[:, None] << np.int64(62)
             return part.assign(**{name: keys[:, b] for b, name in enumerate(band_names)})
 
         meta = live._meta.assign(**{name: np.int64(0) for name in band_names})
         banded = live.map_partitions(with_bands, meta=meta)
-        self._stats: dict[str, int] = {}
+        self._stats: dict[str, int] = {"bands": bands, "bits_per_band": bits}
         drops = near_duplicate_decisions(
             banded,
             bands=band_names,

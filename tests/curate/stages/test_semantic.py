@@ -13,7 +13,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from curate.stages.base import build_stage
-from curate.stages.semantic_dedup import SemanticDedup, simhash_bands
+from curate.stages.semantic_dedup import SemanticDedup, scaled_bands, simhash_bands
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -129,3 +129,22 @@ def test_embedding_decontamination_drops_what_matches_the_eval_set(tmp_path):
             "output": {"path": str(tmp_path / "o")}}
     with pytest.raises(RecipeError, match="holds no images"):
         parse_recipe(data, "<test>")
+
+
+def test_scaled_bands_keep_chance_candidates_linear_and_recall_at_the_threshold():
+    """`scale`: up to ~1M rows the configured 80 x 26 stand; beyond, more bits (fewer chance
+    candidates a row) with more bands, so that a pair at the threshold is missed no more often
+    than 80 x 26 miss it; the candidates a row stay bounded instead of growing with the rows."""
+    import math
+
+    def miss(bands, bits, cosine=0.95):
+        return (1 - (1 - math.acos(cosine) / math.pi) ** bits) ** bands
+
+    assert scaled_bands(10_000, 80, 26, 0.95) == (80, 26) == scaled_bands(1_000_000, 80, 26, 0.95)
+    chance = []
+    for rows in (4_000_000, 100_000_000, 1_000_000_000):
+        bands, bits = scaled_bands(rows, 80, 26, 0.95)
+        assert bits > 26 and bands > 80 and miss(bands, bits) <= miss(80, 26)
+        chance.append(rows * bands / 2 ** (bits + 1))
+    assert max(chance) < 2.0 < 4_000_000 * 80 / 2 ** 27  # unscaled: 2.4 a row at 4M, 600 at 1B
+    assert scaled_bands(4_000_000, 80, 26, 1.0)[0] == 80  # identical embeddings: bits alone
