@@ -396,9 +396,8 @@ def unfetched_images(row: dict[str, Any]) -> None:
 
 
 def run_plan(job: Job, p: int) -> dict[str, Any]:
-    """Per-partition task: the footprint (bytes in a tar) of each of this partition's kept rows,
-    in order, from the small columns only. The driver cuts its kind's shards from them
-    (`cut_shards`)."""
+    """The footprint (bytes in a tar) of each of partition p's kept rows, in order, from the small
+    columns only, in its marker: the driver cuts its kind's shards from them (`cut_shards`)."""
     done = finished(job, "plan", p)
     if done is not None:
         if "footprints" in done:
@@ -412,9 +411,7 @@ def run_plan(job: Job, p: int) -> dict[str, Any]:
 
 
 def plan_kept(job: Job, p: int) -> dict[str, int]:
-    """`run_plan` as the driver's task: its result is the kept rows' count; the footprints stay in
-    the marker, where the driver reads them back a batch of partitions at a time
-    (`driver.PlanFootprints`): gathering every partition's list held the whole run's on the driver."""
+    """`run_plan` as the driver's task: only the count comes back (`driver.PlanFootprints`)."""
     return {"kept": len(run_plan(job, p)["footprints"])}
 
 
