@@ -263,7 +263,7 @@ class MetaclipBalance(GlobalStage):
         width = sum(len(m.entries) for m in lists)
         where = {m.name: (m.path, m.offset) for m in lists}
         # Each partition's matches are found once and held on the workers for the three passes
-        # over them, as flat arrays (`Matches`: ~13 B a row + 4 an entry matched), not a frame
+        # over them, as flat arrays (`Matches`: ~17 B a row + 4 an entry matched), not a frame
         # with the ids and an array object a row (~250 B a row: a worker's memory grew 2.7x
         # from 1M to 4M rows; tools/bench/global_passes.py). The drops re-read the ids.
         matched = [delayed(_match_partition)(part, where, cfg.text_column, cfg.padding, cfg.seed)
