@@ -86,7 +86,7 @@ COMMON_FIELDS: list[pa.Field] = [
 IMAGE_FIELDS: list[pa.Field] = [
     pa.field("image", pa.binary()),  # encoded bytes (JPEG/PNG/WebP); never decoded in bulk
     pa.field("image_format", pa.string()),  # file extension in the tar: jpg, png, webp
-    pa.field("image_sha256", pa.string()),  # always the hash of `image` as it is now
+    pa.field("image_sha256", pa.string()),  # the hash of `image` as it is now (wherever a stage reads it)
     pa.field("image_nbytes", pa.int64()),
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import dask
-import dask.dataframe as dd
 from dask.distributed import default_client
 import pandas as pd
 import pyarrow as pa
@@ -196,6 +195,8 @@ def read_live(files: list[Path], columns: list[str], kinds: list[str] | None = N
     partition): what a global stage decides over. `kinds`: each file's record kind, for a stage
     over several: a kind's files may lack some of `columns` (a pair has no `segments`), which are
     read as nulls, typed as where another kind has them (one footer read per kind)."""
+    import dask.dataframe as dd  # ~0.9 s of import: a run with no global stage never pays it
+
     wanted = ["id", PARTITION_COLUMN, "drop_reason", *columns]
     by_kind: dict[str, list[Path]] = {}
     for f, kind in zip(files, kinds or [""] * len(files)):

@@ -338,9 +338,11 @@ def run_segment(job: Job, seg: int, p: int) -> dict[str, Any]:
     rows = 0
     drops: Counter[str] = Counter()
     times = StageTimes()
-    for stage in stages:  # per-partition facts (download's per-domain DNS) start at zero
+    for stage, after in zip(stages, [*stages[1:], None]):  # per-partition facts start at zero
         stage.begin_partition()
-    with storage.open_write(tmp) as fh, pq.ParquetWriter(fh, schema, compression="zstd") as writer:
+        stage.followed_by(after)
+    codecs = {n: "NONE" if n in ("image", "images") else "ZSTD" for n in schema.names}  # images don't compress
+    with storage.open_write(tmp) as fh, pq.ParquetWriter(fh, schema, compression=codecs) as writer:
         for table in _segment_input(job, seg, p):
             for stage in stages:
                 table = times.run(stage.name, stage.process, table)
@@ -403,10 +405,8 @@ def run_plan(job: Job, p: int) -> dict[str, Any]:
         if "footprints" in done:
             return done
         job.storage.remove(job.marker("plan", p))  # a marker of the per-partition cut: plan again
-    kind = job.kinds[p]
-    schema = read_schema(job.seg_file(len(job.segments) - 1, p))
-    columns = [n for n in schema.names if n not in HEAVY_COLUMNS]
-    footprints = [row_footprint(kind, row) for row in final_rows(job, p, columns) if not row.get("drop_reason")]
+    columns = [n for n in read_schema(job.seg_file(len(job.segments) - 1, p)).names if n not in HEAVY_COLUMNS]
+    footprints = [row_footprint(job.kinds[p], row) for row in final_rows(job, p, columns) if not row.get("drop_reason")]
     return commit(job, "plan", p, footprints=footprints)
 
 

@@ -73,6 +73,9 @@ class Stage:
     Config: ClassVar[type[StageConfig]]
     kinds: ClassVar[tuple[str, ...]] = ("pair",)  # record kinds it applies to
     output_columns: ClassVar[dict[str, pa.DataType]] = {}
+    # Sets `image_sha256` of every pair it keeps from the bytes it keeps (the image stage): a
+    # digest the stage just before it computed would be thrown away unread.
+    rewrites_image_digest: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig):
         self.config = config
@@ -112,6 +115,11 @@ class Stage:
     def partition_summary(self) -> dict[str, Any]:
         """This partition's facts, for its segment marker; {}: none."""
         return {}
+
+    def followed_by(self, stage: Stage | None) -> None:
+        """Which stage runs next on this stage's batches in a segment task (None: the segment's
+        rows are written next), told before each partition (download skips a digest the next
+        stage rewrites). Default: nothing."""
 
     @staticmethod
     def merge_summaries(measured: list[dict[str, Any]]) -> dict[str, Any]:

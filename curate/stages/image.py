@@ -432,6 +432,7 @@ class ImageStage(RowStage):
     name = "image"
     kinds = ("pair", "doc")
     per_image = True  # on docs: each image, a failure removes its segment
+    rewrites_image_digest = True  # process_row: of the bytes it keeps; drops the rest
     Config = ImageConfig
 
     def process_row(self, row: dict[str, Any]) -> Drop | None:

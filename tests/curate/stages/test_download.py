@@ -71,6 +71,27 @@ def test_fetches_and_fills_image_columns(site):
     assert out[8]["drop_reason"] == "caption_too_short" and out[8]["image"] is None  # never fetched
 
 
+def test_the_digest_is_left_to_an_image_stage_that_runs_next(site):
+    """Followed by the image stage (which digests the bytes it keeps), a pair's as-fetched digest
+    is not computed; the image stage's is that of its output. Followed by anything else, or by
+    the segment's end, the download stage digests the body."""
+    from curate.stages.image import ImageStage
+
+    base, _ = site
+    stage, image = _stage(threads=2), ImageStage(ImageStage.Config(image_size=64))
+    rows = [{"url": f"{base}/img/astronaut.jpg", "caption": "a"}, {"url": f"{base}/img/page.jpg", "caption": "b"}]
+    stage.followed_by(image)
+    fetched = stage.process(_table(rows))
+    assert fetched.column("image_sha256").to_pylist() == [None, None]
+    out = image.process(fetched).to_pylist()
+    assert out[0]["drop_reason"] is None and out[0]["image_sha256"] == image_digest(out[0]["image"])
+    assert out[1]["drop_reason"] == "decode_error"
+    for after in (None, _stage()):
+        stage.followed_by(after)
+        out = stage.process(_table(rows)).to_pylist()
+        assert [r["image_sha256"] for r in out] == [image_digest(r["image"]) for r in out]
+
+
 def test_loopback_is_blocked_unless_allowed(site):
     base, _ = site
     out = _stage(allow_networks=[]).process(_table([{"url": f"{base}/img/astronaut.jpg"}])).to_pylist()
