@@ -14,7 +14,9 @@ Contracts shared by every step:
   shuffles; nothing is collected on the client except counts.
 
 Banding. Rows that share a value in the same band column are candidates (a self-join on
-(band, key), after a shuffle on it: never all pairs). A caller chooses band keys so that every
+(band, key), after a shuffle on it: never all pairs; (band, key) travels as one int64, `_bucket`,
+which can join two bands' keys by a 2^-64 chance: an extra candidate, never a lost one). A
+caller chooses band keys so that every
 pair it wants to find shares at least one of them (for Hamming distance, the keys of
 `hamming_band_masks` guarantee it). A bucket (rows with one band key) holding more than `max_bucket` rows is
 pathological (a blank image's hash, a degenerate embedding) and would give a quadratic number of
@@ -150,16 +152,33 @@ def with_refs(live: Any) -> Any:
     return live.map_partitions(_with_refs, meta=meta)
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _bucket(band: int, keys: np.ndarray) -> np.ndarray:
+    """One int64 naming (band, key): the key mixed (splitmix64's finaliser, a bijection) plus an
+    odd multiple of the golden ratio per band. Distinct keys of one band never share a bucket;
+    keys of two bands share one only when their mixes differ by exactly the bands' offsets (a
+    2^-64 chance a pair of keys), which adds a candidate pair that verification rejects. One
+    8-byte column instead of band (4) and key (8): measured, the band rows are most of the bytes
+    a near-dup pass shuffles (semantic_dedup at 4M rows: 100 bands)."""
+    with np.errstate(over="ignore"):
+        z = keys.astype(np.int64).view(np.uint64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = (z ^ (z >> np.uint64(31))) + np.uint64(2 * band + 1) * _GOLDEN
+    return z.view(np.int64)
+
+
 def _melt_bands(df: pd.DataFrame, bands: list[str], order: str | None, key: str = "id") -> pd.DataFrame:
-    """One row per (row, band) with a non-null key: band (its index), key, order, id (the
-    row's `key` column)."""
+    """One row per (row, band) with a non-null key: bucket (`_bucket` of the band and its key),
+    order, id (the row's `key` column)."""
     pieces = []
     for i, column in enumerate(bands):
         keys = df[column]
         present = keys.notna().to_numpy()
         pieces.append(pd.DataFrame({
-            "band": np.full(int(present.sum()), i, dtype=np.int32),
-            "key": keys[present].astype(np.int64).to_numpy(),
+            "bucket": _bucket(i, keys[present].astype(np.int64).to_numpy()),
             "order": (df[order] if order else df[key])[present].to_numpy(),
             "id": df[key][present].to_numpy(),
         }))
@@ -174,18 +193,18 @@ def _ordered(a: pd.Series, b: pd.Series) -> pd.DataFrame:
 
 def _bucket_pairs(long: pd.DataFrame, max_bucket: int, window: int) -> pd.DataFrame:
     """The pairs of one shuffled partition (every bucket in it is whole)."""
-    long = long.sort_values(["band", "key", "order", "id"], kind="stable", ignore_index=True)
-    size = long.groupby(["band", "key"], sort=False)["id"].transform("size").to_numpy()
+    long = long.sort_values(["bucket", "order", "id"], kind="stable", ignore_index=True)
+    size = long.groupby("bucket", sort=False)["id"].transform("size").to_numpy()
     pieces = []
-    small = long.loc[(size > 1) & (size <= max_bucket), ["band", "key", "id"]]
+    small = long.loc[(size > 1) & (size <= max_bucket), ["bucket", "id"]]
     if len(small):
-        joined = small.merge(small, on=["band", "key"], suffixes=("_a", "_b"))
+        joined = small.merge(small, on="bucket", suffixes=("_a", "_b"))
         pieces.append(joined.loc[joined["id_a"] < joined["id_b"], ["id_a", "id_b"]])
     big = long.loc[size > max_bucket].reset_index(drop=True)
     if len(big):
-        band, key, ids = big["band"].to_numpy(), big["key"].to_numpy(), big["id"]
+        bucket, ids = big["bucket"].to_numpy(), big["id"]
         for step in range(1, min(window, len(big) - 1) + 1):
-            same = (band[step:] == band[:-step]) & (key[step:] == key[:-step])
+            same = bucket[step:] == bucket[:-step]
             pieces.append(_ordered(ids[:-step][same], ids[step:][same]))
     if not pieces:
         return pd.DataFrame({"id_a": long["id"].iloc[:0], "id_b": long["id"].iloc[:0]})
@@ -202,7 +221,9 @@ def band_pairs(
     key: str = "id",
 ) -> Any:
     """Candidate pairs: rows of `live` (a dask dataframe with `id` and the integer `bands`
-    columns) that share a non-null value in the same band column. Returns a dask dataframe
+    columns) that share a non-null value in the same band column (with one band column, exactly
+    those; with several, by a 2^-64 chance also two keys of different bands: `_bucket`, so a
+    caller with several bands verifies its candidates). Returns a dask dataframe
     `[id_a, id_b]` with `id_a < id_b`, each pair once; `key` names the column the pairs are
     made of (`id`, or `_ref` from `with_refs`).
 
@@ -218,13 +239,12 @@ def band_pairs(
     columns = list(dict.fromkeys([key, *bands, *([order] if order else [])]))
     id_dtype = live.dtypes[key]
     meta = pd.DataFrame({
-        "band": pd.Series(dtype=np.int32),
-        "key": pd.Series(dtype=np.int64),
+        "bucket": pd.Series(dtype=np.int64),
         "order": pd.Series(dtype=live.dtypes[order] if order else id_dtype),
         "id": pd.Series(dtype=id_dtype),
     })
     long = live[columns].map_partitions(_melt_bands, bands, order, key, meta=meta)
-    long = long.shuffle(on=["band", "key"], npartitions=n)
+    long = long.shuffle(on="bucket", npartitions=n)
     pair_meta = pd.DataFrame({"id_a": pd.Series(dtype=id_dtype), "id_b": pd.Series(dtype=id_dtype)})
     pairs = long.map_partitions(_bucket_pairs, max_bucket, window, meta=pair_meta)
     return pairs.drop_duplicates(split_out=n)
@@ -397,15 +417,22 @@ def near_duplicate_decisions(
     order: str | None = None,
     max_bucket: int = DEFAULT_MAX_BUCKET,
     window: int = DEFAULT_WINDOW,
-    stats: dict[str, int] | None = None,
+    stats: dict[str, Any] | None = None,
+    add_bands: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
 ) -> Any:
     """Band, verify, group and keep one: the decisions of a near-dedup GlobalStage over `live`
     (which holds `id`, `_partition`, the `bands`, the `columns` that `accept` reads and the
     optional `score_column`). When `stats` is a dict, it receives `candidate_pairs`,
     `verified_pairs`, `grouped_rows` and `groups`, counted on the cluster. Rows travel as refs
-    (`with_refs`)."""
+    (`with_refs`).
+
+    `add_bands`: a partition -> the partition with the `bands` columns, when `live` lacks them;
+    applied for the banding only. (Band columns in `live` would be computed again by every step
+    that reads it, dask seeing no column it could prune in an opaque map_partitions:
+    semantic_dedup's 90 SimHash bands were computed three times at 4M rows.)"""
     live = with_refs(live)
-    candidates = band_pairs(live, bands, order=order or ID_HASH, max_bucket=max_bucket, window=window,
+    banded = live if add_bands is None else live.map_partitions(add_bands, meta=add_bands(live._meta))
+    candidates = band_pairs(banded, bands, order=order or ID_HASH, max_bucket=max_bucket, window=window,
                             key=REF).persist()
     edges = verify_pairs(live, candidates, columns, accept, key=REF).persist()
     groups = components(edges)

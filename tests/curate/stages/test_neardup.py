@@ -108,6 +108,15 @@ def test_band_pairs_are_the_rows_sharing_a_key_in_the_same_band(npartitions):
     ]
 
 
+def test_a_bucket_names_its_band_and_key():
+    """(band, key) travels as one int64: one band's keys stay distinct (a bijection, extremes
+    included) and equal keys of different bands never meet."""
+    keys = np.concatenate([np.arange(-5000, 5000), [np.iinfo(np.int64).min, np.iinfo(np.int64).max]])
+    buckets = np.stack([neardup._bucket(band, keys) for band in range(64)])
+    assert buckets.dtype == np.int64
+    assert len(np.unique(buckets)) == buckets.size
+
+
 def test_verify_pairs_keeps_what_accept_confirms():
     live = dd.from_pandas(pd.DataFrame({"id": ["a", "b", "c"], "v": [1.0, 1.1, 5.0]}), npartitions=2)
     pairs = dd.from_pandas(pd.DataFrame({"id_a": ["a", "a", "b"], "id_b": ["b", "c", "c"]}), npartitions=2)
