@@ -23,14 +23,20 @@ a trap: with 8-bit bands 6% of ALL pairs are candidates (quadratic). For a lower
 lower `bits_per_band` (at 0.9 these defaults find only 76% of the pairs; 16 bits x 64 bands find
 99%), and for a corpus whose images sit close together (real CLIP embeddings of a narrow domain)
 raise it: chance candidates grow with (1 - angle/pi) ** bits_per_band.
-Chance candidates also grow with the rows: n rows make about n * bands / 2 ** (bits_per_band + 1)
-a row, quadratic in all (at 4M rows the defaults made 10M chance candidates for 0.4M true pairs,
-and the pass took 1.5x the per-row time of 1M: tools/bench/global_passes.py). With `scale: true`
-(the default) the pass counts the rows that reach it and picks the `bits_per_band` whose
-measured work a row (band keys, and chance candidates to verify) is least, with the `bands`
-that miss a pair at `threshold` no more often than the configured bands and bits do
-(`scaled_bands`: the defaults up to ~1M rows, 28 x 100 at 4M, 33 x 172 at 100M): LSH's
-n ** (1 + rho) instead of n ** 2. The bands and bits used are in the stage's summary.
+Chance candidates also grow with the rows: n rows make about n * bands * c(bits) / 2 a row,
+c(k) the chance that two unrelated embeddings share a k-bit key, quadratic in all. With `scale:
+true` (the default) the pass counts the rows that reach it, measures c(k) on a sample of their
+embeddings (~2,000 rows chosen by a hash of their ids, so the same rows however they are
+partitioned: `measured_chance`), and picks the `bits_per_band` whose measured work a row (band
+keys, and chance candidates to verify) is least, with the `bands` that miss a pair at `threshold`
+no more often than the configured bands and bits do (`scaled_bands`). c(k) is measured because
+embeddings are rarely orthogonal: for random 64-d ones it is 6x 2**-26 at 26 bits (8x at 28),
+real CLIP embeddings of unrelated images sit closer still, and the 1/2 a plane of the textbook
+model left 24M chance candidates at 4M rows where it expected 3M. For random 64-d embeddings:
+the defaults up to ~1M rows, 27 x 90 at 4M, 28 x 100 at 10M, 33 x 172 at 100M: LSH's
+n ** (1 + rho) instead of n ** 2 (rho ~0.18 here: 4x the rows cost 1.28x a row, at the least).
+The bands and bits used, the rows sampled and the expected chance candidates a row are in the
+stage's summary.
 Each candidate pair is then verified exactly: cosine of the two (normalised) embeddings
 >= `threshold`. Groups are the connected components of the verified pairs.
 
@@ -48,6 +54,7 @@ part. With random weights (tests, demo) the embeddings mean nothing: the mechani
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -76,31 +83,72 @@ def simhash_bands(vectors: np.ndarray, bands: int, bits: int, seed: int) -> np.n
     return (signs.reshape(n, bands, bits).astype(np.int64) * weights).sum(axis=2)
 
 
-# What a chance candidate costs against a band key of a row, measured (global-passes bench,
-# 64-d, 1M and 4M rows: ~1.2 us a band key a row, ~34 us a candidate a row, verification included)
-CANDIDATE_COST = 27
+# What a candidate costs against a band key of a row, measured (global-passes bench, 64-d, 1M rows,
+# the candidates counted: 80 x 26 bits (80M band keys, 3.7M candidates) took 140.8 s and 112 x 29
+# (112M, 1.1M) 184.6 s: a candidate costs 0.4-2 band keys, the fixed part of the pass unknown)
+CANDIDATE_COST = 2
 MAX_SCALED_BANDS = 512
+SAMPLE_EVERY = 1024  # `scale`'s sample: the rows whose id hashes to 0 modulo this...
+SAMPLE_ROWS = 2000  # ...the SAMPLE_ROWS of them with the smallest hashes
 
 
-def scaled_bands(rows: int, bands: int, bits: int, threshold: float) -> tuple[int, int]:
+def isotropic(bits: int) -> float:
+    """The chance that two unrelated embeddings share a band key of `bits` bits when a plane
+    agrees half the time (orthogonal embeddings)."""
+    return 0.5 ** bits
+
+
+def scaled_bands(rows: int, bands: int, bits: int, threshold: float,
+                 chance: Callable[[int], float] = isotropic) -> tuple[int, int]:
     """(bands, bits_per_band) for `rows` rows: the bits (never fewer than given) whose work per
-    row, band keys + CANDIDATE_COST x chance candidates (unrelated embeddings: a plane agrees half
-    the time, n * bands / 2 ** (bits + 1) a row), is least, each with the bands that miss a pair
-    at cosine `threshold` at most as often as the given bands and bits do. At most
-    MAX_SCALED_BANDS bands and 62 bits."""
+    row, band keys + CANDIDATE_COST x chance candidates (rows * bands * chance(bits) / 2 a row,
+    `chance(k)` the probability that two unrelated rows share a k-bit key), is least, each with
+    the bands that miss a pair at cosine `threshold` at most as often as the given bands and bits
+    do. At most MAX_SCALED_BANDS bands and 62 bits."""
     agree = 1 - math.acos(min(1.0, threshold)) / math.pi  # one plane, a pair at the threshold
     miss = (1 - agree ** bits) ** bands
 
     def cost(b: int, k: int) -> float:
-        return b + CANDIDATE_COST * rows * b / 2 ** (k + 1)
+        return b + CANDIDATE_COST * rows * b * chance(k) / 2
 
-    while bits < 62 and rows * bands / 2 ** (bits + 1) >= 0.01:  # (below: nothing left to gain)
+    while bits < 62 and rows * bands * chance(bits) / 2 >= 0.01:  # (below: nothing left to gain)
         found = agree ** (bits + 1)
         need = bands if found >= 1 or miss <= 0 else max(bands, math.ceil(math.log(miss) / math.log1p(-found)))
         if need > MAX_SCALED_BANDS or cost(need, bits + 1) >= cost(bands, bits):
             break
         bands, bits = need, bits + 1
     return bands, bits
+
+
+def _sampled(part: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The rows of `part` whose id hashes to 0 modulo SAMPLE_EVERY: their hash and embedding."""
+    hashes = pd.util.hash_pandas_object(part["id"], index=False).to_numpy()
+    keep = hashes % np.uint64(SAMPLE_EVERY) == 0
+    return pd.DataFrame({"hash": hashes[keep], column: part[column].to_numpy()[keep]})
+
+
+def measured_chance(sample: np.ndarray, threshold: float) -> Callable[[int], float]:
+    """`chance(k)` for `scaled_bands` measured on `sample` (rows x dim embeddings): the mean of
+    (1 - angle/pi) ** k over its pairs below the threshold (the pairs above it are duplicates,
+    found on purpose). Embeddings are rarely orthogonal (real CLIP embeddings of unrelated images
+    sit at cosines of 0.1-0.3, and even random 64-d ones spread around 0): the tail of closer
+    pairs dominates the mean, 6x the isotropic figure at 26 bits for random 64-d embeddings, 8x
+    at 28, which made the chance candidates grow faster than the rows. Isotropic without pairs."""
+    if len(sample) < 2:
+        return isotropic
+    unit = sample / np.maximum(np.linalg.norm(sample, axis=1, keepdims=True), 1e-12)
+    cosines = (unit @ unit.T)[np.triu_indices(len(unit), k=1)]
+    cosines = cosines[cosines < threshold]
+    if not len(cosines):
+        return isotropic
+    agree = 1 - np.arccos(np.clip(cosines, -1.0, 1.0)).astype(np.float64) / math.pi
+    return lambda k: float(np.mean(agree ** k))
+
+
+def _with_columns(part: pd.DataFrame, names: list[str], values: np.ndarray) -> pd.DataFrame:
+    """`part` and one column per name (a column of `values` each), joined at once: assigning a
+    hundred band columns one by one fragments the frame (pandas' PerformanceWarning, and slower)."""
+    return pd.concat([part, pd.DataFrame(values, columns=names, index=part.index)], axis=1)
 
 
 def _stack(column: pd.Series) -> np.ndarray:
@@ -139,8 +187,9 @@ class SemanticDedup(GlobalStage):
         bits_per_band: int = Field(26, ge=1, le=62)
         seed: int = 0
         # raise bits_per_band and bands (never below the given) where the rows reaching the pass
-        # would make chance candidates grow quadratically, keeping the recall at `threshold`;
-        # the manifest's summary of the stage has the values used
+        # would make chance candidates (their rate measured on a sample of the embeddings) cost
+        # more than band keys, keeping the recall at `threshold`; the manifest's summary of the
+        # stage has the values used
         scale: bool = Field(True, json_schema_extra={"added_later": True})
         # the image segments of docs too (their embeddings from clip_score's `_per_image` column)
         docs: bool = Field(False, json_schema_extra={"added_later": True})
@@ -172,9 +221,18 @@ class SemanticDedup(GlobalStage):
         docs = live
         live = live.map_partitions(image_items, cfg.embedding_column, cfg.score_column, PER_IMAGE, meta=items_meta)
         bands, bits = cfg.bands, cfg.bits_per_band
-        if cfg.scale:
-            rows = int(live.map_partitions(len).sum().compute())
-            bands, bits = scaled_bands(rows, bands, bits, cfg.threshold)
+        self._stats: dict[str, Any] = {}
+        if cfg.scale:  # the rows, and a sample of their embeddings (one read: dask shares it)
+            import dask
+
+            meta = pd.DataFrame({"hash": pd.Series(dtype=np.uint64), cfg.embedding_column: pd.Series(dtype=object)})
+            rows, sample = dask.compute(live.map_partitions(len).sum(),
+                                        live.map_partitions(_sampled, cfg.embedding_column, meta=meta))
+            sample = sample.sort_values("hash", kind="stable").head(SAMPLE_ROWS)
+            chance = measured_chance(_stack(sample[cfg.embedding_column]), cfg.threshold)
+            bands, bits = scaled_bands(int(rows), bands, bits, cfg.threshold, chance)
+            self._stats.update(sampled_rows=len(sample),
+                               chance_candidates_per_row=round(int(rows) * bands * chance(bits) / 2, 3))
         band_names = [f"_band{b}" for b in range(bands)]
 
         def with_bands(part: pd.DataFrame) -> pd.DataFrame:
@@ -182,13 +240,12 @@ class SemanticDedup(GlobalStage):
                     if len(part) else np.empty((0, bands), dtype=np.int64))
             if not cfg.across_kinds:  # a doc image's keys apart from every pair's: bit 62 (keys use <= 62 bits)
                 keys = keys | (part["_segment"].to_numpy() >= 0).astype(np.int64)[:, None] << np.int64(62)
-            return part.assign(**{name: keys[:, b] for b, name in enumerate(band_names)})
+            return _with_columns(part, band_names, keys)
 
-        meta = live._meta.assign(**{name: np.int64(0) for name in band_names})
-        banded = live.map_partitions(with_bands, meta=meta)
-        self._stats: dict[str, int] = {"bands": bands, "bits_per_band": bits}
+        self._stats.update(bands=bands, bits_per_band=bits)
         drops = near_duplicate_decisions(
-            banded,
+            live,
+            add_bands=with_bands,
             bands=band_names,
             columns=[cfg.embedding_column],
             accept=_CosineAtLeast(cfg.embedding_column, cfg.threshold),

@@ -13,7 +13,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from curate.stages.base import build_stage
-from curate.stages.semantic_dedup import SemanticDedup, scaled_bands, simhash_bands
+from curate.stages.semantic_dedup import SemanticDedup, measured_chance, scaled_bands, simhash_bands
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -74,6 +74,7 @@ def test_semantic_dedup_equals_all_pairs_reference(threshold):
             assert set(got["drop_reason"]) == {"duplicate"}
             assert dict(zip(got["id"], got["drop_detail"].str.rsplit(" ", n=1).str[-1])) == want
     assert stage.summary()["verified_pairs"] >= len(want)
+    assert (stage.summary()["bands"], stage.summary()["bits_per_band"]) == (80, 26)  # few rows: the defaults
 
 
 def test_simhash_bands_find_close_pairs_and_not_far_ones():
@@ -132,19 +133,48 @@ def test_embedding_decontamination_drops_what_matches_the_eval_set(tmp_path):
 
 
 def test_scaled_bands_keep_chance_candidates_linear_and_recall_at_the_threshold():
-    """`scale`: up to ~1M rows the configured 80 x 26 stand; beyond, more bits (fewer chance
+    """`scale`: while the chance candidates cost less than more band keys (up to ~4M rows with
+    orthogonal embeddings) the configured 80 x 26 stand; beyond, more bits (fewer chance
     candidates a row) with more bands, so that a pair at the threshold is missed no more often
-    than 80 x 26 miss it; the candidates a row stay bounded instead of growing with the rows."""
+    than 80 x 26 miss it; the candidates a row stay a fraction of the unscaled ones."""
     import math
 
     def miss(bands, bits, cosine=0.95):
         return (1 - (1 - math.acos(cosine) / math.pi) ** bits) ** bands
 
     assert scaled_bands(10_000, 80, 26, 0.95) == (80, 26) == scaled_bands(1_000_000, 80, 26, 0.95)
-    chance = []
-    for rows in (4_000_000, 100_000_000, 1_000_000_000):
+    for rows in (100_000_000, 1_000_000_000):
         bands, bits = scaled_bands(rows, 80, 26, 0.95)
         assert bits > 26 and bands > 80 and miss(bands, bits) <= miss(80, 26)
-        chance.append(rows * bands / 2 ** (bits + 1))
-    assert max(chance) < 2.0 < 4_000_000 * 80 / 2 ** 27  # unscaled: 2.4 a row at 4M, 600 at 1B
-    assert scaled_bands(4_000_000, 80, 26, 1.0)[0] == 80  # identical embeddings: bits alone
+        assert rows * bands / 2 ** (bits + 1) < rows * 80 / 2 ** 27 / 4  # unscaled: 60 a row at 100M
+    assert scaled_bands(1_000_000_000, 80, 26, 1.0)[0] == 80  # identical embeddings: bits alone
+
+
+def test_the_chance_of_a_shared_key_is_measured_on_a_sample_the_same_however_partitioned():
+    """Random 64-d embeddings are not orthogonal: their pairs' tail of closer angles makes a
+    shared 26-bit key ~6x likelier than 2**-26 (what left 8x the expected chance candidates at
+    4M rows), so `scaled_bands` picks more bits with it than with the textbook 1/2 a plane, at
+    the same recall. The sample is the rows whose id hashes to 0 mod SAMPLE_EVERY: the same
+    rows in any partitioning. Pairs at the threshold (duplicates) are not chance."""
+    import math
+
+    from curate.stages import semantic_dedup as sd
+
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((1000, 64)).astype(np.float32)
+    chance = measured_chance(vectors, 0.95)
+    assert 4 < chance(26) * 2**26 < 9 and chance(28) / chance(26) > 0.25
+    assert measured_chance(np.ones((50, 64), np.float32), 0.95) is sd.isotropic  # all duplicates
+    assert measured_chance(vectors[:1], 0.95) is sd.isotropic
+
+    def miss(bands, bits, cosine=0.95):
+        return (1 - (1 - math.acos(cosine) / math.pi) ** bits) ** bands
+
+    textbook, measured = scaled_bands(4_000_000, 80, 26, 0.95), scaled_bands(4_000_000, 80, 26, 0.95, chance)
+    assert measured[1] > textbook[1] and miss(*measured) <= miss(80, 26)
+    assert measured[0] * chance(measured[1]) < 80 * chance(26) * 0.7  # fewer chance candidates a row
+
+    frame = pd.DataFrame({"id": [f"r:{i}" for i in range(20_000)], "clip_embedding": list(np.zeros((20_000, 2)))})
+    whole = sd._sampled(frame, "clip_embedding")["hash"]
+    parts = pd.concat([sd._sampled(frame.iloc[i::7], "clip_embedding") for i in range(7)])["hash"]
+    assert len(whole) > 5 and sorted(whole) == sorted(parts)
