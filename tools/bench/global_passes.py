@@ -358,6 +358,18 @@ def peak_tasks(stream: list[dict[str, Any]], pids: dict[str, int], peaks: Peaks,
     return out
 
 
+def task_seconds(stream: list[dict[str, Any]], top: int = 12) -> dict[str, float]:
+    """Compute seconds per task prefix over all workers, the `top` most: where a pass's time goes
+    (a p2p shuffle's transfers run outside tasks, under `shuffle-transfer` and after the barrier)."""
+    busy: dict[str, float] = {}
+    for task in stream:
+        for ss in task.get("startstops", ()):
+            if ss.get("action") == "compute":
+                prefix = key_split(task["key"])
+                busy[prefix] = busy.get(prefix, 0.0) + ss["stop"] - ss["start"]
+    return {p: round(s, 1) for p, s in sorted(busy.items(), key=lambda x: -x[1])[:top]}
+
+
 # ---------------------------------------------------------------------------------------------
 # One pass
 # ---------------------------------------------------------------------------------------------
@@ -415,6 +427,7 @@ def run_pass(stage_name: str, rows: int, args: argparse.Namespace, tmp: Path) ->
             seconds = time.perf_counter() - t0
         tasks, sent, digests = cluster.tasks_done(), cluster.bytes_sent() - sent0, cluster.byte_digests()
         at_peak = peak_tasks(stream.data, cluster.client.run(os.getpid), peaks)
+        busiest = task_seconds(stream.data)
     finally:
         t0 = time.perf_counter()
         cluster.close()
@@ -429,7 +442,7 @@ def run_pass(stage_name: str, rows: int, args: argparse.Namespace, tmp: Path) ->
         "peak_worker_rss_mib": max(v for k, v in mib.items() if k.startswith("worker")),
         "worker_rss_mib": [v for k, v in mib.items() if k.startswith("worker")],
         "driver_peak_rss_mib": mib["driver"], "scheduler_peak_rss_mib": mib["scheduler"],
-        "tasks": tasks, "worker_peak_tasks": at_peak, "bytes_between_workers": sent, "worker_byte_digests": digests, "inputs_made_s": round(made_s, 1),
+        "tasks": tasks, "worker_peak_tasks": at_peak, "task_seconds": busiest, "summary": stage.summary() or {}, "bytes_between_workers": sent, "worker_byte_digests": digests, "inputs_made_s": round(made_s, 1),
         "cluster_close_s": round(close_s, 1), **outcome,
     }
     if not args.keep:
