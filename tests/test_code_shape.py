@@ -174,6 +174,15 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
 
+def test_a_run_without_a_global_pass_never_loads_dask_dataframe():
+    """The driver and the workers of a run of row stages only (the download path) skip
+    dask.dataframe's ~0.9 s of import: it loads where a global pass reads its rows."""
+    code = ("import sys, curate.stages, curate.sources, curate.engine.driver, curate.engine.steps; "
+            "print('dask.dataframe' in sys.modules); raise SystemExit('dask.dataframe' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
 def test_curate_and_the_cli_never_load_torch():
     code = ("import sys, curate.stages, curate.sources, curate.engine.driver, curate.engine.retry, tools.cli; "
             "heavy = sorted(m for m in ('torch', 'open_clip', 'transformers') if m in sys.modules); "

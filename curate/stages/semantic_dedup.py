@@ -223,7 +223,7 @@ class SemanticDedup(GlobalStage):
         bands, bits = cfg.bands, cfg.bits_per_band
         self._stats: dict[str, Any] = {}
         if cfg.scale:  # the rows, and a sample of their embeddings (one read: dask shares it)
-            import dask
+            import dask  # ~0.1 s of import, paid where a global pass runs (workers import the stages)
 
             meta = pd.DataFrame({"hash": pd.Series(dtype=np.uint64), cfg.embedding_column: pd.Series(dtype=object)})
             rows, sample = dask.compute(live.map_partitions(len).sum(),
