@@ -53,6 +53,7 @@ part. With random weights (tests, demo) the embeddings mean nothing: the mechani
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -142,7 +143,7 @@ def measured_chance(sample: np.ndarray, threshold: float) -> Callable[[int], flo
     if not len(cosines):
         return isotropic
     agree = 1 - np.arccos(np.clip(cosines, -1.0, 1.0)).astype(np.float64) / math.pi
-    return lambda k: float(np.mean(agree ** k))
+    return functools.lru_cache(maxsize=None)(lambda k: float(np.mean(agree ** k)))  # ~2M pairs: once a k
 
 
 def _with_columns(part: pd.DataFrame, names: list[str], values: np.ndarray) -> pd.DataFrame:
