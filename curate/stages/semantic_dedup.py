@@ -23,20 +23,29 @@ a trap: with 8-bit bands 6% of ALL pairs are candidates (quadratic). For a lower
 lower `bits_per_band` (at 0.9 these defaults find only 76% of the pairs; 16 bits x 64 bands find
 99%), and for a corpus whose images sit close together (real CLIP embeddings of a narrow domain)
 raise it: chance candidates grow with (1 - angle/pi) ** bits_per_band.
-Chance candidates also grow with the rows: n rows make about n * bands * c(bits) / 2 a row,
-c(k) the chance that two unrelated embeddings share a k-bit key, quadratic in all. With `scale:
-true` (the default) the pass counts the rows that reach it, measures c(k) on a sample of their
-embeddings (~2,000 rows chosen by a hash of their ids, so the same rows however they are
-partitioned: `measured_chance`), and picks the `bits_per_band` whose measured work a row (band
-keys, and chance candidates to verify) is least, with the `bands` that miss a pair at `threshold`
-no more often than the configured bands and bits do (`scaled_bands`). c(k) is measured because
-embeddings are rarely orthogonal: for random 64-d ones it is 6x 2**-26 at 26 bits (8x at 28),
-real CLIP embeddings of unrelated images sit closer still, and the 1/2 a plane of the textbook
-model left 24M chance candidates at 4M rows where it expected 3M. For random 64-d embeddings:
-the defaults up to ~1M rows, 27 x 90 at 4M, 28 x 100 at 10M, 33 x 172 at 100M: LSH's
-n ** (1 + rho) instead of n ** 2 (rho ~0.18 here: 4x the rows cost 1.28x a row, at the least).
-The bands and bits used, the rows sampled and the expected chance candidates a row are in the
-stage's summary.
+Chance pairs also grow with the rows: n rows make about n * bands * c(bits) / 2 a row, c(k)
+the chance that two unrelated embeddings share a k-bit key, quadratic in all. Most never reach
+the verification: every row also carries a sketch, a 64-bit SimHash of planes of its own, and a
+pair that shares a band key stays a candidate only where the two sketches differ in at most
+`sketch_distance(threshold)` bits (`band_pairs`' `sketch`), tested in the bucket itself. Bits
+differ with probability angle/pi each, so a pair at the threshold fails the test with
+probability at most SKETCH_MISS (1e-4; 17 bits at 0.95) while ~1% of random 64-d embeddings'
+chance pairs pass it: the verification (two joins carrying embeddings, ~8x a band key's work)
+sees the true pairs and few others. Measured (tools/bench/global_passes, 64-d): 4M rows made
+58M chance pairs and 1.2M candidates (0.4M true) in 525 s, where without the test 38M
+candidates (90 x 27 bits) took 837 s; 8 bytes more in each band row.
+With `scale: true` (the default) the pass counts the rows that reach it, measures c(k) on a
+sample of their embeddings (~2,000 rows chosen by a hash of their ids, so the same rows however
+they are partitioned: `measured_chance`), and picks the `bits_per_band` whose measured work a
+row (band keys, pairs tested on their sketches, and candidates left to verify) is least, with
+the `bands` that miss a pair at `threshold` no more often than the configured bands and bits do
+(`scaled_bands`). c(k) is measured because embeddings are rarely orthogonal: for random 64-d
+ones it is 6x 2**-26 at 26 bits (8x at 28), real CLIP embeddings of unrelated images sit closer
+still, and the 1/2 a plane of the textbook model left 24M chance candidates at 4M rows where it
+expected 3M. For random 64-d embeddings: the defaults up to ~20M rows, 28 x 100 at 100M, 33 x
+172 at 1B: LSH's n ** (1 + rho) instead of n ** 2 (rho ~0.18 here), the sketch test keeping the
+work that grows faster than the rows a small part of a row's. The bands and bits used, the rows
+sampled and the expected chance pairs and candidates a row are in the stage's summary.
 Each candidate pair is then verified exactly: cosine of the two (normalised) embeddings
 >= `threshold`. Groups are the connected components of the verified pairs.
 
@@ -84,13 +93,40 @@ def simhash_bands(vectors: np.ndarray, bands: int, bits: int, seed: int) -> np.n
     return (signs.reshape(n, bands, bits).astype(np.int64) * weights).sum(axis=2)
 
 
-# What a candidate costs against a band key of a row, measured (global-passes bench, 64-d, 1M rows,
-# the candidates counted: 80 x 26 bits (80M band keys, 3.7M candidates) took 140.8 s and 112 x 29
-# (112M, 1.1M) 184.6 s: a candidate costs 0.4-2 band keys, the fixed part of the pass unknown)
-CANDIDATE_COST = 2
+# The work of a pass in band keys of a row (the unit): measured with the global-passes bench (64-d,
+# 1M and 4M rows, `task_seconds`), a band key costs ~1.2-1.5 us of a worker (melt, shuffle, sort,
+# the bucket's self-join), a candidate verified ~11 us (two joins carrying both embeddings, then
+# the cosine), a pair found in a bucket and tested on its sketch a small part of a band key
+CANDIDATE_COST = 8
+PAIR_COST = 0.1
 MAX_SCALED_BANDS = 512
 SAMPLE_EVERY = 1024  # `scale`'s sample: the rows whose id hashes to 0 modulo this...
 SAMPLE_ROWS = 2000  # ...the SAMPLE_ROWS of them with the smallest hashes
+SKETCH_BITS = 64  # the sketch: a SimHash of this many planes of its own (one int64 a row)
+SKETCH_MISS = 1e-4  # the most often the sketch test may lose a pair at the threshold
+
+
+def simhash_sketch(vectors: np.ndarray, seed: int) -> np.ndarray:
+    """(n,) int64 sketches of the rows of `vectors`: the signs against SKETCH_BITS planes drawn
+    apart from the bands' (their own stream of `seed`). Two rows at angle t differ in each bit
+    with probability t/pi, independently of their band keys."""
+    planes = np.random.default_rng([seed, 1]).standard_normal((SKETCH_BITS, vectors.shape[1])).astype(np.float32)
+    signs = ((vectors.astype(np.float32) @ planes.T) >= 0).astype(np.uint64)
+    return (signs << np.arange(SKETCH_BITS, dtype=np.uint64)).sum(axis=1, dtype=np.uint64).view(np.int64)
+
+
+def _at_most(t: int, n: int, p: np.ndarray | float) -> np.ndarray:
+    """P(Binomial(n, p) <= t), elementwise in p."""
+    p = np.asarray(p, dtype=np.float64)
+    return sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(t + 1))
+
+
+def sketch_distance(threshold: float) -> int:
+    """The fewest differing sketch bits that lose a pair at cosine `threshold` with probability
+    at most SKETCH_MISS (its bits differ with probability angle/pi each: a binomial tail). At
+    0.95: 17 of 64, where two orthogonal rows pass with probability 1e-5."""
+    apart = math.acos(min(1.0, threshold)) / math.pi
+    return next(t for t in range(SKETCH_BITS + 1) if 1 - _at_most(t, SKETCH_BITS, apart) <= SKETCH_MISS)
 
 
 def isotropic(bits: int) -> float:
@@ -100,17 +136,21 @@ def isotropic(bits: int) -> float:
 
 
 def scaled_bands(rows: int, bands: int, bits: int, threshold: float,
-                 chance: Callable[[int], float] = isotropic) -> tuple[int, int]:
+                 chance: Callable[[int], float] = isotropic,
+                 kept: Callable[[int], float] | None = None) -> tuple[int, int]:
     """(bands, bits_per_band) for `rows` rows: the bits (never fewer than given) whose work per
-    row, band keys + CANDIDATE_COST x chance candidates (rows * bands * chance(bits) / 2 a row,
-    `chance(k)` the probability that two unrelated rows share a k-bit key), is least, each with
-    the bands that miss a pair at cosine `threshold` at most as often as the given bands and bits
-    do. At most MAX_SCALED_BANDS bands and 62 bits."""
+    row is least, each with the bands that miss a pair at cosine `threshold` at most as often as
+    the given bands and bits do. The work a row: its band keys, PAIR_COST for each pair that
+    shares one by chance (rows * bands * chance(bits) / 2 a row, `chance(k)` the probability that
+    two unrelated rows share a k-bit key), and CANDIDATE_COST for each of those left to verify
+    (`kept(k)`: the probability that they share one and pass the sketch test; without a sketch
+    test, every one). At most MAX_SCALED_BANDS bands and 62 bits."""
+    kept = kept or chance
     agree = 1 - math.acos(min(1.0, threshold)) / math.pi  # one plane, a pair at the threshold
     miss = (1 - agree ** bits) ** bands
 
     def cost(b: int, k: int) -> float:
-        return b + CANDIDATE_COST * rows * b * chance(k) / 2
+        return b + rows * b / 2 * (PAIR_COST * chance(k) + CANDIDATE_COST * kept(k))
 
     while bits < 62 and rows * bands * chance(bits) / 2 >= 0.01:  # (below: nothing left to gain)
         found = agree ** (bits + 1)
@@ -128,22 +168,28 @@ def _sampled(part: pd.DataFrame, column: str) -> pd.DataFrame:
     return pd.DataFrame({"hash": hashes[keep], column: part[column].to_numpy()[keep]})
 
 
-def measured_chance(sample: np.ndarray, threshold: float) -> Callable[[int], float]:
+def measured_chance(sample: np.ndarray, threshold: float,
+                    sketch: int | None = None) -> Callable[[int], float]:
     """`chance(k)` for `scaled_bands` measured on `sample` (rows x dim embeddings): the mean of
     (1 - angle/pi) ** k over its pairs below the threshold (the pairs above it are duplicates,
     found on purpose). Embeddings are rarely orthogonal (real CLIP embeddings of unrelated images
     sit at cosines of 0.1-0.3, and even random 64-d ones spread around 0): the tail of closer
     pairs dominates the mean, 6x the isotropic figure at 26 bits for random 64-d embeddings, 8x
-    at 28, which made the chance candidates grow faster than the rows. Isotropic without pairs."""
+    at 28, which made the chance candidates grow faster than the rows. Isotropic without pairs.
+    With `sketch` (a sketch distance), the chance that they share a key AND their sketches
+    differ in at most that many bits (`kept` of `scaled_bands`): ~1% of the former at 0.95."""
+    passes = (lambda apart: _at_most(sketch, SKETCH_BITS, apart)) if sketch is not None else (lambda apart: 1.0)
+    fallback = (lambda k: isotropic(k) * float(passes(0.5))) if sketch is not None else isotropic
     if len(sample) < 2:
-        return isotropic
+        return fallback
     unit = sample / np.maximum(np.linalg.norm(sample, axis=1, keepdims=True), 1e-12)
     cosines = (unit @ unit.T)[np.triu_indices(len(unit), k=1)]
     cosines = cosines[cosines < threshold]
     if not len(cosines):
-        return isotropic
-    agree = 1 - np.arccos(np.clip(cosines, -1.0, 1.0)).astype(np.float64) / math.pi
-    return functools.lru_cache(maxsize=None)(lambda k: float(np.mean(agree ** k)))  # ~2M pairs: once a k
+        return fallback
+    apart = np.arccos(np.clip(cosines, -1.0, 1.0)).astype(np.float64) / math.pi
+    agree, weight = 1 - apart, passes(apart)
+    return functools.lru_cache(maxsize=None)(lambda k: float(np.mean(agree ** k * weight)))  # ~2M pairs: once a k
 
 
 def _with_columns(part: pd.DataFrame, names: list[str], values: np.ndarray) -> pd.DataFrame:
@@ -222,7 +268,8 @@ class SemanticDedup(GlobalStage):
         docs = live
         live = live.map_partitions(image_items, cfg.embedding_column, cfg.score_column, PER_IMAGE, meta=items_meta)
         bands, bits = cfg.bands, cfg.bits_per_band
-        self._stats: dict[str, Any] = {}
+        within = sketch_distance(cfg.threshold)
+        self._stats: dict[str, Any] = {"sketch_bits": SKETCH_BITS, "sketch_distance": within}
         if cfg.scale:  # the rows, and a sample of their embeddings (one read: dask shares it)
             import dask  # ~0.1 s of import, paid where a global pass runs (workers import the stages)
 
@@ -230,18 +277,25 @@ class SemanticDedup(GlobalStage):
             rows, sample = dask.compute(live.map_partitions(len).sum(),
                                         live.map_partitions(_sampled, cfg.embedding_column, meta=meta))
             sample = sample.sort_values("hash", kind="stable").head(SAMPLE_ROWS)
-            chance = measured_chance(_stack(sample[cfg.embedding_column]), cfg.threshold)
-            bands, bits = scaled_bands(int(rows), bands, bits, cfg.threshold, chance)
+            vectors = _stack(sample[cfg.embedding_column])
+            chance = measured_chance(vectors, cfg.threshold)
+            kept = measured_chance(vectors, cfg.threshold, sketch=within)
+            bands, bits = scaled_bands(int(rows), bands, bits, cfg.threshold, chance, kept)
             self._stats.update(sampled_rows=len(sample),
-                               chance_candidates_per_row=round(int(rows) * bands * chance(bits) / 2, 3))
+                               chance_pairs_per_row=round(int(rows) * bands * chance(bits) / 2, 3),
+                               chance_candidates_per_row=round(int(rows) * bands * kept(bits) / 2, 4))
         band_names = [f"_band{b}" for b in range(bands)]
 
         def with_bands(part: pd.DataFrame) -> pd.DataFrame:
-            keys = (simhash_bands(_stack(part[cfg.embedding_column]), bands, bits, cfg.seed)
-                    if len(part) else np.empty((0, bands), dtype=np.int64))
+            vectors = _stack(part[cfg.embedding_column])
+            if len(part):
+                keys = simhash_bands(vectors, bands, bits, cfg.seed)
+                sketches = simhash_sketch(vectors, cfg.seed)
+            else:
+                keys, sketches = np.empty((0, bands), dtype=np.int64), np.empty(0, dtype=np.int64)
             if not cfg.across_kinds:  # a doc image's keys apart from every pair's: bit 62 (keys use <= 62 bits)
                 keys = keys | (part["_segment"].to_numpy() >= 0).astype(np.int64)[:, None] << np.int64(62)
-            return _with_columns(part, band_names, keys)
+            return _with_columns(part, [*band_names, "_sketch"], np.column_stack([keys, sketches]))
 
         self._stats.update(bands=bands, bits_per_band=bits)
         drops = near_duplicate_decisions(
@@ -253,6 +307,8 @@ class SemanticDedup(GlobalStage):
             detail=f"image embedding within cosine {cfg.threshold:g} of {{kept}}",
             score_column=cfg.score_column,
             stats=self._stats,
+            sketch="_sketch",
+            sketch_distance=within,
         )
         return image_decisions(drops, docs) if cfg.docs else drops  # pairs only: their decisions as they are
 

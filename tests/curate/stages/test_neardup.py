@@ -108,6 +108,25 @@ def test_band_pairs_are_the_rows_sharing_a_key_in_the_same_band(npartitions):
     ]
 
 
+@pytest.mark.parametrize("max_bucket", [256, 2])
+def test_band_pairs_leave_out_pairs_whose_sketches_differ(max_bucket):
+    """`sketch`: a pair sharing a key is a candidate only where the rows' sketches differ in at
+    most `sketch_distance` bits, in a bucket within the cap and in one over it (windowed)."""
+    frame = pd.DataFrame({
+        "id": ["r:0", "r:1", "r:2", "r:3"],
+        "b0": [1, 1, 1, 2],
+        "b1": [5, 5, 6, 2],
+        "s": np.array([0b0000, 0b0011, 0b1111, -1], dtype=np.int64),  # r:0-r:1 2 bits, r:0-r:2 4, r:1-r:2 2
+    })
+    live = dd.from_pandas(frame, npartitions=2, sort=False)
+    pairs = lambda **kw: sorted(map(tuple, band_pairs(live, ["b0", "b1"], max_bucket=max_bucket, **kw)
+                                    .compute().to_numpy().tolist()))
+    assert pairs() == [("r:0", "r:1"), ("r:0", "r:2"), ("r:1", "r:2")]
+    assert pairs(sketch="s", sketch_distance=2) == [("r:0", "r:1"), ("r:1", "r:2")]
+    assert pairs(sketch="s", sketch_distance=1) == []
+    assert pairs(sketch="s", sketch_distance=64) == pairs()
+
+
 def test_a_bucket_names_its_band_and_key():
     """(band, key) travels as one int64: one band's keys stay distinct (a bijection, extremes
     included) and equal keys of different bands never meet."""
