@@ -58,7 +58,7 @@ Accept = Callable[[pd.DataFrame, pd.DataFrame], np.ndarray]
 
 DEFAULT_MAX_BUCKET = 256  # rows in one bucket before it is windowed: at most ~32k pairs a bucket
 DEFAULT_WINDOW = 16  # pairs per row in a bucket over the cap
-GROUP_SHUFFLE = 10  # live partitions per output of keep_best's shuffle on the group
+GROUP_SHUFFLE = 10  # live partitions per output of the candidates' dedup, verification and keep_best shuffles
 EDGES_PER_PARTITION = 2_000_000  # in the connected-components rounds: small columns, ~100 MB
 
 
@@ -275,7 +275,7 @@ def band_pairs(
     pair_meta = pd.DataFrame({"id_a": pd.Series(dtype=id_dtype), "id_b": pd.Series(dtype=id_dtype)})
     pairs = long.map_partitions(_bucket_pairs, max_bucket, window, sketch_distance if sketch else None,
                                 meta=pair_meta)
-    return pairs.drop_duplicates(split_out=n)
+    return pairs.drop_duplicates(split_out=max(1, n // GROUP_SHUFFLE))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def verify_pairs(live: Any, pairs: Any, columns: list[str], accept: Accept, key:
     """The candidate `pairs` (`[id_a, id_b]`) that `accept` confirms, judged on `columns` of
     `live` (joined onto both ends by `key`; rows missing from `live` drop the pair). Returns
     `[id_a, id_b]`, a subset of `pairs`."""
-    n = max(1, pairs.npartitions)
+    n = max(1, live.npartitions // GROUP_SHUFFLE)  # P x P pieces of p2p shards otherwise
     features = live[[key, *columns]]
     both = pairs
     for end in ("a", "b"):
