@@ -15,6 +15,7 @@ it is a `WorkerEnvironmentError` instead, naming the worker and the import error
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -144,12 +145,30 @@ def task_modules(fn: Callable[..., Any], job: Job) -> list[str]:
     return sorted(modules)
 
 
-def check_imports(client: Client, modules: list[str]) -> None:
+# How long the workers may take to import the tasks' modules (torch and open_clip: ~10-30 s on a
+# cold disk); an import that hangs (a network filesystem, a lock) ends the run after it
+IMPORT_CHECK_TIMEOUT_S = 300.0
+
+
+async def _within(timeout: float, start: Callable[[], Any]) -> Any:
+    return await asyncio.wait_for(start(), timeout)
+
+
+def check_imports(client: Client, modules: list[str], timeout: float = IMPORT_CHECK_TIMEOUT_S) -> None:
     """Every worker imports `modules`, or a WorkerEnvironmentError names the workers that cannot
-    and why. distributed unpickles a task on the worker's connection to the scheduler: one that
-    fails there closes the connection and the worker (its nanny too), and the task waits for a
-    worker forever where none is left. `exec` is a builtin: it unpickles on any worker."""
-    answers = client.run(exec, f"import {', '.join(modules)}", on_error="return")
+    and why, or says that they did not answer within `timeout` seconds. distributed unpickles a
+    task on the worker's connection to the scheduler: one that fails there closes the connection
+    and the worker (its nanny too), and the task waits for a worker forever where none is left.
+    `exec` is a builtin: it unpickles on any worker. (`Client.run` waits without a bound: a worker
+    whose import hangs would hang the run.)"""
+    code = f"import {', '.join(modules)}"
+    try:
+        answers = client.sync(_within, timeout, lambda: client._run(exec, code, on_error="return"))
+    except asyncio.TimeoutError:
+        raise WorkerEnvironmentError(
+            f"the Dask workers did not finish importing the modules their tasks need ({', '.join(modules)}) "
+            f"within {timeout:g} s: an import hangs on a worker (a network filesystem, a lock held by "
+            "another process); look at the workers' logs") from None
     failed = {w: a for w, a in answers.items() if isinstance(a, BaseException)}
     if failed:
         worker, error = sorted(failed.items())[0]

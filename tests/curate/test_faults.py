@@ -5,7 +5,8 @@
    ImportError (a LocalCluster's workers inherit the driver's sys.path, so only an external
    worker shows it). Such a worker dies unpickling its first task and the task waits for a
    worker forever; `mm1 curate --address` must exit 2 with the import error instead, well
-   within a generous bound (it takes a few seconds).
+   within a generous bound (it takes a few seconds). One whose import hangs fails the import
+   check after its timeout.
 2. Twin attempts of one segment task on a local disk (Dask may run a task twice, at once) fed
    differently by the network (a loopback server that answers each request 200 or 404 at
    random): whichever attempt's marker stands, its `rows` and `dropped` counts are those of the
@@ -25,6 +26,7 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -64,15 +66,15 @@ def _tiny_folder(root: Path, n: int) -> Path:
     return root
 
 
-@pytest.fixture
-def broken_worker(tmp_path: Path) -> Iterator[str]:
-    """A `dask scheduler` and one `dask worker` (127.0.0.1) whose environment cannot import
-    `curate`; yields the scheduler's address once the worker has registered."""
+@contextmanager
+def _shadowed_worker(tmp_path: Path, init: str) -> Iterator[str]:
+    """A `dask scheduler` and one `dask worker` (127.0.0.1) whose `curate` package is a shadow
+    running `init` on import; yields the scheduler's address once the worker has registered."""
     from distributed import Client
 
     shadow = tmp_path / "shadow" / "curate"
     shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('curate is broken on this worker (test shadow)')\n")
+    (shadow / "__init__.py").write_text(init)
     address = f"tcp://127.0.0.1:{_free_port()}"
     env = {**os.environ, "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
     http = ("--no-dashboard", "--dashboard-address", "127.0.0.1:0")
@@ -95,10 +97,17 @@ def broken_worker(tmp_path: Path) -> Iterator[str]:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # a worker stuck in an import does not answer SIGTERM
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
+
+
+@pytest.fixture
+def broken_worker(tmp_path: Path) -> Iterator[str]:
+    """A worker whose environment cannot import `curate`."""
+    with _shadowed_worker(tmp_path, "raise ImportError('curate is broken on this worker (test shadow)')\n") as address:
+        yield address
 
 
 @pytest.mark.timeout(WAIT * 3)
@@ -121,6 +130,21 @@ def test_a_worker_that_cannot_import_the_tasks_ends_the_run_with_exit_2(broken_w
     assert "cannot import" in run.stderr and "curate.engine.steps" in run.stderr
     assert "Traceback" not in run.stderr  # one message, as for every exit 2
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.timeout(WAIT * 3)
+def test_a_worker_whose_import_hangs_fails_the_import_check_within_its_timeout(tmp_path):
+    """`Client.run` waits without a bound: a worker stuck importing the tasks' modules (here a
+    `curate` that sleeps on import) would hang the run. `check_imports` gives up after its
+    timeout with a WorkerEnvironmentError (exit 2) that says so."""
+    from distributed import Client
+
+    from curate.engine.cluster import WorkerEnvironmentError, check_imports
+
+    with _shadowed_worker(tmp_path, "import time\ntime.sleep(3600)\n") as address, \
+            Client(address, timeout=WAIT) as client:
+        with pytest.raises(WorkerEnvironmentError, match=r"did not finish importing .*curate\.engine\.steps.* within 2 s"):
+            check_imports(client, ["curate.engine.steps"], timeout=2)
 
 
 class FlakySite(LoopbackHTTPServer):
