@@ -202,23 +202,43 @@ def _close(a: np.ndarray, b: np.ndarray, sketch_distance: int | None) -> np.ndar
     return hamming_distance(a, b) <= sketch_distance
 
 
+def _within_buckets(rows: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair of positions within a bucket: `rows` are the positions of whole buckets, each
+    bucket's consecutive, and `sizes` each row's bucket size. By size, each bucket of that size
+    a row of a matrix and the pairs its upper triangle (a handful of sizes: most buckets hold
+    two rows), instead of a self-join's size^2 rows a bucket."""
+    firsts, seconds = [], []
+    for size in np.unique(sizes):
+        block = rows[sizes == size].reshape(-1, size)  # whole buckets, in order
+        upper = np.triu_indices(int(size), k=1)
+        firsts.append(block[:, upper[0]].ravel())
+        seconds.append(block[:, upper[1]].ravel())
+    return np.concatenate(firsts), np.concatenate(seconds)
+
+
 def _bucket_pairs(long: pd.DataFrame, max_bucket: int, window: int, sketch_distance: int | None = None) -> pd.DataFrame:
     """The pairs of one shuffled partition (every bucket in it is whole), those whose `sketch`
     columns differ in more than `sketch_distance` bits left out when it is given."""
     # Most rows are alone in their bucket: find the shared buckets by hashing (not a sort of the
     # whole partition: ~0.9M band rows a partition in semantic_dedup), and sort only those
     shared = long.loc[long["bucket"].duplicated(keep=False).to_numpy()]
-    long = shared.sort_values(["bucket", "order", "id"], kind="stable", ignore_index=True)
+    keys = [shared[c].to_numpy() for c in ("id", "order", "bucket")]
+    if all(k.dtype.kind in "iuf" for k in keys):  # refs and hashes: numpy's lexsort, 5x pandas' on three keys
+        long = shared.iloc[np.lexsort(keys)].reset_index(drop=True)
+    else:
+        long = shared.sort_values(["bucket", "order", "id"], kind="stable", ignore_index=True)
     size = long.groupby("bucket", sort=False)["id"].transform("size").to_numpy()
-    carried = ["bucket", "id", *(["sketch"] if sketch_distance is not None else [])]
     pieces = []
-    small = long.loc[(size > 1) & (size <= max_bucket), carried]
+    small = np.flatnonzero((size > 1) & (size <= max_bucket))
     if len(small):
-        joined = small.merge(small, on="bucket", suffixes=("_a", "_b"))
-        keep = (joined["id_a"] < joined["id_b"]).to_numpy()
+        a, b = _within_buckets(small, size[small])
+        ids = long["id"]
+        left, right = ids.iloc[a].reset_index(drop=True), ids.iloc[b].reset_index(drop=True)
+        keep = (left != right).to_numpy()
         if sketch_distance is not None:
-            keep &= _close(joined["sketch_a"].to_numpy(), joined["sketch_b"].to_numpy(), sketch_distance)
-        pieces.append(joined.loc[keep, ["id_a", "id_b"]])
+            sketches = long["sketch"].to_numpy()
+            keep &= _close(sketches[a], sketches[b], sketch_distance)
+        pieces.append(_ordered(left[keep], right[keep]))
     big = long.loc[size > max_bucket].reset_index(drop=True)
     if len(big):
         bucket, ids = big["bucket"].to_numpy(), big["id"]

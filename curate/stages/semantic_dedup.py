@@ -111,10 +111,13 @@ def simhash_bands(vectors: np.ndarray, bands: int, bits: int, seed: int) -> np.n
     return _codes(signs.reshape(n, bands, bits))
 
 
-# The work of a pass in band keys of a row (the unit): measured with the global-passes bench (64-d,
-# 1M and 4M rows, `task_seconds`), a band key costs ~1.2-1.5 us of a worker (melt, shuffle, sort,
-# the bucket's self-join), a candidate verified ~11 us (two joins carrying both embeddings, then
-# the cosine), a pair found in a bucket and tested on its sketch a small part of a band key
+# The work of a pass in band keys of a row (the unit). Measured with the global-passes bench (64-d,
+# 1M and 4M rows, `task_seconds`) before the sketch test: a band key ~1.3 us of a worker (melt,
+# shuffle, the bucket's self-join), a candidate verified ~11 us (two joins carrying both
+# embeddings, then the cosine). A pair found in a bucket and tested on its sketch is a row of the
+# bucket's self-join: PAIR_COST is an estimate (not separated from the band keys' cost). With the
+# sketch test the choice hardly depends on either: at 4M rows 80 bands cost 80 + 1.5 (14.6
+# chance pairs) + 1.6 (0.2 candidates), the next bits 90 bands.
 CANDIDATE_COST = 8
 PAIR_COST = 0.1
 MAX_SCALED_BANDS = 512
