@@ -269,12 +269,10 @@ def band_pairs(
     `[id_a, id_b]` with `id_a < id_b`, each pair once; `key` names the column the pairs are
     made of (`id`, or `_ref` from `with_refs`).
 
-    `sketch`: an int64 column of `live` (a 64-bit code of each row, e.g. a SimHash of more
-    planes); pairs whose sketches differ in more than `sketch_distance` bits are left out in
-    the bucket itself, before they are deduplicated, shuffled and verified. A cheap test of
-    every pair that shares a key, for a caller whose band keys find many unrelated pairs by
-    chance (semantic_dedup: 38M chance candidates at 4M rows, each verified at ~10x the cost
-    of a band key). It carries 8 bytes more in every band row.
+    `sketch`: an int64 column of `live` (a 64-bit code of each row, e.g. a SimHash); pairs whose
+    sketches differ in more than `sketch_distance` bits are left out in the bucket itself: a
+    cheap test of every pair sharing a key, for a caller whose keys find many unrelated pairs
+    by chance (semantic_dedup: 58M at 4M rows), 8 bytes more in every band row.
 
     A bucket of more than `max_bucket` rows is sorted by (`order`, id) (by id alone when `order`
     is None) and each row is paired with its next `window` rows only (see the module docstring):
