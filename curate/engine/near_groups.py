@@ -59,7 +59,7 @@ Accept = Callable[[pd.DataFrame, pd.DataFrame], np.ndarray]
 DEFAULT_MAX_BUCKET = 256  # rows in one bucket before it is windowed: at most ~32k pairs a bucket
 DEFAULT_WINDOW = 16  # pairs per row in a bucket over the cap
 GROUP_SHUFFLE = 10  # live partitions per output of the candidates' dedup, verification and keep_best shuffles
-EDGES_PER_PARTITION = 2_000_000  # in the connected-components rounds: small columns, ~100 MB
+EDGES_PER_PARTITION = 250_000  # in the connected-components rounds: ~4 MB of edges a partition (below)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,8 +358,8 @@ def components(edges: Any, *, max_rounds: int = 100, stats: dict[str, int] | Non
         edges.rename(columns={"id_a": "src", "id_b": "dst"}),
         edges.rename(columns={"id_b": "src", "id_a": "dst"}),
     ])
-    # Few partitions when there are few edges (the usual case: most rows have no near duplicate):
-    # every round is a handful of shuffles, whose task count grows with the partition count.
+    # Few partitions when there are few edges, but not one for all: at 2M edges a partition,
+    # near_dedup's 0.8M at 4M rows sat in one and its merges made the worker's peak (704 MiB).
     n = min(edges.npartitions, max(1, -(-int(directed.shape[0].compute()) // EDGES_PER_PARTITION)))
     directed = directed.repartition(npartitions=n).persist()
     # Start: each node labelled with the smallest of itself and its neighbours.
