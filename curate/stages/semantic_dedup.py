@@ -42,8 +42,8 @@ the `bands` that miss a pair at `threshold` no more often than the configured ba
 (`scaled_bands`). c(k) is measured because embeddings are rarely orthogonal: for random 64-d
 ones it is 6x 2**-26 at 26 bits (8x at 28), real CLIP embeddings of unrelated images sit closer
 still, and the 1/2 a plane of the textbook model left 24M chance candidates at 4M rows where it
-expected 3M. For random 64-d embeddings: the defaults up to ~20M rows, 28 x 100 at 100M, 33 x
-172 at 1B: LSH's n ** (1 + rho) instead of n ** 2 (rho ~0.18 here), the sketch test keeping the
+expected 3M. For random 64-d embeddings: the defaults up to ~5M rows, 27 x 90 at 10M, 31 x
+139 at 100M, 35 x 213 at 1B: LSH's n ** (1 + rho) instead of n ** 2 (rho ~0.18 here), the sketch test keeping the
 work that grows faster than the rows a small part of a row's. The bands and bits used, the rows
 sampled and the expected chance pairs and candidates a row are in the stage's summary.
 Each candidate pair is then verified exactly: cosine of the two (normalised) embeddings
@@ -111,15 +111,14 @@ def simhash_bands(vectors: np.ndarray, bands: int, bits: int, seed: int) -> np.n
     return _codes(signs.reshape(n, bands, bits))
 
 
-# The work of a pass in band keys of a row (the unit). Measured with the global-passes bench (64-d,
-# 1M and 4M rows, `task_seconds`) before the sketch test: a band key ~1.3 us of a worker (melt,
-# shuffle, the bucket's self-join), a candidate verified ~11 us (two joins carrying both
-# embeddings, then the cosine). A pair found in a bucket and tested on its sketch is a row of the
-# bucket's self-join: PAIR_COST is an estimate (not separated from the band keys' cost). With the
-# sketch test the choice hardly depends on either: at 4M rows 80 bands cost 80 + 1.5 (14.6
-# chance pairs) + 1.6 (0.2 candidates), the next bits 90 bands.
+# The work of a pass in band keys of a row (the unit), measured with the global-passes bench
+# (64-d, 1M and 4M rows, `task_seconds`): a band key ~0.55 us of a worker (its bits, melt,
+# shuffle, its share of the bucket), a pair tested on its sketch in a bucket ~0.35-0.43 us (the
+# bucket's time at 1M and 4M solved for band rows and pairs), a candidate verified ~11 us before
+# the sketch test (two joins carrying both embeddings, then the cosine). At 4M rows 80 bands cost
+# 80 + 10 (14.6 chance pairs) + 1.6 (0.2 candidates); 27 bits, 90 bands, more.
 CANDIDATE_COST = 8
-PAIR_COST = 0.1
+PAIR_COST = 0.7
 MAX_SCALED_BANDS = 512
 SAMPLE_EVERY = 1024  # `scale`'s sample: the rows whose id hashes to 0 modulo this...
 SAMPLE_ROWS = 2000  # ...the SAMPLE_ROWS of them with the smallest hashes
